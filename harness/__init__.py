@@ -1,0 +1,1 @@
+"""Simulation-first harness for distributed LLM inference on Apple Silicon clusters."""

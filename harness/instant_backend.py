@@ -1,0 +1,106 @@
+"""A backend with zero model cost: every token is ready the moment it is asked for.
+
+Put behind the server it measures the server's (and the load generator's) own overhead: whatever latency a
+client sees against it is HTTP, JSON and scheduling, never model time. It is a complete Backend: it counts
+prompt tokens with the same word tokenizer the sim backend uses, honours max/min tokens, stop token ids and
+a bound on concurrent requests (QueueFull beyond it), and reports its state in stats().
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from typing import AsyncIterator
+
+from harness.backend import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent
+
+# Common English words that most BPE vocabularies (GPT, Llama, Qwen) keep as one token with a leading space,
+# so a prompt of N of them is close to N tokens on a real model too.
+WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there one all we their been has would when if no will more so who what its out "
+    "into time up only about could new some them other may then these two first any like now my than people "
+    "way over also did many after most well where use made year work back through down water long just day "
+    "part number good each very still sound place little great"
+).split()
+EOS_TOKEN_ID = len(WORDS)   # one id past the vocabulary: never produced as text
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word; ids of unknown words are a stable hash into the vocabulary."""
+
+    vocab = WORDS
+    index = {w: i for i, w in enumerate(WORDS)}
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index.get(w, zlib.crc32(w.encode()) % len(WORDS)) for w in text.split()]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return "".join(self.token_text(t) for t in token_ids)
+
+    def token_text(self, token_id: int) -> str:
+        return "" if token_id >= len(WORDS) else " " + WORDS[token_id]
+
+
+def output_token(request: GenerationRequest, position: int) -> int:
+    """A deterministic token stream per (seed, position) so repeated runs return the same text."""
+    seed = request.seed if request.seed is not None else 0
+    return (seed * 7919 + position * 104729 + 17) % len(WORDS)
+
+
+class InstantBackend:
+    """Zero-cost backend. `max_running` bounds concurrent requests (QueueFull beyond it)."""
+
+    name = "instant"
+
+    def __init__(self, model_id: str = "instant", max_running: int | None = None):
+        self.model_id = model_id
+        self.max_running = max_running
+        self.tokenizer = WordTokenizer()
+        self._loaded = False
+        self._running = 0
+        self._served = 0
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    async def load(self) -> LoadReport:
+        self._loaded = True
+        return LoadReport(load_s_per_node={"local": 0.0}, memory_bytes_per_node={"local": 0},
+                          source="measured", notes=("instant backend: no model",))
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        if not self._loaded:
+            raise BackendUnavailable("instant backend not loaded")
+        if self.max_running is not None and self._running >= self.max_running:
+            raise QueueFull(f"{self._running} requests running, limit {self.max_running}")
+        return self._stream(request)
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        self._running += 1
+        try:
+            for position in range(request.max_tokens):
+                token = output_token(request, position)
+                stopped = token in request.stop_token_ids and position + 1 >= request.min_tokens
+                last = position + 1 == request.max_tokens or stopped
+                yield TokenEvent(token_id=token, text=self.tokenizer.token_text(token), time_s=time.monotonic(),
+                                 finish_reason=("stop" if stopped else "length") if last else None,
+                                 prompt_tokens=len(request.prompt))
+                if last:
+                    break
+                # Yield to the loop between tokens, as any real backend does, so one long request cannot
+                # starve the others; this is the only cost the instant backend adds.
+                await asyncio.sleep(0)
+            self._served += 1
+        finally:
+            self._running -= 1
+
+    def stats(self) -> dict:
+        return {"num_requests_running": self._running, "num_requests_waiting": 0,
+                "requests_served": self._served, "kv_cache_usage": {"local": 0.0}}
+
+    async def close(self) -> None:
+        self._loaded = False

@@ -1,0 +1,114 @@
+"""Roofline cost model (DESIGN §7): pure functions of chip, link, model and a profile of fitted factors.
+
+Decode step:  t = max(bytes / (eta_bw * BW), flops / (mu * peak)) + per-step overhead
+Prefill:      the same roofline over the prompt's FLOPs and the weights it reads
+Link:         t = latency + per-message overhead + bytes / bandwidth
+Strategies use it to rank plans; the simulator uses it to time events. Efficiency factors live in a profile
+file (harness/profiles/*.json), never in code; a missing or malformed profile is an error.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.specs import Chip, Link, ModelSpec, UserError
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+REQUIRED = ("eta_bw", "mu_compute", "step_overhead_s", "link_overhead_us", "ssd_gbs")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    eta_bw: float              # achieved / peak memory bandwidth in decode
+    mu_compute: float          # achieved / peak FLOPS in prefill
+    step_overhead_s: float     # fixed cost per engine step per stage (kernel launches, sampling, Python)
+    link_overhead_us: float    # software cost per message on top of the link's latency
+    ssd_gbs: float             # default SSD read rate for model loading
+    per_chip: dict = field(default_factory=dict)   # {"M2 Ultra": {"eta_bw": 0.45, ...}} overrides
+    source: str = ""
+
+    def _get(self, chip: Chip, key: str) -> float:
+        return self.per_chip.get(chip.name, {}).get(key, getattr(self, key))
+
+    def bandwidth(self, chip: Chip) -> float:
+        """Effective bytes/s a decode step streams on this chip."""
+        return self._get(chip, "eta_bw") * chip.mem_bw_gbs * 1e9
+
+    def flops(self, chip: Chip) -> float:
+        """Effective FLOP/s a prefill achieves on this chip."""
+        return self._get(chip, "mu_compute") * chip.fp16_tflops * 1e12
+
+    def overhead(self, chip: Chip) -> float:
+        return self._get(chip, "step_overhead_s")
+
+
+def load_profile(path: str | Path | None = None) -> Profile:
+    """The named or given profile; default: harness/profiles/default.json."""
+    p = Path(path) if path else PROFILE_DIR / "default.json"
+    if not p.exists() and (PROFILE_DIR / f"{path}.json").exists():
+        p = PROFILE_DIR / f"{path}.json"
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UserError(f"cost-model profile {p} does not exist; run `python -m harness calibrate` or pass --profile") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"cost-model profile {p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    missing = [k for k in REQUIRED if not isinstance(data.get(k), (int, float))]
+    if missing:
+        raise UserError(f"cost-model profile {p}: missing or non-numeric {', '.join(missing)}")
+    return Profile(name=data.get("name", p.stem), per_chip=data.get("per_chip", {}), source=data.get("source", ""),
+                   **{k: float(data[k]) for k in REQUIRED})
+
+
+def roofline(chip: Chip, profile: Profile, nbytes: float, flops: float) -> float:
+    return max(nbytes / profile.bandwidth(chip), flops / profile.flops(chip))
+
+
+def decode_time(chip: Chip, profile: Profile, model: ModelSpec, start: int, end: int, batch: int = 1,
+                context_tokens: float = 0, tp: int = 1, with_head: bool = False) -> float:
+    """One decode step of `batch` sequences (mean context `context_tokens`) over layers [start, end).
+
+    tp > 1 shards the work over a tensor-parallel group (all-reduce time is added by the caller, who knows the link).
+    with_head adds the final norm + output projection (the last stage's extra work).
+    """
+    nbytes = (model.decode_read_bytes(start, end, batch) + batch * context_tokens * model.kv_bytes_per_token(start, end)) / tp
+    flops = model.decode_flops(start, end, batch, context_tokens) / tp
+    if with_head:
+        nbytes += model.head_bytes()
+        flops += model.head_flops(batch)
+    return roofline(chip, profile, nbytes, flops) + profile.overhead(chip)
+
+
+def prefill_time(chip: Chip, profile: Profile, model: ModelSpec, start: int, end: int, tokens: int,
+                 context_before: int = 0, tp: int = 1, with_head: bool = False) -> float:
+    """Prefill `tokens` new tokens after `context_before` cached ones over layers [start, end)."""
+    nbytes = (model.weight_bytes(start, end) + (context_before + tokens) * model.kv_bytes_per_token(start, end)) / tp
+    flops = model.prefill_flops(start, end, tokens, context_before) / tp
+    if with_head:  # only the last position's logits are needed
+        nbytes += model.head_bytes()
+        flops += model.head_flops(1)
+    return roofline(chip, profile, nbytes, flops) + profile.overhead(chip)
+
+
+def link_time(link: Link, nbytes: float, profile: Profile) -> float:
+    """One message over a link: latency + software overhead + serialisation."""
+    return (link.latency_us + profile.link_overhead_us) * 1e-6 + nbytes * 8 / (link.bandwidth_gbps * 1e9)
+
+
+def allreduce_time(link: Link, nbytes: float, ranks: int, profile: Profile) -> float:
+    """Ring all-reduce: 2(n-1) steps, each moving nbytes/n."""
+    if ranks <= 1:
+        return 0.0
+    return 2 * (ranks - 1) * link_time(link, nbytes / ranks, profile)
+
+
+def load_time(nbytes: float, profile: Profile, ssd_gbs: float | None = None) -> float:
+    """Reading weights from local SSD."""
+    return nbytes / ((ssd_gbs or profile.ssd_gbs) * 1e9)
+
+
+def decode_ceiling_tokens_per_s(chip: Chip, model: ModelSpec) -> float:
+    """Theoretical single-stream decode ceiling: peak bandwidth / bytes read per token (no efficiency factor)."""
+    return chip.mem_bw_gbs * 1e9 / (model.decode_read_bytes(0, model.num_layers) + model.head_bytes())

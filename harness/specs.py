@@ -1,0 +1,483 @@
+"""Frozen data for the whole harness: chips, nodes, links, clusters, models and partition plans.
+
+Everything here is plain data plus the arithmetic that follows from it (parameter counts, bytes per layer,
+KV bytes per token, FLOPs). No I/O except the loaders at the bottom, which read JSON files and either return
+a complete object or raise UserError naming the file, the field and what was expected.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one clear line by the CLI, never a traceback."""
+
+
+class DoesNotFit(UserError):
+    """The model (with its KV reserve) needs more memory than the nodes offer."""
+
+
+GIB = 1024**3
+GB = 1e9
+
+
+# ----------------------------------------------------------------------------------------------- hardware
+@dataclass(frozen=True)
+class Chip:
+    name: str                 # "M2 Ultra"
+    gpu_bin: str              # "76-core GPU"
+    gpu_cores: int
+    mem_bw_gbs: float         # Apple's theoretical peak, 1e9 bytes/s
+    fp16_tflops: float        # peak GPU ALU rate (FP16 == FP32 on M1-M4)
+    max_mem_gb: float
+    thunderbolt: str          # "Thunderbolt 5 (...)" etc; decides RDMA
+    tflops_assumed: bool = False  # True where the source gives no TFLOPS and the catalog estimated it
+
+    @property
+    def rdma(self) -> bool:
+        return "Thunderbolt 5" in self.thunderbolt
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.gpu_cores}c"
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    chip: Chip
+    memory_gb: float
+    usable_fraction: float    # share of RAM the GPU may wire (macOS limit; raise it with iogpu.wired_limit_mb)
+    ssd_gbs: float | None = None   # local SSD read rate; None = the profile's default
+    host: str | None = None   # address for real runs
+    role: str | None = None
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.memory_gb * GB * self.usable_fraction
+
+
+@dataclass(frozen=True)
+class Link:
+    a: str
+    b: str
+    kind: str                 # "tb5-rdma" | "tb5-tcp" | "tb4-tcp" | "10gbe" | "2.5gbe" | "1gbe" | "wifi" | "loopback"
+    latency_us: float         # one-way
+    bandwidth_gbps: float     # effective, 1e9 bits/s
+
+    @property
+    def rdma(self) -> bool:
+        return self.kind.endswith("rdma")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    nodes: tuple[Node, ...]
+    links: tuple[Link, ...]   # one per unordered pair; ring order belongs to the plan
+
+    @cached_property
+    def _by_name(self) -> dict[str, Node]:
+        return {n.name: n for n in self.nodes}
+
+    @cached_property
+    def _links(self) -> dict[frozenset, Link]:
+        return {frozenset((l.a, l.b)): l for l in self.links}
+
+    def node(self, name: str) -> Node:
+        return self._by_name[name]
+
+    def link(self, a: str, b: str) -> Link:
+        return self._links[frozenset((a, b))]
+
+    @property
+    def total_usable_bytes(self) -> float:
+        return sum(n.usable_bytes for n in self.nodes)
+
+
+# ----------------------------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture numbers from an HF / mlx-lm config.json, plus the quantization it is served at."""
+
+    name: str
+    model_type: str
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int                          # dense MLP width
+    vocab: int
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    # mixture of experts (0 experts = dense)
+    experts: int = 0
+    active_experts: int = 0
+    moe_ffn: int = 0
+    shared_experts: int = 0
+    shared_ffn: int = 0               # width of the shared expert(s), when not moe_ffn
+    dense_layers: tuple[int, ...] = ()  # layer indices with a dense MLP in an MoE model
+    # multi-head latent attention (DeepSeek V2/V3): KV cache holds the compressed latent
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # serving precision
+    quant_bits: int = 16              # 16 = unquantized half precision
+    group_size: int = 64
+    kv_bytes_per_value: int = 2       # fp16 KV cache
+
+    # --- derived quantities -------------------------------------------------------------------
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def moe(self) -> bool:
+        return self.experts > 0
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Quantized weights carry a 16-bit scale and bias per group (mlx affine quantization)."""
+        if self.quant_bits >= 16:
+            return 16.0
+        return self.quant_bits + 32.0 / self.group_size
+
+    def _attention_params(self) -> tuple[int, int]:
+        """(matrix params, small params) of one attention block."""
+        h = self.hidden
+        if self.mla:
+            qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+            q = (h * self.q_lora_rank + self.q_lora_rank * self.heads * qk) if self.q_lora_rank else h * self.heads * qk
+            kv = h * (self.kv_lora_rank + self.qk_rope_head_dim)
+            kv += self.kv_lora_rank * self.heads * (self.qk_nope_head_dim + self.v_head_dim)
+            o = self.heads * self.v_head_dim * h
+            small = self.q_lora_rank + self.kv_lora_rank
+            return q + kv + o, small
+        q = h * self.heads * self.head_dim
+        kv = 2 * h * self.kv_heads * self.head_dim
+        o = self.heads * self.head_dim * h
+        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        return q + kv + o, bias
+
+    def _is_moe_layer(self, i: int) -> bool:
+        return self.moe and i not in self.dense_layers
+
+    @cached_property
+    def _layer_table(self) -> tuple[tuple[float, float, float, float], ...]:
+        """Per layer: (params, stored bytes, dense bytes read per token, bytes of one routed expert)."""
+        h, wbits = self.hidden, self.bits_per_weight
+        attn, attn_small = self._attention_params()
+        norms = 2 * h
+        rows = []
+        for i in range(self.num_layers):
+            if self._is_moe_layer(i):
+                expert = 3 * h * self.moe_ffn
+                shared = 3 * h * (self.shared_ffn or self.moe_ffn) * self.shared_experts
+                router = h * self.experts
+                params = attn + attn_small + norms + router + shared + self.experts * expert
+                dense_part = (attn + shared) * wbits / 8 + (attn_small + norms + router) * 2
+                stored = dense_part + self.experts * expert * wbits / 8
+                rows.append((params, stored, dense_part, expert * wbits / 8))
+            else:
+                mlp = 3 * h * self.ffn
+                params = attn + attn_small + norms + mlp
+                stored = (attn + mlp) * wbits / 8 + (attn_small + norms) * 2
+                rows.append((params, stored, stored, 0.0))
+        return tuple(rows)
+
+    @cached_property
+    def _prefix(self) -> dict[str, list[float]]:
+        """Prefix sums over layers, so any stage's totals cost O(1)."""
+        cols = {"params": 0, "stored": 1, "dense": 2, "expert": 3}
+        out = {}
+        for key, c in cols.items():
+            acc, run = [0.0], 0.0
+            for row in self._layer_table:
+                run += row[c]
+                acc.append(run)
+            out[key] = acc
+        moe_count, run = [0], 0
+        for i in range(self.num_layers):
+            run += self._is_moe_layer(i)
+            moe_count.append(run)
+        out["moe_layers"] = moe_count
+        return out
+
+    def _range(self, key: str, start: int, end: int) -> float:
+        p = self._prefix[key]
+        return p[end] - p[start]
+
+    def layer_params(self, start: int = 0, end: int | None = None) -> float:
+        return self._range("params", start, self.num_layers if end is None else end)
+
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden
+
+    def head_params(self) -> int:
+        return 0 if self.tie_embeddings else self.vocab * self.hidden
+
+    @property
+    def total_params(self) -> float:
+        return self.layer_params() + self.embed_params() + self.head_params() + self.hidden
+
+    @property
+    def active_params(self) -> float:
+        """Parameters touched per token (routed experts counted k of E)."""
+        total = self.total_params
+        if self.moe:
+            n_moe = self._prefix["moe_layers"][-1]
+            total -= n_moe * (self.experts - self.active_experts) * 3 * self.hidden * self.moe_ffn
+        return total
+
+    def weight_bytes(self, start: int, end: int) -> float:
+        """Bytes stored for layers [start, end)."""
+        return self._range("stored", start, end)
+
+    def embed_bytes(self) -> float:
+        return self.embed_params() * self.bits_per_weight / 8
+
+    def head_bytes(self) -> float:
+        """The output projection (the embedding matrix again when tied) plus the final norm."""
+        return self.vocab * self.hidden * self.bits_per_weight / 8 + self.hidden * 2
+
+    def total_weight_bytes(self) -> float:
+        tied = 0 if self.tie_embeddings else self.vocab * self.hidden * self.bits_per_weight / 8
+        return self.weight_bytes(0, self.num_layers) + self.embed_bytes() + tied + self.hidden * 2
+
+    def decode_read_bytes(self, start: int, end: int, batch: int = 1) -> float:
+        """Weight bytes one decode step reads for layers [start, end), batch sequences at once.
+
+        With E experts and k routed per token, a batch of B tokens touches on average
+        E * (1 - (1 - k/E)^B) distinct experts per MoE layer (uniform routing).
+        """
+        dense = self._range("dense", start, end)
+        if not self.moe:
+            return dense
+        touched = self.experts * (1.0 - (1.0 - self.active_experts / self.experts) ** max(batch, 1))
+        return dense + self._range("expert", start, end) * touched
+
+    def kv_bytes_per_token_layer(self) -> float:
+        if self.mla:  # the compressed latent plus the shared rope key
+            return (self.kv_lora_rank + self.qk_rope_head_dim) * self.kv_bytes_per_value
+        return 2 * self.kv_heads * self.head_dim * self.kv_bytes_per_value
+
+    def kv_bytes_per_token(self, start: int = 0, end: int | None = None) -> float:
+        end = self.num_layers if end is None else end
+        return (end - start) * self.kv_bytes_per_token_layer()
+
+    def _attn_flops_per_position(self) -> float:
+        """FLOPs per (query token, cached position) pair per layer: QK^T plus AV."""
+        if self.mla:
+            return 2 * self.heads * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim)
+        return 4 * self.heads * self.head_dim
+
+    def _active_layer_params(self, start: int, end: int) -> float:
+        params = self.layer_params(start, end)
+        if self.moe:
+            n_moe = self._prefix["moe_layers"][end] - self._prefix["moe_layers"][start]
+            params -= n_moe * (self.experts - self.active_experts) * 3 * self.hidden * self.moe_ffn
+        return params
+
+    def decode_flops(self, start: int, end: int, batch: int = 1, context: int = 0) -> float:
+        """FLOPs of one decode step of `batch` sequences, each with `context` cached tokens."""
+        matmul = 2.0 * batch * self._active_layer_params(start, end)
+        return matmul + batch * context * (end - start) * self._attn_flops_per_position()
+
+    def prefill_flops(self, start: int, end: int, tokens: int, context_before: int = 0) -> float:
+        """FLOPs to prefill `tokens` new tokens after `context_before` cached ones (causal attention)."""
+        matmul = 2.0 * tokens * self._active_layer_params(start, end)
+        pairs = tokens * context_before + tokens * (tokens + 1) / 2
+        return matmul + pairs * (end - start) * self._attn_flops_per_position()
+
+    def head_flops(self, batch: int = 1) -> float:
+        return 2.0 * batch * self.vocab * self.hidden
+
+    def activation_bytes(self, tokens: int) -> int:
+        """Hidden states sent between pipeline stages (half precision)."""
+        return tokens * self.hidden * 2
+
+    def with_quant(self, bits: int, group_size: int = 64) -> "ModelSpec":
+        return replace(self, quant_bits=bits, group_size=group_size)
+
+
+VALID_BITS = (2, 3, 4, 5, 6, 8, 16)
+
+
+def model_from_config(config: dict, name: str, quant_bits: int = 16, group_size: int = 64,
+                      origin: str = "config") -> ModelSpec:
+    """Build a ModelSpec from an HF / mlx-lm config.json dict. Raises UserError naming the missing field."""
+    if quant_bits not in VALID_BITS:
+        raise UserError(f"quantization {quant_bits} bits is not supported; choose one of {VALID_BITS}")
+    if group_size not in (32, 64, 128):
+        raise UserError(f"group size {group_size} is not supported; choose 32, 64 or 128")
+    cfg = config.get("text_config", config)
+
+    def need(key: str, *alts: str) -> int:
+        for k in (key, *alts):
+            if cfg.get(k) is not None:
+                return cfg[k]
+        raise UserError(f"{origin}: field '{key}' is missing; expected an HF/mlx-lm config.json with it")
+
+    hidden = need("hidden_size")
+    heads = need("num_attention_heads")
+    experts = cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+    layers = need("num_hidden_layers")
+    dense_layers: tuple[int, ...] = ()
+    if experts:
+        first_dense = cfg.get("first_k_dense_replace", 0) or 0
+        step = cfg.get("decoder_sparse_step", 1) or 1
+        mlp_only = set(cfg.get("mlp_only_layers", []) or [])
+        dense_layers = tuple(i for i in range(layers)
+                             if i < first_dense or (i + 1) % step != 0 or i in mlp_only)
+    spec = ModelSpec(
+        name=name,
+        model_type=cfg.get("model_type", "unknown"),
+        num_layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or hidden // heads,
+        ffn=need("intermediate_size"),
+        vocab=need("vocab_size"),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+        experts=experts,
+        active_experts=cfg.get("num_experts_per_tok", 0) or 0,
+        moe_ffn=cfg.get("moe_intermediate_size", 0) or (cfg.get("intermediate_size") if experts else 0),
+        shared_experts=cfg.get("n_shared_experts", 0) or (1 if cfg.get("shared_expert_intermediate_size") else 0),
+        shared_ffn=cfg.get("shared_expert_intermediate_size", 0) or 0,
+        dense_layers=dense_layers,
+        q_lora_rank=cfg.get("q_lora_rank") or 0,
+        kv_lora_rank=cfg.get("kv_lora_rank") or 0,
+        qk_nope_head_dim=cfg.get("qk_nope_head_dim") or 0,
+        qk_rope_head_dim=cfg.get("qk_rope_head_dim") or 0,
+        v_head_dim=cfg.get("v_head_dim") or 0,
+        quant_bits=quant_bits,
+        group_size=group_size,
+    )
+    for fname in ("num_layers", "hidden", "heads", "ffn", "vocab"):
+        if getattr(spec, fname) <= 0:
+            raise UserError(f"{origin}: {fname} must be positive, got {getattr(spec, fname)}")
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------- plans
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: a node, or a tensor-parallel group of nodes, running layers [layer_start, layer_end)."""
+
+    nodes: tuple[str, ...]
+    layer_start: int
+    layer_end: int
+    tp_degree: int = 1
+    memory_used_gb: float = 0.0       # per member node: weights + embeddings/head + KV reserve
+    memory_available_gb: float = 0.0  # per member node: usable GPU memory (smallest member)
+    decode_ms: float = 0.0            # predicted time of one decode step (batch 1) on this stage
+    prefill_ms: float = 0.0           # predicted prefill of the reference prompt on this stage
+    link_ms: float = 0.0              # sending this stage's output on (token ids back, for the last stage)
+
+    @property
+    def layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.nodes)
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    strategy: str
+    objective: str
+    cluster: str
+    model: str
+    quant_bits: int
+    num_layers: int
+    stages: tuple[Stage, ...]                      # in layer order; the ring follows this order
+    predicted: dict = field(default_factory=dict)  # tpot_ms, tokens_per_s, ttft_ms, bottleneck_ms, ... (theoretical)
+    bottleneck: str = ""
+    warnings: tuple[str, ...] = ()
+
+    def split(self) -> list[int]:
+        """Layer counts per stage in layer order (mlx-lm wants them reversed: rank 0 runs the LAST layers)."""
+        return [s.layers for s in self.stages]
+
+    @property
+    def ring(self) -> tuple[str, ...]:
+        return tuple(n for s in self.stages for n in s.nodes)
+
+    def problems(self) -> list[str]:
+        """Every way this plan is invalid; empty when it covers each layer once, in order, within memory."""
+        out = []
+        expect = 0
+        for i, s in enumerate(self.stages):
+            if s.layer_start != expect:
+                out.append(f"stage {i} starts at layer {s.layer_start}, expected {expect}")
+            if s.layer_end <= s.layer_start:
+                out.append(f"stage {i} has no layers ({s.layer_start}..{s.layer_end})")
+            if s.tp_degree != len(s.nodes):
+                out.append(f"stage {i} tp_degree {s.tp_degree} != {len(s.nodes)} nodes")
+            if s.memory_used_gb > s.memory_available_gb * (1 + 1e-9):
+                out.append(f"stage {i} ({s.label}) needs {s.memory_used_gb:.1f} GB, has {s.memory_available_gb:.1f} GB")
+            expect = s.layer_end
+        if expect != self.num_layers:
+            out.append(f"stages end at layer {expect}, model has {self.num_layers}")
+        names = self.ring
+        if len(set(names)) != len(names):
+            out.append("a node appears in more than one stage")
+        return out
+
+    def validate(self) -> "PartitionPlan":
+        problems = self.problems()
+        if problems:
+            raise ValueError(f"invalid plan from {self.strategy}: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stages"] = [asdict(s) | {"layers": s.layers} for s in self.stages]
+        d["split"] = self.split()
+        d["source"] = "theoretical"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PartitionPlan":
+        stages = tuple(Stage(**{k: (tuple(v) if k == "nodes" else v) for k, v in s.items() if k != "layers"})
+                       for s in d["stages"])
+        keep = {k: d[k] for k in ("strategy", "objective", "cluster", "model", "quant_bits", "num_layers",
+                                  "predicted", "bottleneck")}
+        return cls(stages=stages, warnings=tuple(d.get("warnings", ())), **keep)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def read_json(path: Path, what: str) -> dict:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} does not exist") from None
+    except OSError as exc:
+        raise UserError(f"{what} file {path} cannot be read: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} file {path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} file {path}: expected a JSON object at the top, got {type(data).__name__}")
+    return data
+
+
+def gib(nbytes: float) -> float:
+    return nbytes / GIB
+
+
+def finite_positive(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{where}: expected a positive number, got {value!r}")
+    return float(value)

@@ -1,0 +1,296 @@
+"""Start N ranks of MLX's ring backend as local processes, without `mlx.launch`.
+
+Why not `mlx.launch`: for local ring jobs its I/O threads busy-loop (about 1.3 cores), which halves
+throughput on a small machine. What it does for 127.0.0.1 is simple: write the ring hostfile (a JSON
+list with one list of "ip:port" strings per rank), then start each rank with MLX_RANK and
+MLX_HOSTFILE. This module does that, and also:
+
+- pins rank r to core r % ncpu (the worker applies it before importing mlx, so MLX's threads inherit
+  it) and sets the BLAS to one thread per rank (all cores when there is one rank);
+- preloads an optimised BLAS when one is installed (see `harness.mlx.blas`);
+- optionally puts each rank in its own Linux network namespace, joined by a bridge, with `tc tbf`
+  rate limits on both directions of each rank's link. Delay is NOT emulated: this kernel has no
+  netem (nor fq/etf), so a link's latency_us is recorded but not applied;
+- always cleans up: rank processes die with their parent (PR_SET_PDEATHSIG), and namespaces, veths
+  and the bridge are removed on close, at interpreter exit, and on SIGTERM.
+
+Real Macs (not started from here): write an `mlx.launch` hostfile with one entry per Mac
+(`{"ssh": "mac1.local", "ips": ["192.168.1.11"]}`) and start the same worker on each:
+
+    mlx.launch --hostfile hosts.json --backend ring -- python -m harness.mlx.worker --model DIR --split 40,40
+
+`mlx.launch` uses ssh for every host except 127.0.0.1, so each Mac needs the repository, the venv and
+the model folder at the same path, and passwordless ssh. Over Thunderbolt 5 use `--backend jaccl`
+(RDMA; macOS 26.2+, RDMA enabled in recovery mode with `rdma_ctl enable`, Macs cabled directly) and
+generate the hostfile with `mlx.distributed_config --backend jaccl --over thunderbolt`. The busy loop
+noted above matters little on a Mac with many cores.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.mlx import blas
+from harness.mlx.errors import UserError
+
+_LIVE: "set[RankGroup]" = set()
+_LOCK = threading.Lock()
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class LinkShape:
+    """Rate limit applied to one rank's link (both directions). latency_us is recorded, not applied."""
+    bandwidth_gbps: float
+    latency_us: float = 0.0
+
+
+@dataclass
+class RankProcess:
+    rank: int
+    proc: subprocess.Popen
+    log_path: Path
+    netns: str | None = None
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the kernel just handed out; held together so they are distinct."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def ring_hostfile(addresses: list[str], ports: list[int]) -> list[list[str]]:
+    return [[f"{a}:{p}"] for a, p in zip(addresses, ports)]
+
+
+def _die_with_parent() -> None:
+    # runs in the child between fork and exec: if the launching process dies, the kernel kills the rank
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+class Netns:
+    """Per-rank namespaces on a private bridge, with tbf rate limits. Needs root and iproute2."""
+
+    SUBNET = "10.213.{tag}.{host}"
+
+    def __init__(self, n: int, shapes: list[LinkShape | None]):
+        if os.geteuid() != 0:
+            raise UserError("network namespaces need root; run as root or drop the link emulation option")
+        self.tag = os.getpid() % 10000
+        self.n = n
+        self.shapes = shapes
+        self.names = [f"hx{self.tag}r{r}" for r in range(n)]
+        self.bridge = f"hx{self.tag}b"
+        self.addresses = [self.SUBNET.format(tag=self.tag % 250, host=r + 2) for r in range(n)]
+        self.created: list[tuple[str, str]] = []   # ("netns"|"link", name), removed in reverse
+
+    def setup(self) -> None:
+        _install_sigterm()
+        _run(["ip", "link", "add", self.bridge, "type", "bridge"])
+        self.created.append(("link", self.bridge))
+        _run(["ip", "link", "set", self.bridge, "up"])
+        for r, ns in enumerate(self.names):
+            host_if, ns_if = f"hx{self.tag}h{r}", f"hx{self.tag}n{r}"
+            _run(["ip", "netns", "add", ns])
+            self.created.append(("netns", ns))
+            _run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if])
+            self.created.append(("link", host_if))
+            _run(["ip", "link", "set", ns_if, "netns", ns])
+            _run(["ip", "link", "set", host_if, "master", self.bridge, "up"])
+            exec_ns = ["ip", "netns", "exec", ns]
+            _run(exec_ns + ["ip", "addr", "add", f"{self.addresses[r]}/24", "dev", ns_if])
+            _run(exec_ns + ["ip", "link", "set", ns_if, "up"])
+            _run(exec_ns + ["ip", "link", "set", "lo", "up"])
+            shape = self.shapes[r] if r < len(self.shapes) else None
+            if shape is not None:
+                self._shape(["tc"], host_if, shape)            # traffic into the rank
+                self._shape(exec_ns + ["tc"], ns_if, shape)    # traffic out of the rank
+
+    @staticmethod
+    def _shape(tc: list[str], dev: str, shape: LinkShape) -> None:
+        rate_bit = int(shape.bandwidth_gbps * 1e9)
+        # burst must hold at least one timer tick of traffic at this rate, or tbf under-delivers
+        burst = max(64 * 1024, rate_bit // 8 // 250)
+        _run(tc + ["qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate_bit}bit",
+                   "burst", str(burst), "latency", "100ms"])
+
+    def wrap(self, rank: int, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.names[rank]] + argv
+
+    def teardown(self) -> None:
+        while self.created:
+            kind, name = self.created.pop()
+            if kind == "netns":
+                _run(["ip", "netns", "del", name], check=False)
+            else:
+                _run(["ip", "link", "del", name], check=False)
+
+
+@dataclass
+class RankGroup:
+    """N running rank processes. Close it (or use `with`) to stop them and remove namespaces."""
+    ranks: list[RankProcess]
+    workdir: Path
+    hostfile: list[list[str]] | None
+    netns: Netns | None = None
+    blas_path: str | None = None
+    closed: bool = field(default=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __hash__(self):
+        return id(self)
+
+    def dead(self) -> list[tuple[int, int]]:
+        """(rank, exit code) of every rank process that has exited."""
+        return [(r.rank, r.proc.returncode) for r in self.ranks if r.proc.poll() is not None]
+
+    def close(self, grace_s: float = 2.0) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for r in self.ranks:
+            if r.proc.poll() is None and r.proc.stdin and not r.proc.stdin.closed:
+                try:
+                    r.proc.stdin.write(b'{"op": "stop"}\n')
+                    r.proc.stdin.flush()
+                except (BrokenPipeError, OSError, ValueError):
+                    pass
+        deadline = time.monotonic() + grace_s
+        for r in self.ranks:
+            try:
+                r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                r.proc.kill()
+                r.proc.wait()
+            for stream in (r.proc.stdin, r.proc.stdout):
+                try:
+                    if stream:
+                        stream.close()
+                except OSError:
+                    pass
+        if self.netns:
+            self.netns.teardown()
+        with _LOCK:
+            _LIVE.discard(self)
+
+
+def worker_argv(model: str, split: list[int], extra: list[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "harness.mlx.worker", "--model", str(model),
+            "--split", ",".join(str(s) for s in split), *extra]
+
+
+def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None] | None = None,
+           use_blas: bool | str = True, pin: bool = True, worker_args: list[str] = (),
+           workdir: Path | None = None) -> RankGroup:
+    """Start len(split) ranks (one process when len(split) == 1). Returns once they are spawned;
+    the caller reads each rank's "ready" line. `links` (one per rank) puts ranks in namespaces."""
+    n = len(split)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="harness-ranks-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    blas_path = blas.find_openblas() if use_blas is True else (use_blas or None)
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(ncpu))
+    netns = Netns(n, links) if links is not None and n > 1 else None
+    group = RankGroup([], workdir, None, netns, blas_path)
+    with _LOCK:
+        _LIVE.add(group)
+    try:
+        hostfile_path = None
+        if n > 1:
+            if netns:
+                netns.setup()
+                addresses, ports = netns.addresses, [5000 + r for r in range(n)]
+            else:
+                addresses, ports = ["127.0.0.1"] * n, free_ports(n)
+            group.hostfile = ring_hostfile(addresses, ports)
+            hostfile_path = workdir / "hostfile.json"
+            hostfile_path.write_text(json.dumps(group.hostfile))
+        for rank in range(n):
+            env = _rank_env(rank, n, hostfile_path, blas_path, cores if pin else None, ncpu)
+            argv = worker_argv(str(model), split, list(worker_args))
+            if netns:
+                argv = netns.wrap(rank, argv)
+            log_path = workdir / f"rank{rank}.log"
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                        env=env, cwd=str(REPO_ROOT), preexec_fn=_die_with_parent)
+            group.ranks.append(RankProcess(rank, proc, log_path, netns.names[rank] if netns else None))
+    except BaseException:
+        group.close(grace_s=0.5)
+        raise
+    return group
+
+
+def _rank_env(rank: int, n: int, hostfile: Path | None, blas_path: str | None, cores: list[int] | None,
+              ncpu: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    # one BLAS thread per rank when ranks share the cores; all cores for a single process
+    env.update(blas.blas_env(threads=1 if n > 1 else ncpu, preload=blas_path))
+    if hostfile is not None:
+        env["MLX_RANK"] = str(rank)
+        env["MLX_HOSTFILE"] = str(hostfile)
+    else:
+        env.pop("MLX_HOSTFILE", None)
+        env.pop("MLX_RANK", None)
+    if cores is not None and n > 1:
+        env["HARNESS_CPU_CORE"] = str(cores[rank % len(cores)])
+    return env
+
+
+def _close_all() -> None:
+    with _LOCK:
+        groups = list(_LIVE)
+    for g in groups:
+        g.close(grace_s=0.5)
+
+
+def _on_sigterm(signum, frame):
+    _close_all()
+    raise SystemExit(128 + signum)
+
+
+def _install_sigterm() -> None:
+    # without a handler SIGTERM skips atexit, and namespaces would outlive the process
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+atexit.register(_close_all)

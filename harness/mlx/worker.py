@@ -1,0 +1,230 @@
+"""One ring rank: loads its layers, then runs generation steps in lockstep with the other ranks.
+
+Started by `harness.mlx.launcher` as `python -m harness.mlx.worker --model DIR --split 2,4 ...` with
+MLX_RANK / MLX_HOSTFILE in the environment (ring backend) or alone (one process, no ring).
+
+Protocol (JSON lines): the driving process writes the SAME command to every rank's stdin, in the same
+order, and reads one reply per command from each rank's stdout. Because every rank applies identical
+inserts/removes before identical steps, all ranks build identical batches; the pipeline's all_gather
+gives every rank the full logits, so all ranks sample identical tokens (the random key advances the
+same way everywhere). Nothing needs to be broadcast between ranks beyond what mlx-lm already sends.
+
+  -> {"op": "step", "insert": [{"key": str, "prompt": [int], "max_tokens": int, "temperature": float}],
+      "remove": [uid, ...]}
+  <- {"op": "step", "rank": r, "uids": {key: uid}, "tokens": [[uid, token, finish], ...],
+      "t0": epoch, "t1": epoch, "net": [[kind, start, end], ...], "forwards": [[tokens, batch], ...],
+      "kv_bytes": int, "active": int}
+  -> {"op": "stop"}
+
+Layer order vs rank order: `--split` is given in LAYER order (first entry = first layers), as a
+PartitionPlan states it. mlx-lm gives rank 0 the LAST layers, so rank r runs layer-order stage
+size-1-r; the translation happens here and nowhere else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def rank_split(layer_counts: list[int]) -> list[int]:
+    """mlx-lm's split (indexed by rank) from counts in layer order: rank 0 holds the last layers."""
+    return list(reversed(layer_counts))
+
+
+def stage_of_rank(rank: int, size: int) -> int:
+    return size - 1 - rank
+
+
+def layer_range(layer_counts: list[int], stage: int) -> tuple[int, int]:
+    start = sum(layer_counts[:stage])
+    return start, start + layer_counts[stage]
+
+
+def _pin_core() -> None:
+    # Must run before mlx is imported: MLX's worker threads inherit the affinity of the thread that
+    # creates them, and one rank per core avoids ranks stealing each other's cores.
+    core = os.environ.get("HARNESS_CPU_CORE")
+    if core is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(core)})
+
+
+class StageTimer:
+    """Wraps the qwen2 inner model so each forward records how long it waited on the network.
+
+    The forward is the same as mlx-lm's Qwen2Model.__call__ (embed, recv, local layers, send,
+    all_gather, norm), with an eval after each network operation so waits can be timed apart
+    from compute. Evaluating earlier does not change any value, only when it is computed.
+    """
+
+    def __init__(self, inner):
+        self.net: list[list] = []        # [kind, start, end] per network wait
+        self.forwards: list[list] = []   # [tokens, batch] per forward call
+        timer = self
+        base = type(inner)
+
+        class Timed(base):
+            def __call__(self, inputs, cache=None, input_embeddings=None):
+                return timer.forward(self, inputs, cache, input_embeddings)
+
+        inner.__class__ = Timed
+
+    def forward(self, m, inputs, cache, input_embeddings):
+        import mlx.core as mx
+        from mlx_lm.models.base import create_attention_mask
+
+        h = input_embeddings if input_embeddings is not None else m.embed_tokens(inputs)
+        rank, size = m.pipeline_rank, m.pipeline_size
+        if cache is None:
+            cache = [None] * len(m.pipeline_layers)
+        mask = create_attention_mask(h, cache[0])
+        self.forwards.append([int(h.shape[0] * h.shape[1]), int(h.shape[0])])
+        if rank < size - 1:
+            mx.eval(h)                   # previous step's work first, so it is not counted as waiting
+            h = self._timed("recv", mx.distributed.recv_like(h, rank + 1))
+        for layer, c in zip(m.pipeline_layers, cache):
+            h = layer(h, mask, c)
+        if rank != 0:
+            mx.eval(h)
+            h = self._timed("send", mx.distributed.send(h, (rank - 1) % size))
+            if cache[-1] is not None:
+                cache[-1].keys = mx.depends(cache[-1].keys, h)
+        if size > 1:
+            if rank == 0:
+                mx.eval(h)
+            h = self._timed("gather", mx.distributed.all_gather(h))[: h.shape[0]]
+        return m.norm(h)
+
+    def _timed(self, kind, arr):
+        import mlx.core as mx
+        t = time.time()
+        mx.eval(arr)
+        self.net.append([kind, t, time.time()])
+        return arr
+
+    def take(self):
+        net, fw = self.net, self.forwards
+        self.net, self.forwards = [], []
+        return net, fw
+
+
+def load(model_path: str, layer_counts: list[int] | None, group):
+    """Load only this rank's layers: lazy load, cut with pipeline(), then materialise."""
+    from pathlib import Path
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model
+
+    model, config = load_model(Path(model_path), lazy=True, strict=False)
+    if group.size() > 1:
+        if not hasattr(model.model, "pipeline"):
+            raise SystemExit(f"model_type {config.get('model_type')!r} has no pipeline() in this mlx-lm")
+        model.model.pipeline(group, split=rank_split(layer_counts))
+    mx.eval(model.parameters())
+    nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    if group.size() > 1:
+        # barrier: every rank has its weights before anyone reports ready
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
+    return model, config, nbytes
+
+
+class Engine:
+    """mlx-lm's BatchGenerator (continuous batching), driven one `next()` per command."""
+
+    def __init__(self, model, prefill_step_size: int, completion_batch_size: int):
+        from mlx_lm.generate import BatchGenerator
+        self.gen = BatchGenerator(model, max_tokens=1 << 30, prefill_step_size=prefill_step_size,
+                                  completion_batch_size=completion_batch_size,
+                                  prefill_batch_size=min(8, completion_batch_size))
+        self.samplers: dict[float, object] = {}
+        self.live: set[int] = set()
+
+    def sampler(self, temperature: float):
+        # one sampler object per temperature, so a batch sharing it samples in one call
+        from mlx_lm.sample_utils import make_sampler
+        if temperature not in self.samplers:
+            self.samplers[temperature] = make_sampler(temp=temperature)
+        return self.samplers[temperature]
+
+    def apply(self, cmd: dict) -> dict[str, int]:
+        remove = [u for u in cmd.get("remove", []) if u in self.live]
+        if remove:
+            self.gen.remove(remove)
+            self.live.difference_update(remove)
+        uids = {}
+        inserts = cmd.get("insert", [])
+        if inserts:
+            new = self.gen.insert([r["prompt"] for r in inserts], max_tokens=[r["max_tokens"] for r in inserts],
+                                  samplers=[self.sampler(float(r.get("temperature", 0.0))) for r in inserts])
+            uids = {r["key"]: u for r, u in zip(inserts, new)}
+            self.live.update(new)
+        return uids
+
+    def step(self) -> list[list]:
+        if not self.live:
+            return []
+        _, responses = self.gen.next()
+        out = []
+        for r in responses:
+            out.append([r.uid, int(r.token), r.finish_reason])
+            if r.finish_reason is not None:
+                self.live.discard(r.uid)
+        return out
+
+
+def serve(engine: Engine, timer: StageTimer | None, rank: int, inp, out) -> None:
+    for line in inp:
+        cmd = json.loads(line)
+        if cmd["op"] == "stop":
+            return
+        if cmd["op"] != "step":
+            raise SystemExit(f"rank {rank}: unknown command {cmd['op']!r}")
+        t0 = time.time()
+        uids = engine.apply(cmd)
+        tokens = engine.step()
+        t1 = time.time()
+        net, fw = timer.take() if timer else ([], [])
+        reply = {"op": "step", "rank": rank, "uids": uids, "tokens": tokens, "t0": t0, "t1": t1,
+                 "net": net, "forwards": fw, "kv_bytes": engine.gen.prompt_cache_nbytes,
+                 "active": len(engine.live)}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    _pin_core()
+    p = argparse.ArgumentParser(prog="python -m harness.mlx.worker")
+    p.add_argument("--model", required=True)
+    p.add_argument("--split", default="", help="layer counts in layer order, comma separated")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefill-step-size", type=int, default=512)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--no-stage-timing", action="store_true")
+    args = p.parse_args(argv)
+    # replies own the real stdout; anything else that prints (libraries) goes to stderr
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    import mlx.core as mx
+    t_start = time.time()
+    multi = "MLX_HOSTFILE" in os.environ
+    group = mx.distributed.init(backend="ring", strict=True) if multi else mx.distributed.init()
+    rank, size = group.rank(), group.size()
+    counts = [int(x) for x in args.split.split(",") if x] or None
+    model, config, nbytes = load(args.model, counts, group)
+    mx.random.seed(args.seed)        # same seed on every rank: identical sampling everywhere
+    timer = None if args.no_stage_timing else StageTimer(model.model)
+    engine = Engine(model, args.prefill_step_size, args.max_batch)
+    stage = stage_of_rank(rank, size)
+    layers = layer_range(counts, stage) if counts else (0, config["num_hidden_layers"])
+    out.write(json.dumps({"op": "ready", "rank": rank, "size": size, "stage": stage, "layers": layers,
+                          "load_s": time.time() - t_start, "param_bytes": nbytes, "pid": os.getpid()}) + "\n")
+    out.flush()
+    serve(engine, timer, rank, sys.stdin, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

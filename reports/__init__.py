@@ -1,0 +1,30 @@
+"""Reports: re-render saved run folders into tables, figures, target verdicts and one self-contained HTML page,
+and compare a run with a committed baseline. Never runs anything.
+
+Public API:
+    render(run_dirs, out=None) -> Path      write the HTML report (one run: RUN/report.html)
+    load_run(path) -> Run                   read a run folder (complete or not)
+    evaluate_targets(run) -> list[TargetResult]
+    check(run_dir, baseline_path) -> CheckResult, write_baseline(run_dir, path, ...) -> Path  (reports.check)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from reports.run import Run, RunFolderError, load_run
+from reports.targets import DEFAULT_TARGETS, evaluate as evaluate_targets
+
+
+def render(run_dirs, out: str | Path | None = None, with_plots: bool = True) -> Path:
+    """Render one report for the given run folders; returns the written path."""
+    from reports import html
+
+    paths = [Path(p) for p in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
+    if not paths:
+        raise RunFolderError("no run folder given")
+    runs = [load_run(p) for p in paths]
+    target = Path(out) if out else html.default_output(paths)
+    return html.write(target, html.render_html(runs, with_plots))
+
+
+__all__ = ["DEFAULT_TARGETS", "Run", "RunFolderError", "evaluate_targets", "load_run", "render"]

@@ -1,0 +1,198 @@
+"""Assemble the report page: tables, figures and targets of one run or a comparison of several."""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+import jinja2
+
+from reports import plots, tables, targets
+from reports.run import Run, per_request_latencies
+from reports.template import PAGE
+
+COMPARE_KEYS = ("completed", "failed", "output_throughput", "request_throughput", "median_ttft_ms",
+                "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "p99_e2el_ms")
+
+
+@dataclass
+class TargetRow:
+    name: str
+    metric: str
+    threshold: str
+    value: str
+    source: str
+    theoretical: str
+    status: str
+    notes: str
+
+    @property
+    def status_class(self) -> str:
+        return self.status.replace(" ", "")
+
+
+@dataclass
+class TargetsView:
+    rows: list[TargetRow]
+    verdict: str
+
+
+@dataclass
+class RunView:
+    name: str
+    path: str
+    source: str
+    strategy: str
+    incomplete: bool
+    incomplete_reason: str | None
+    model: str
+    backend: str
+    created: str
+    commit: str
+    missing: tuple[str, ...]
+    targets: TargetsView
+    latency: tables.Table | None
+    headline: tables.Table
+    plan_table: tables.Table | None
+    warnings: list[str]
+    environment: tables.Table
+    plots: list[plots.Plot] = field(default_factory=list)
+    plot_notes: list[str] = field(default_factory=list)
+
+
+def _figure_text(fig: targets.Figure | None, unit: str) -> str:
+    return "–" if fig is None else f"{tables.fmt(fig.value)} {unit}".strip()
+
+
+def targets_view(run: Run) -> TargetsView:
+    results = targets.evaluate(run)
+    rows = []
+    for r in results:
+        fig = r.deciding
+        notes = "; ".join(x for x in (r.conditions, r.target.note, fig.how if fig else "") if x)
+        status = r.status if r.observed or r.status == "no data" else f"{r.status} (theoretical)"
+        rows.append(TargetRow(r.target.name, r.target.metric, r.target.text, _figure_text(fig, r.target.unit),
+                              fig.source if fig else "", _figure_text(r.theoretical, r.target.unit), status, notes))
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "no data")}
+    verdict = (f"{counts['pass']} of {len(results)} targets pass, {counts['fail']} fail"
+               + (f", {counts['no data']} without data" if counts["no data"] else "") + ".")
+    return TargetsView(rows, verdict)
+
+
+def _model_name(run: Run) -> str:
+    model = run.plan.get("model") or run.config.get("model") or ""
+    if isinstance(model, dict):
+        model = model.get("name", "")
+    quant = run.plan.get("quant") or run.config.get("quantization") or ""
+    return f"{model} ({quant})" if model and quant else str(model)
+
+
+def _environment_table(run: Run) -> tables.Table:
+    rows = []
+    for key, value in run.environment.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items() if v is not None)
+        rows.append([key, tables.fmt(value)])
+    return tables.Table(["key", "value"], rows)
+
+
+def _run_plots(run: Run) -> tuple[list[plots.Plot], list[str]]:
+    made, notes = [], []
+    drawers = (
+        ("latency distributions", lambda: plots.latency_distributions(run, per_request_latencies(run)),
+         "no successful requests"),
+        ("per-node timelines", lambda: plots.node_timelines(run), "steps.parquet has no steps"),
+        ("partition ring", lambda: plots.partition_ring(run), "plan.json has no stages"),
+    )
+    for label, draw, why in drawers:
+        plot = draw()
+        if plot is None:
+            notes.append(f"No {label} figure: {why}.")
+        else:
+            made.append(plot)
+    return made, notes
+
+
+def run_view(run: Run, with_plots: bool = True) -> RunView:
+    headline = tables.headline_table(run.metrics)
+    if run.metrics_recomputed:
+        headline.rows.insert(0, ["note", "summary.json had no metrics; recomputed from requests.parquet", ""])
+    made, notes = _run_plots(run) if with_plots else ([], [])
+    return RunView(
+        name=run.name, path=str(run.path), source=run.source, strategy=run.strategy,
+        incomplete=run.incomplete, incomplete_reason=run.incomplete_reason, model=_model_name(run),
+        backend=str(run.config.get("backend", "")), created=str(run.environment.get("created_utc", "")),
+        commit=str(run.environment.get("git_commit") or "")[:12], missing=run.missing,
+        targets=targets_view(run), latency=tables.latency_table(run.metrics), headline=headline,
+        plan_table=tables.plan_table(run), warnings=[str(w) for w in run.plan.get("warnings") or []],
+        environment=_environment_table(run), plots=made, plot_notes=notes,
+    )
+
+
+def offered_load(run: Run) -> tuple[float | None, str]:
+    """The load a run was offered, from its workload config: request rate, or concurrency when closed-loop."""
+    workload = run.config.get("workload") or {}
+    if not isinstance(workload, dict):
+        return None, ""
+    closed = workload.get("closed_loop") or {}
+    if isinstance(closed, dict) and closed.get("concurrency"):
+        return float(closed["concurrency"]), "concurrency (requests in flight)"
+    arrival = workload.get("arrival") or {}
+    if isinstance(arrival, dict) and arrival.get("rate"):
+        return float(arrival["rate"]), "offered request rate (req/s)"
+    return None, ""
+
+
+def _predicted_decode(run: Run) -> float | None:
+    fig = targets.theoretical(run, "decode_tokens_per_s")
+    return None if fig is None else fig.value
+
+
+def comparison_plots(runs: list[Run]) -> list[plots.Plot]:
+    made = []
+    # One request's predicted decode speed is a ceiling on per-request speed, not on batched throughput:
+    # it is drawn next to TPOT, converted to the TPOT it implies.
+    decode = [_predicted_decode(r) for r in runs]
+    predicted = {"median_tpot_ms": [None if d is None else 1000.0 / d for d in decode]}
+    for plot in (plots.strategy_comparison(runs, predicted), _sweep(runs)):
+        if plot is not None:
+            made.append(plot)
+    return made
+
+
+def _sweep(runs: list[Run]) -> plots.Plot | None:
+    loads = [offered_load(r) for r in runs]
+    labels = {label for value, label in loads if value is not None}
+    if len(labels) != 1:
+        return None     # runs offered load in different units (or none): not a sweep
+    return plots.load_sweep(runs, [v for v, _ in loads], labels.pop())
+
+
+def render_html(runs: list[Run], with_plots: bool = True) -> str:
+    views = [run_view(r, with_plots) for r in runs]
+    comparison = None
+    if len(runs) > 1:
+        comparison = {"table": tables.comparison_table(runs, COMPARE_KEYS),
+                      "plots": comparison_plots(runs) if with_plots else []}
+    title = f"Run report: {runs[0].name}" if len(runs) == 1 else f"Comparison report: {len(runs)} runs"
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return env.from_string(PAGE).render(title=title, runs=views, comparison=comparison, rendered=stamp)
+
+
+def default_output(run_dirs: list[Path]) -> Path:
+    """report.html inside the run folder for one run; next to the runs for several."""
+    if len(run_dirs) == 1:
+        return run_dirs[0] / "report.html"
+    return run_dirs[0].parent / f"comparison-{'-vs-'.join(p.name for p in run_dirs[:3])[:120]}.html"
+
+
+def write(path: Path, text: str) -> Path:
+    """Write through a temporary name so a half-written report never looks complete."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+

@@ -1,0 +1,226 @@
+"""Figures for the report, drawn with matplotlib's object API on the Agg canvas (no display, no global state).
+
+Each function takes saved run data and returns a Plot (a PNG as base64 plus the provenance label the report
+shows), or None when the run has nothing to draw.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle, FancyArrowPatch, Wedge
+
+from reports.run import Run
+
+COMPUTE_KINDS = ("prefill", "decode", "mixed", "load")
+_DPI = 100
+
+
+@dataclass(frozen=True)
+class Plot:
+    title: str
+    source: str          # measured | simulated | theoretical, or a combination such as "simulated + theoretical"
+    png_base64: str
+    caption: str = ""
+
+
+def _png(fig: Figure) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _sources(values) -> str:
+    found = sorted({str(v) for v in values if isinstance(v, str) and v})
+    return " + ".join(found) if found else "unknown"
+
+
+def latency_distributions(run: Run, per_request: pd.DataFrame | None) -> Plot | None:
+    """Histograms of per-request TTFT, TPOT and E2E latency (ms), median and p99 marked."""
+    if per_request is None or per_request.empty:
+        return None
+    columns = [(c, label) for c, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2el_ms", "E2E latency"))
+               if c in per_request and per_request[c].notna().any()]
+    if not columns:
+        return None
+    fig = Figure(figsize=(4.2 * len(columns), 3.2))
+    for i, (column, label) in enumerate(columns, start=1):
+        ax = fig.add_subplot(1, len(columns), i)
+        values = per_request[column].dropna().to_numpy(dtype=float)
+        ax.hist(values, bins=min(50, max(5, int(math.sqrt(len(values))))), color="#4c78a8", alpha=0.85)
+        for q, style in ((50, "-"), (99, "--")):
+            x = float(np.percentile(values, q))
+            ax.axvline(x, color="#e45756", linestyle=style, linewidth=1.2, label=f"p{q} {x:.3g} ms")
+        ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+        ax.set_xlabel(f"{label} (ms)")
+        ax.set_ylabel("requests" if i == 1 else "")
+        ax.legend(fontsize=8, frameon=False)
+    return Plot("Latency distributions", run.source, _png(fig),
+                f"{len(per_request)} successful requests; solid line median, dashed p99.")
+
+
+def _busy_fraction(starts: np.ndarray, ends: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Share of each time bin covered by the given intervals (intervals of one node may overlap: >1 is possible).
+
+    Cumulative busy time up to t is sum(t - start | start < t) - sum(t - end | end < t); sorted cumsums make
+    this linear in the number of steps, which matters for runs with 10^5 steps.
+    """
+    def cumulative(points: np.ndarray) -> np.ndarray:
+        points = np.sort(points)
+        sums = np.concatenate(([0.0], np.cumsum(points)))
+        k = np.searchsorted(points, edges, side="left")
+        return k * edges - sums[k]
+    busy = cumulative(starts) - cumulative(ends)
+    return np.diff(busy) / np.diff(edges)
+
+
+def node_timelines(run: Run, bins: int = 120) -> Plot | None:
+    """KV memory in use and busy share per node over time, from steps.parquet."""
+    steps = run.steps
+    if steps.empty or not {"node", "start_s", "end_s"} <= set(steps.columns):
+        return None
+    t0, t1 = float(steps["start_s"].min()), float(steps["end_s"].max())
+    if not t1 > t0:
+        return None
+    edges = np.linspace(t0, t1, bins + 1)
+    fig = Figure(figsize=(11, 5.6))
+    ax_mem, ax_busy = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
+    for node, rows in steps.groupby("node", sort=True):
+        rows = rows.sort_values("end_s")
+        if "kv_bytes" in rows and rows["kv_bytes"].notna().any():
+            which = np.clip(np.searchsorted(edges, rows["end_s"].to_numpy(float), side="right") - 1, 0, bins - 1)
+            peak = pd.Series(rows["kv_bytes"].to_numpy(float)).groupby(which).max()
+            ax_mem.step(edges[peak.index.to_numpy()], peak.to_numpy() / 1e9, where="post", label=str(node))
+        compute = rows[rows["kind"].isin(COMPUTE_KINDS)] if "kind" in rows else rows
+        share = _busy_fraction(compute["start_s"].to_numpy(float), compute["end_s"].to_numpy(float), edges)
+        ax_busy.plot((edges[:-1] + edges[1:]) / 2, share, label=str(node))
+    ax_mem.set_ylabel("KV cache in use (GB)")
+    ax_mem.legend(fontsize=8, ncol=4, frameon=False)
+    ax_busy.set_ylabel("busy share (compute steps)")
+    ax_busy.set_xlabel("time since run start (s)")
+    ax_busy.set_ylim(bottom=0)
+    return Plot("Per-node memory and busy time", _sources(steps.get("source", [])), _png(fig),
+                f"{len(steps):,} steps; KV memory is the peak within each of {bins} time bins, busy share is the "
+                f"fraction of each bin spent in {', '.join(COMPUTE_KINDS)} steps.")
+
+
+def _stage_label(stage: dict) -> tuple[str, str]:
+    nodes = stage.get("nodes") or [stage.get("node", "?")]
+    name = " + ".join(map(str, nodes))
+    tp = stage.get("tp_degree", 1) or 1
+    start, end = stage.get("layer_start"), stage.get("layer_end")
+    lines = [f"layers {start}–{end - 1}" if isinstance(start, int) and isinstance(end, int) else "layers ?"]
+    if tp > 1:
+        lines.append(f"TP x{tp}")
+    used, avail = stage.get("memory_used_gb"), stage.get("memory_available_gb")
+    if used is not None and avail:
+        lines.append(f"{used:.1f} / {avail:.0f} GB")
+    return name, "\n".join(lines)
+
+
+def partition_ring(run: Run) -> Plot | None:
+    """The plan's stages on a ring in layer order; a circle's filled share is its memory used / available."""
+    stages = run.plan.get("stages") or []
+    if not stages:
+        return None
+    n = len(stages)
+    fig = Figure(figsize=(7.5, 7.5))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    radius = 1.0 if n > 1 else 0.0
+    node_r = min(0.32, 2.2 / max(n, 1)) if n > 1 else 0.45
+    angles = [math.pi / 2 - 2 * math.pi * i / n for i in range(n)]
+    centres = [(radius * math.cos(a), radius * math.sin(a)) for a in angles]
+    for i, (stage, (x, y)) in enumerate(zip(stages, centres)):
+        used, avail = stage.get("memory_used_gb") or 0.0, stage.get("memory_available_gb") or 0.0
+        share = min(1.0, used / avail) if avail else 0.0
+        ax.add_patch(Circle((x, y), node_r, facecolor="#eef3f8", edgecolor="#4c78a8", linewidth=2))
+        ax.add_patch(Wedge((x, y), node_r, 90, 90 + 360 * share, facecolor="#4c78a8", alpha=0.35))
+        name, detail = _stage_label(stage)
+        ax.text(x, y + 0.05 * node_r, f"{i}", ha="center", va="center", fontsize=9, color="#555")
+        label_r = radius + node_r + 0.25 if n > 1 else node_r + 0.3
+        lx, ly = label_r * math.cos(angles[i]), label_r * math.sin(angles[i])
+        ax.text(lx, ly, f"{name}\n{detail}", ha="center", va="center", fontsize=9,
+                bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#ccc"})
+    for i in range(n if n > 1 else 0):
+        (x0, y0), (x1, y1) = centres[i], centres[(i + 1) % n]
+        back = i == n - 1
+        # Start and end on the circles' rims rather than their centres.
+        dx, dy = x1 - x0, y1 - y0
+        cut = node_r * 1.08 / math.hypot(dx, dy)
+        ax.add_patch(FancyArrowPatch((x0 + dx * cut, y0 + dy * cut), (x1 - dx * cut, y1 - dy * cut),
+                                     arrowstyle="-|>", mutation_scale=14, color="#999" if back else "#333",
+                                     linestyle="--" if back else "-", connectionstyle="arc3,rad=-0.25"))
+    span = radius + node_r + 0.75
+    ax.set_xlim(-span, span)
+    ax.set_ylim(-span, span)
+    layers = sum((s.get("layer_end", 0) or 0) - (s.get("layer_start", 0) or 0) for s in stages)
+    caption = (f"{run.plan.get('strategy', '?')} plan: {n} stage(s), {layers} layers. Solid arrows carry activations "
+               f"in layer order; the dashed arrow returns token ids. Shaded share = memory used / available.")
+    return Plot("Partition ring", "theoretical", _png(fig), caption)
+
+
+COMPARE_METRICS = (
+    ("output_throughput", "output throughput (tok/s)"),
+    ("median_ttft_ms", "median TTFT (ms)"),
+    ("median_tpot_ms", "median TPOT (ms)"),
+    ("p99_e2el_ms", "p99 E2E latency (ms)"),
+)
+
+
+def strategy_comparison(runs: list[Run], predicted: dict[str, list[float | None]] | None = None) -> Plot | None:
+    """Bars per run for the headline metrics; plan predictions (theoretical) drawn as markers beside them."""
+    present = [(k, label) for k, label in COMPARE_METRICS if any(k in r.metrics for r in runs)]
+    if len(runs) < 2 or not present:
+        return None
+    predicted = predicted or {}
+    fig = Figure(figsize=(4.0 * len(present), 3.8))
+    names = [f"{r.strategy}\n{r.name}" if r.strategy != r.name else r.name for r in runs]
+    for i, (key, label) in enumerate(present, start=1):
+        ax = fig.add_subplot(1, len(present), i)
+        values = [float(r.metrics.get(key, np.nan)) for r in runs]
+        ax.bar(range(len(runs)), values, color="#4c78a8")
+        guess = predicted.get(key)
+        if guess and any(v is not None for v in guess):
+            ax.scatter(range(len(runs)), [np.nan if v is None else v for v in guess], marker="D", color="#f58518",
+                       zorder=3, label="theoretical (plan)")
+            ax.legend(fontsize=8, frameon=False)
+        ax.set_xticks(range(len(runs)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=10)
+    source = _sources([r.source for r in runs] + (["theoretical"] if predicted else []))
+    return Plot("Strategy comparison", source, _png(fig), "Bars: each run's summary metrics.")
+
+
+def load_sweep(runs: list[Run], loads: list[float | None], load_label: str) -> Plot | None:
+    """Throughput and latency against offered load, one line per strategy."""
+    points = [(r, x) for r, x in zip(runs, loads) if x is not None]
+    if len({x for _, x in points}) < 2:
+        return None
+    fig = Figure(figsize=(11, 3.6))
+    ax_tp, ax_lat = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    by_strategy: dict[str, list[tuple[float, Run]]] = {}
+    for run, x in points:
+        by_strategy.setdefault(run.strategy, []).append((x, run))
+    for strategy, members in sorted(by_strategy.items()):
+        members.sort(key=lambda m: m[0])
+        xs = [m[0] for m in members]
+        ax_tp.plot(xs, [m[1].metrics.get("output_throughput", np.nan) for m in members], "o-", label=strategy)
+        for key, style in (("median_ttft_ms", "o-"), ("p99_ttft_ms", "x--"), ("median_tpot_ms", "s-")):
+            ys = [m[1].metrics.get(key, np.nan) for m in members]
+            if any(np.isfinite(ys)):
+                ax_lat.plot(xs, ys, style, label=f"{strategy} {key}")
+    ax_tp.set_xlabel(load_label)
+    ax_tp.set_ylabel("output throughput (tok/s)")
+    ax_tp.legend(fontsize=8, frameon=False)
+    ax_lat.set_xlabel(load_label)
+    ax_lat.set_ylabel("latency (ms)")
+    ax_lat.set_yscale("log")
+    ax_lat.legend(fontsize=7, frameon=False)
+    return Plot("Throughput and latency against load", _sources([r.source for r, _ in points]), _png(fig),
+                f"{len(points)} runs; x is the {load_label}.")

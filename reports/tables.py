@@ -1,0 +1,106 @@
+"""Summary tables built from summary.json metrics (vLLM field names, DESIGN §8).
+
+The metric definitions live in harness/metrics.py; the run's summary.json holds their values. This module only
+arranges those values into tables; it never recomputes a metric from the raw rows.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from reports.run import Run
+
+LATENCY_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E latency"}
+_LATENCY_KEY = re.compile(r"^(mean|median|std|p\d+(?:\.\d+)?)_(ttft|tpot|itl|e2el)_ms$")
+_STAT_ORDER = ("mean", "std", "median", "p50", "p90", "p95", "p99", "p99.9")
+
+# Run-wide figures shown first, in this order, when the summary has them.
+HEADLINE = (
+    ("completed", "completed requests", ""),
+    ("failed", "failed requests", ""),
+    ("duration", "duration", "s"),
+    ("request_throughput", "request throughput", "req/s"),
+    ("output_throughput", "output throughput", "tok/s"),
+    ("total_token_throughput", "total token throughput", "tok/s"),
+    ("request_goodput", "goodput", "req/s"),
+    ("total_input_tokens", "input tokens", ""),
+    ("total_output_tokens", "output tokens", ""),
+)
+
+
+@dataclass(frozen=True)
+class Table:
+    columns: list[str]
+    rows: list[list[str]]
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number people can read: a few significant digits, no scientific notation for everyday sizes."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "–"
+        if abs(value) < 1e-9:
+            return "0"      # float noise (e.g. the std of identical latencies), not a real figure
+        if value == int(value) and abs(value) < 1e9:
+            return f"{int(value):,}"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}" if abs(value) >= 1e-3 else f"{value:.2e}"
+    return str(value)
+
+
+def latency_table(metrics: dict[str, Any]) -> Table | None:
+    """Rows TTFT/TPOT/ITL/E2E, columns mean/median/p90..., values in ms."""
+    cells: dict[str, dict[str, Any]] = {}
+    for key, value in metrics.items():
+        match = _LATENCY_KEY.match(key)
+        if match:
+            cells.setdefault(match.group(2), {})[match.group(1)] = value
+    if not cells:
+        return None
+    stats = sorted({s for row in cells.values() for s in row},
+                   key=lambda s: _STAT_ORDER.index(s) if s in _STAT_ORDER else len(_STAT_ORDER))
+    rows = [[f"{LATENCY_NAMES[name]} (ms)"] + [fmt(cells[name].get(s)) for s in stats]
+            for name in LATENCY_NAMES if name in cells]
+    return Table(["metric"] + stats, rows)
+
+
+def headline_table(metrics: dict[str, Any]) -> Table:
+    """Run-wide counts and throughputs, then any other scalar the summary carries."""
+    rows = [[label, fmt(metrics[key]), unit] for key, label, unit in HEADLINE if key in metrics]
+    shown = {key for key, _, _ in HEADLINE}
+    for key, value in sorted(metrics.items()):
+        if key in shown or _LATENCY_KEY.match(key) or isinstance(value, (dict, list)):
+            continue
+        rows.append([key, fmt(value), ""])
+    return Table(["figure", "value", "unit"], rows)
+
+
+def comparison_table(runs: list[Run], keys: tuple[str, ...]) -> Table:
+    """One row per run, one column per metric key."""
+    rows = [[run.name, run.strategy, run.source] + [fmt(run.metrics.get(k)) for k in keys] for run in runs]
+    return Table(["run", "strategy", "source", *keys], rows)
+
+
+def plan_table(run: Run) -> Table | None:
+    stages = run.plan.get("stages") or []
+    if not stages:
+        return None
+    rows = []
+    for i, stage in enumerate(stages):
+        nodes = stage.get("nodes") or [stage.get("node", "?")]
+        start, end = stage.get("layer_start"), stage.get("layer_end")
+        rows.append([str(i), " + ".join(map(str, nodes)), f"[{start}, {end})",
+                     fmt(None if start is None or end is None else end - start), fmt(stage.get("tp_degree", 1)),
+                     fmt(stage.get("memory_used_gb")), fmt(stage.get("memory_available_gb")),
+                     fmt(stage.get("decode_ms"))])
+    return Table(["stage", "nodes", "layers", "count", "TP", "memory used (GB)", "available (GB)",
+                  "decode (ms, predicted)"], rows)

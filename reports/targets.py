@@ -1,0 +1,228 @@
+"""Targets: what a run must achieve, checked against its saved numbers (DESIGN §10).
+
+Format. A run's config.json may carry a "targets" list; each entry is an object
+    {"name": "TTFT", "metric": "median_ttft_ms", "op": "<", "value": 100, "unit": "ms", "note": "..."}
+- name:   label shown in the report (defaults to the metric name)
+- metric: a key of summary.json "metrics" (vLLM names such as mean_ttft_ms, p99_itl_ms, output_throughput),
+          or one of the run-level figures below
+- op:     one of <, <=, >, >=
+- value:  the threshold, in the metric's own unit
+- unit:   shown next to numbers (optional)
+- note:   free text shown in the table (optional)
+Without a "targets" section the DESIGN §10 defaults (DEFAULT_TARGETS) apply; an empty list means no targets.
+
+Run-level figures a target may name besides the summary metrics (first source found wins):
+- load_time_s:            summary metric, else the span of the "load" steps in steps.parquet, else the plan's prediction
+- decode_tokens_per_s:    summary metric, else 1000 / median_tpot_ms (one request's decode speed)
+- memory_utilisation_pct: summary metric, else 100 x sum(memory_used_gb) / sum(memory_available_gb) over plan stages
+Every value says where it comes from: measured or simulated (from the run's rows) or theoretical (plan predictions).
+A theoretical figure is shown next to a measured/simulated one, and only decides pass/fail when nothing else exists.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from reports.run import Run
+
+OPS: dict[str, Callable[[float, float], bool]] = {
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+}
+
+DEFAULT_TARGETS: tuple[dict[str, Any], ...] = (
+    {"name": "Model load", "metric": "load_time_s", "op": "<", "value": 60, "unit": "s",
+     "note": "70B model loaded on every node"},
+    {"name": "Time to first token", "metric": "median_ttft_ms", "op": "<", "value": 100, "unit": "ms",
+     "note": "at the prompt length stated beside it"},
+    {"name": "Decode speed", "metric": "decode_tokens_per_s", "op": ">", "value": 10, "unit": "tokens/s",
+     "note": "one request's decode speed on a 70B model"},
+    {"name": "Cluster memory utilisation", "metric": "memory_utilisation_pct", "op": ">=", "value": 80,
+     "unit": "%", "note": "memory used / memory available, all nodes"},
+)
+
+
+class TargetError(ValueError):
+    """A target entry that does not follow the format above."""
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    metric: str
+    op: str
+    value: float
+    unit: str = ""
+    note: str = ""
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Target":
+        if not isinstance(raw, dict) or "metric" not in raw or "value" not in raw:
+            raise TargetError(f"a target needs at least 'metric' and 'value': {raw!r}")
+        op = str(raw.get("op", "<"))
+        if op not in OPS:
+            raise TargetError(f"target {raw.get('name') or raw['metric']}: op {op!r} is not one of {', '.join(OPS)}")
+        try:
+            value = float(raw["value"])
+        except (TypeError, ValueError) as exc:
+            raise TargetError(f"target {raw['metric']}: value {raw['value']!r} is not a number") from exc
+        return cls(name=str(raw.get("name") or raw["metric"]), metric=str(raw["metric"]), op=op, value=value,
+                   unit=str(raw.get("unit", "")), note=str(raw.get("note", "")))
+
+    @property
+    def text(self) -> str:
+        return f"{self.op} {self.value:g} {self.unit}".strip()
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One number and where it comes from."""
+    value: float
+    source: str          # measured | simulated | theoretical
+    how: str = ""        # how it was obtained, when not read straight from the summary
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    target: Target
+    observed: Figure | None      # measured or simulated
+    theoretical: Figure | None   # plan prediction, shown beside
+    conditions: str
+
+    @property
+    def deciding(self) -> Figure | None:
+        return self.observed or self.theoretical
+
+    @property
+    def status(self) -> str:
+        """pass | fail | no data."""
+        fig = self.deciding
+        if fig is None or not math.isfinite(fig.value):
+            return "no data"
+        return "pass" if OPS[self.target.op](fig.value, self.target.value) else "fail"
+
+
+def targets_of(run: Run) -> list[Target]:
+    raw = run.config.get("targets")
+    if raw is None:
+        raw = DEFAULT_TARGETS
+    if not isinstance(raw, (list, tuple)):
+        raise TargetError(f"{run.path}/config.json: 'targets' must be a list of objects")
+    return [Target.from_dict(entry) for entry in raw]
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _from_summary(run: Run, metric: str) -> Figure | None:
+    value = _number(run.metrics.get(metric))
+    return None if value is None else Figure(value, run.source)
+
+
+def _load_span(run: Run) -> Figure | None:
+    steps = run.steps
+    if steps.empty or "kind" not in steps:
+        return None
+    load = steps[steps["kind"] == "load"]
+    if load.empty:
+        return None
+    source = str(load["source"].iloc[0]) if "source" in load else run.source
+    return Figure(float(load["end_s"].max() - load["start_s"].min()), source, "span of the load steps")
+
+
+def _decode_speed(run: Run) -> Figure | None:
+    tpot = _number(run.metrics.get("median_tpot_ms"))
+    if not tpot:
+        return None
+    return Figure(1000.0 / tpot, run.source, "1000 / median_tpot_ms")
+
+
+def _plan_memory_pct(run: Run) -> Figure | None:
+    stages = run.plan.get("stages") or []
+    used = sum(_number(s.get("memory_used_gb")) or 0.0 for s in stages)
+    available = sum(_number(s.get("memory_available_gb")) or 0.0 for s in stages)
+    if available <= 0:
+        return None
+    return Figure(100.0 * used / available, "theoretical", "plan: memory used / available over its stages")
+
+
+def _plan_decode_speed(run: Run) -> Figure | None:
+    stages = run.plan.get("stages") or []
+    total_ms = sum(_number(s.get("decode_ms")) or 0.0 for s in stages)
+    if total_ms <= 0:
+        return None
+    return Figure(1000.0 / total_ms, "theoretical", "plan: 1000 / sum of stage decode_ms")
+
+
+_OBSERVED_FALLBACKS: dict[str, Callable[[Run], Figure | None]] = {
+    "load_time_s": _load_span,
+    "decode_tokens_per_s": _decode_speed,
+}
+_THEORETICAL_FALLBACKS: dict[str, Callable[[Run], Figure | None]] = {
+    "memory_utilisation_pct": _plan_memory_pct,
+    "decode_tokens_per_s": _plan_decode_speed,
+}
+
+
+def observed(run: Run, metric: str) -> Figure | None:
+    fig = _from_summary(run, metric)
+    if fig is None and metric in _OBSERVED_FALLBACKS:
+        fig = _OBSERVED_FALLBACKS[metric](run)
+    return fig
+
+
+def theoretical(run: Run, metric: str) -> Figure | None:
+    predicted = run.plan.get("predicted") or {}
+    value = _number(predicted.get(metric))
+    if value is not None:
+        return Figure(value, "theoretical", "plan prediction")
+    fallback = _THEORETICAL_FALLBACKS.get(metric)
+    return fallback(run) if fallback else None
+
+
+def prompt_conditions(run: Run) -> str:
+    """The prompt length behind latency figures, which DESIGN §10 asks to state."""
+    ok = run.requests
+    if "success" in ok and len(ok):
+        ok = ok[ok["success"].astype(bool)]
+    if ok.empty or "prompt_tokens" not in ok:
+        return "prompt length unknown"
+    tokens = ok["prompt_tokens"].astype(float)
+    lo, mid, hi = tokens.min(), tokens.median(), tokens.max()
+    if lo == hi:
+        return f"prompt {mid:.0f} tokens, {len(tokens)} requests"
+    return f"prompt median {mid:.0f} tokens ({lo:.0f}–{hi:.0f}), {len(tokens)} requests"
+
+
+def _conditions(run: Run, target: Target) -> str:
+    parts = []
+    if any(key in target.metric for key in ("ttft", "itl", "tpot", "e2el")):
+        parts.append(prompt_conditions(run))
+    model = run.plan.get("model") or run.config.get("model")
+    if isinstance(model, dict):
+        model = model.get("name")
+    if model:
+        parts.append(f"model {model}")
+    return "; ".join(parts)
+
+
+def evaluate(run: Run) -> list[TargetResult]:
+    return [TargetResult(t, observed(run, t.metric), theoretical(run, t.metric), _conditions(run, t))
+            for t in targets_of(run)]
+
+
+def as_summary(results: list[TargetResult]) -> list[dict[str, Any]]:
+    """The targets section as the run's summary.json can store it."""
+    return [{
+        "name": r.target.name, "metric": r.target.metric, "op": r.target.op, "value": r.target.value,
+        "unit": r.target.unit, "status": r.status,
+        "observed": None if r.deciding is None else r.deciding.value,
+        "source": None if r.deciding is None else r.deciding.source,
+        "conditions": r.conditions,
+    } for r in results]

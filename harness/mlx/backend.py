@@ -1,0 +1,450 @@
+"""`MlxBackend`: the `harness.backend.Backend` adapter over real mlx-lm ranks on MLX's ring.
+
+How it works:
+- `load()` starts one rank process per pipeline stage (`harness.mlx.launcher`), each loading only its
+  layers (`harness.mlx.worker`), and waits for every rank's "ready" line.
+- One driver thread runs the engine loop. Each iteration it sends the same "step" command (new requests
+  to insert, finished/cancelled ones to remove) to every rank's stdin and reads one reply per rank.
+  The ranks run mlx-lm's `BatchGenerator`, so concurrent requests are continuously batched: a new
+  request is prefilled while the others keep decoding, then joins the decode batch. Every rank returns
+  the same tokens (checked); rank replies also carry per-stage timings.
+- Tokens go to the waiting `generate()` iterators through their event loop as soon as a step ends.
+- Stops (EOS, stop_token_ids, min_tokens, ignore_eos) are decided here, not in the ranks, so all ranks
+  see the decision at the same step boundary.
+- A rank that exits is noticed within `poll_s` (idle or mid-step): every pending and later request
+  fails with `BackendUnavailable` naming the rank, and the other ranks are stopped. A rank that stops
+  answering is reported after `step_timeout_s`.
+
+Records: `step_records()` (steps.parquet rows, one per step and stage, plus send/recv rows) and
+`request_records()` (requests.parquet rows as seen by the backend), all `source="measured"`, times in
+seconds from `run_start_epoch` (set it to the run's t=0; defaults to when load() began).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import selectors
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+from harness.backend import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent
+from harness.mlx import launcher
+from harness.mlx.errors import UserError
+
+
+@dataclass
+class _Req:
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    key: str
+    arrival: float                     # time.time()
+    uid: int | None = None
+    ids: list[int] = field(default_factory=list)
+    text_len: int = 0
+    first: float | None = None
+    end: float | None = None
+    finish: str | None = None
+    cancelled: bool = False
+    chunk_times: list[float] = field(default_factory=list)
+
+    def deliver(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:           # the client's event loop is gone: nobody to tell
+            pass
+
+
+class _LineReader:
+    """Non-blocking line reader over a pipe, so a silent rank never blocks the driver."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buf = b""
+        os.set_blocking(fd, False)
+
+    def feed(self) -> bool:
+        try:
+            chunk = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False               # EOF: the rank closed its stdout (exited)
+        self.buf += chunk
+        return True
+
+    def line(self) -> str | None:
+        if b"\n" not in self.buf:
+            return None
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
+
+
+def _stages_from(plan_or_split, model_layers: int) -> tuple[list[int], list[str]]:
+    """Layer counts in layer order and a node name per stage, from a PartitionPlan or a plain list."""
+    if plan_or_split is None:
+        return [model_layers], ["local"]
+    if hasattr(plan_or_split, "stages"):
+        stages = plan_or_split.stages
+        if any(getattr(s, "tp_degree", 1) > 1 for s in stages):
+            raise UserError("the mlx backend runs pipeline stages only; this plan has tensor-parallel "
+                            "stages (tp_degree > 1): choose a pipeline-only strategy")
+        counts = list(plan_or_split.split())
+        names = ["+".join(s.nodes) for s in stages]
+    else:
+        counts = [int(c) for c in plan_or_split]
+        names = [f"stage{i}" for i in range(len(counts))]
+    if any(c <= 0 for c in counts) or sum(counts) != model_layers:
+        raise UserError(f"layer split {counts} must be positive and sum to the model's {model_layers} layers")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):      # node names key the records: keep them unique
+        seen[n] = seen.get(n, 0) + 1
+        if seen[n] > 1:
+            names[i] = f"{n}#{seen[n]}"
+    return counts, names
+
+
+class MlxBackend:
+    name = "mlx"
+
+    def __init__(self, model_path: str | Path, plan_or_split=None, *, model_id: str | None = None,
+                 links: list[launcher.LinkShape | None] | None = None, use_blas: bool | str = True,
+                 max_running: int = 16, max_waiting: int = 256, prefill_step_size: int = 512,
+                 stage_timing: bool = True, step_timeout_s: float = 120.0, load_timeout_s: float = 600.0,
+                 poll_s: float = 0.2, seed: int = 0):
+        self.model_path = Path(model_path)
+        cfg_path = self.model_path / "config.json"
+        if not cfg_path.exists():
+            raise UserError(f"{self.model_path}: no config.json; build one with `python -m harness model build`")
+        self.config = json.loads(cfg_path.read_text())
+        self.split, self.nodes = _stages_from(plan_or_split, int(self.config["num_hidden_layers"]))
+        self.model_id = model_id or self.model_path.name
+        self.links, self.use_blas = links, use_blas
+        self.max_running, self.max_waiting = max_running, max_waiting
+        self.step_timeout_s, self.load_timeout_s, self.poll_s = step_timeout_s, load_timeout_s, poll_s
+        self.worker_args = ["--prefill-step-size", str(prefill_step_size), "--max-batch", str(max_running),
+                            "--seed", str(seed)] + ([] if stage_timing else ["--no-stage-timing"])
+        self.run_start_epoch: float | None = None
+        self._tokenizer = None
+        self._group: launcher.RankGroup | None = None
+        self._readers: list[_LineReader] = []
+        self._ready: list[dict] = []
+        self._cv = threading.Condition()
+        self._waiting: deque[_Req] = deque()
+        self._running: dict[int, _Req] = {}
+        self._removals: list[int] = []
+        self._all: list[_Req] = []
+        self._steps: list[dict] = []
+        self._step_no = 0
+        self._error: BackendUnavailable | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._key_seq = 0
+        self._inflight: dict[str, _Req] = {}
+
+    # ------------------------------------------------------------------ tokenizer
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from mlx_lm.utils import load_tokenizer
+            self._tokenizer = load_tokenizer(self.model_path, eos_token_ids=self.config.get("eos_token_id"))
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(list(token_ids))
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return set(self.tokenizer.eos_token_ids)
+
+    # ------------------------------------------------------------------ load
+    async def load(self) -> LoadReport:
+        return await asyncio.get_running_loop().run_in_executor(None, self.load_sync)
+
+    def load_sync(self) -> LoadReport:
+        if self._group is not None:
+            raise UserError("this MlxBackend is already loaded; close() it before loading again")
+        self.run_start_epoch = self.run_start_epoch or time.time()
+        t0 = time.time()
+        self.tokenizer  # noqa: B018  (load it now, not on the first request)
+        self._group = launcher.launch(self.model_path, self.split, links=self.links, use_blas=self.use_blas,
+                                      worker_args=self.worker_args)
+        self._readers = [_LineReader(r.proc.stdout.fileno()) for r in self._group.ranks]
+        try:
+            self._ready = self._read_all(self.load_timeout_s, "load")
+        except BackendUnavailable:
+            self._group.close(grace_s=0.5)
+            raise
+        wall = time.time() - t0
+        for msg in self._ready:
+            node = self.nodes[msg["stage"]]
+            self._steps.append(self._row(0, msg["stage"], node, "load", t0, t0 + msg["load_s"], 0, 0, 0))
+        self._thread = threading.Thread(target=self._drive, name="mlx-backend-driver", daemon=True)
+        self._thread.start()
+        notes = [f"ranks: {len(self.split)}, split in layer order {self.split} (mlx-lm rank order reversed)",
+                 f"BLAS: {self._group.blas_path or 'bundled reference BLAS (slow; apt-get install libopenblas0-pthread)'}",
+                 "batching: mlx-lm BatchGenerator (continuous batching) in lockstep on every rank",
+                 f"load wall time (all ranks, incl. process start): {wall:.2f} s"]
+        if self.links is not None:
+            notes.append("links: tc tbf rate limits per rank; latency is not emulated (no netem in this kernel)")
+        return LoadReport(load_s_per_node={self.nodes[m["stage"]]: m["load_s"] for m in self._ready},
+                          memory_bytes_per_node={self.nodes[m["stage"]]: m["param_bytes"] for m in self._ready},
+                          source="measured", notes=tuple(notes))
+
+    # ------------------------------------------------------------------ rank I/O
+    def _rank_label(self, rank: int) -> str:
+        stage = len(self.split) - 1 - rank
+        return f"rank {rank} (stage {stage}, node {self.nodes[stage]})"
+
+    def _death(self) -> BackendUnavailable | None:
+        dead = self._group.dead() if self._group else []
+        if not dead:
+            return None
+        rank, code = dead[0]
+        tail = self._group.ranks[rank].log_tail(600).strip().splitlines()[-3:]
+        why = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        return BackendUnavailable(f"{self._rank_label(rank)} {why}" + (f"; last log: {' | '.join(tail)}" if tail else ""))
+
+    def _send_all(self, cmd: dict) -> None:
+        data = (json.dumps(cmd) + "\n").encode()
+        for r in self._group.ranks:
+            try:
+                r.proc.stdin.write(data)
+                r.proc.stdin.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                time.sleep(self.poll_s)  # give poll() a moment to see the exit code
+                raise self._death() or BackendUnavailable(f"{self._rank_label(r.rank)}: its input pipe closed")
+
+    def _read_all(self, timeout_s: float, what: str) -> list[dict]:
+        """One JSON line from every rank, in rank order; fails fast when a rank dies."""
+        out: list[dict | None] = [None] * len(self._readers)
+        sel = selectors.DefaultSelector()
+        for i, rd in enumerate(self._readers):
+            sel.register(rd.fd, selectors.EVENT_READ, i)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while any(o is None for o in out):
+                for i, rd in enumerate(self._readers):
+                    if out[i] is None and (line := rd.line()) is not None:
+                        out[i] = json.loads(line)
+                if all(o is not None for o in out):
+                    break
+                for key, _ in sel.select(timeout=self.poll_s):
+                    if not self._readers[key.data].feed():
+                        sel.unregister(key.fd)
+                if (err := self._death()) is not None:
+                    raise err
+                if time.monotonic() > deadline:
+                    late = [self._rank_label(i) for i, o in enumerate(out) if o is None]
+                    raise BackendUnavailable(f"{', '.join(late)} did not answer {what} within {timeout_s:.0f} s")
+        finally:
+            sel.close()
+        return out
+
+    # ------------------------------------------------------------------ engine loop
+    def _drive(self) -> None:
+        try:
+            while True:
+                cmd = self._next_command()
+                if cmd is None:
+                    return
+                self._send_all(cmd)
+                replies = self._read_all(self.step_timeout_s, "a step")
+                self._absorb(cmd, replies)
+        except BackendUnavailable as exc:
+            self._fail(exc)
+        except Exception as exc:  # a bug or protocol error: still fail every request, never hang them
+            self._fail(BackendUnavailable(f"mlx backend driver failed: {type(exc).__name__}: {exc}"))
+
+    def _next_command(self) -> dict | None:
+        with self._cv:
+            while not (self._stopping or self._waiting or self._running or self._removals):
+                self._cv.wait(self.poll_s)
+                if not self._stopping and (err := self._death()) is not None:
+                    raise err          # noticed while idle
+            if self._stopping:
+                return None
+            removals, self._removals = self._removals, []
+            inserts = []
+            while self._waiting and len(self._running) + len(inserts) < self.max_running:
+                req = self._waiting.popleft()
+                if not req.cancelled:
+                    inserts.append(req)
+            self._inflight = {r.key: r for r in inserts}
+        return {"op": "step", "remove": removals,
+                "insert": [{"key": r.key, "prompt": list(r.request.prompt), "max_tokens": r.request.max_tokens,
+                            "temperature": r.request.temperature} for r in inserts]}
+
+    def _absorb(self, cmd: dict, replies: list[dict]) -> None:
+        now = time.time()
+        lead = replies[0]
+        for rep in replies[1:]:
+            if rep["tokens"] != lead["tokens"]:
+                raise BackendUnavailable(f"ranks disagree on step {self._step_no}: rank 0 {lead['tokens']} vs "
+                                         f"rank {rep['rank']} {rep['tokens']}")
+        with self._cv:
+            for key, uid in lead["uids"].items():
+                req = self._inflight.pop(key)
+                req.uid = uid
+                self._running[uid] = req
+            for uid, token, finish in lead["tokens"]:
+                req = self._running.get(uid)
+                if req is not None:
+                    self._emit(req, token, finish, now)
+        self._record_step(replies)
+        self._step_no += 1
+
+    def _emit(self, req: _Req, token: int, rank_finish: str | None, now: float) -> None:
+        r = req.request
+        if req.cancelled:
+            self._retire(req, rank_finish)
+            return
+        n = len(req.ids) + 1
+        stop = (not r.ignore_eos and n > r.min_tokens and (token in self.eos_ids or token in r.stop_token_ids))
+        finish = "stop" if stop else ("length" if (rank_finish == "length" or n >= r.max_tokens) else None)
+        req.ids.append(token)
+        text = "" if stop else self._delta(req, final=finish is not None)
+        req.first = req.first or now
+        req.chunk_times.append(now)
+        if finish:
+            req.finish, req.end = finish, now
+        req.deliver(TokenEvent(token_id=token, text=text, time_s=time.monotonic(), finish_reason=finish,
+                               prompt_tokens=len(r.prompt)))
+        if finish:
+            self._retire(req, rank_finish)
+
+    def _retire(self, req: _Req, rank_finish: str | None) -> None:
+        self._running.pop(req.uid, None)
+        if rank_finish is None:
+            self._removals.append(req.uid)   # the ranks still hold it: remove at the next step
+
+    def _delta(self, req: _Req, final: bool) -> str:
+        text = self.tokenizer.decode(req.ids)
+        if text.endswith("\ufffd") and not final:
+            return ""                   # a multi-byte character is incomplete: wait for its next byte
+        delta, req.text_len = text[req.text_len:], len(text)
+        return delta
+
+    def _record_step(self, replies: list[dict]) -> None:
+        for rep in replies:
+            stage = len(self.split) - 1 - rep["rank"]
+            node = self.nodes[stage]
+            fw = rep["forwards"]
+            if not fw:
+                continue
+            tokens, batch = sum(f[0] for f in fw), max(f[1] for f in fw)
+            decode = all(f[0] == f[1] for f in fw)
+            prefill = all(f[0] > f[1] for f in fw)
+            kind = "decode" if decode else ("prefill" if prefill else "mixed")
+            net_s = sum(e - s for _, s, e in rep["net"])
+            row = self._row(self._step_no, stage, node, kind, rep["t0"], rep["t1"], batch, tokens, rep["kv_bytes"])
+            row["compute_s"] = (rep["t1"] - rep["t0"]) - net_s
+            self._steps.append(row)
+            for kind_net, s, e in rep["net"]:
+                k = "send" if kind_net == "send" else "recv"   # all_gather waits count as receiving
+                net_row = self._row(self._step_no, stage, node, k, s, e, batch, tokens, rep["kv_bytes"])
+                net_row["op"] = kind_net
+                self._steps.append(net_row)
+
+    def _row(self, step, stage, node, kind, start, end, batch, tokens, kv) -> dict:
+        t0 = self.run_start_epoch or 0.0
+        return {"step": step, "stage": stage, "node": node, "kind": kind, "start_s": start - t0,
+                "end_s": end - t0, "batch_size": batch, "tokens": tokens, "kv_bytes": kv, "source": "measured"}
+
+    def _fail(self, exc: BackendUnavailable) -> None:
+        with self._cv:
+            self._error = exc
+            pending = list(self._waiting) + list(self._running.values()) + list(getattr(self, "_inflight", {}).values())
+            self._waiting.clear()
+            self._running.clear()
+        for req in pending:
+            req.end = req.end or time.time()
+            req.deliver(exc)
+        if self._group:
+            self._group.close(grace_s=0.5)
+
+    # ------------------------------------------------------------------ Backend API
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        if not request.prompt:
+            raise ValueError("empty prompt: the model needs at least one prompt token")
+        with self._cv:
+            if self._error is not None:
+                raise BackendUnavailable(str(self._error))
+            if self._thread is None:
+                raise BackendUnavailable("mlx backend is not loaded (call load() first)")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests already waiting (max_waiting={self.max_waiting})")
+            self._key_seq += 1
+            req = _Req(request, asyncio.get_running_loop(), asyncio.Queue(), f"{self._key_seq}", time.time())
+            self._waiting.append(req)
+            self._all.append(req)
+            self._cv.notify()
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if req.finish is None:        # the client went away or failed: free its batch slot
+                with self._cv:
+                    req.cancelled = True
+                    req.end = req.end or time.time()
+                    if req.uid is not None and self._running.pop(req.uid, None) is not None:
+                        self._removals.append(req.uid)
+                    self._cv.notify()
+
+    def stats(self) -> dict:
+        with self._cv:
+            out = {"num_requests_running": len(self._running), "num_requests_waiting": len(self._waiting),
+                   "steps": self._step_no, "ranks": len(self.split), "split": self.split,
+                   "error": str(self._error) if self._error else None}
+        last = {}
+        for row in reversed(self._steps):
+            if row["kind"] in ("prefill", "decode", "mixed") and row["node"] not in last:
+                last[row["node"]] = row["kv_bytes"]
+        out["kv_cache_bytes"] = last
+        return out
+
+    def step_records(self) -> list[dict]:
+        return list(self._steps)
+
+    def request_records(self) -> list[dict]:
+        t0 = self.run_start_epoch or 0.0
+        nan = float("nan")
+        rows = []
+        for r in list(self._all):
+            err = "" if r.finish else ("cancelled" if r.cancelled else (str(self._error) if self._error else "unfinished"))
+            rows.append({"request_id": r.request.request_id, "source": "measured", "scheduled_s": r.arrival - t0,
+                         "start_s": r.arrival - t0, "first_token_s": (r.first - t0) if r.first else nan,
+                         "end_s": (r.end - t0) if r.end else nan, "prompt_tokens": len(r.request.prompt),
+                         "output_tokens": len(r.ids), "cached_tokens": 0,
+                         "chunk_times_s": [c - t0 for c in r.chunk_times], "success": r.finish is not None,
+                         "error": err})
+        return rows
+
+    @property
+    def ranks(self) -> launcher.RankGroup | None:
+        return self._group
+
+    async def close(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, self.step_timeout_s)
+        if self._group is not None:
+            self._group.close()

@@ -1,0 +1,377 @@
+"""The HTTP load generator: sends a workload's requests to an OpenAI-compatible server and records, per
+request, the raw client-side timestamps that harness.metrics turns into vLLM-style figures (DESIGN §8).
+
+Modes (`LoadMode`):
+  - "workload":    send each request at its workload arrival time (or closed-loop, if the workload says so)
+  - "synchronous": one request at a time, the next as soon as the previous ends
+  - "concurrent":  N requests always in flight (closed loop)
+  - "constant":    a fixed rate (requests/s), evenly spaced
+  - "poisson":     a Poisson process of the given rate (seeded)
+`sweep()` runs one mode per rate or concurrency. Warm-up requests go first and are never recorded.
+
+Every request asks for `stream_options.include_usage` and counts output tokens from `usage`; its output
+length is pinned with `max_tokens = min_tokens = output_tokens` and `ignore_eos` (vLLM's extensions).
+Times are seconds from the run's start on the client's clock (`time.perf_counter`); dispatch delay
+(start_s - scheduled_s) shows a generator that falls behind its schedule.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Sequence
+
+import httpx
+import numpy as np
+
+from harness.instant_backend import WORDS
+from harness.specs import UserError
+from harness.workloads import RequestSpec, Workload
+
+MODES = ("workload", "synchronous", "concurrent", "constant", "poisson")
+
+
+@dataclass(frozen=True)
+class LoadMode:
+    kind: str = "workload"
+    value: float = 0.0           # concurrency for "concurrent", requests/s for "constant"/"poisson"
+    seed: int = 0                # Poisson arrivals
+
+    def __post_init__(self):
+        if self.kind not in MODES:
+            raise UserError(f"unknown load mode {self.kind!r}; known: {', '.join(MODES)}")
+        if self.kind in ("concurrent", "constant", "poisson") and not self.value > 0:
+            raise UserError(f"load mode {self.kind} needs a value > 0")
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.kind in ("workload", "synchronous") else f"{self.kind}={self.value:g}"
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str                                # base URL, e.g. http://127.0.0.1:8000 (with or without /v1)
+    model: str | None = None                # None: the first id GET /v1/models lists
+    api_key: str | None = None
+    endpoint: str = "completions"           # "completions" | "chat"
+    pin_output: bool = True                 # send min_tokens + ignore_eos
+    send_prefix_id: bool = False            # harness extension, understood by the embedded server
+    timeout_s: float = 600.0
+
+    @property
+    def base(self) -> str:
+        url = self.url.rstrip("/")
+        return url if url.endswith("/v1") else url + "/v1"
+
+
+@dataclass
+class LoadResult:
+    mode: LoadMode
+    rows: list[dict]                        # harness.records.REQUEST_COLUMNS, source="measured"
+    wall_start_unix: float                  # when t=0 was, for the environment record
+    duration_s: float
+    model: str = ""
+    warmup_requests: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def frame(self):
+        import pandas as pd
+        from harness.records import REQUEST_COLUMNS
+        return pd.DataFrame(self.rows, columns=list(REQUEST_COLUMNS))
+
+    def dispatch_delays_s(self) -> np.ndarray:
+        return np.array([r["start_s"] - r["scheduled_s"] for r in self.rows], dtype=float)
+
+    def dispatch_summary(self) -> dict:
+        """Measured lag between the schedule and the actual send, in ms."""
+        d = self.dispatch_delays_s() * 1e3
+        if not d.size:
+            return {"mean_dispatch_delay_ms": math.nan, "p99_dispatch_delay_ms": math.nan,
+                    "max_dispatch_delay_ms": math.nan}
+        return {"mean_dispatch_delay_ms": float(d.mean()), "p99_dispatch_delay_ms": float(np.percentile(d, 99)),
+                "max_dispatch_delay_ms": float(d.max())}
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+def prompt_text(spec: RequestSpec, index: int, seed: int = 0) -> str:
+    """`prompt_tokens` common words (one token each on the word tokenizer, about one on BPE tokenizers).
+
+    Requests with the same prefix id share their first `prefix_tokens` words, so prefix caches can hit.
+    """
+    shared = min(spec.prefix_tokens, spec.prompt_tokens) if spec.prefix_id is not None else 0
+    words: list[str] = []
+    if shared:
+        rng = random.Random(f"prefix:{spec.prefix_id}:{seed}")
+        words += rng.choices(WORDS, k=shared)
+    rng = random.Random(f"req:{index}:{seed}")
+    words += rng.choices(WORDS, k=spec.prompt_tokens - shared)
+    return " ".join(words)
+
+
+def request_body(target: Target, model: str, spec: RequestSpec, index: int, seed: int) -> dict:
+    body: dict = {"model": model, "max_tokens": spec.output_tokens, "stream": True,
+                  "stream_options": {"include_usage": True}, "temperature": 0.0, "seed": seed + index}
+    text = prompt_text(spec, index, seed)
+    if target.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": text}]
+    else:
+        body["prompt"] = text
+    if target.pin_output:
+        body.update(min_tokens=spec.output_tokens, ignore_eos=True)
+    if target.send_prefix_id and spec.prefix_id is not None:
+        body["prefix_id"] = spec.prefix_id
+    return body
+
+
+# ---------------------------------------------------------------------------------------------- one request
+
+class _Clock:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def _row(spec: RequestSpec, scheduled: float) -> dict:
+    return {"request_id": spec.request_id, "source": "measured", "scheduled_s": scheduled, "start_s": math.nan,
+            "first_token_s": math.nan, "end_s": math.nan, "prompt_tokens": spec.prompt_tokens,
+            "output_tokens": 0, "cached_tokens": 0, "chunk_times_s": [], "success": False, "error": ""}
+
+
+async def send_one(client: httpx.AsyncClient, url: str, body: dict, row: dict, clock: _Clock) -> dict:
+    """POST one streaming request and fill `row` with its timestamps and usage."""
+    chunks: list[float] = row["chunk_times_s"]
+    state = {"usage": None, "error": None, "done": False}
+    row["start_s"] = clock.now()
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code != 200:
+                detail = (await resp.aread()).decode(errors="replace")[:300]
+                state["error"] = f"HTTP {resp.status_code}: {detail}"
+            else:
+                await _read_sse(resp, chunks, state, clock)
+    except (httpx.HTTPError, OSError) as exc:
+        state["error"] = f"{type(exc).__name__}: {exc}"
+    return _finish_row(row, state, clock)
+
+
+async def _read_sse(resp: httpx.Response, chunks: list[float], state: dict, clock: _Clock) -> None:
+    buf = b""
+    async for data in resp.aiter_bytes():
+        now = clock.now()   # every event in this read arrived together
+        buf += data.replace(b"\r\n", b"\n")
+        while (cut := buf.find(b"\n\n")) >= 0:
+            event, buf = buf[:cut], buf[cut + 2:]
+            _handle_event(event, now, chunks, state)
+
+
+def _handle_event(event: bytes, now: float, chunks: list[float], state: dict) -> None:
+    for line in event.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            state["done"] = True
+            return
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            state["error"] = f"bad SSE payload: {payload[:100]!r}"
+            return
+        if obj.get("error"):
+            state["error"] = f"stream error: {obj['error']}"
+        if _has_content(obj):
+            chunks.append(now)
+        if obj.get("usage"):
+            state["usage"] = obj["usage"]
+
+
+def _has_content(obj: dict) -> bool:
+    choices = obj.get("choices") or ()
+    if not choices:
+        return False
+    choice = choices[0]
+    delta = choice.get("delta")
+    return bool(delta.get("content") if delta is not None else choice.get("text"))
+
+
+def _finish_row(row: dict, state: dict, clock: _Clock) -> dict:
+    chunks = row["chunk_times_s"]
+    row["end_s"] = chunks[-1] if chunks else clock.now()
+    row["first_token_s"] = chunks[0] if chunks else math.nan
+    usage = state["usage"] or {}
+    if usage:
+        row["prompt_tokens"] = int(usage.get("prompt_tokens") or row["prompt_tokens"])
+        row["output_tokens"] = int(usage.get("completion_tokens") or 0)
+        row["cached_tokens"] = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    else:
+        row["output_tokens"] = len(chunks)   # a server that ignores include_usage: the best we can count
+    error = state["error"]
+    if error is None and not chunks:
+        error = "no content chunks"
+    row["success"] = error is None
+    row["error"] = error or ""
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+
+def _as_specs(workload: Workload | Sequence[RequestSpec]) -> list[RequestSpec]:
+    return list(workload)
+
+
+def _effective_mode(mode: LoadMode, workload) -> LoadMode:
+    if mode.kind == "workload" and isinstance(workload, Workload) and workload.closed_loop:
+        return LoadMode("concurrent", float(workload.concurrency))
+    return mode
+
+
+def schedule(mode: LoadMode, specs: Sequence[RequestSpec]) -> np.ndarray | None:
+    """Send times (s) for open-loop modes; None for closed-loop ones."""
+    n = len(specs)
+    match mode.kind:
+        case "workload":
+            return np.array([s.arrival_s for s in specs], dtype=float)
+        case "constant":
+            return np.arange(n) / mode.value
+        case "poisson":
+            gaps = np.random.default_rng(mode.seed).exponential(1.0 / mode.value, size=n)
+            return np.cumsum(gaps) - gaps[0]
+    return None
+
+
+def _concurrency(mode: LoadMode) -> int:
+    return 1 if mode.kind == "synchronous" else int(mode.value)
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+async def discover_model(client: httpx.AsyncClient, target: Target) -> str:
+    if target.model:
+        return target.model
+    try:
+        resp = await client.get(f"{target.base}/models")
+        resp.raise_for_status()
+        return resp.json()["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        raise UserError(f"cannot list models at {target.base}/models ({exc}); pass the model name") from None
+
+
+def _client(target: Target, concurrency_hint: int) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(concurrency_hint, 16))
+    return httpx.AsyncClient(headers=headers, limits=limits, timeout=httpx.Timeout(target.timeout_s, connect=10))
+
+
+async def run_load(target: Target, workload: Workload | Sequence[RequestSpec], mode: LoadMode = LoadMode(), *,
+                   warmup: int = 0, seed: int = 0, max_duration_s: float | None = None) -> LoadResult:
+    """Send the workload to `target` in `mode`; returns per-request rows (the warm-up requests excluded).
+
+    `max_duration_s` bounds the run: no request is sent after it, and requests still running at
+    twice that are cancelled and recorded as failed.
+    """
+    specs = _as_specs(workload)
+    mode = _effective_mode(mode, workload)
+    hint = _concurrency(mode) if mode.kind in ("synchronous", "concurrent") else 64
+    async with _client(target, hint) as client:
+        model = await discover_model(client, target)
+        url = f"{target.base}/{'chat/completions' if target.endpoint == 'chat' else 'completions'}"
+        if warmup:
+            await _warmup(client, url, target, model, specs, warmup, seed, hint)
+        bodies = [request_body(target, model, s, i, seed) for i, s in enumerate(specs)]
+        clock = _Clock()
+        wall_start = time.time()
+        rows = await _dispatch(client, url, specs, bodies, mode, clock, max_duration_s)
+        duration = clock.now()
+    return LoadResult(mode=mode, rows=rows, wall_start_unix=wall_start, duration_s=duration, model=model,
+                      warmup_requests=warmup)
+
+
+async def _warmup(client, url, target, model, specs, count, seed, concurrency) -> None:
+    """Requests before t=0 that fill connection pools and caches; never recorded."""
+    clock = _Clock()
+    warm = [replace(specs[i % len(specs)], request_id=f"warmup-{i}") for i in range(count)]
+    sem = asyncio.Semaphore(max(1, min(concurrency, count)))
+
+    async def one(i, spec):
+        async with sem:
+            body = request_body(target, model, spec, -1 - i, seed)
+            await send_one(client, url, body, _row(spec, 0.0), clock)
+    await asyncio.gather(*(one(i, s) for i, s in enumerate(warm)))
+
+
+async def _dispatch(client, url, specs, bodies, mode, clock, max_duration_s) -> list[dict]:
+    times = schedule(mode, specs)
+    deadline = max_duration_s if max_duration_s is not None else math.inf
+    if times is None:
+        coro = _closed_loop(client, url, specs, bodies, _concurrency(mode), clock, deadline)
+    else:
+        coro = _open_loop(client, url, specs, bodies, times, clock, deadline)
+    return await coro
+
+
+async def _open_loop(client, url, specs, bodies, times, clock, deadline) -> list[dict]:
+    tasks, rows = [], []
+    for spec, body, at in zip(specs, bodies, times):
+        if at > deadline:
+            break
+        delay = at - clock.now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        rows.append(_row(spec, float(at)))
+        tasks.append(asyncio.create_task(send_one(client, url, body, rows[-1], clock)))
+    await _wait_bounded(tasks, 2 * deadline - clock.now())
+    return _mark_unfinished(rows, clock)
+
+
+async def _closed_loop(client, url, specs, bodies, concurrency, clock, deadline) -> list[dict]:
+    queue = list(zip(specs, bodies))[::-1]
+    rows: list[dict] = []
+
+    async def worker():
+        while queue and clock.now() < deadline:
+            spec, body = queue.pop()
+            rows.append(_row(spec, clock.now()))
+            await send_one(client, url, body, rows[-1], clock)
+    tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(queue)))]
+    await _wait_bounded(tasks, 2 * deadline - clock.now())
+    return sorted(_mark_unfinished(rows, clock), key=lambda r: r["request_id"])
+
+
+async def _wait_bounded(tasks: list[asyncio.Task], timeout_s: float) -> None:
+    if not tasks:
+        return
+    _done, pending = await asyncio.wait(tasks, timeout=None if math.isinf(timeout_s) else max(timeout_s, 0))
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _mark_unfinished(rows: list[dict], clock: _Clock) -> list[dict]:
+    """Requests cut off by the run's time bound stay in the record, as failures."""
+    for row in rows:
+        if math.isnan(row["end_s"]):
+            chunks = row["chunk_times_s"]
+            row.update(end_s=clock.now(), first_token_s=chunks[0] if chunks else math.nan, success=False,
+                       error="cancelled: run time limit", output_tokens=len(chunks))
+    return rows
+
+
+def sweep_modes(kind: str, values: Iterable[float], seed: int = 0) -> list[LoadMode]:
+    """One mode per rate (constant/poisson) or concurrency (concurrent)."""
+    return [LoadMode(kind, float(v), seed) for v in values]
+
+
+async def sweep(target: Target, workload, modes: Sequence[LoadMode], **kwargs) -> list[LoadResult]:
+    """Run the same workload once per mode, one after the other."""
+    return [await run_load(target, workload, mode, **kwargs) for mode in modes]
+
+
+def run_load_sync(target: Target, workload, mode: LoadMode = LoadMode(), **kwargs) -> LoadResult:
+    """`run_load` from synchronous code (the CLI and the run orchestrator)."""
+    return asyncio.run(run_load(target, workload, mode, **kwargs))

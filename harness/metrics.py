@@ -1,0 +1,171 @@
+"""The one definition of serving metrics (DESIGN §8), shared by every backend; field names follow vLLM's
+benchmark result files so numbers can be compared side by side.
+
+Input: a requests DataFrame with the columns of `harness.records.REQUEST_COLUMNS` (times in seconds).
+- TTFT = first_token_s - start_s; E2EL = end_s - start_s.
+- TPOT = (E2EL - TTFT) / (output_tokens - 1), for requests with more than one output token.
+- ITL = every gap between consecutive content chunks of a request, pooled over requests.
+- duration = last end_s - first start_s over all requests; throughputs divide by it.
+- Latency statistics use successful requests only; failures are counted in `failed`.
+- Goodput: a successful request is good when it meets every SLO (`ttft:500 tpot:50 e2el:2000`, in ms).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from harness.specs import UserError
+
+SLO_METRICS = ("ttft", "tpot", "e2el", "itl")
+PERCENTILES = (90, 95, 99)
+LATENCIES = ("ttft", "tpot", "itl", "e2el")
+
+
+def parse_slo(text: str | dict | None) -> dict[str, float]:
+    """`"ttft:500 tpot:50 e2el:2000"` -> {"ttft": 500.0, ...} (milliseconds). A dict passes through checked."""
+    if not text:
+        return {}
+    items = text.items() if isinstance(text, dict) else (_slo_pair(p) for p in text.replace(",", " ").split())
+    out = {}
+    for name, value in items:
+        if name not in SLO_METRICS:
+            raise UserError(f"unknown SLO metric {name!r}; known: {', '.join(SLO_METRICS)}")
+        value = float(value)
+        if not value > 0:
+            raise UserError(f"SLO {name} must be > 0 ms, got {value}")
+        out[name] = value
+    return out
+
+
+def _slo_pair(part: str) -> tuple[str, str]:
+    name, sep, value = part.partition(":")
+    if not sep:
+        raise UserError(f"bad SLO {part!r}: write metric:milliseconds, e.g. ttft:500")
+    try:
+        float(value)
+    except ValueError:
+        raise UserError(f"bad SLO {part!r}: {value!r} is not a number of milliseconds") from None
+    return name.strip(), value
+
+
+def stats(values_ms: np.ndarray, name: str) -> dict[str, float]:
+    """mean/median/std/p90/p95/p99 of one latency, in ms, with vLLM's field names; NaN when there is no data."""
+    v = np.asarray(values_ms, dtype=float)
+    v = v[~np.isnan(v)]
+    # one percentile call: a single sort serves the median and the tails (ITL can hold millions of gaps)
+    pct = np.percentile(v, (50,) + PERCENTILES) if v.size else [math.nan] * (1 + len(PERCENTILES))
+    out = {f"mean_{name}_ms": float(v.mean()) if v.size else math.nan,
+           f"median_{name}_ms": float(pct[0]),
+           f"std_{name}_ms": float(v.std()) if v.size else math.nan}
+    for p, x in zip(PERCENTILES, pct[1:]):
+        out[f"p{p}_{name}_ms"] = float(x)
+    return out
+
+
+def flatten_chunks(chunks: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths per request, all chunk times concatenated) from a column of lists/arrays."""
+    arrays = [np.asarray(c, dtype=float) if c is not None else np.empty(0) for c in chunks]
+    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    flat = np.concatenate(arrays) if arrays else np.empty(0)
+    return lengths, flat
+
+
+def inter_token_gaps(lengths: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """Gaps between consecutive chunks inside each request (none across request boundaries)."""
+    if flat.size < 2:
+        return np.empty(0)
+    gaps = np.diff(flat)
+    starts = np.cumsum(lengths)[:-1]          # index in flat where request k+1 begins
+    boundary = starts[(starts > 0) & (starts < flat.size)] - 1
+    keep = np.ones(gaps.size, dtype=bool)
+    keep[boundary] = False
+    return gaps[keep]
+
+
+def per_request(df: pd.DataFrame) -> pd.DataFrame:
+    """ttft_ms, tpot_ms, e2el_ms per request (NaN where undefined)."""
+    start = df["start_s"].to_numpy(float)
+    ttft = (df["first_token_s"].to_numpy(float) - start) * 1e3
+    e2el = (df["end_s"].to_numpy(float) - start) * 1e3
+    n = df["output_tokens"].to_numpy(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tpot = np.where(n > 1, (e2el - ttft) / (n - 1), np.nan)
+    return pd.DataFrame({"ttft_ms": ttft, "tpot_ms": tpot, "e2el_ms": e2el}, index=df.index)
+
+
+def good_mask(lat: pd.DataFrame, max_itl_ms: np.ndarray | None, slo: dict[str, float]) -> np.ndarray:
+    """Which requests meet every SLO. An undefined TPOT (one output token) cannot violate its SLO."""
+    good = np.ones(len(lat), dtype=bool)
+    for name, limit in slo.items():
+        if name == "itl":
+            vals = max_itl_ms if max_itl_ms is not None else np.full(len(lat), np.nan)
+        else:
+            vals = lat[f"{name}_ms"].to_numpy(float)
+        good &= ~(vals > limit)  # NaN compares False, so it passes
+    return good
+
+
+def _max_gap_per_request(lengths: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """Largest inter-chunk gap (ms) of each request; NaN for requests with fewer than two chunks."""
+    out = np.full(lengths.size, np.nan)
+    gaps = inter_token_gaps(lengths, flat) * 1e3
+    seg = np.maximum(lengths - 1, 0)
+    has = seg > 0
+    if has.any():
+        # segments are contiguous in `gaps`; empty ones are skipped so reduceat never spans two requests
+        offsets = (np.cumsum(seg) - seg)[has]
+        out[has] = np.maximum.reduceat(gaps, offsets)
+    return out
+
+
+def compute(df: pd.DataFrame, slo: str | dict | None = None) -> dict:
+    """Headline metrics of one run (vLLM field names). `df` has harness.records request columns."""
+    slo = parse_slo(slo)
+    ok = df["success"].to_numpy(bool) if len(df) else np.zeros(0, dtype=bool)
+    good_df = df[ok]
+    lat = per_request(good_df)
+    lengths, flat = flatten_chunks(good_df["chunk_times_s"]) if len(good_df) else (np.zeros(0, int), np.empty(0))
+    itl = inter_token_gaps(lengths, flat) * 1e3
+    duration = _duration(df)
+    out_tokens = int(good_df["output_tokens"].sum())
+    in_tokens = int(good_df["prompt_tokens"].sum())
+    res: dict = {"completed": int(ok.sum()), "failed": int((~ok).sum()), "duration": duration,
+                 "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+                 "request_throughput": _rate(ok.sum(), duration),
+                 "output_throughput": _rate(out_tokens, duration),
+                 "total_token_throughput": _rate(in_tokens + out_tokens, duration)}
+    for name in LATENCIES:
+        res.update(stats(itl if name == "itl" else lat[f"{name}_ms"].to_numpy(), name))
+    if slo:
+        max_itl = _max_gap_per_request(lengths, flat) if "itl" in slo else None
+        good = int(good_mask(lat, max_itl, slo).sum())
+        res.update(slo={k: v for k, v in slo.items()}, good_requests=good, request_goodput=_rate(good, duration))
+    return res
+
+
+def _duration(df: pd.DataFrame) -> float:
+    if not len(df):
+        return 0.0
+    return float(np.nanmax(df["end_s"].to_numpy(float)) - np.nanmin(df["start_s"].to_numpy(float)))
+
+
+def _rate(count: float, duration: float) -> float:
+    return float(count) / duration if duration > 0 else math.nan
+
+
+HEADLINE = (("completed", "{:.0f}"), ("failed", "{:.0f}"), ("duration", "{:.2f} s"),
+            ("request_throughput", "{:.2f} req/s"), ("output_throughput", "{:.1f} tok/s"),
+            ("mean_ttft_ms", "{:.1f} ms"), ("p99_ttft_ms", "{:.1f} ms"), ("mean_tpot_ms", "{:.2f} ms"),
+            ("p99_tpot_ms", "{:.2f} ms"), ("mean_itl_ms", "{:.2f} ms"), ("mean_e2el_ms", "{:.1f} ms"),
+            ("request_goodput", "{:.2f} req/s"))
+
+
+def headline(summary: dict, source: str) -> str:
+    """A few aligned lines for the terminal; every figure is labelled with where it comes from."""
+    lines = [f"metrics ({source}):"]
+    for key, fmt in HEADLINE:
+        if key in summary and summary[key] is not None:
+            lines.append(f"  {key:<22} {fmt.format(summary[key])}")
+    return "\n".join(lines)

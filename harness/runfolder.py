@@ -1,0 +1,221 @@
+"""Run folders (DESIGN §9): `runs/out/<run-id>/` with config.json, environment.json, plan.json,
+requests.parquet, steps.parquet and summary.json.
+
+Atomicity: every file is written to a temporary name in the same folder and moved into place with
+`os.replace`, so a file is either absent or complete. A folder is created with an `INCOMPLETE` marker that
+is removed only after summary.json (status "complete") is in place; a run that dies or is interrupted keeps
+the marker (with the reason, when known), and `read_run` reports it as incomplete.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.records import REQUEST_COLUMNS, STEP_COLUMNS
+from harness.specs import UserError
+
+SCHEMA_VERSION = 1
+MARKER = "INCOMPLETE"
+FILES = ("config.json", "environment.json", "plan.json", "requests.parquet", "steps.parquet", "summary.json")
+
+
+def arrow_schema(columns: dict):
+    """pyarrow schema from a harness.records column table."""
+    import pyarrow as pa
+    types = {"str": pa.string(), "float": pa.float64(), "int": pa.int64(), "bool": pa.bool_(),
+             "list[float]": pa.list_(pa.float64())}
+    return pa.schema([(name, types[kind]) for name, kind in columns.items()])
+
+
+def new_run_id(label: str = "run") -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in label)[:40]
+    return f"{stamp}-{safe}-{secrets.token_hex(2)}"
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):        # numpy scalars
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _clean(obj):
+    """NaN/inf are not JSON; store them as null so other tools can read the file."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+class RunWriter:
+    """Writes one run folder. Use as a context manager; call `finish(summary)` last."""
+
+    def __init__(self, out_root: str | Path, label: str = "run", run_id: str | None = None):
+        self.run_id = run_id or new_run_id(label)
+        self.path = Path(out_root) / self.run_id
+        try:
+            self.path.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            raise UserError(f"run folder {self.path} already exists") from None
+        except OSError as exc:
+            raise UserError(f"cannot create run folder {self.path}: {exc}") from None
+        self._write_bytes(MARKER, b"running\n")
+        self.finished = False
+
+    def __enter__(self) -> "RunWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self.finished:
+            reason = "interrupted" if exc_type is KeyboardInterrupt else f"failed: {exc_type.__name__ if exc_type else 'not finished'}: {exc or ''}"
+            self._write_bytes(MARKER, (reason + "\n").encode())
+        return False
+
+    def _tmp(self, name: str) -> Path:
+        return self.path / f".{name}.tmp-{os.getpid()}"
+
+    def _write_bytes(self, name: str, data: bytes) -> Path:
+        tmp, final = self._tmp(name), self.path / name
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        return final
+
+    def write_json(self, name: str, obj) -> Path:
+        text = json.dumps(_clean(obj), indent=2, sort_keys=False, default=_json_default)
+        return self._write_bytes(name, (text + "\n").encode())
+
+    def write_table(self, name: str, table, columns: dict) -> Path:
+        """Write a pyarrow Table (or pandas DataFrame) with exactly the record columns, atomically."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        schema = arrow_schema(columns)
+        if not isinstance(table, pa.Table):
+            table = pa.Table.from_pandas(table, preserve_index=False)
+        missing = [c for c in columns if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{name}: missing columns {missing}")
+        table = table.select(list(columns)).cast(schema)
+        tmp = self._tmp(name)
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.path / name)
+        return self.path / name
+
+    def write_requests(self, table) -> Path:
+        return self.write_table("requests.parquet", table, REQUEST_COLUMNS)
+
+    def write_steps(self, table) -> Path:
+        return self.write_table("steps.parquet", table, STEP_COLUMNS)
+
+    def finish(self, summary: dict) -> Path:
+        """Write summary.json (status complete) and drop the INCOMPLETE marker: the run now counts."""
+        body = {"schema_version": SCHEMA_VERSION, "status": "complete", "run_id": self.run_id, **summary}
+        self.write_json("summary.json", body)
+        (self.path / MARKER).unlink(missing_ok=True)
+        self.finished = True
+        return self.path
+
+
+def environment(extra: dict | None = None) -> dict:
+    """Versions, machine and commit: what a reader needs to judge whether two runs are comparable."""
+    from importlib import metadata
+    pkgs = {}
+    for name in ("numpy", "pandas", "pyarrow", "simpy", "mlx", "mlx-lm"):
+        try:
+            pkgs[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pkgs[name] = None
+    env = {"python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
+           "processor": platform.processor(), "cpu_count": os.cpu_count(), "packages": pkgs, **_git()}
+    env["created_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return env | (extra or {})
+
+
+def _git() -> dict:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit or None, "git_dirty": dirty if commit else None}
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+    complete: bool
+    status: str            # "complete" or the INCOMPLETE marker's reason
+
+    def json(self, name: str) -> dict:
+        p = self.path / name
+        if not p.exists():
+            raise UserError(f"{p} is missing")
+        return json.loads(p.read_text())
+
+    @property
+    def config(self) -> dict:
+        return self.json("config.json")
+
+    @property
+    def summary(self) -> dict:
+        return self.json("summary.json")
+
+    @property
+    def plan(self) -> dict:
+        return self.json("plan.json")
+
+    @property
+    def environment(self) -> dict:
+        return self.json("environment.json")
+
+    def requests(self):
+        return self._table("requests.parquet")
+
+    def steps(self):
+        return self._table("steps.parquet")
+
+    def _table(self, name: str):
+        import pandas as pd
+        p = self.path / name
+        if not p.exists():
+            raise UserError(f"{p} is missing")
+        return pd.read_parquet(p)
+
+
+def read_run(path: str | Path, require_complete: bool = True) -> RunFolder:
+    """Open a run folder; an incomplete one raises UserError unless require_complete is False."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"run folder {path} does not exist")
+    marker = path / MARKER
+    summary = path / "summary.json"
+    if marker.exists() or not summary.exists():
+        reason = marker.read_text().strip() if marker.exists() else "no summary.json"
+        if require_complete:
+            raise UserError(f"run {path} is incomplete ({reason})")
+        return RunFolder(path, False, reason)
+    return RunFolder(path, True, "complete")

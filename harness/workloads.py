@@ -1,0 +1,355 @@
+"""Workloads: which requests arrive when, how long their prompts are and how many tokens they must produce.
+
+One workload object drives every backend: the simulator reads its columns directly, the HTTP load generator
+iterates over its `RequestSpec`s. Output lengths are pinned (the load generator sends
+`max_tokens = min_tokens = output_tokens` with `ignore_eos`), so the same workload is the same work everywhere.
+
+A workload is described by a small dict (stored in config.json, written in TOML experiment files) and rebuilt
+from it with `build_workload(spec)`; the same seed gives the same requests. Shapes of the dict:
+
+    {"kind": "synthetic", "num_requests": 1000, "seed": 0,
+     "arrival": {"process": "poisson", "rate": 5.0},          # all_at_once | constant | poisson | bursts
+     "prompt": {"dist": "fixed", "value": 512},                # fixed | uniform | normal | lognormal
+     "output": {"dist": "uniform", "low": 64, "high": 256},
+     "closed_loop": {"concurrency": 8}}                        # optional: ignore arrival times, keep N in flight
+    {"kind": "conversations", "conversations": 50, "turns": 4, "system_prompt_tokens": 1000,
+     "user": {...length...}, "output": {...length...}, "think_time_s": 5.0, "arrival": {...}, "seed": 0}
+    {"kind": "trace", "path": "traces/day1.jsonl", "time_scale": 1.0}
+
+`parse_workload("poisson,rate=5,n=1000,prompt=512,output=128")` turns the CLI shorthand into such a dict.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from harness.specs import UserError
+
+ARRIVAL_PROCESSES = ("all_at_once", "constant", "poisson", "bursts")
+LENGTH_DISTS = ("fixed", "uniform", "normal", "lognormal")
+KINDS = ("synthetic", "conversations", "trace")
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request as the workload wants it sent."""
+    request_id: str
+    arrival_s: float              # seconds after the workload starts (ignored in closed-loop mode)
+    prompt_tokens: int
+    output_tokens: int            # pinned: exactly this many tokens are generated
+    prefix_id: str | None = None  # requests sharing a prefix id share their first `prefix_tokens` tokens
+    prefix_tokens: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Workload:
+    """Column form of a list of requests (cheap for 100k requests); iterate for `RequestSpec`s."""
+    spec: dict
+    arrival_s: np.ndarray         # float64, non-decreasing
+    prompt_tokens: np.ndarray     # int64 >= 1
+    output_tokens: np.ndarray     # int64 >= 1
+    prefix_id: tuple = ()         # per request: str or None (empty tuple: no prefixes)
+    prefix_tokens: np.ndarray | None = None
+    closed_loop: bool = False
+    concurrency: int = 0          # closed loop: requests kept in flight
+
+    def __post_init__(self):
+        for name in ("arrival_s", "prompt_tokens", "output_tokens", "prefix_tokens"):
+            arr = getattr(self, name)
+            if arr is not None:
+                arr.flags.writeable = False  # frozen means frozen: columns are shared with backends
+
+    def __len__(self) -> int:
+        return len(self.arrival_s)
+
+    def request_id(self, i: int) -> str:
+        return f"req-{i:06d}"
+
+    def __iter__(self) -> Iterator[RequestSpec]:
+        for i in range(len(self)):
+            yield self.request(i)
+
+    def request(self, i: int) -> RequestSpec:
+        pid = self.prefix_id[i] if self.prefix_id else None
+        ptok = int(self.prefix_tokens[i]) if self.prefix_tokens is not None else 0
+        return RequestSpec(self.request_id(i), float(self.arrival_s[i]), int(self.prompt_tokens[i]),
+                           int(self.output_tokens[i]), pid, ptok)
+
+    def describe(self) -> dict:
+        return dict(self.spec)
+
+
+# ---------------------------------------------------------------- lengths and arrivals
+
+def sample_lengths(spec: dict | int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n token counts from a length spec; results are rounded and clipped to [min, max] (min defaults to 1)."""
+    if isinstance(spec, (int, np.integer)):
+        spec = {"dist": "fixed", "value": int(spec)}
+    dist = spec.get("dist", "fixed")
+    match dist:
+        case "fixed":
+            raw = np.full(n, float(_req(spec, "value")))
+        case "uniform":
+            raw = rng.integers(int(_req(spec, "low")), int(_req(spec, "high")) + 1, size=n).astype(float)
+        case "normal":
+            raw = rng.normal(float(_req(spec, "mean")), float(_req(spec, "std")), size=n)
+        case "lognormal":
+            # parametrised by the mean of the lengths, which is what people know about their traffic
+            sigma = float(_req(spec, "sigma"))
+            mu = math.log(float(_req(spec, "mean"))) - sigma * sigma / 2
+            raw = rng.lognormal(mu, sigma, size=n)
+        case _:
+            raise UserError(f"unknown length distribution {dist!r}; known: {', '.join(LENGTH_DISTS)}")
+    lo, hi = int(spec.get("min", 1)), int(spec.get("max", 1 << 30))
+    if lo < 1 or hi < lo:
+        raise UserError(f"length bounds must satisfy 1 <= min <= max, got min={lo} max={hi}")
+    return np.clip(np.rint(raw), lo, hi).astype(np.int64)
+
+
+def sample_arrivals(spec: dict, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n non-decreasing arrival times (s) from an arrival-process spec."""
+    process = spec.get("process", "poisson")
+    match process:
+        case "all_at_once":
+            return np.zeros(n)
+        case "constant":
+            return np.arange(n) / _positive(spec, "rate")
+        case "poisson":
+            gaps = rng.exponential(1.0 / _positive(spec, "rate"), size=n)
+            return np.cumsum(gaps) - gaps[0] if n else gaps  # first request at t=0
+        case "bursts":
+            size = int(_positive(spec, "burst_size"))
+            interval = _positive(spec, "interval_s")
+            return (np.arange(n) // size) * interval
+        case _:
+            raise UserError(f"unknown arrival process {process!r}; known: {', '.join(ARRIVAL_PROCESSES)}")
+
+
+def _req(spec: dict, key: str):
+    if key not in spec:
+        raise UserError(f"{spec.get('dist') or spec.get('process') or 'workload'} needs {key!r} (got {spec})")
+    return spec[key]
+
+
+def _positive(spec: dict, key: str) -> float:
+    value = float(_req(spec, key))
+    if not value > 0:
+        raise UserError(f"{key} must be > 0, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------- builders
+
+def build_workload(spec: dict, base_dir: str | Path | None = None) -> Workload:
+    """Build a workload from its describing dict (see module docstring). Same dict, same requests."""
+    kind = spec.get("kind", "synthetic")
+    match kind:
+        case "synthetic":
+            wl = _synthetic(spec)
+        case "conversations":
+            wl = _conversations(spec)
+        case "trace":
+            wl = _trace(spec, base_dir)
+        case _:
+            raise UserError(f"unknown workload kind {kind!r}; known: {', '.join(KINDS)}")
+    return _with_closed_loop(wl, spec)
+
+
+def _synthetic(spec: dict) -> Workload:
+    n = int(spec.get("num_requests", 100))
+    if n < 1:
+        raise UserError("num_requests must be >= 1")
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    # separate streams per column, so changing the arrival process does not change the lengths
+    r_arr, r_in, r_out = rng.spawn(3)
+    return Workload(spec=dict(spec),
+                    arrival_s=sample_arrivals(spec.get("arrival", {"process": "all_at_once"}), n, r_arr),
+                    prompt_tokens=sample_lengths(spec.get("prompt", 512), n, r_in),
+                    output_tokens=sample_lengths(spec.get("output", 128), n, r_out))
+
+
+def _conversations(spec: dict) -> Workload:
+    """Multi-turn chats: turn k's prompt is the system prompt, all earlier turns, and a new user message.
+
+    Turns are open-loop: turn k arrives k * think_time_s after the conversation starts (a client that waits
+    for each answer is the closed-loop mode). The prefix shared with the previous turn is recorded so caching
+    policies can reuse it.
+    """
+    convs, turns = int(spec.get("conversations", 10)), int(spec.get("turns", 3))
+    if convs < 1 or turns < 1:
+        raise UserError("conversations and turns must be >= 1")
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    r_arr, r_user, r_out = rng.spawn(3)
+    starts = sample_arrivals(spec.get("arrival", {"process": "poisson", "rate": 1.0}), convs, r_arr)
+    user = sample_lengths(spec.get("user", 100), convs * turns, r_user).reshape(convs, turns)
+    out = sample_lengths(spec.get("output", 128), convs * turns, r_out).reshape(convs, turns)
+    system = int(spec.get("system_prompt_tokens", 0))
+    history = np.cumsum(user + out, axis=1) - out       # prompt of turn k without the system prompt
+    prompts = system + history
+    shared = np.concatenate([np.full((convs, 1), system), (prompts + out)[:, :-1]], axis=1)
+    arrivals = starts[:, None] + np.arange(turns)[None, :] * float(spec.get("think_time_s", 5.0))
+    order = np.argsort(arrivals.ravel(), kind="stable")
+    ids = np.repeat(np.arange(convs), turns)[order]
+    return Workload(spec=dict(spec), arrival_s=arrivals.ravel()[order], prompt_tokens=prompts.ravel()[order],
+                    output_tokens=out.ravel()[order], prefix_id=tuple(f"conv-{c}" for c in ids),
+                    prefix_tokens=shared.ravel()[order])
+
+
+def _trace(spec: dict, base_dir: str | Path | None) -> Workload:
+    path = Path(_req(spec, "path"))
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    if not path.exists():
+        raise UserError(f"trace file not found: {path}")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            rows.append(_trace_row(line, path, lineno))
+    if not rows:
+        raise UserError(f"trace file {path} has no requests")
+    rows.sort(key=lambda r: r[0])
+    scale = float(spec.get("time_scale", 1.0))
+    arr = np.array([r[0] for r in rows]) * scale
+    has_prefix = any(r[3] is not None for r in rows)
+    return Workload(spec=dict(spec), arrival_s=arr - arr[0],
+                    prompt_tokens=np.array([r[1] for r in rows], dtype=np.int64),
+                    output_tokens=np.array([r[2] for r in rows], dtype=np.int64),
+                    prefix_id=tuple(r[3] for r in rows) if has_prefix else (),
+                    prefix_tokens=np.array([r[4] for r in rows], dtype=np.int64) if has_prefix else None)
+
+
+def _trace_row(line: str, path: Path, lineno: int) -> tuple:
+    try:
+        obj = json.loads(line)
+        row = (float(obj["arrival_s"]), int(obj["prompt_tokens"]), int(obj["output_tokens"]),
+               None if obj.get("prefix_id") is None else str(obj["prefix_id"]), int(obj.get("prefix_tokens", 0)))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}:{lineno}: bad trace line ({exc}); need arrival_s, prompt_tokens, output_tokens")
+    if row[1] < 1 or row[2] < 1 or row[0] < 0:
+        raise UserError(f"{path}:{lineno}: token counts must be >= 1 and arrival_s >= 0")
+    return row
+
+
+def _with_closed_loop(wl: Workload, spec: dict) -> Workload:
+    cl = spec.get("closed_loop")
+    if not cl:
+        return wl
+    conc = int(cl.get("concurrency", 0)) if isinstance(cl, dict) else int(cl)
+    if conc < 1:
+        raise UserError("closed_loop.concurrency must be >= 1")
+    return Workload(spec=wl.spec, arrival_s=np.zeros(len(wl)), prompt_tokens=wl.prompt_tokens,
+                    output_tokens=wl.output_tokens, prefix_id=wl.prefix_id, prefix_tokens=wl.prefix_tokens,
+                    closed_loop=True, concurrency=conc)
+
+
+def write_trace(workload: Workload, path: str | Path) -> None:
+    """Save a workload as a JSONL trace (the format `kind: trace` replays)."""
+    lines = []
+    for r in workload:
+        row = {"arrival_s": r.arrival_s, "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens}
+        if r.prefix_id is not None:
+            row.update(prefix_id=r.prefix_id, prefix_tokens=r.prefix_tokens)
+        lines.append(json.dumps(row))
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- CLI shorthand
+
+_SHORT_KEYS = {"n": "num_requests", "requests": "num_requests", "seed": "seed"}
+
+
+def parse_workload(text: str) -> dict:
+    """CLI shorthand -> workload dict, or load a .json/.toml file holding one (a TOML file may nest it under
+    [workload]). Shorthand: `<process>,key=value,...`, e.g.
+
+        poisson,rate=5,n=1000,prompt=512,output=128
+        bursts,burst_size=32,interval_s=10,n=320,prompt=uniform:128:2048,output=lognormal:200:0.6
+        closed,concurrency=8,n=200,prompt=normal:512:64,output=128
+        trace,path=traces/day1.jsonl
+        conversations,conversations=20,turns=4,system_prompt_tokens=1000,user=100,output=200,rate=0.5
+    """
+    if text.endswith((".json", ".toml")):
+        return _load_workload_file(Path(text))
+    head, *rest = [p.strip() for p in text.split(",") if p.strip()]
+    kv = {}
+    for part in rest:
+        if "=" not in part:
+            raise UserError(f"workload option {part!r} is not key=value")
+        k, v = part.split("=", 1)
+        kv[k.strip()] = v.strip()
+    return _shorthand_to_dict(head, kv)
+
+
+def _shorthand_to_dict(head: str, kv: dict) -> dict:
+    spec: dict = {}
+    if head == "trace":
+        spec = {"kind": "trace", "path": kv.pop("path", "")}
+        if "time_scale" in kv:
+            spec["time_scale"] = float(kv.pop("time_scale"))
+    elif head == "conversations":
+        spec = {"kind": "conversations", "arrival": {"process": kv.pop("process", "poisson"),
+                                                      "rate": float(kv.pop("rate", 1.0))}}
+        for key in ("conversations", "turns", "system_prompt_tokens"):
+            if key in kv:
+                spec[key] = int(kv.pop(key))
+        if "think_time_s" in kv:
+            spec["think_time_s"] = float(kv.pop("think_time_s"))
+        if "user" in kv:
+            spec["user"] = _short_length(kv.pop("user"))
+    elif head == "closed":
+        spec = {"kind": "synthetic", "closed_loop": {"concurrency": int(kv.pop("concurrency", 1))}}
+    elif head in ARRIVAL_PROCESSES:
+        arrival: dict = {"process": head}
+        for key in ("rate", "burst_size", "interval_s"):
+            if key in kv:
+                arrival[key] = float(kv.pop(key))
+        spec = {"kind": "synthetic", "arrival": arrival}
+    else:
+        raise UserError(f"unknown workload {head!r}; start with one of "
+                        f"{', '.join(ARRIVAL_PROCESSES + ('closed', 'trace', 'conversations'))}")
+    for key in ("prompt", "output"):
+        if key in kv:
+            spec[key] = _short_length(kv.pop(key))
+    for short, key in _SHORT_KEYS.items():
+        if short in kv:
+            spec[key] = int(kv.pop(short))
+    if kv:
+        raise UserError(f"unknown workload options: {', '.join(sorted(kv))}")
+    return spec
+
+
+def _short_length(text: str) -> dict:
+    """`512` | `uniform:LOW:HIGH` | `normal:MEAN:STD` | `lognormal:MEAN:SIGMA`."""
+    parts = text.split(":")
+    try:
+        match parts:
+            case [v]:
+                return {"dist": "fixed", "value": int(v)}
+            case ["uniform", lo, hi]:
+                return {"dist": "uniform", "low": int(lo), "high": int(hi)}
+            case ["normal", mean, std]:
+                return {"dist": "normal", "mean": float(mean), "std": float(std)}
+            case ["lognormal", mean, sigma]:
+                return {"dist": "lognormal", "mean": float(mean), "sigma": float(sigma)}
+    except ValueError:
+        pass
+    raise UserError(f"bad length {text!r}: use N, uniform:LOW:HIGH, normal:MEAN:STD or lognormal:MEAN:SIGMA")
+
+
+def _load_workload_file(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"workload file not found: {path}")
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+    else:
+        import tomllib
+        data = tomllib.loads(path.read_text())
+    data = data.get("workload", data)
+    if data.get("kind") == "trace" and not Path(data.get("path", "")).is_absolute():
+        data = {**data, "path": str(path.parent / data["path"])}
+    return data

@@ -368,11 +368,12 @@ class MlxBackend:
             pending = list(self._waiting) + list(self._running.values()) + list(getattr(self, "_inflight", {}).values())
             self._waiting.clear()
             self._running.clear()
+        if self._group:
+            # stop the survivors first (they may be stuck in a ring recv), then tell the clients
+            self._group.close(grace_s=0.2)
         for req in pending:
             req.end = req.end or time.time()
             req.deliver(exc)
-        if self._group:
-            self._group.close(grace_s=0.5)
 
     # ------------------------------------------------------------------ Backend API
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:

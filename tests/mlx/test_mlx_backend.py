@@ -1,0 +1,187 @@
+"""The real backend: ring ranks on loopback produce exactly what one mlx-lm process produces.
+
+These start real rank processes on the tiny model (built once per session, about 2 s).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from harness.backend import BackendUnavailable, GenerationRequest
+from harness.mlx import modelbuild
+from harness.mlx.backend import MlxBackend
+from harness.mlx.errors import UserError
+from harness.mlx.launcher import LinkShape
+
+PROMPT_TEXT = "def fibonacci(n):\n    return"
+GUARD_S = 30   # hang guard only: a correct backend answers in well under a second
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    cache = os.environ.get("HARNESS_CACHE")
+    cache_dir = None if cache else tmp_path_factory.mktemp("models")
+    return modelbuild.build(modelbuild.qwen2_config("tiny"), cache_dir=cache_dir).path
+
+
+@pytest.fixture(scope="session")
+def reference(tiny):
+    """Greedy tokens from plain mlx-lm in this process: no ranks, no harness code in the loop."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+    from mlx_lm.utils import load
+
+    model, tok = load(str(tiny))
+    prompt = tok.encode(PROMPT_TEXT)
+    steps = generate_step(mx.array(prompt), model, max_tokens=24, sampler=make_sampler(temp=0.0))
+    return tuple(prompt), [int(t) for t, _ in steps]
+
+
+async def _collect(backend, request):
+    return [ev async for ev in backend.generate(request)]
+
+
+async def _generate(split, tiny, prompt, n_requests=1, **req):
+    backend = MlxBackend(tiny, split)
+    try:
+        report = await backend.load()
+        reqs = [GenerationRequest(f"r{i}", prompt, **{"max_tokens": 24, "ignore_eos": True, **req})
+                for i in range(n_requests)]
+        outs = await asyncio.wait_for(asyncio.gather(*[_collect(backend, r) for r in reqs]), GUARD_S)
+        return outs, report, backend.step_records(), backend.request_records()
+    finally:
+        await backend.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", [[2, 4], [5, 1], [1, 3, 2]])
+def test_pipeline_greedy_tokens_equal_one_process(tiny, reference, split):
+    prompt, expected = reference
+    assert len(set(expected)) > 3, "the tiny model must not repeat one token, or equality means little"
+    outs, report, steps, _ = asyncio.run(_generate(split, tiny, prompt))
+    assert [ev.token_id for ev in outs[0]] == expected
+    assert len(report.load_s_per_node) == len(split)
+    assert {r["stage"] for r in steps if r["kind"] == "decode"} == set(range(len(split)))
+
+
+@pytest.mark.slow
+def test_concurrent_requests_are_batched_and_match(tiny, reference):
+    prompt, expected = reference
+    outs, _, steps, requests = asyncio.run(_generate([2, 4], tiny, prompt, n_requests=3))
+    assert all([ev.token_id for ev in out] == expected for out in outs)
+    assert max(r["batch_size"] for r in steps if r["kind"] == "decode") > 1
+    assert all(r["success"] and r["output_tokens"] == 24 for r in requests)
+    assert outs[0][-1].finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_stop_token_and_min_tokens(tiny, reference):
+    prompt, expected = reference
+    stop_at = 3
+    stop_token = expected[stop_at]
+    first = expected.index(stop_token)       # the earliest position that token appears at
+    outs, *_ = asyncio.run(_generate(None, tiny, prompt, ignore_eos=False, stop_token_ids=(stop_token,)))
+    ids = [ev.token_id for ev in outs[0]]
+    assert ids == expected[: first + 1] and outs[0][-1].finish_reason == "stop" and outs[0][-1].text == ""
+    outs, *_ = asyncio.run(_generate(None, tiny, prompt, ignore_eos=False, stop_token_ids=(stop_token,),
+                                     min_tokens=len(expected), max_tokens=len(expected)))
+    assert [ev.token_id for ev in outs[0]] == expected and outs[0][-1].finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_text_streams_decode_to_the_full_text(tiny, reference):
+    prompt, expected = reference
+    outs, *_ = asyncio.run(_generate([3, 3], tiny, prompt))
+    backend = MlxBackend(tiny)
+    assert "".join(ev.text for ev in outs[0]) == backend.decode(expected)
+
+
+@pytest.mark.slow
+def test_killed_rank_fails_fast_naming_the_rank(tiny, reference):
+    prompt, _ = reference
+
+    async def scenario():
+        backend = MlxBackend(tiny, [3, 3])
+        await backend.load()
+        try:
+            stream = backend.generate(GenerationRequest("long", prompt, max_tokens=100_000, ignore_eos=True))
+            await asyncio.wait_for(stream.__anext__(), GUARD_S)
+            os.kill(backend.ranks.ranks[1].proc.pid, signal.SIGKILL)
+            with pytest.raises(BackendUnavailable, match=r"rank 1 .*signal 9"):
+                await asyncio.wait_for(_drain(stream), GUARD_S)
+            with pytest.raises(BackendUnavailable, match="rank 1"):
+                await backend.generate(GenerationRequest("after", prompt, max_tokens=2)).__anext__()
+            assert all(r.proc.poll() is not None for r in backend.ranks.ranks), "survivors must be stopped"
+            assert backend.stats()["error"]
+        finally:
+            await backend.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_rank_killed_while_idle_is_reported(tiny, reference):
+    prompt, _ = reference
+
+    async def scenario():
+        backend = MlxBackend(tiny, [4, 2])
+        await backend.load()
+        try:
+            os.kill(backend.ranks.ranks[0].proc.pid, signal.SIGKILL)
+            with pytest.raises(BackendUnavailable, match="rank 0"):
+                await asyncio.wait_for(_drain(backend.generate(GenerationRequest("x", prompt, max_tokens=4))),
+                                       GUARD_S)
+        finally:
+            await backend.close()
+
+    asyncio.run(scenario())
+
+
+async def _drain(stream):
+    async for _ in stream:
+        pass
+
+
+def test_split_must_cover_every_layer(tiny):
+    with pytest.raises(UserError, match="sum to the model's 6 layers"):
+        MlxBackend(tiny, [2, 2])
+    with pytest.raises(UserError, match="positive"):
+        MlxBackend(tiny, [0, 6])
+
+
+def _netns_available() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("ip") and shutil.which("tc") and \
+        subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _netns_available(), reason="needs root and iproute2 for network namespaces")
+def test_ranks_in_shaped_namespaces_match_and_clean_up(tiny, reference):
+    prompt, expected = reference
+
+    async def scenario():
+        backend = MlxBackend(tiny, [2, 4], links=[LinkShape(1.0), LinkShape(1.0)])
+        try:
+            await backend.load()
+            names = list(backend.ranks.netns.names)
+            assert set(names) <= set(_netns_list())
+            out = await asyncio.wait_for(_collect(backend, GenerationRequest("n", prompt, max_tokens=24,
+                                                                             ignore_eos=True)), GUARD_S)
+            return names, [ev.token_id for ev in out]
+        finally:
+            await backend.close()
+
+    names, ids = asyncio.run(scenario())
+    assert ids == expected
+    assert not set(names) & set(_netns_list()), "namespaces must be removed on close"
+
+
+def _netns_list() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]

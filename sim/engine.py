@@ -1,0 +1,437 @@
+"""The serving engine: iteration-level (continuous) batching over a pipeline of stages, in SimPy virtual time.
+
+Scheduling model (the one vLLM uses for pipeline parallelism, "virtual engines"):
+- `micro_batches` schedulers (default: one per stage) each own a disjoint set of running sequences. Each
+  forms a micro-batch (decodes of its running sequences, plus prefill chunks up to a token budget and a
+  sequence cap), sends it through the stages, and forms its next one only when the sampled tokens are back
+  at the first stage. With as many micro-batches as stages, every stage can be busy on a different one.
+- Stages and links are FIFO servers. A micro-batch's passage is computed when it is formed with the Lindley
+  recursion (start = max(arrival, server free), end = start + service), which is exact for FIFO servers
+  visited in the same order by every job; so one SimPy event per micro-batch suffices, never one per token
+  or per stage. Links are full duplex: one FIFO per direction, occupied for bytes/bandwidth, then the latency
+  (plus the profile's software overhead) is pure delay. Activations travel forward; only token ids go back.
+- KV memory is a pool of blocks (`kv_block_tokens` tokens) shared by all stages: every stage holds KV for
+  its layers of every admitted sequence, so the pool holds min over stages of free bytes / KV bytes per
+  token. Admission reserves the whole prompt; decoding grows one block at a time. A request waits while the
+  pool is full; when a running batch outgrows the pool the newest sequence is preempted (its KV dropped, its
+  prompt and generated tokens recomputed on readmission). Nothing is ever over-committed.
+- Tokens are emitted when the last stage finishes (the server sits beside it); the next step of that
+  micro-batch starts after the token ids cross back to the first stage.
+
+Driving it incrementally (real-time adapters): `submit()` requests at any virtual time, `advance(until)` the
+clock, and receive `on_tokens(time, request_slots, finished_mask)` callbacks per micro-batch. See sim/README.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import simpy
+
+from harness.costmodel import Profile
+from harness.specs import Cluster, ModelSpec, PartitionPlan, UserError
+from sim.costs import TOKEN_ID_BYTES, hop_links, stage_models
+
+WAITING, RUNNING, DONE, FAILED = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 128            # sequences per micro-batch
+    max_batched_tokens: int = 4096     # token budget per micro-batch (prefill chunk tokens + one per decode)
+    chunked_prefill: bool = True       # off: a prompt is prefilled in one go (alone if it exceeds the budget)
+    micro_batches: int = 0             # schedulers in flight; 0 = one per stage
+    kv_block_tokens: int = 16
+    kv_tokens: int = 0                 # cap the KV pool (tokens); 0 = what memory allows
+    record_steps: bool = True
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class _Sched:
+    """One scheduler ("virtual engine"): its running decodes and its partially prefilled sequences."""
+    __slots__ = ("index", "running", "prefilling")
+
+    def __init__(self, index: int):
+        self.index = index
+        self.running = np.empty(0, dtype=np.int64)   # decoding sequences, oldest admission first
+        self.prefilling: list[int] = []
+
+
+class Engine:
+    """Continuous-batching pipeline engine on a SimPy Environment. All state lives here and in `env`."""
+
+    def __init__(self, env: simpy.Environment, cluster: Cluster, model: ModelSpec, plan: PartitionPlan,
+                 profile: Profile, config: EngineConfig = EngineConfig(), start_at: float | None = None,
+                 on_tokens=None, on_finish=None):
+        self.env, self.model, self.profile, self.cfg = env, model, profile, config
+        self.stages = stage_models(cluster, model, plan)
+        self.on_tokens, self.on_finish = on_tokens, on_finish
+        t0 = env.now if start_at is None else start_at
+        self._stage_free = [t0] * len(self.stages)
+        self._init_links(cluster)
+        self._init_kv(cluster)
+        self._init_state()
+        n = config.micro_batches or len(self.stages)
+        self.scheds = [_Sched(i) for i in range(n)]
+        self._wake = env.event()
+        self._idle = 0
+        self._step = 0
+        self._steps: list[tuple] = []
+        self.preemptions = 0
+        for s in self.scheds:
+            env.process(self._scheduler(s, t0))
+
+    # ------------------------------------------------------------------ construction
+
+    def _init_links(self, cluster: Cluster) -> None:
+        fwd, back = hop_links(cluster, self.stages)
+        over = self.profile.link_overhead_us
+        # (direction key, latency s, bytes per s) per forward hop, and for the token-id return
+        self._hops = [((a.nodes[0], b.nodes[0]), (l.latency_us + over) * 1e-6, l.bandwidth_gbps * 1e9 / 8)
+                      for (a, b), l in zip(zip(self.stages, self.stages[1:]), fwd)]
+        self._back = None if back is None else (
+            (self.stages[-1].nodes[0], self.stages[0].nodes[0]), (back.latency_us + over) * 1e-6,
+            back.bandwidth_gbps * 1e9 / 8)
+        self._link_free: dict[tuple, float] = {}
+        self._act_bytes = self.model.activation_bytes(1)
+
+    def _init_kv(self, cluster: Cluster) -> None:
+        """KV pool size: the stage with the least room (free bytes / its KV bytes per token) decides."""
+        room = []
+        for st in self.stages:
+            usable = min(cluster.node(n).usable_bytes for n in st.nodes)
+            free = usable - st.weight_bytes_node
+            if free <= 0:
+                raise UserError(f"stage {st.index} ({'+'.join(st.nodes)}): weights need "
+                                f"{st.weight_bytes_node / 1e9:.1f} GB but only {usable / 1e9:.1f} GB is usable")
+            room.append(free / st.kv_bytes_per_token_node)
+        tokens = int(min(room))
+        if self.cfg.kv_tokens:
+            tokens = min(tokens, self.cfg.kv_tokens)
+        self.block = self.cfg.kv_block_tokens
+        self.total_blocks = tokens // self.block
+        self.free_blocks = self.total_blocks
+        self.peak_blocks = 0
+
+    def _init_state(self, cap: int = 1024) -> None:
+        self.n = 0
+        self._cap = cap
+        ints = ("prompt", "target", "generated", "computed", "blocks", "status", "preempted", "tok_off")
+        floats = ("sched_t", "start_t", "first_t", "end_t")
+        for name in ints:
+            setattr(self, name, np.zeros(cap, dtype=np.int64))
+        for name in floats:
+            setattr(self, name, np.full(cap, math.nan))
+        self.request_ids: list[str] = []
+        self.errors: dict[int, str] = {}
+        self.tok_t = np.full(cap * 64, math.nan)
+        self._tok_used = 0
+        self.waiting: deque[int] = deque()
+
+    def _grow(self) -> None:
+        self._cap *= 2
+        for name in ("prompt", "target", "generated", "computed", "blocks", "status", "preempted", "tok_off",
+                     "sched_t", "start_t", "first_t", "end_t"):
+            old = getattr(self, name)
+            new = np.zeros(self._cap, dtype=old.dtype) if old.dtype.kind == "i" else np.full(self._cap, math.nan)
+            new[:old.size] = old
+            setattr(self, name, new)
+
+    # ------------------------------------------------------------------ public API
+
+    def submit(self, prompt_tokens: int, output_tokens: int, request_id: str | None = None,
+               scheduled_s: float | None = None) -> int:
+        """Hand a request to the engine now (virtual time env.now); returns its slot number."""
+        if prompt_tokens < 1 or output_tokens < 1:
+            raise UserError("a request needs at least one prompt and one output token")
+        if self.n == self._cap:
+            self._grow()
+        s = self.n
+        self.n += 1
+        now = self.env.now
+        self.prompt[s], self.target[s] = prompt_tokens, output_tokens
+        self.sched_t[s] = now if scheduled_s is None else scheduled_s
+        self.start_t[s] = now
+        self.tok_off[s] = self._tok_used
+        self._tok_used += output_tokens
+        if self._tok_used > self.tok_t.size:
+            grown = np.full(max(self.tok_t.size * 2, self._tok_used), math.nan)
+            grown[:self.tok_t.size] = self.tok_t
+            self.tok_t = grown
+        self.request_ids.append(request_id or f"req-{s:06d}")
+        needed = -(-(prompt_tokens + output_tokens) // self.block)
+        if needed > self.total_blocks:
+            self._fail(s, f"needs {needed * self.block} KV tokens; the cluster holds {self.total_blocks * self.block}")
+        else:
+            self.status[s] = WAITING
+            self.waiting.append(s)
+            self._notify()
+        return s
+
+    def advance(self, until: float) -> None:
+        """Run the simulation up to virtual time `until` (no-op when the clock is already there)."""
+        if until > self.env.now:
+            self.env.run(until=until)
+
+    def next_event_time(self) -> float:
+        """Virtual time of the next scheduled event (inf when idle): sleep until then in a real-time loop."""
+        return self.env.peek()
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.total_blocks * self.block
+
+    def kv_peak_bytes(self) -> dict[str, float]:
+        """Peak KV bytes per node over the run."""
+        tokens = self.peak_blocks * self.block
+        return {n: tokens * st.kv_bytes_per_token_node for st in self.stages for n in st.nodes}
+
+    def unfinished(self) -> int:
+        return int(np.count_nonzero(self.status[:self.n] < DONE))
+
+    # ------------------------------------------------------------------ scheduler process
+
+    def _notify(self) -> None:
+        if self._idle:
+            ev, self._wake = self._wake, self.env.event()
+            ev.succeed()
+
+    def _scheduler(self, sc: _Sched, t0: float):
+        env = self.env
+        if t0 > env.now:
+            yield env.timeout(t0 - env.now)
+        while True:
+            while self._stage_free[0] > env.now:      # another micro-batch holds the first stage
+                yield env.timeout(self._stage_free[0] - env.now)
+            mb = self._form(sc)
+            if mb is None:
+                self._idle += 1
+                yield self._wake
+                self._idle -= 1
+                continue
+            t_emit, t_back = self._traverse(mb)
+            yield env.timeout(t_back - env.now)
+            self._complete(sc, mb, t_emit)
+
+    # ------------------------------------------------------------------ forming a micro-batch
+
+    def _form(self, sc: _Sched):
+        running = self._grow_running(sc)
+        budget = self.cfg.max_batched_tokens - running.size
+        slots_left = self.cfg.max_num_seqs - running.size - len(sc.prefilling)
+        chunks: list[tuple[int, int, int]] = []        # (slot, tokens this step, tokens cached before)
+        for s in sc.prefilling:
+            if budget <= 0:
+                break
+            pending = int(self.prompt[s] + self.generated[s] - self.computed[s])
+            chunk = min(pending, budget) if self.cfg.chunked_prefill else pending
+            chunks.append((s, chunk, int(self.computed[s])))
+            budget -= chunk
+        budget = self._admit(sc, chunks, budget, slots_left, running.size)
+        if running.size == 0 and not chunks:
+            return None
+        self.peak_blocks = max(self.peak_blocks, self.total_blocks - self.free_blocks)
+        return running, chunks
+
+    def _grow_running(self, sc: _Sched) -> np.ndarray:
+        """Reserve one more KV slot for every decode; preempt the newest sequences when the pool is short."""
+        running = sc.running
+        if running.size == 0:
+            return running
+        need = (self.computed[running] + self.block) // self.block - self.blocks[running]
+        total = int(need.sum())
+        while total > self.free_blocks and running.size:
+            victim = int(running[-1])
+            total -= int(need[-1])
+            running, need = running[:-1], need[:-1]
+            self._preempt(victim)
+        self.blocks[running] += need
+        self.free_blocks -= total
+        sc.running = running
+        return running
+
+    def _preempt(self, s: int) -> None:
+        self.free_blocks += int(self.blocks[s])
+        self.blocks[s] = 0
+        self.computed[s] = 0
+        self.preempted[s] += 1
+        self.preemptions += 1
+        self.status[s] = WAITING
+        self.waiting.appendleft(s)   # first in line again: it was admitted before anyone still waiting
+
+    def _admit(self, sc: _Sched, chunks: list, budget: int, slots_left: int, n_dec: int) -> int:
+        """Move waiting requests into this scheduler while budget, sequence slots and KV blocks last."""
+        waiting = self.waiting
+        while waiting and slots_left > 0 and (budget > 0 or not self.cfg.chunked_prefill):
+            s = waiting[0]
+            todo = int(self.prompt[s] + self.generated[s])   # a preempted request recomputes its output so far
+            if self.cfg.chunked_prefill:
+                chunk = min(todo, budget)
+            elif todo <= budget or (n_dec == 0 and not chunks):
+                chunk = todo                                     # an oversized prompt runs alone
+            else:
+                break
+            blocks = -(-todo // self.block)
+            if blocks > self.free_blocks:
+                break                                            # wait for memory; FIFO, no overtaking
+            waiting.popleft()
+            self.blocks[s] = blocks
+            self.free_blocks -= blocks
+            self.status[s] = RUNNING
+            sc.prefilling.append(s)
+            chunks.append((s, chunk, 0))
+            budget -= chunk
+            slots_left -= 1
+        return budget
+
+    # ------------------------------------------------------------------ timing one micro-batch
+
+    def _traverse(self, mb) -> tuple[float, float]:
+        """Lindley recursion through stages and links; returns (tokens ready, token ids back at stage 0)."""
+        running, chunks = mb
+        n_dec = int(running.size)
+        ctx_sum = float((self.computed[running] + 1).sum()) if n_dec else 0.0   # KV read, incl. the new token
+        pairs = [(t, c) for _, t, c in chunks]
+        tokens = n_dec + sum(t for t, _ in pairs)
+        t = self.env.now
+        starts, ends = [], []
+        link_rows = []
+        model, profile = self.model, self.profile
+        for i, st in enumerate(self.stages):
+            begin = max(t, self._stage_free[i])
+            t = begin + st.mixed_s(model, profile, n_dec, ctx_sum, pairs)
+            self._stage_free[i] = t
+            starts.append(begin)
+            ends.append(t)
+            if i < len(self._hops):
+                begin_link, t = self._send(self._hops[i], tokens * self._act_bytes, t)
+                link_rows.append((i, begin_link, t))
+        t_emit = t
+        if self._back is not None:
+            begin_link, t = self._send(self._back, TOKEN_ID_BYTES * (n_dec + len(chunks)), t)
+            link_rows.append((len(self.stages) - 1, begin_link, t))
+        if self.cfg.record_steps:
+            kind = "decode" if not chunks else ("prefill" if n_dec == 0 else "mixed")
+            used = self.total_blocks - self.free_blocks
+            self._steps.append((self._step, kind, n_dec + len(chunks), tokens, used, starts, ends, link_rows))
+        self._step += 1
+        return t_emit, t
+
+    def _send(self, hop: tuple, nbytes: float, t: float) -> tuple[float, float]:
+        key, latency, rate = hop
+        begin = max(t, self._link_free.get(key, t))
+        done = begin + nbytes / rate
+        self._link_free[key] = done
+        return begin, done + latency
+
+    # ------------------------------------------------------------------ completing a micro-batch
+
+    def _complete(self, sc: _Sched, mb, t: float) -> None:
+        running, chunks = mb
+        emitted = [running] if running.size else []
+        if running.size:
+            self.computed[running] += 1
+            self.generated[running] += 1
+            self.tok_t[self.tok_off[running] + self.generated[running] - 1] = t
+        new_dec = []
+        for s, chunk, _ in chunks:
+            self.computed[s] += chunk
+            if self.computed[s] == self.prompt[s] + self.generated[s]:   # prompt (or recompute) done
+                sc.prefilling.remove(s)
+                g = self.generated[s] + 1
+                self.generated[s] = g
+                self.tok_t[self.tok_off[s] + g - 1] = t
+                if g == 1:
+                    self.first_t[s] = t
+                new_dec.append(s)
+        if new_dec:
+            emitted.append(np.array(new_dec, dtype=np.int64))
+        if not emitted:
+            return
+        slots = np.concatenate(emitted) if len(emitted) > 1 else emitted[0]
+        done = self.generated[slots] >= self.target[slots]
+        keep_running = np.concatenate([running, np.array(new_dec, dtype=np.int64)]) if new_dec else running
+        if done.any():
+            self._finish(slots[done], t)
+            keep_running = keep_running[self.status[keep_running] == RUNNING]
+        sc.running = keep_running
+        if self.on_tokens is not None:
+            self.on_tokens(t, slots, done)
+
+    def _finish(self, slots: np.ndarray, t: float) -> None:
+        self.end_t[slots] = t
+        self.status[slots] = DONE
+        self.free_blocks += int(self.blocks[slots].sum())
+        self.blocks[slots] = 0
+        if self.waiting:
+            self._notify()
+        if self.on_finish is not None:
+            self.on_finish(t, slots)
+
+    def _fail(self, s: int, reason: str) -> None:
+        self.status[s] = FAILED
+        self.end_t[s] = self.env.now
+        self.errors[s] = reason
+        if self.on_finish is not None:
+            self.on_finish(self.env.now, np.array([s]))
+
+    # ------------------------------------------------------------------ records
+
+    def requests_table(self, source: str = "simulated"):
+        """pyarrow Table with harness.records.REQUEST_COLUMNS, one row per submitted request."""
+        import pyarrow as pa
+        n = self.n
+        gen = self.generated[:n]
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum(gen)
+        # tokens of request k sit at tok_t[tok_off[k] : tok_off[k] + generated[k]]; gather them contiguously
+        idx = np.repeat(self.tok_off[:n] - offsets[:-1], gen) + np.arange(offsets[-1])
+        chunks = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(self.tok_t[idx]))
+        ok = self.status[:n] == DONE
+        errors = [self.errors.get(i, "" if ok[i] else "unfinished") for i in range(n)] if self.errors or not ok.all() \
+            else [""] * n
+        return pa.table({
+            "request_id": pa.array(self.request_ids, pa.string()),
+            "source": pa.array([source] * n, pa.string()),
+            "scheduled_s": self.sched_t[:n], "start_s": self.start_t[:n], "first_token_s": self.first_t[:n],
+            "end_s": self.end_t[:n], "prompt_tokens": self.prompt[:n], "output_tokens": gen,
+            "cached_tokens": np.zeros(n, dtype=np.int64), "chunk_times_s": chunks.cast(pa.list_(pa.float64())),
+            "success": ok, "error": pa.array(errors, pa.string()),
+        })
+
+    def steps_table(self, source: str = "simulated"):
+        """pyarrow Table with harness.records.STEP_COLUMNS: one row per micro-batch and stage, and one per
+        link send (kind "send", stage = the sender)."""
+        import pyarrow as pa
+        recs = self._steps
+        m, p = len(recs), len(self.stages)
+        step = np.fromiter((r[0] for r in recs), np.int64, m)
+        kind = np.array([r[1] for r in recs], dtype=object)
+        batch = np.fromiter((r[2] for r in recs), np.int64, m)
+        tokens = np.fromiter((r[3] for r in recs), np.int64, m)
+        used = np.fromiter((r[4] for r in recs), np.int64, m)
+        kv_node = np.array([st.kv_bytes_per_token_node * self.block for st in self.stages])
+        parts = [self._stage_block(step, kind, batch, tokens, used, kv_node, i,
+                                   [r[5][i] for r in recs], [r[6][i] for r in recs]) for i in range(p)]
+        n_links = len(recs[0][7]) if recs else 0
+        for j in range(n_links):
+            i = recs[0][7][j][0]
+            parts.append(self._stage_block(step, np.full(m, "send", dtype=object), batch, tokens, used, kv_node,
+                                           i, [r[7][j][1] for r in recs], [r[7][j][2] for r in recs]))
+        cols = {k: np.concatenate([b[k] for b in parts]) if parts else np.empty(0) for k in
+                ("step", "stage", "node", "kind", "start_s", "end_s", "batch_size", "tokens", "kv_bytes")}
+        order = np.lexsort((cols["stage"], cols["start_s"]))
+        table = {k: v[order] for k, v in cols.items()}
+        table["source"] = np.full(order.size, source, dtype=object)
+        return pa.table({k: (pa.array(v, pa.string()) if v.dtype == object else v) for k, v in table.items()})
+
+    def _stage_block(self, step, kind, batch, tokens, used, kv_node, i, starts, ends) -> dict:
+        m = step.size
+        return {"step": step, "stage": np.full(m, i, np.int64),
+                "node": np.full(m, self.stages[i].nodes[0], dtype=object), "kind": kind,
+                "start_s": np.asarray(starts, float), "end_s": np.asarray(ends, float), "batch_size": batch,
+                "tokens": tokens, "kv_bytes": (used * kv_node[i]).astype(np.int64)}

@@ -49,13 +49,19 @@ def output_token(request: GenerationRequest, position: int) -> int:
 
 
 class InstantBackend:
-    """Zero-cost backend. `max_running` bounds concurrent requests (QueueFull beyond it)."""
+    """Zero-cost backend. `max_running` bounds concurrent requests (QueueFull beyond it).
+
+    `token_interval_s` > 0 paces tokens at a fixed cadence instead (first token after one interval): a
+    predictable stream for tests of cancellation and back-pressure, and for load-generator ceilings.
+    """
 
     name = "instant"
 
-    def __init__(self, model_id: str = "instant", max_running: int | None = None):
+    def __init__(self, model_id: str = "instant", max_running: int | None = None, token_interval_s: float = 0.0):
         self.model_id = model_id
         self.max_running = max_running
+        self.token_interval_s = token_interval_s
+        self._cancelled = 0
         self.tokenizer = WordTokenizer()
         self._loaded = False
         self._running = 0
@@ -75,32 +81,42 @@ class InstantBackend:
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         if not self._loaded:
             raise BackendUnavailable("instant backend not loaded")
-        if self.max_running is not None and self._running >= self.max_running:
-            raise QueueFull(f"{self._running} requests running, limit {self.max_running}")
         return self._stream(request)
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        # Checked when the stream starts (first anext), like any async-generator backend, so the count
+        # below is only ever raised by a stream whose `finally` will lower it again.
+        if self.max_running is not None and self._running >= self.max_running:
+            raise QueueFull(f"{self._running} requests running, limit {self.max_running}")
         self._running += 1
+        finished = False
         try:
             for position in range(request.max_tokens):
+                if self.token_interval_s > 0:
+                    await asyncio.sleep(self.token_interval_s)
                 token = output_token(request, position)
                 stopped = token in request.stop_token_ids and position + 1 >= request.min_tokens
                 last = position + 1 == request.max_tokens or stopped
+                if last:   # done before the final yield: a consumer may close us right after it
+                    finished = True
+                    self._served += 1
                 yield TokenEvent(token_id=token, text=self.tokenizer.token_text(token), time_s=time.monotonic(),
                                  finish_reason=("stop" if stopped else "length") if last else None,
                                  prompt_tokens=len(request.prompt))
                 if last:
                     break
-                # Yield to the loop between tokens, as any real backend does, so one long request cannot
-                # starve the others; this is the only cost the instant backend adds.
-                await asyncio.sleep(0)
-            self._served += 1
+                if self.token_interval_s <= 0:
+                    # Yield to the loop between tokens, as any real backend does, so one long request cannot
+                    # starve the others; this is the only cost the instant backend adds.
+                    await asyncio.sleep(0)
         finally:
             self._running -= 1
+            self._cancelled += not finished
 
     def stats(self) -> dict:
-        return {"num_requests_running": self._running, "num_requests_waiting": 0,
-                "requests_served": self._served, "kv_cache_usage": {"local": 0.0}}
+        return {"healthy": self._loaded, "num_requests_running": self._running, "num_requests_waiting": 0,
+                "requests_served": self._served, "requests_cancelled": self._cancelled,
+                "kv_cache_usage": {"local": 0.0}}
 
     async def close(self) -> None:
         self._loaded = False

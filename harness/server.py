@@ -11,8 +11,9 @@ then `data: [DONE]`.
 Start it in-process with `EmbeddedServer(backend).start()` (returns the URL, serves from a background
 thread on 127.0.0.1) or standalone with `python -m harness serve`.
 
-A backend's `stats()` may report `num_requests_running`, `num_requests_waiting` (ints) and `kv_cache_usage`
-({node: fraction 0..1}); /metrics exports them, falling back to the server's own request counts.
+A backend's `stats()` may report `num_requests_running`, `num_requests_waiting` (ints), `kv_cache_usage`
+({node: fraction 0..1}), `kv_cache_bytes` ({node: bytes}) and `healthy` (bool, for /health); /metrics
+exports them, falling back to the server's own request counts.
 """
 from __future__ import annotations
 
@@ -153,7 +154,11 @@ class _StatsCollector:
         kv = GaugeMetricFamily("harness:kv_cache_usage_perc", "KV-cache use per node (0..1)", labels=["node"])
         for node, frac in sorted((stats.get("kv_cache_usage") or {}).items()):
             kv.add_metric([str(node)], float(frac))
-        yield from (running, waiting, kv)
+        kv_bytes = GaugeMetricFamily("harness:kv_cache_usage_bytes", "KV-cache bytes in use per node",
+                                     labels=["node"])
+        for node, used in sorted((stats.get("kv_cache_bytes") or {}).items()):
+            kv_bytes.add_metric([str(node)], float(used))
+        yield from (running, waiting, kv, kv_bytes)
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -525,7 +530,7 @@ def _replay(body: bytes, receive):
     return replayed
 
 
-def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
@@ -553,8 +558,18 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: ServerLi
 
     app = FastAPI(title="harness OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.harness = state
-    app.add_exception_handler(ApiError, lambda _r, e: _error_response(e))
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    failed = state.metrics.failed
+
+    def api_error(_request, err: ApiError) -> JSONResponse:
+        failed.labels(str(err.status)).inc()
+        return _error_response(err)
+
+    def invalid(_request, exc: RequestValidationError) -> JSONResponse:
+        failed.labels("400").inc()
+        return _validation_error(exc)
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(_ClientGone, lambda _r, _e: Response(status_code=499))
     _routes(app, state)
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
@@ -578,19 +593,11 @@ def _routes(app: FastAPI, state: _AppState) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        return await _counted(state, _complete(state, request, body))
+        return await _complete(state, request, body)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
-        return await _counted(state, _complete(state, request, body))
-
-
-async def _counted(state: _AppState, awaitable):
-    try:
-        return await awaitable
-    except ApiError as err:
-        state.metrics.failed.labels(str(err.status)).inc()
-        raise
+        return await _complete(state, request, body)
 
 
 # ---------------------------------------------------------------------------------------------- running it

@@ -218,9 +218,10 @@ def worker_argv(model: str, split: list[int], extra: list[str] = ()) -> list[str
 
 def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None] | None = None,
            use_blas: bool | str = True, pin: bool = True, worker_args: list[str] = (),
-           workdir: Path | None = None) -> RankGroup:
+           workdir: Path | None = None, command: list[str] | None = None) -> RankGroup:
     """Start len(split) ranks (one process when len(split) == 1). Returns once they are spawned;
-    the caller reads each rank's "ready" line. `links` (one per rank) puts ranks in namespaces."""
+    the caller reads each rank's "ready" line. `links` (one per rank) puts ranks in namespaces.
+    `command` replaces the worker's argv (e.g. a ring micro-benchmark) with the same environment."""
     n = len(split)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="harness-ranks-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +245,7 @@ def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None]
             hostfile_path.write_text(json.dumps(group.hostfile))
         for rank in range(n):
             env = _rank_env(rank, n, hostfile_path, blas_path, cores if pin else None, ncpu)
-            argv = worker_argv(str(model), split, list(worker_args))
+            argv = list(command) if command else worker_argv(str(model), split, list(worker_args))
             if netns:
                 argv = netns.wrap(rank, argv)
             log_path = workdir / f"rank{rank}.log"

@@ -1,0 +1,177 @@
+"""Micro-benchmarks that measure this host as a "chip" for the simulator (all figures: measured).
+
+- memory bandwidth: fp32 GEMV (matrix x vector) over a matrix far larger than the caches, as a decode
+  step streams its weights;
+- compute: fp32 GEMM (fp16 is reported too: on CPU it has no BLAS path and is far slower);
+- per-step overhead: one decode step of the tiny local model minus its weight-streaming time;
+- SSD read rate: a freshly written file read back after asking the kernel to drop its pages;
+- ring link: ping-pong between 2 ranks over message sizes (latency = half the small-message RTT,
+  bandwidth from the large messages).
+
+Compute benchmarks run in a child process started with the same BLAS preload and thread count a
+single rank gets, because LD_PRELOAD only works at process start.
+
+    python -m harness.mlx.hostbench compute     # JSON on stdout (what profile-host runs)
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RING_SIZES = (64, 1024, 16 * 1024, 256 * 1024, 1 << 20, 4 << 20, 16 << 20)
+
+
+def _median_time(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def gemv_bandwidth_gbs(rows: int = 8192, cols: int = 8192, reps: int = 10) -> float:
+    import mlx.core as mx
+    w = mx.random.normal((rows, cols), dtype=mx.float32)
+    x = mx.random.normal((cols,), dtype=mx.float32)
+    mx.eval(w, x)
+    t = _median_time(lambda: mx.eval(w @ x), reps)
+    return rows * cols * 4 / t / 1e9
+
+
+def gemm_gflops(m: int = 512, n: int = 4096, k: int = 4096, dtype: str = "float32", reps: int = 5) -> float:
+    import mlx.core as mx
+    dt = getattr(mx, dtype)
+    a = mx.random.normal((m, k)).astype(dt)
+    b = mx.random.normal((k, n)).astype(dt)
+    mx.eval(a, b)
+    t = _median_time(lambda: mx.eval(a @ b), reps, warmup=1)
+    return 2 * m * n * k / t / 1e9
+
+
+def decode_step_s(model_path: str, tokens: int = 64) -> tuple[float, int]:
+    """Median seconds per decode step of a model in this process, and its weight bytes."""
+    from pathlib import Path as P
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(P(model_path))
+    nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    stamps = []
+    for _ in generate_step(mx.array([1, 2, 3, 4]), model, max_tokens=tokens, sampler=make_sampler(temp=0.0)):
+        stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(stamps[1:], stamps[2:])]   # skip the prefill and first step
+    return statistics.median(gaps), nbytes
+
+
+def ssd_read_gbs(size_mb: int = 256, directory: str | None = None) -> float:
+    chunk = os.urandom(1 << 20)
+    fd, path = tempfile.mkstemp(prefix="harness-ssd-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for _ in range(size_mb):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+            # evict the just-written pages, so the read below comes from the device
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        t = time.perf_counter()
+        with open(path, "rb", buffering=0) as f:
+            while f.read(8 << 20):
+                pass
+        return size_mb * (1 << 20) / (time.perf_counter() - t) / 1e9
+    finally:
+        os.unlink(path)
+
+
+def total_memory_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+def measure_compute(model_path: str | None) -> dict:
+    """Run inside a process that has the BLAS configuration to measure."""
+    out = {"gemv_fp32_gbs": gemv_bandwidth_gbs(), "gemm_fp32_gflops": gemm_gflops(),
+           "gemm_fp16_gflops": gemm_gflops(m=128, n=1024, k=1024, dtype="float16", reps=3)}
+    if model_path:
+        step, nbytes = decode_step_s(model_path)
+        out.update(decode_step_s=step, decode_model_bytes=nbytes,
+                   step_overhead_s=max(0.0, step - nbytes / (out["gemv_fp32_gbs"] * 1e9)))
+    return out
+
+
+def ring_pingpong(sizes=RING_SIZES, reps: int = 20) -> dict:
+    """Run on 2 ring ranks: rank 0 sends, rank 1 echoes. Rank 0 returns RTT medians per size."""
+    import mlx.core as mx
+    group = mx.distributed.init(backend="ring", strict=True)
+    rank = group.rank()
+    result = {}
+    for size in sizes:
+        x = mx.zeros((max(1, size // 4),), dtype=mx.float32)
+        mx.eval(x)
+
+        def once():
+            if rank == 0:
+                mx.eval(mx.distributed.send(x, 1, group=group))
+                mx.eval(mx.distributed.recv_like(x, 1, group=group))
+            else:
+                y = mx.distributed.recv_like(x, 0, group=group)
+                mx.eval(y)
+                mx.eval(mx.distributed.send(y, 0, group=group))
+        result[str(size)] = _median_time(once, reps, warmup=3)
+    small = mx.zeros((16,), dtype=mx.float32)
+    result["all_sum_64B"] = _median_time(lambda: mx.eval(mx.distributed.all_sum(small, group=group)), reps, 3)
+    return result
+
+
+def link_from_rtts(rtts: dict) -> dict:
+    """Latency: half the smallest message's RTT. Bandwidth: the two largest sizes' RTT slope."""
+    sizes = sorted(int(k) for k in rtts if k.isdigit())
+    lat = rtts[str(sizes[0])] / 2
+    s1, s2 = sizes[-2], sizes[-1]
+    slope = (rtts[str(s2)] - rtts[str(s1)]) / 2 / (s2 - s1)      # one-way seconds per byte
+    return {"latency_us": lat * 1e6, "bandwidth_gbps": 8 / slope / 1e9 if slope > 0 else float("nan"),
+            "rtt_s_by_size": {k: v for k, v in rtts.items() if k.isdigit()},
+            "all_sum_64B_s": rtts.get("all_sum_64B")}
+
+
+def run_child(mode: str, env_extra: dict, args: list[str] = (), timeout: float = 600) -> dict:
+    env = dict(os.environ, **env_extra)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-m", "harness.mlx.hostbench", mode, *args], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"hostbench {mode} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    mode = argv[0] if argv else "compute"
+    if mode == "compute":
+        print(json.dumps(measure_compute(argv[1] if len(argv) > 1 else None)))
+    elif mode == "gemm":
+        print(json.dumps({"gemm_fp32_gflops": gemm_gflops(m=128, n=1024, k=4096)}))
+    elif mode == "ring":
+        res = ring_pingpong()
+        if "MLX_RANK" in os.environ and os.environ["MLX_RANK"] == "0":
+            print(json.dumps(res))
+    else:
+        print(f"unknown mode {mode!r}: compute | gemm | ring", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Assemble the host profile (`python -m harness profile-host`) from `hostbench` measurements."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+from harness.mlx import blas, hostbench, launcher, modelbuild
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ring_link(use_blas: bool, timeout_s: float = 120) -> dict:
+    """Ping-pong between 2 ranks on loopback, started like the backend's ranks."""
+    group = launcher.launch("-", [1, 1], use_blas=use_blas,
+                            command=[hostbench.sys.executable, "-m", "harness.mlx.hostbench", "ring"])
+    try:
+        rank0 = group.ranks[0].proc
+        out, _ = rank0.communicate(timeout=timeout_s)
+        if rank0.returncode != 0:
+            raise RuntimeError(f"ring benchmark failed: {group.ranks[0].log_tail()}")
+        return hostbench.link_from_rtts(json.loads(out.decode().strip().splitlines()[-1]))
+    finally:
+        group.close(grace_s=1.0)
+
+
+def profile_host(ring: bool = True, use_blas: bool = True, cache_dir=None) -> dict:
+    blas_path = blas.find_openblas() if use_blas else None
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    tiny = modelbuild.build(modelbuild.qwen2_config("tiny"), cache_dir=cache_dir).path
+    env = blas.blas_env(threads=ncpu, preload=blas_path)
+    compute = hostbench.run_child("compute", env, [str(tiny)])
+    ssd = hostbench.ssd_read_gbs()
+    link = ring_link(use_blas) if ring else {"latency_us": None, "bandwidth_gbps": None}
+    return {
+        "chip": {"name": "host-cpu", "gpu_bin": "cpu", "gpu_cores": 0, "mem_bw_gbs": compute["gemv_fp32_gbs"],
+                 "fp16_tflops": compute["gemm_fp32_gflops"] / 1e3, "max_mem_gb": hostbench.total_memory_gb(),
+                 "thunderbolt": "none", "ssd_gbs": ssd},
+        "profile": {"name": "host-cpu", "eta_bw": 1.0, "mu_compute": 1.0,
+                    "step_overhead_s": compute.get("step_overhead_s", 0.0),
+                    "link_overhead_us": 0.0, "ssd_gbs": ssd, "per_chip": {},
+                    "source": "measured: python -m harness profile-host"},
+        "link": {"kind": "loopback", **link},
+        "source": "measured",
+        "measurements": compute,
+        "host": {"cpu": _cpu_name(), "cpus": ncpu, "machine": platform.machine(), "system": platform.system(),
+                 "blas": blas_path or "bundled reference BLAS", "loadavg": os.getloadavg(),
+                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "notes": ["mem_bw_gbs is fp32 GEMV bandwidth; fp16_tflops holds the fp32 GEMM rate (the CPU's fast "
+                  "path; fp16 GEMM is in measurements.gemm_fp16_gflops)",
+                  "step_overhead_s: tiny-model decode step minus its weight-streaming time at mem_bw_gbs",
+                  "link: 2 ring ranks on loopback; latency = half the 64-byte RTT"],
+    }

@@ -1,0 +1,103 @@
+"""`python -m harness plan`: split a model's layers over a cluster with one strategy, or compare them all."""
+from __future__ import annotations
+
+import json
+import sys
+
+from harness.planning import add_plan_arguments, load_inputs, plan_options, strategies_for
+from harness.specs import DoesNotFit, PartitionPlan
+
+HELP = "split a model over a cluster and print the plan (predicted per-token time, memory per node)"
+DESCRIPTION = """Split a model's layers over a cluster with a partitioning strategy and print the plan:
+per stage the layers, memory used / usable, and predicted decode, prefill and hop times; then the predicted
+time per token, TTFT and bottleneck. Every predicted figure is theoretical (the roofline cost model with the
+profile's efficiency factors), not a measurement.
+
+examples:
+  python -m harness plan --cluster mixed --model llama-3.1-70b --quant 4 --strategy all
+  python -m harness plan --cluster runs/clusters/seed-64gb.json --model path/to/config.json --json"""
+
+
+def add_arguments(p) -> None:
+    add_plan_arguments(p)
+    p.add_argument("--all", action="store_true", help="compare every strategy side by side (same as --strategy all)")
+    p.add_argument("--json", action="store_true", help="print the plan(s) as JSON for machines")
+
+
+def run(args) -> int:
+    names = strategies_for("all" if args.all else args.strategy)
+    cluster, model = load_inputs(args)
+    options = plan_options(args)
+    from strategies.registry import get_strategy
+    results: dict[str, PartitionPlan | str] = {}
+    for name in names:
+        try:
+            results[name] = get_strategy(name)(cluster, model, options)
+        except DoesNotFit as exc:
+            if len(names) == 1:
+                raise
+            results[name] = str(exc)
+    if args.json:
+        out = {n: (r.to_dict() if isinstance(r, PartitionPlan) else {"error": r}) for n, r in results.items()}
+        json.dump(out if len(names) > 1 else out[names[0]], sys.stdout, indent=2)
+        print()
+        return 0
+    print(header(cluster, model, options))
+    if len(names) == 1:
+        print(plan_table(results[names[0]]))
+    else:
+        print(comparison_table(results))
+    return 0
+
+
+def header(cluster, model, options) -> str:
+    nodes = ", ".join(f"{n.name} ({n.chip.label}, {n.memory_gb:g} GB)" for n in cluster.nodes)
+    return (f"model {model.name}: {model.total_params / 1e9:.1f} B params, {model.num_layers} layers, "
+            f"{model.quant_bits}-bit = {model.total_weight_bytes() / 1e9:.1f} GB of weights\n"
+            f"cluster {cluster.name}: {nodes}\n"
+            f"objective {options.objective}; KV reserve {options.kv_reserve_tokens} tokens; "
+            f"decode predicted at {options.context_tokens} tokens of context; profile {options.profile.name}\n")
+
+
+def plan_table(plan: PartitionPlan) -> str:
+    rows = [("stage", "nodes", "layers", "memory GB used/usable", "decode ms", "prefill ms", "hop ms")]
+    for i, s in enumerate(plan.stages):
+        tp = f" x{s.tp_degree} TP" if s.tp_degree > 1 else ""
+        rows.append((str(i), s.label + tp, f"{s.layer_start}-{s.layer_end - 1} ({s.layers})",
+                     f"{s.memory_used_gb:.1f} / {s.memory_available_gb:.1f}", f"{s.decode_ms:.2f}",
+                     f"{s.prefill_ms:.1f}", f"{s.link_ms:.3f}"))
+    p = plan.predicted
+    lines = [f"strategy {plan.strategy}", _format(rows), "",
+             f"predicted (theoretical): {p['tpot_ms']:.2f} ms per token = {p['tokens_per_s']:.1f} tokens/s for one stream; "
+             f"TTFT {p['ttft_ms']:.0f} ms for a {p['prompt_tokens']}-token prompt",
+             f"pipeline bottleneck {p['bottleneck_ms']:.2f} ms = {p['pipeline_tokens_per_s']:.1f} tokens/s with a "
+             f"micro-batch per stage in flight: {plan.bottleneck}",
+             f"memory: {p['memory_used_gb']:.1f} GB used of {p['memory_usable_gb']:.1f} GB usable on the nodes in the plan "
+             f"({100 * p['memory_utilisation']:.0f} %)"]
+    lines += [f"note: {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def comparison_table(results: dict) -> str:
+    rows = [("strategy", "stages (layers)", "ms/token", "tok/s", "TTFT ms", "bottleneck ms", "memory GB per node used/usable")]
+    notes = []
+    for name, r in results.items():
+        if isinstance(r, str):
+            rows.append((name, "does not fit", "-", "-", "-", "-", "-"))
+            notes.append(f"{name}: {r}")
+            continue
+        p = r.predicted
+        stages = " | ".join(f"{s.label}{'(tp' + str(s.tp_degree) + ')' if s.tp_degree > 1 else ''}:{s.layers}"
+                            for s in r.stages)
+        mem = " ".join(f"{s.memory_used_gb:.0f}/{s.memory_available_gb:.0f}" for s in r.stages)
+        rows.append((name, stages, f"{p['tpot_ms']:.2f}", f"{p['tokens_per_s']:.1f}", f"{p['ttft_ms']:.0f}",
+                     f"{p['bottleneck_ms']:.2f}", mem))
+    out = [_format(rows), "", "all figures predicted (theoretical) by the cost model; ms/token and tok/s are for one "
+           "stream; bottleneck = slowest stage + its hop"]
+    out += notes
+    return "\n".join(out)
+
+
+def _format(rows) -> str:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)

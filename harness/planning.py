@@ -1,0 +1,62 @@
+"""Command-line arguments that pick a cluster, model, quantization and strategy, shared by every command
+that makes a plan (plan, simulate, run, serve)."""
+from __future__ import annotations
+
+import argparse
+
+from harness import catalog
+from harness.costmodel import load_profile
+from harness.specs import Cluster, ModelSpec, PartitionPlan
+
+DEFAULT_CLUSTER = "mixed"
+DEFAULT_MODEL = "llama-3.1-70b"
+
+
+def add_plan_arguments(p: argparse.ArgumentParser, strategy_default: str = "hybrid_optimal") -> None:
+    g = p.add_argument_group("cluster, model and plan")
+    g.add_argument("--cluster", default=DEFAULT_CLUSTER,
+                   help=f"cluster JSON file, or a bundled one: {', '.join(catalog.cluster_names())} (default %(default)s)")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"config.json path / model folder, or a preset: {', '.join(catalog.model_names())} (default %(default)s)")
+    g.add_argument("--quant", type=int, default=4, metavar="BITS",
+                   help="weight bits: 2, 3, 4, 5, 6, 8, or 16 for unquantized (default %(default)s)")
+    g.add_argument("--group-size", type=int, default=64, help="quantization group size: 32, 64, 128 (default %(default)s)")
+    g.add_argument("--strategy", default=strategy_default,
+                   help="partitioning strategy name, or 'all' to compare every strategy (default %(default)s)")
+    g.add_argument("--objective", default="latency", choices=["latency", "throughput"],
+                   help="what hybrid_optimal minimises: latency = time per token of one stream; "
+                        "throughput = pipeline bottleneck stage (default %(default)s)")
+    g.add_argument("--kv-reserve-tokens", type=int, default=8192,
+                   help="KV-cache tokens each stage must keep room for (default %(default)s)")
+    g.add_argument("--context-tokens", type=int, default=1024,
+                   help="context length assumed when predicting a decode step (default %(default)s)")
+    g.add_argument("--prompt-tokens", type=int, default=512,
+                   help="prompt length of the predicted time to first token (default %(default)s)")
+    g.add_argument("--profile", default=None,
+                   help="cost-model profile JSON (efficiency factors); default harness/profiles/default.json")
+
+
+def load_inputs(args) -> tuple[Cluster, ModelSpec]:
+    return catalog.load_cluster(args.cluster), catalog.load_model(args.model, args.quant, args.group_size)
+
+
+def plan_options(args):
+    from strategies.partitioning._plans import PlanOptions
+    return PlanOptions(profile=load_profile(args.profile), objective=args.objective,
+                       kv_reserve_tokens=args.kv_reserve_tokens, context_tokens=args.context_tokens,
+                       prompt_tokens=args.prompt_tokens)
+
+
+def strategies_for(name: str) -> list[str]:
+    from strategies.registry import get_strategy, strategy_names
+    if name == "all":
+        return strategy_names()
+    get_strategy(name)  # unknown names fail here, listing the known ones
+    return [name]
+
+
+def make_plan(args, strategy: str | None = None) -> tuple[Cluster, ModelSpec, PartitionPlan]:
+    from strategies.registry import get_strategy
+    cluster, model = load_inputs(args)
+    name = strategy or args.strategy
+    return cluster, model, get_strategy(name)(cluster, model, plan_options(args))

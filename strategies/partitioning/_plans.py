@@ -1,0 +1,245 @@
+"""Arithmetic every partitioning strategy shares: memory per stage, predicted times, building a checked plan.
+
+A *unit* is a tuple of node names that runs one pipeline stage: one node, or a tensor-parallel group.
+All predicted figures are theoretical (cost model), and every strategy's plan is scored by the same
+`build_plan`, so strategies can be compared on one objective.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness import costmodel
+from harness.costmodel import Profile
+from harness.specs import GB, Cluster, DoesNotFit, ModelSpec, PartitionPlan, Stage, UserError
+
+Unit = tuple[str, ...]
+
+OBJECTIVES = {
+    "latency": "time per output token of one stream: every stage's decode step plus every hop, in ring order (ms)",
+    "throughput": "pipeline bottleneck: the slowest stage's decode step plus its outgoing hop (ms); "
+                  "its inverse is the steady token rate with one micro-batch per stage in flight",
+}
+TOKEN_ID_BYTES = 4
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    profile: Profile
+    objective: str = "latency"
+    kv_reserve_tokens: int = 8192   # KV cache each stage keeps free for its layers (one 8k context by default)
+    context_tokens: int = 1024      # mean context assumed when predicting a decode step
+    prompt_tokens: int = 512        # reference prompt for the predicted TTFT
+    output_tokens: int = 128        # reference output, to weigh prefill against decode
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        for name in ("kv_reserve_tokens", "context_tokens", "prompt_tokens", "output_tokens"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def stage_memory_bytes(model: ModelSpec, options: PlanOptions, start: int, end: int, tp: int = 1) -> float:
+    """Per member node: its share of the layers and their KV reserve, plus a full copy of embeddings and
+    output head (mlx-lm's pipeline keeps both on every rank and every rank computes the logits)."""
+    layers = model.weight_bytes(start, end) + options.kv_reserve_tokens * model.kv_bytes_per_token(start, end)
+    return layers / tp + model.embed_bytes() + model.head_bytes()
+
+
+def unit_available_bytes(cluster: Cluster, unit: Unit) -> float:
+    return min(cluster.node(n).usable_bytes for n in unit)
+
+
+def max_layers(model: ModelSpec, options: PlanOptions, available: float, tp: int = 1) -> int:
+    """Most layers a unit can hold wherever they start: the heaviest window of that length must fit."""
+    best = 0
+    for n in range(1, model.num_layers + 1):
+        heaviest = max(stage_memory_bytes(model, options, s, s + n, tp) for s in range(model.num_layers - n + 1))
+        if heaviest > available:
+            break
+        best = n
+    return best
+
+
+def require_total_fit(cluster: Cluster, model: ModelSpec, options: PlanOptions) -> None:
+    """A clear error when even the whole cluster cannot hold the model once."""
+    layers = model.weight_bytes(0, model.num_layers)
+    kv = options.kv_reserve_tokens * model.kv_bytes_per_token()
+    need = layers + kv + model.embed_bytes() + model.head_bytes()
+    offer = cluster.total_usable_bytes
+    if need > offer:
+        raise DoesNotFit(
+            f"{model.name} at {model.quant_bits}-bit needs at least {need / GB:.1f} GB "
+            f"(weights {layers / GB:.1f} GB + KV reserve for {options.kv_reserve_tokens} tokens {kv / GB:.1f} GB "
+            f"+ embeddings/head {(model.embed_bytes() + model.head_bytes()) / GB:.1f} GB), but cluster "
+            f"{cluster.name} offers {offer / GB:.1f} GB of usable GPU memory over {len(cluster.nodes)} nodes; "
+            f"use fewer bits (--quant), a smaller --kv-reserve-tokens, or more nodes")
+
+
+def no_arrangement(strategy: str, cluster: Cluster, model: ModelSpec, options: PlanOptions) -> DoesNotFit:
+    """The error when the total fits but no split does (every node also holds embeddings and the head)."""
+    holds = ", ".join(f"{n.name} {max_layers(model, options, n.usable_bytes)}" for n in cluster.nodes)
+    copy = (model.embed_bytes() + model.head_bytes()) / GB
+    return DoesNotFit(
+        f"{strategy}: no split of {model.name} ({model.num_layers} layers, {model.quant_bits}-bit, "
+        f"{options.kv_reserve_tokens}-token KV reserve) fits {cluster.name}: every node also keeps a "
+        f"{copy:.1f} GB copy of embeddings and head, leaving room for these many layers per node: {holds}; "
+        f"use fewer bits, a smaller --kv-reserve-tokens, or nodes with more memory")
+
+
+# ----------------------------------------------------------------------------------------------- times
+def group_link(cluster: Cluster, unit: Unit):
+    """The slowest link inside a tensor-parallel group (every all-reduce waits for it)."""
+    links = [cluster.link(a, b) for i, a in enumerate(unit) for b in unit[i + 1:]]
+    return min(links, key=lambda l: l.bandwidth_gbps / (1 + l.latency_us))
+
+
+def hop_link(cluster: Cluster, src: Unit, dst: Unit):
+    return cluster.link(src[0], dst[0])
+
+
+def stage_decode_s(cluster, model, options, unit: Unit, start: int, end: int, last: bool) -> float:
+    """One decode step (batch 1) on a unit; a tensor-parallel group waits for its slowest member."""
+    tp, p = len(unit), options.profile
+    t = max(costmodel.decode_time(cluster.node(n).chip, p, model, start, end, 1, options.context_tokens,
+                                  tp=tp, with_head=last) for n in unit)
+    if tp > 1:
+        t += (end - start) * allreduce_per_layer_s(cluster, model, options, unit)
+    return t
+
+
+def allreduce_per_layer_s(cluster, model, options, unit: Unit) -> float:
+    """Tensor parallelism costs two all-reduces of one token's hidden state per layer (attention, MLP)."""
+    return 2 * costmodel.allreduce_time(group_link(cluster, unit), model.activation_bytes(1), len(unit), options.profile)
+
+
+def stage_prefill_s(cluster, model, options, unit: Unit, start: int, end: int, last: bool) -> float:
+    tp, p, n_tok = len(unit), options.profile, options.prompt_tokens
+    t = max(costmodel.prefill_time(cluster.node(n).chip, p, model, start, end, n_tok, tp=tp, with_head=last)
+            for n in unit)
+    if tp > 1:
+        t += 2 * (end - start) * costmodel.allreduce_time(group_link(cluster, unit), model.activation_bytes(n_tok), tp, p)
+    return t
+
+
+def hop_s(cluster, options, src: Unit, dst: Unit, nbytes: float) -> float:
+    return costmodel.link_time(hop_link(cluster, src, dst), nbytes, options.profile)
+
+
+# ----------------------------------------------------------------------------------------------- plans
+def build_plan(strategy: str, cluster: Cluster, model: ModelSpec, options: PlanOptions,
+               units: list[Unit], counts: list[int], warnings: tuple[str, ...] = ()) -> PartitionPlan:
+    """Turn (units in ring order, layer counts) into a plan with every predicted figure filled in."""
+    if len(units) != len(counts) or sum(counts) != model.num_layers or min(counts) < 1:
+        raise ValueError(f"{strategy}: counts {counts} do not cover {model.num_layers} layers over {len(units)} stages")
+    stages, start, k = [], 0, len(units)
+    for i, (unit, n) in enumerate(zip(units, counts)):
+        end, last = start + n, i == k - 1
+        if k == 1:
+            link = 0.0
+        elif last:  # only the sampled token ids travel back to the first stage
+            link = hop_s(cluster, options, unit, units[0], TOKEN_ID_BYTES)
+        else:
+            link = hop_s(cluster, options, unit, units[i + 1], model.activation_bytes(1))
+        stages.append(Stage(
+            nodes=tuple(unit), layer_start=start, layer_end=end, tp_degree=len(unit),
+            memory_used_gb=stage_memory_bytes(model, options, start, end, len(unit)) / GB,
+            memory_available_gb=unit_available_bytes(cluster, unit) / GB,
+            decode_ms=stage_decode_s(cluster, model, options, unit, start, end, last) * 1e3,
+            prefill_ms=stage_prefill_s(cluster, model, options, unit, start, end, last) * 1e3,
+            link_ms=link * 1e3,
+        ))
+        start = end
+    return PartitionPlan(strategy=strategy, objective=options.objective, cluster=cluster.name, model=model.name,
+                         quant_bits=model.quant_bits, num_layers=model.num_layers, stages=tuple(stages),
+                         predicted=_predict(cluster, model, options, stages, units),
+                         bottleneck=_bottleneck(stages), warnings=warnings)
+
+
+def _predict(cluster, model, options, stages: list[Stage], units: list[Unit]) -> dict:
+    tpot = sum(s.decode_ms + s.link_ms for s in stages)
+    bottleneck = max(s.decode_ms + s.link_ms for s in stages)
+    prompt_hops = sum(hop_s(cluster, options, units[i], units[i + 1], model.activation_bytes(options.prompt_tokens))
+                      for i in range(len(units) - 1)) * 1e3
+    ttft = sum(s.prefill_ms for s in stages) + prompt_hops + (stages[-1].link_ms if len(stages) > 1 else 0.0)
+    used = sum(s.memory_used_gb * s.tp_degree for s in stages)
+    usable = sum(cluster.node(n).usable_bytes for s in stages for n in s.nodes) / GB
+    objective = tpot if options.objective == "latency" else bottleneck
+    return {
+        "objective_ms": objective,
+        "tpot_ms": tpot,
+        "tokens_per_s": 1e3 / tpot,
+        "bottleneck_ms": bottleneck,
+        "pipeline_tokens_per_s": 1e3 / bottleneck,
+        "ttft_ms": ttft,
+        "prompt_tokens": options.prompt_tokens,
+        "context_tokens": options.context_tokens,
+        "kv_reserve_tokens": options.kv_reserve_tokens,
+        "memory_used_gb": used,
+        "memory_usable_gb": usable,
+        "memory_utilisation": used / usable,
+        "nodes_used": sum(s.tp_degree for s in stages),
+        "source": "theoretical",
+    }
+
+
+def _bottleneck(stages: list[Stage]) -> str:
+    worst = max(stages, key=lambda s: s.decode_ms + s.link_ms)
+    kind = "link" if worst.link_ms > worst.decode_ms else "compute/memory"
+    return f"{worst.label} ({kind}: step {worst.decode_ms:.2f} ms + hop {worst.link_ms:.2f} ms)"
+
+
+def require_fit(plan: PartitionPlan) -> PartitionPlan:
+    """Raise DoesNotFit naming the first overfull stage; a plan that fits is returned as it is."""
+    for i, s in enumerate(plan.stages):
+        if s.memory_used_gb > s.memory_available_gb * (1 + 1e-9):
+            raise DoesNotFit(
+                f"{plan.strategy}: stage {i} on {s.label} needs {s.memory_used_gb:.1f} GB for layers "
+                f"{s.layer_start}-{s.layer_end - 1} (with KV reserve and embeddings/head) but has "
+                f"{s.memory_available_gb:.1f} GB usable; try ring_memory_weighted or hybrid_optimal, fewer bits, "
+                f"or a smaller --kv-reserve-tokens")
+    return plan.validate()
+
+
+# ----------------------------------------------------------------------------------------------- splitting
+def proportional_counts(weights: list[float], total: int, caps: list[int] | None = None) -> list[int]:
+    """Integer counts >= 1 summing to `total`, proportional to weights, never above caps (water-filling).
+
+    Raises DoesNotFit when the caps cannot hold `total`.
+    """
+    n = len(weights)
+    caps = caps or [total] * n
+    if sum(caps) < total or min(caps) < 1:
+        raise DoesNotFit(f"the nodes can hold at most {sum(caps)} of {total} layers "
+                         f"(per node: {caps}); use fewer bits, a smaller KV reserve, or more nodes")
+    counts = [1] * n
+    left = total - n
+    while left > 0:
+        room = [i for i in range(n) if counts[i] < caps[i]]
+        wsum = sum(weights[i] for i in room)
+        shares = {i: left * weights[i] / wsum for i in room}
+        grant = {i: min(int(shares[i]), caps[i] - counts[i]) for i in room}
+        if sum(grant.values()) == 0:  # hand out single layers by largest remaining share
+            i = max(room, key=lambda j: (shares[j] - int(shares[j]), weights[j], -j))
+            grant = {i: 1}
+        for i, g in grant.items():
+            counts[i] += g
+        left -= sum(grant.values())
+    return counts
+
+
+def effective_speed(cluster: Cluster, node: str, profile: Profile) -> float:
+    """Effective decode bandwidth (bytes/s): the number that ranks nodes for decode."""
+    return profile.bandwidth(cluster.node(node).chip)
+
+
+def by_speed(cluster: Cluster, profile: Profile, names) -> list[str]:
+    """Fastest first; ties keep the cluster file's order."""
+    index = {n.name: i for i, n in enumerate(cluster.nodes)}
+    return sorted(names, key=lambda n: (-effective_speed(cluster, n, profile), index[n]))
+
+
+def by_memory(cluster: Cluster, names) -> list[str]:
+    """exo's ring order: most memory first, ties by name descending."""
+    return sorted(names, key=lambda n: (cluster.node(n).memory_gb, n), reverse=True)

@@ -12,8 +12,11 @@ from reports import plots, tables, targets
 from reports.run import Run, per_request_latencies
 from reports.template import PAGE
 
-COMPARE_KEYS = ("completed", "failed", "output_throughput", "request_throughput", "median_ttft_ms",
-                "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "p99_e2el_ms")
+COMPARE_KEYS = (
+    ("completed", "completed"), ("failed", "failed"), ("output_throughput", "output tok/s"),
+    ("request_throughput", "req/s"), ("median_ttft_ms", "median TTFT ms"), ("p99_ttft_ms", "p99 TTFT ms"),
+    ("median_tpot_ms", "median TPOT ms"), ("p99_tpot_ms", "p99 TPOT ms"), ("p99_e2el_ms", "p99 E2E ms"),
+)
 
 
 @dataclass
@@ -29,7 +32,7 @@ class TargetRow:
 
     @property
     def status_class(self) -> str:
-        return self.status.replace(" ", "")
+        return self.status.split(" (")[0].replace(" ", "")
 
 
 @dataclass
@@ -166,6 +169,11 @@ def _sweep(runs: list[Run]) -> plots.Plot | None:
     labels = {label for value, label in loads if value is not None}
     if len(labels) != 1:
         return None     # runs offered load in different units (or none): not a sweep
+    per_strategy: dict[str, set[float]] = {}
+    for run, (value, _) in zip(runs, loads):
+        per_strategy.setdefault(run.strategy, set()).add(value)
+    if max(len(v) for v in per_strategy.values()) < 2:
+        return None     # no strategy was run at two loads: a comparison, not a sweep
     return plots.load_sweep(runs, [v for v, _ in loads], labels.pop())
 
 

@@ -221,6 +221,6 @@ def load_sweep(runs: list[Run], loads: list[float | None], load_label: str) -> P
     ax_lat.set_xlabel(load_label)
     ax_lat.set_ylabel("latency (ms)")
     ax_lat.set_yscale("log")
-    ax_lat.legend(fontsize=7, frameon=False)
+    ax_lat.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1))
     return Plot("Throughput and latency against load", _sources([r.source for r, _ in points]), _png(fig),
                 f"{len(points)} runs; x is the {load_label}.")

@@ -84,10 +84,10 @@ def headline_table(metrics: dict[str, Any]) -> Table:
     return Table(["figure", "value", "unit"], rows)
 
 
-def comparison_table(runs: list[Run], keys: tuple[str, ...]) -> Table:
-    """One row per run, one column per metric key."""
-    rows = [[run.name, run.strategy, run.source] + [fmt(run.metrics.get(k)) for k in keys] for run in runs]
-    return Table(["run", "strategy", "source", *keys], rows)
+def comparison_table(runs: list[Run], keys: tuple[tuple[str, str], ...]) -> Table:
+    """One row per run, one column per (metric key, column label)."""
+    rows = [[run.name, run.strategy, run.source] + [fmt(run.metrics.get(k)) for k, _ in keys] for run in runs]
+    return Table(["run", "strategy", "source", *(label for _, label in keys)], rows)
 
 
 def plan_table(run: Run) -> Table | None:

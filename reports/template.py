@@ -21,6 +21,8 @@ PAGE = r"""<!DOCTYPE html>
   th { background: #f0f3f6; text-align: center; }
   td:first-child, th:first-child { text-align: left; }
   td.text { text-align: left; }
+  td.status-cell { text-align: center; }
+  .scroll { overflow-x: auto; }
   tr.fail td { background: #fdecec; }
   .status { font-weight: 700; padding: 1px 8px; border-radius: 10px; white-space: nowrap; }
   .status.pass { background: #dff3e4; color: #17692c; }
@@ -63,11 +65,11 @@ Every figure and number says where it comes from:
 {% for part in source.split(' + ') %}<span class="badge {{ part }}">{{ part }}</span>{% endfor %}
 {%- endmacro %}
 
-{% macro table(t, fail_rows=()) -%}
-<table>
+{% macro table(t) -%}
+<div class="scroll"><table>
 <thead><tr>{% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead>
 <tbody>{% for row in t.rows %}<tr>{% for cell in row %}<td{% if loop.first %} class="text"{% endif %}>{{ cell }}</td>{% endfor %}</tr>{% endfor %}</tbody>
-</table>
+</table></div>
 {%- endmacro %}
 
 {% macro figure(p) -%}
@@ -87,7 +89,7 @@ Every figure and number says where it comes from:
 <tr class="{{ r.status_class }}"><td class="text">{{ r.name }}</td><td class="text"><code>{{ r.metric }}</code></td>
 <td>{{ r.threshold }}</td><td>{{ r.value }}</td><td class="text">{{ badge(r.source) if r.source else '–' }}</td>
 <td>{{ r.theoretical }}</td>
-<td><span class="status {{ r.status_class }}">{{ r.status }}</span></td><td class="text">{{ r.notes }}</td></tr>
+<td class="status-cell"><span class="status {{ r.status_class }}">{{ r.status }}</span></td><td class="text">{{ r.notes }}</td></tr>
 {% endfor %}
 </tbody>
 </table>

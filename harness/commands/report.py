@@ -1,0 +1,26 @@
+"""`python -m harness report RUN_DIR [RUN_DIR ...]`: re-render saved run folders into one HTML report."""
+from __future__ import annotations
+
+HELP = "re-render the HTML report of saved run folders (nothing is re-run)"
+DESCRIPTION = """\
+Re-render the HTML report from saved run folders: tables, figures, targets pass/fail.
+One run folder: writes RUN_DIR/report.html. Several: writes one comparison page (strategy comparison,
+throughput and latency against load when the runs form a sweep) next to the first run, or to --out.
+The page is self-contained (images inline, no network)."""
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="saved run folder(s), e.g. runs/out/<run-id>")
+    parser.add_argument("--out", metavar="FILE", help="where to write the HTML (default: see above)")
+
+
+def run(args) -> int:
+    import reports
+
+    path = reports.render(args.run_dirs, args.out)
+    runs = [reports.load_run(p) for p in args.run_dirs]
+    for r in runs:
+        if r.incomplete:
+            print(f"warning: {r.path} is incomplete ({r.incomplete_reason}); the report says so")
+    print(f"report: {path}")
+    return 0

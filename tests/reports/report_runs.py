@@ -1,0 +1,80 @@
+"""Small run folders written with the project's run-folder writer, in the documented format (DESIGN §9).
+
+Times are built so that metrics are known exactly: every request has TTFT `ttft_s` and TPOT `tpot_s`."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from harness import metrics
+from harness.runfolder import RunWriter
+
+PLAN = {
+    "strategy": "ring_memory_weighted", "objective": "time_per_token", "model": "llama-3.1-70b", "quant": "4bit",
+    "stages": [
+        {"nodes": ["studio-1"], "layer_start": 0, "layer_end": 40, "tp_degree": 1,
+         "memory_used_gb": 150.0, "memory_available_gb": 180.0, "decode_ms": 30.0},
+        {"nodes": ["mini-1"], "layer_start": 40, "layer_end": 56, "tp_degree": 1,
+         "memory_used_gb": 40.0, "memory_available_gb": 48.0, "decode_ms": 20.0},
+        {"nodes": ["mini-2", "mini-3"], "layer_start": 56, "layer_end": 80, "tp_degree": 2,
+         "memory_used_gb": 60.0, "memory_available_gb": 96.0, "decode_ms": 25.0},
+    ],
+    "predicted": {"load_time_s": 41.0, "median_ttft_ms": 80.0},
+    "warnings": [],
+}
+
+
+def request_rows(n: int, seed: int = 0, source: str = "simulated", ttft_s: float = 0.05,
+                 tpot_s: float = 0.02, rate: float = 5.0) -> pd.DataFrame:
+    """n requests with exact chunk times: TTFT and TPOT are known by construction."""
+    rng = np.random.default_rng(seed)
+    start = np.cumsum(rng.exponential(1.0 / rate, n))
+    out = rng.integers(8, 32, n)
+    chunks = [list(s + ttft_s + tpot_s * np.arange(k)) for s, k in zip(start, out)]
+    return pd.DataFrame({
+        "request_id": [f"req-{i:06d}" for i in range(n)], "source": source,
+        "scheduled_s": start, "start_s": start, "first_token_s": start + ttft_s,
+        "end_s": [c[-1] for c in chunks], "prompt_tokens": np.full(n, 512), "output_tokens": out,
+        "cached_tokens": np.zeros(n, dtype=int), "chunk_times_s": chunks,
+        "success": np.ones(n, dtype=bool), "error": "",
+    })
+
+
+def step_rows(duration_s: float, source: str = "simulated") -> pd.DataFrame:
+    rows = []
+    for stage, node in enumerate(["studio-1", "mini-1", "mini-2"]):
+        rows.append((0, stage, node, "load", 0.0, 2.0 + stage, 0, 0, 0, source))
+        t = 3.0 + stage * 0.01
+        for step in range(1, int(duration_s / 0.05)):
+            rows.append((step, stage, node, "decode", t, t + 0.03, 4, 4, step * 1_000_000 % 9_000_000_000, source))
+            t += 0.05
+    return pd.DataFrame(rows, columns=["step", "stage", "node", "kind", "start_s", "end_s", "batch_size", "tokens",
+                                       "kv_bytes", "source"])
+
+
+def write_run(root, label="run", n=60, seed=0, source="simulated", plan=PLAN, targets=None, rate=5.0,
+              ttft_s=0.05, tpot_s=0.02, finish=True, extra_metrics=None, strategy=None):
+    """Write a run folder with the project's writer; finish=False leaves it interrupted."""
+    requests = request_rows(n, seed, source, ttft_s, tpot_s, rate)
+    plan = dict(plan, strategy=strategy or plan["strategy"])
+    config = {"strategy": plan["strategy"], "backend": "sim", "model": plan["model"],
+              "workload": {"kind": "synthetic", "num_requests": n, "seed": seed,
+                           "arrival": {"process": "poisson", "rate": rate}}}
+    if targets is not None:
+        config["targets"] = targets
+    writer = RunWriter(root, label=label, run_id=label)
+    writer.write_json("config.json", config)
+    writer.write_json("environment.json", {"python": "3.11", "git_commit": "0123456789abcdef"})
+    writer.write_json("plan.json", plan)
+    writer.write_requests(requests)
+    writer.write_steps(step_rows(float(requests["end_s"].max()), source))
+    if finish:
+        summary_metrics = metrics.compute(requests) | (extra_metrics or {})
+        writer.finish({"source": source, "metrics": summary_metrics})
+    else:
+        try:
+            with writer:        # what Ctrl-C during a run does to its folder
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            pass
+    return writer.path

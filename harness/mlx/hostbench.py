@@ -162,13 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     if mode == "compute":
         print(json.dumps(measure_compute(argv[1] if len(argv) > 1 else None)))
     elif mode == "gemm":
-        print(json.dumps({"gemm_fp32_gflops": gemm_gflops(m=128, n=1024, k=4096)}))
+        print(json.dumps({"gemm_fp32_gflops": gemm_gflops(m=128, n=1024, k=4096),
+                          "gemv_fp32_gbs": gemv_bandwidth_gbs(rows=4096, reps=5)}))
+    elif mode == "decode":
+        step, nbytes = decode_step_s(argv[1], tokens=int(argv[2]) if len(argv) > 2 else 64)
+        print(json.dumps({"decode_step_s": step, "model_bytes": nbytes}))
     elif mode == "ring":
         res = ring_pingpong()
         if "MLX_RANK" in os.environ and os.environ["MLX_RANK"] == "0":
             print(json.dumps(res))
     else:
-        print(f"unknown mode {mode!r}: compute | gemm | ring", file=sys.stderr)
+        print(f"unknown mode {mode!r}: compute | gemm | decode | ring", file=sys.stderr)
         return 2
     return 0
 

@@ -8,6 +8,7 @@ from typing import Callable
 from harness.specs import UserError
 
 _PARTITIONERS: dict[str, Callable] = {}
+_CACHE_POLICIES: dict[str, Callable] = {}
 
 
 def partitioner(name: str):
@@ -20,11 +21,23 @@ def partitioner(name: str):
     return register
 
 
+def cache_policy(name: str):
+    """Decorator: register a caching policy factory `make(config) -> policy`; duplicates are refused."""
+    def register(fn: Callable) -> Callable:
+        if name in _CACHE_POLICIES:
+            raise ValueError(f"cache policy {name!r} is registered twice")
+        _CACHE_POLICIES[name] = fn
+        return fn
+    return register
+
+
 def _load_all() -> None:
-    import strategies.partitioning as pkg
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"strategies.partitioning.{info.name}")
+    import strategies.caching
+    import strategies.partitioning
+    for pkg in (strategies.partitioning, strategies.caching):
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
 PREFERRED_ORDER = ("uniform", "ring_memory_weighted", "compute_balanced", "min_latency", "hybrid_optimal")
@@ -41,3 +54,15 @@ def get_strategy(name: str) -> Callable:
     if name not in _PARTITIONERS:
         raise UserError(f"unknown strategy {name!r}; known strategies: {', '.join(_PARTITIONERS)}")
     return _PARTITIONERS[name]
+
+
+def cache_policy_names() -> list[str]:
+    _load_all()
+    return sorted(_CACHE_POLICIES)
+
+
+def get_cache_policy(name: str) -> Callable:
+    _load_all()
+    if name not in _CACHE_POLICIES:
+        raise UserError(f"unknown cache policy {name!r}; known policies: {', '.join(sorted(_CACHE_POLICIES))}")
+    return _CACHE_POLICIES[name]

@@ -1,0 +1,245 @@
+"""The simulated cluster as a real-time Backend: behind the HTTP server, a client sees the simulated
+cluster's time to first token and token cadence on its own clock.
+
+How: one pacer task on the server's event loop maps virtual time to the monotonic clock
+(virtual = v0 + (now - w0) * speed) and drives `sim.Engine` incrementally: it sleeps until the wall-clock
+time of the engine's next event, then `engine.advance(now)`. A request is `engine.submit()`ted at the
+virtual "now" of its arrival, so concurrent HTTP requests batch together exactly as the engine decides.
+The engine's `on_tokens` callback turns each micro-batch's tokens into TokenEvents stamped with the wall
+time of their virtual emit time.
+
+Known gaps against the simulator run in virtual time:
+- the engine reports a micro-batch when its token ids are back at the first stage, so tokens reach the
+  client one return hop (link latency) after their emit time; the event's `time_s` is the emit time;
+- asyncio timers wake up to ~1 ms late; every token of a step is late by the same amount, so TPOT keeps
+  its value and TTFT gains about a millisecond;
+- a cancelled request keeps running in the engine (it has no cancel call yet); its tokens are dropped.
+
+The sim generates exactly `max_tokens` tokens (it has no EOS), the same token ids as the instant backend
+for a given seed, and counts prompts with the same word tokenizer.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import numpy as np
+
+from harness.backend import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent
+from harness.instant_backend import WordTokenizer, output_token
+
+
+@dataclass
+class _Pending:
+    request: GenerationRequest
+    queue: asyncio.Queue
+    emitted: int = 0
+    done: bool = False
+
+
+@dataclass
+class SimBackendConfig:
+    speed: float = 1.0                   # virtual seconds per wall second (1 = real time)
+    max_waiting: int | None = None       # QueueFull beyond this many requests waiting for admission
+    include_load: bool = True            # simulate model loading (in virtual time, not paced) for load()'s report
+    model_id: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class SimBackend:
+    """Backend over `sim.Engine` paced in real time. Build with the same inputs as `sim.simulate`."""
+
+    name = "sim"
+
+    def __init__(self, cluster, model, plan, profile, engine_config=None, config: SimBackendConfig | None = None):
+        from sim.engine import EngineConfig
+        self.cluster, self.model, self.plan, self.profile = cluster, model, plan, profile
+        self.engine_config = engine_config or EngineConfig()
+        self.config = config or SimBackendConfig()
+        if not self.config.speed > 0:
+            raise ValueError("speed must be > 0")
+        self.model_id = self.config.model_id or getattr(model, "name", "sim")
+        self.tokenizer = WordTokenizer()
+        self.engine = None
+        self._pending: dict[int, _Pending] = {}
+        self._pacer: asyncio.Task | None = None
+        self._kick: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._w0 = self._v0 = 0.0
+        self.cancelled = 0
+
+    # ------------------------------------------------------------------ tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    # ------------------------------------------------------------------ clock
+
+    def virtual_now(self) -> float:
+        return self._v0 + (time.monotonic() - self._w0) * self.config.speed
+
+    def wall_of(self, virtual_s: float) -> float:
+        """time.monotonic() value at which virtual time `virtual_s` happens."""
+        return self._w0 + (virtual_s - self._v0) / self.config.speed
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def load(self) -> LoadReport:
+        import simpy
+        from sim.engine import Engine
+        report = self._load_report()
+        env = simpy.Environment()
+        self.engine = Engine(env, self.cluster, self.model, self.plan, self.profile, self.engine_config,
+                             on_tokens=self._on_tokens, on_finish=self._on_finish)
+        self._w0, self._v0 = time.monotonic(), env.now
+        self._kick = asyncio.Event()
+        self._pacer = asyncio.get_running_loop().create_task(self._pace(), name="sim-pacer")
+        return report
+
+    def _load_report(self) -> LoadReport:
+        import simpy
+        from sim.engine import Engine
+        from sim.loading import load_nodes
+        probe = Engine(simpy.Environment(), self.cluster, self.model, self.plan, self.profile, self.engine_config)
+        mem = {n: int(st.weight_bytes_node) for st in probe.stages for n in st.nodes}
+        if not self.config.include_load:
+            return LoadReport({}, mem, "simulated", ("model loading not simulated",))
+        env = simpy.Environment()
+        done, _rows = load_nodes(env, self.cluster, probe.stages, self.profile)
+        env.run()
+        return LoadReport(dict(done), mem, "simulated",
+                          ("load times simulated in virtual time; serving starts at once in real time",))
+
+    async def close(self) -> None:
+        if self._pacer is not None:
+            self._pacer.cancel()
+            await asyncio.gather(self._pacer, return_exceptions=True)
+            self._pacer = None
+        for p in self._pending.values():
+            p.queue.put_nowait(BackendUnavailable("sim backend closed"))
+        self._pending.clear()
+        self.engine = None
+
+    # ------------------------------------------------------------------ the pacer
+
+    async def _pace(self) -> None:
+        try:
+            while True:
+                self.engine.advance(self.virtual_now())
+                nxt = _next_event_time(self.engine)
+                delay = math.inf if math.isinf(nxt) else self.wall_of(nxt) - time.monotonic()
+                self._kick.clear()
+                if delay <= 0:
+                    await asyncio.sleep(0)       # due already: let the loop breathe, then advance
+                    continue
+                try:
+                    await asyncio.wait_for(self._kick.wait(), None if math.isinf(delay) else delay)
+                except TimeoutError:
+                    pass
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:   # an engine bug must fail the waiting requests, not hang them
+            self._error = exc
+            for p in self._pending.values():
+                p.queue.put_nowait(BackendUnavailable(f"sim engine failed: {exc!r}"))
+            raise
+
+    def _on_tokens(self, t: float, slots: np.ndarray, done: np.ndarray) -> None:
+        when = self.wall_of(t)
+        for slot, last in zip(slots.tolist(), done.tolist()):
+            p = self._pending.get(slot)
+            if p is None:        # cancelled by its client, or a request of another owner
+                continue
+            token = output_token(p.request, p.emitted)
+            p.emitted += 1
+            p.done = bool(last)
+            p.queue.put_nowait(TokenEvent(token_id=token, text=self.tokenizer.token_text(token), time_s=when,
+                                          finish_reason="length" if last else None,
+                                          prompt_tokens=len(p.request.prompt)))
+
+    def _on_finish(self, t: float, slots: np.ndarray) -> None:
+        from sim.engine import FAILED
+        for slot in slots.tolist():
+            p = self._pending.get(slot)
+            if p is not None and self.engine.status[slot] == FAILED:
+                p.queue.put_nowait(BackendUnavailable(self.engine.errors.get(slot, "request failed")))
+
+    # ------------------------------------------------------------------ Backend API
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        if self.engine is None or self._error is not None:
+            raise BackendUnavailable(f"sim backend not loaded{f' ({self._error!r})' if self._error else ''}")
+        return self._stream(request)
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        engine = self.engine
+        if self.config.max_waiting is not None and len(engine.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"{len(engine.waiting)} requests waiting (max_waiting={self.config.max_waiting})")
+        engine.advance(self.virtual_now())   # the engine's clock must read "now" before the request enters
+        pending = _Pending(request, asyncio.Queue())
+        slot = engine.submit(len(request.prompt), request.max_tokens, request.request_id)
+        self._pending[slot] = pending
+        if slot in engine.errors:
+            del self._pending[slot]
+            raise BackendUnavailable(engine.errors[slot])
+        self._kick.set()
+        try:
+            while True:
+                item = await pending.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if self._pending.pop(slot, None) is not None and not pending.done:
+                self.cancelled += 1
+                cancel = getattr(engine, "cancel", None)
+                if cancel is not None:   # free its batch slot and KV when the engine supports it
+                    cancel(slot)
+
+    def stats(self) -> dict:
+        engine = self.engine
+        if engine is None:
+            return {"healthy": False, "num_requests_running": 0, "num_requests_waiting": 0}
+        from sim.engine import RUNNING
+        used = engine.total_blocks - engine.free_blocks
+        frac = used / engine.total_blocks if engine.total_blocks else 0.0
+        per_node = {n: st.kv_bytes_per_token_node * engine.block * used for st in engine.stages for n in st.nodes}
+        return {"healthy": self._error is None,
+                "num_requests_running": int(np.count_nonzero(engine.status[:engine.n] == RUNNING)),
+                "num_requests_waiting": len(engine.waiting),
+                "kv_cache_usage": {n: frac for n in per_node}, "kv_cache_bytes": per_node,
+                "virtual_now_s": engine.env.now, "preemptions": engine.preemptions,
+                "requests_cancelled": self.cancelled, "source": "simulated"}
+
+    def requests_table(self):
+        """The engine's own records of what it served (virtual time, source="simulated")."""
+        return self.engine.requests_table()
+
+    def steps_table(self):
+        return self.engine.steps_table()
+
+
+def _next_event_time(engine) -> float:
+    """The engine's next real event. SimPy (4.1) re-queues `run(until)`'s spent stop marker at `now` with
+    no callbacks, so `env.peek()` right after `advance()` says "now" forever; look past such markers."""
+    t = engine.next_event_time()
+    env = engine.env
+    if t > env.now:
+        return t
+    return min((item[0] for item in env._queue if item[0] > env.now or item[3].callbacks), default=math.inf)
+
+
+def sim_backend_from_args(args, strategy: str | None = None, speed: float = 1.0) -> SimBackend:
+    """A SimBackend from the plan arguments of harness.planning (cluster, model, quant, strategy, profile)."""
+    from harness.costmodel import load_profile
+    from harness.planning import make_plan
+    cluster, model, plan = make_plan(args, strategy)
+    return SimBackend(cluster, model, plan, load_profile(args.profile), config=SimBackendConfig(speed=speed))

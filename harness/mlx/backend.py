@@ -51,6 +51,7 @@ class _Req:
     end: float | None = None
     finish: str | None = None
     cancelled: bool = False
+    error: str | None = None
     chunk_times: list[float] = field(default_factory=list)
 
     def deliver(self, item) -> None:
@@ -373,6 +374,7 @@ class MlxBackend:
             self._group.close(grace_s=0.2)
         for req in pending:
             req.end = req.end or time.time()
+            req.error = str(exc)
             req.deliver(exc)
 
     # ------------------------------------------------------------------ Backend API
@@ -400,7 +402,7 @@ class MlxBackend:
                 if item.finish_reason is not None:
                     return
         finally:
-            if req.finish is None:        # the client went away or failed: free its batch slot
+            if req.finish is None and req.error is None:   # the client went away: free its batch slot
                 with self._cv:
                     req.cancelled = True
                     req.end = req.end or time.time()
@@ -412,7 +414,8 @@ class MlxBackend:
         with self._cv:
             out = {"num_requests_running": len(self._running), "num_requests_waiting": len(self._waiting),
                    "steps": self._step_no, "ranks": len(self.split), "split": self.split,
-                   "error": str(self._error) if self._error else None}
+                   "error": str(self._error) if self._error else None,
+                   "healthy": self._error is None and self._thread is not None and not self._stopping}
         last = {}
         for row in reversed(self._steps):
             if row["kind"] in ("prefill", "decode", "mixed") and row["node"] not in last:
@@ -428,7 +431,7 @@ class MlxBackend:
         nan = float("nan")
         rows = []
         for r in list(self._all):
-            err = "" if r.finish else ("cancelled" if r.cancelled else (str(self._error) if self._error else "unfinished"))
+            err = "" if r.finish else (r.error or ("cancelled" if r.cancelled else "unfinished"))
             rows.append({"request_id": r.request.request_id, "source": "measured", "scheduled_s": r.arrival - t0,
                          "start_s": r.arrival - t0, "first_token_s": (r.first - t0) if r.first else nan,
                          "end_s": (r.end - t0) if r.end else nan, "prompt_tokens": len(r.request.prompt),

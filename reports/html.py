@@ -87,7 +87,8 @@ def _model_name(run: Run) -> str:
     model = run.plan.get("model") or run.config.get("model") or ""
     if isinstance(model, dict):
         model = model.get("name", "")
-    quant = run.plan.get("quant") or run.config.get("quantization") or ""
+    bits = run.plan.get("quant_bits") or run.config.get("quant_bits")
+    quant = f"{bits}-bit" if bits else run.plan.get("quant") or run.config.get("quantization") or ""
     return f"{model} ({quant})" if model and quant else str(model)
 
 
@@ -97,7 +98,7 @@ def _environment_table(run: Run) -> tables.Table:
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items() if v is not None)
         rows.append([key, tables.fmt(value)])
-    return tables.Table(["key", "value"], rows)
+    return tables.Table(["key", "value"], rows, text_columns=2)
 
 
 def _run_plots(run: Run) -> tuple[list[plots.Plot], list[str]]:
@@ -131,6 +132,24 @@ def run_view(run: Run, with_plots: bool = True) -> RunView:
         plan_table=tables.plan_table(run), warnings=[str(w) for w in run.plan.get("warnings") or []],
         environment=_environment_table(run), plots=made, plot_notes=notes,
     )
+
+
+def targets_matrix(runs: list[Run]) -> tables.Table | None:
+    """One row per run, one column per target (name and threshold): status and the deciding figure."""
+    columns: dict[tuple[str, str], None] = {}
+    cells: list[dict[tuple[str, str], str]] = []
+    for run in runs:
+        row = {}
+        for r in targets.evaluate(run):
+            key = (r.target.name, r.target.text)
+            columns.setdefault(key)
+            fig = r.deciding
+            row[key] = r.status if fig is None else f"{r.status}: {_figure_text(fig, r.target.unit)} ({fig.source})"
+        cells.append(row)
+    if not columns:
+        return None
+    rows = [[run.name] + [row.get(key, "–") for key in columns] for run, row in zip(runs, cells)]
+    return tables.Table(["run", *(f"{name} {text}" for name, text in columns)], rows, text_columns=len(columns) + 1)
 
 
 def offered_load(run: Run) -> tuple[float | None, str]:
@@ -181,7 +200,7 @@ def render_html(runs: list[Run], with_plots: bool = True) -> str:
     views = [run_view(r, with_plots) for r in runs]
     comparison = None
     if len(runs) > 1:
-        comparison = {"table": tables.comparison_table(runs, COMPARE_KEYS),
+        comparison = {"table": tables.comparison_table(runs, COMPARE_KEYS), "targets": targets_matrix(runs),
                       "plots": comparison_plots(runs) if with_plots else []}
     title = f"Run report: {runs[0].name}" if len(runs) == 1 else f"Comparison report: {len(runs)} runs"
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)

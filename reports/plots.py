@@ -51,12 +51,12 @@ def latency_distributions(run: Run, per_request: pd.DataFrame | None) -> Plot | 
     fig = Figure(figsize=(4.2 * len(columns), 3.2))
     for i, (column, label) in enumerate(columns, start=1):
         ax = fig.add_subplot(1, len(columns), i)
-        values = per_request[column].dropna().to_numpy(dtype=float)
+        # Rounded to 1 ns: float noise on identical latencies would otherwise become unreadable tick labels.
+        values = np.round(per_request[column].dropna().to_numpy(dtype=float), 6)
         ax.hist(values, bins=min(50, max(5, int(math.sqrt(len(values))))), color="#4c78a8", alpha=0.85)
         for q, style in ((50, "-"), (99, "--")):
             x = float(np.percentile(values, q))
             ax.axvline(x, color="#e45756", linestyle=style, linewidth=1.2, label=f"p{q} {x:.3g} ms")
-        ax.ticklabel_format(axis="x", useOffset=False, style="plain")
         ax.set_xlabel(f"{label} (ms)")
         ax.set_ylabel("requests" if i == 1 else "")
         ax.legend(fontsize=8, frameon=False)
@@ -109,60 +109,86 @@ def node_timelines(run: Run, bins: int = 120) -> Plot | None:
                 f"fraction of each bin spent in {', '.join(COMPUTE_KINDS)} steps.")
 
 
-def _stage_label(stage: dict) -> tuple[str, str]:
-    nodes = stage.get("nodes") or [stage.get("node", "?")]
-    name = " + ".join(map(str, nodes))
-    tp = stage.get("tp_degree", 1) or 1
-    start, end = stage.get("layer_start"), stage.get("layer_end")
-    lines = [f"layers {start}–{end - 1}" if isinstance(start, int) and isinstance(end, int) else "layers ?"]
-    if tp > 1:
-        lines.append(f"TP x{tp}")
-    used, avail = stage.get("memory_used_gb"), stage.get("memory_available_gb")
-    if used is not None and avail:
-        lines.append(f"{used:.1f} / {avail:.0f} GB")
-    return name, "\n".join(lines)
+def ring_members(plan: dict) -> list[dict]:
+    """One entry per node in ring order (stages in layer order, tensor-parallel members side by side).
+
+    Plan memory figures are per member node (harness.specs.Stage), so each node shows its stage's figures.
+    """
+    members = []
+    for index, stage in enumerate(plan.get("stages") or []):
+        nodes = list(stage.get("nodes") or [stage.get("node", "?")])
+        for node in nodes:
+            members.append({"node": str(node), "stage": index, "group": len(nodes),
+                            "layer_start": stage.get("layer_start"), "layer_end": stage.get("layer_end"),
+                            "used": float(stage.get("memory_used_gb") or 0.0),
+                            "available": float(stage.get("memory_available_gb") or 0.0)})
+    return members
+
+
+def _member_label(m: dict) -> str:
+    start, end = m["layer_start"], m["layer_end"]
+    layers = f"layers {start}–{end - 1} ({end - start})" if isinstance(start, int) and isinstance(end, int) \
+        else "layers ?"
+    if m["group"] > 1:
+        layers += f", TP 1/{m['group']}"
+    memory = f"{m['used']:.1f} / {m['available']:.0f} GB" if m["available"] else "memory ?"
+    return f"{m['node']}\nstage {m['stage']}: {layers}\n{memory}"
+
+
+def _arrow(ax, a, b, r, **style):
+    """From the rim of circle a to the rim of circle b (centres would hide the arrow heads)."""
+    (x0, y0), (x1, y1) = a, b
+    dx, dy = x1 - x0, y1 - y0
+    cut = r * 1.1 / math.hypot(dx, dy)
+    ax.add_patch(FancyArrowPatch((x0 + dx * cut, y0 + dy * cut), (x1 - dx * cut, y1 - dy * cut),
+                                 mutation_scale=14, **style))
 
 
 def partition_ring(run: Run) -> Plot | None:
-    """The plan's stages on a ring in layer order; a circle's filled share is its memory used / available."""
-    stages = run.plan.get("stages") or []
-    if not stages:
+    """Nodes on a ring in the plan's order; each circle's shaded share is its memory used / available."""
+    members = ring_members(run.plan)
+    if not members:
         return None
-    n = len(stages)
-    fig = Figure(figsize=(7.5, 7.5))
+    n = len(members)
+    fig = Figure(figsize=(8, 7.5))
     ax = fig.add_subplot(1, 1, 1)
     ax.set_aspect("equal")
     ax.axis("off")
     radius = 1.0 if n > 1 else 0.0
-    node_r = min(0.32, 2.2 / max(n, 1)) if n > 1 else 0.45
+    r = min(0.3, 2.0 / n) if n > 1 else 0.45
     angles = [math.pi / 2 - 2 * math.pi * i / n for i in range(n)]
-    centres = [(radius * math.cos(a), radius * math.sin(a)) for a in angles]
-    for i, (stage, (x, y)) in enumerate(zip(stages, centres)):
-        used, avail = stage.get("memory_used_gb") or 0.0, stage.get("memory_available_gb") or 0.0
-        share = min(1.0, used / avail) if avail else 0.0
-        ax.add_patch(Circle((x, y), node_r, facecolor="#eef3f8", edgecolor="#4c78a8", linewidth=2))
-        ax.add_patch(Wedge((x, y), node_r, 90, 90 + 360 * share, facecolor="#4c78a8", alpha=0.35))
-        name, detail = _stage_label(stage)
-        ax.text(x, y + 0.05 * node_r, f"{i}", ha="center", va="center", fontsize=9, color="#555")
-        label_r = radius + node_r + 0.25 if n > 1 else node_r + 0.3
-        lx, ly = label_r * math.cos(angles[i]), label_r * math.sin(angles[i])
-        ax.text(lx, ly, f"{name}\n{detail}", ha="center", va="center", fontsize=9,
+    centres = [(radius * math.cos(t), radius * math.sin(t)) for t in angles]
+    for m, (x, y), angle in zip(members, centres, angles):
+        share = min(1.0, m["used"] / m["available"]) if m["available"] else 0.0
+        ax.add_patch(Circle((x, y), r, facecolor="#eef3f8", edgecolor="#4c78a8", linewidth=2))
+        ax.add_patch(Wedge((x, y), r, 90, 90 + 360 * share, facecolor="#4c78a8", alpha=0.45))
+        ax.text(x, y, f"{share:.0%}", ha="center", va="center", fontsize=9, color="#1d2733")
+        out = radius + r + 0.12 if n > 1 else r + 0.12
+        cos, sin = (math.cos(angle), math.sin(angle)) if n > 1 else (0.0, -1.0)
+        # Anchor each label on the side facing away from the ring so it never covers a circle.
+        ha = "left" if cos > 0.3 else "right" if cos < -0.3 else "center"
+        va = "bottom" if sin > 0.3 else "top" if sin < -0.3 else "center"
+        ax.text(out * cos, out * sin, _member_label(m), ha=ha, va=va, fontsize=8.5,
                 bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#ccc"})
     for i in range(n if n > 1 else 0):
-        (x0, y0), (x1, y1) = centres[i], centres[(i + 1) % n]
-        back = i == n - 1
-        # Start and end on the circles' rims rather than their centres.
-        dx, dy = x1 - x0, y1 - y0
-        cut = node_r * 1.08 / math.hypot(dx, dy)
-        ax.add_patch(FancyArrowPatch((x0 + dx * cut, y0 + dy * cut), (x1 - dx * cut, y1 - dy * cut),
-                                     arrowstyle="-|>", mutation_scale=14, color="#999" if back else "#333",
-                                     linestyle="--" if back else "-", connectionstyle="arc3,rad=-0.25"))
-    span = radius + node_r + 0.75
-    ax.set_xlim(-span, span)
+        a, b = members[i], members[(i + 1) % n]
+        if a["stage"] == b["stage"]:       # tensor-parallel partners exchange partial results both ways
+            _arrow(ax, centres[i], centres[(i + 1) % n], r, arrowstyle="<|-|>", color="#e45756", linewidth=2)
+        elif (i + 1) % n == 0:             # the last stage sends token ids back to the first
+            _arrow(ax, centres[i], centres[0], r, arrowstyle="-|>", color="#999", linestyle="--",
+                   connectionstyle="arc3,rad=-0.2")
+        else:
+            _arrow(ax, centres[i], centres[i + 1], r, arrowstyle="-|>", color="#333",
+                   connectionstyle="arc3,rad=-0.2")
+    span = radius + r + 0.75
+    ax.set_xlim(-span - 0.5, span + 0.5)     # room for the labels at the sides
     ax.set_ylim(-span, span)
-    layers = sum((s.get("layer_end", 0) or 0) - (s.get("layer_start", 0) or 0) for s in stages)
-    caption = (f"{run.plan.get('strategy', '?')} plan: {n} stage(s), {layers} layers. Solid arrows carry activations "
-               f"in layer order; the dashed arrow returns token ids. Shaded share = memory used / available.")
+    plan = run.plan
+    stages = plan.get("stages") or []
+    caption = (f"{plan.get('strategy', '?')} plan: {n} node(s) in {len(stages)} stage(s), "
+               f"{plan.get('num_layers', sum((s.get('layer_end') or 0) - (s.get('layer_start') or 0) for s in stages))}"
+               " layers. Black arrows carry activations in layer order, the dashed arrow returns token ids, red "
+               "arrows join tensor-parallel partners. Shaded share and percentage: memory used / available per node.")
     return Plot("Partition ring", "theoretical", _png(fig), caption)
 
 
@@ -175,26 +201,33 @@ COMPARE_METRICS = (
 
 
 def strategy_comparison(runs: list[Run], predicted: dict[str, list[float | None]] | None = None) -> Plot | None:
-    """Bars per run for the headline metrics; plan predictions (theoretical) drawn as markers beside them."""
+    """Horizontal bars per run for the headline metrics; plan predictions (theoretical) as markers on them."""
     present = [(k, label) for k, label in COMPARE_METRICS if any(k in r.metrics for r in runs)]
     if len(runs) < 2 or not present:
         return None
     predicted = predicted or {}
-    fig = Figure(figsize=(4.0 * len(present), 3.8))
-    names = [f"{r.strategy}\n{r.name}" if r.strategy != r.name else r.name for r in runs]
+    fig = Figure(figsize=(11, 1.2 + 0.38 * len(runs) * 1.0 + 0.6))
+    rows = np.arange(len(runs))[::-1]          # first run on top, as in the table above
+    drew_theory = False
+    axes = []
     for i, (key, label) in enumerate(present, start=1):
-        ax = fig.add_subplot(1, len(present), i)
-        values = [float(r.metrics.get(key, np.nan)) for r in runs]
-        ax.bar(range(len(runs)), values, color="#4c78a8")
+        ax = fig.add_subplot(1, len(present), i, sharey=axes[0] if axes else None)
+        axes.append(ax)
+        ax.barh(rows, [float(r.metrics.get(key, np.nan)) for r in runs], color="#4c78a8", height=0.6)
         guess = predicted.get(key)
         if guess and any(v is not None for v in guess):
-            ax.scatter(range(len(runs)), [np.nan if v is None else v for v in guess], marker="D", color="#f58518",
-                       zorder=3, label="theoretical (plan)")
-            ax.legend(fontsize=8, frameon=False)
-        ax.set_xticks(range(len(runs)), names, rotation=30, ha="right", fontsize=8)
+            ax.scatter([np.nan if v is None else v for v in guess], rows, marker="D", color="#f58518", zorder=3,
+                       label="theoretical (plan)")
+            ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+            drew_theory = True
         ax.set_title(label, fontsize=10)
-    source = _sources([r.source for r in runs] + (["theoretical"] if predicted else []))
-    return Plot("Strategy comparison", source, _png(fig), "Bars: each run's summary metrics.")
+        ax.tick_params(axis="y", labelleft=i == 1, labelsize=9)
+        ax.set_yticks(rows, [r.name for r in runs])
+    source = _sources([r.source for r in runs] + (["theoretical"] if drew_theory else []))
+    caption = "Bars: each run's summary metrics."
+    if drew_theory:
+        caption += " Diamonds: the plan's predicted single-request TPOT (theoretical), for scale."
+    return Plot("Strategy comparison", source, _png(fig), caption)
 
 
 def load_sweep(runs: list[Run], loads: list[float | None], load_label: str) -> Plot | None:

@@ -34,6 +34,7 @@ HEADLINE = (
 class Table:
     columns: list[str]
     rows: list[list[str]]
+    text_columns: int = 1      # leading columns of text (left-aligned); the rest are numbers
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -87,7 +88,7 @@ def headline_table(metrics: dict[str, Any]) -> Table:
 def comparison_table(runs: list[Run], keys: tuple[tuple[str, str], ...]) -> Table:
     """One row per run, one column per (metric key, column label)."""
     rows = [[run.name, run.strategy, run.source] + [fmt(run.metrics.get(k)) for k, _ in keys] for run in runs]
-    return Table(["run", "strategy", "source", *(label for _, label in keys)], rows)
+    return Table(["run", "strategy", "source", *(label for _, label in keys)], rows, text_columns=3)
 
 
 def plan_table(run: Run) -> Table | None:
@@ -102,5 +103,5 @@ def plan_table(run: Run) -> Table | None:
                      fmt(None if start is None or end is None else end - start), fmt(stage.get("tp_degree", 1)),
                      fmt(stage.get("memory_used_gb")), fmt(stage.get("memory_available_gb")),
                      fmt(stage.get("decode_ms"))])
-    return Table(["stage", "nodes", "layers", "count", "TP", "memory used (GB)", "available (GB)",
-                  "decode (ms, predicted)"], rows)
+    return Table(["stage", "nodes", "layers", "count", "TP", "memory used per node (GB)",
+                  "available per node (GB)", "decode (ms, predicted)"], rows, text_columns=2)

@@ -144,20 +144,25 @@ def _decode_speed(run: Run) -> Figure | None:
 
 
 def _plan_memory_pct(run: Run) -> Figure | None:
+    predicted = _number((run.plan.get("predicted") or {}).get("memory_utilisation"))
+    if predicted is not None:      # the planner's own figure covers the whole cluster, idle nodes included
+        return Figure(100.0 * predicted, "theoretical", "plan: memory used / usable over the cluster")
     stages = run.plan.get("stages") or []
-    used = sum(_number(s.get("memory_used_gb")) or 0.0 for s in stages)
-    available = sum(_number(s.get("memory_available_gb")) or 0.0 for s in stages)
+    # Stage memory figures are per member node, so a tensor-parallel stage counts once per node.
+    width = [len(s.get("nodes") or [None]) for s in stages]
+    used = sum(w * (_number(s.get("memory_used_gb")) or 0.0) for w, s in zip(width, stages))
+    available = sum(w * (_number(s.get("memory_available_gb")) or 0.0) for w, s in zip(width, stages))
     if available <= 0:
         return None
-    return Figure(100.0 * used / available, "theoretical", "plan: memory used / available over its stages")
+    return Figure(100.0 * used / available, "theoretical", "plan: memory used / available over its nodes")
 
 
 def _plan_decode_speed(run: Run) -> Figure | None:
     stages = run.plan.get("stages") or []
-    total_ms = sum(_number(s.get("decode_ms")) or 0.0 for s in stages)
+    total_ms = sum((_number(s.get("decode_ms")) or 0.0) + (_number(s.get("link_ms")) or 0.0) for s in stages)
     if total_ms <= 0:
         return None
-    return Figure(1000.0 / total_ms, "theoretical", "plan: 1000 / sum of stage decode_ms")
+    return Figure(1000.0 / total_ms, "theoretical", "plan: 1000 / sum of stage decode and link times")
 
 
 _OBSERVED_FALLBACKS: dict[str, Callable[[Run], Figure | None]] = {
@@ -177,11 +182,22 @@ def observed(run: Run, metric: str) -> Figure | None:
     return fig
 
 
+# Summary metric -> the plan's prediction of the same quantity (harness.specs.PartitionPlan.predicted).
+PREDICTED_AS = {
+    "median_ttft_ms": "ttft_ms", "mean_ttft_ms": "ttft_ms",
+    "median_tpot_ms": "tpot_ms", "mean_tpot_ms": "tpot_ms",
+    "decode_tokens_per_s": "tokens_per_s", "load_time_s": "load_s",
+}
+
+
 def theoretical(run: Run, metric: str) -> Figure | None:
     predicted = run.plan.get("predicted") or {}
-    value = _number(predicted.get(metric))
+    key = metric if metric in predicted else PREDICTED_AS.get(metric, metric)
+    value = _number(predicted.get(key))
     if value is not None:
-        return Figure(value, "theoretical", "plan prediction")
+        prompt = predicted.get("prompt_tokens")
+        at = f" at a {prompt}-token prompt" if "ttft" in key and prompt else ""
+        return Figure(value, "theoretical", f"plan prediction {key}{at}")
     fallback = _THEORETICAL_FALLBACKS.get(metric)
     return fallback(run) if fallback else None
 

@@ -68,7 +68,7 @@ Every figure and number says where it comes from:
 {% macro table(t) -%}
 <div class="scroll"><table>
 <thead><tr>{% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead>
-<tbody>{% for row in t.rows %}<tr>{% for cell in row %}<td{% if loop.first %} class="text"{% endif %}>{{ cell }}</td>{% endfor %}</tr>{% endfor %}</tbody>
+<tbody>{% for row in t.rows %}<tr>{% for cell in row %}<td{% if loop.index <= t.text_columns %} class="text"{% endif %}>{{ cell }}</td>{% endfor %}</tr>{% endfor %}</tbody>
 </table></div>
 {%- endmacro %}
 
@@ -98,6 +98,7 @@ Every figure and number says where it comes from:
 {% if comparison %}
 <h2 id="comparison">Comparison of {{ runs | length }} runs</h2>
 {{ table(comparison.table) }}
+{% if comparison.targets %}<h3>Targets across runs</h3>{{ table(comparison.targets) }}{% endif %}
 {% for p in comparison.plots %}{{ figure(p) }}{% endfor %}
 {% endif %}
 

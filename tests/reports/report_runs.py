@@ -8,20 +8,17 @@ import pandas as pd
 
 from harness import metrics
 from harness.runfolder import RunWriter
+from harness.specs import PartitionPlan, Stage
 
-PLAN = {
-    "strategy": "ring_memory_weighted", "objective": "time_per_token", "model": "llama-3.1-70b", "quant": "4bit",
-    "stages": [
-        {"nodes": ["studio-1"], "layer_start": 0, "layer_end": 40, "tp_degree": 1,
-         "memory_used_gb": 150.0, "memory_available_gb": 180.0, "decode_ms": 30.0},
-        {"nodes": ["mini-1"], "layer_start": 40, "layer_end": 56, "tp_degree": 1,
-         "memory_used_gb": 40.0, "memory_available_gb": 48.0, "decode_ms": 20.0},
-        {"nodes": ["mini-2", "mini-3"], "layer_start": 56, "layer_end": 80, "tp_degree": 2,
-         "memory_used_gb": 60.0, "memory_available_gb": 96.0, "decode_ms": 25.0},
-    ],
-    "predicted": {"load_time_s": 41.0, "median_ttft_ms": 80.0},
-    "warnings": [],
-}
+PLAN = PartitionPlan(
+    strategy="ring_memory_weighted", objective="latency", cluster="test-cluster", model="llama-3.1-70b",
+    quant_bits=4, num_layers=80,
+    stages=(Stage(("studio-1",), 0, 40, 1, memory_used_gb=150.0, memory_available_gb=180.0, decode_ms=30.0),
+            Stage(("mini-1",), 40, 56, 1, memory_used_gb=40.0, memory_available_gb=48.0, decode_ms=20.0),
+            # memory figures are per member node: this stage holds 2 x 30 GB of 2 x 48 GB
+            Stage(("mini-2", "mini-3"), 56, 80, 2, memory_used_gb=30.0, memory_available_gb=48.0, decode_ms=25.0)),
+    predicted={"tpot_ms": 75.0, "tokens_per_s": 1000 / 75.0, "ttft_ms": 80.0, "prompt_tokens": 512, "load_s": 41.0},
+).to_dict()
 
 
 def request_rows(n: int, seed: int = 0, source: str = "simulated", ttft_s: float = 0.05,

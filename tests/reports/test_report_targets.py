@@ -20,7 +20,8 @@ def test_default_targets_use_summary_steps_and_plan(run_dir):
     ttft = results["median_ttft_ms"]
     assert ttft.observed.value == pytest.approx(50.0)          # the fixture's TTFT is 50 ms by construction
     assert ttft.observed.source == "simulated"
-    assert ttft.theoretical.value == 80.0                      # plan.json predicted
+    assert ttft.theoretical.value == 80.0                      # plan.json predicted ttft_ms
+    assert "512-token prompt" in ttft.theoretical.how
     assert ttft.status == "pass"
     assert "prompt 512 tokens" in ttft.conditions              # DESIGN §10: state the prompt length
     assert results["decode_tokens_per_s"].observed.value == pytest.approx(50.0)   # 1000 / 20 ms
@@ -35,6 +36,12 @@ def test_memory_utilisation_from_plan_is_theoretical_and_decides_alone(run_dir):
     assert mem.theoretical.source == "theoretical"
     assert mem.theoretical.value == pytest.approx(100 * 250 / 324)
     assert mem.status == "fail"                                # 77.2 % < 80 %
+
+
+def test_planner_memory_utilisation_covers_the_whole_cluster(tmp_path):
+    plan = dict(PLAN, predicted=dict(PLAN["predicted"], memory_utilisation=0.85))
+    mem = by_metric(evaluate(load_run(write_run(tmp_path, "cluster-mem", plan=plan))))["memory_utilisation_pct"]
+    assert mem.theoretical.value == pytest.approx(85.0) and mem.status == "pass"
 
 
 def test_configured_targets_replace_defaults(tmp_path):

@@ -452,3 +452,21 @@ class MlxBackend:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, self.step_timeout_s)
         if self._group is not None:
             self._group.close()
+
+
+def links_for_plan(plan, cluster) -> list[launcher.LinkShape | None]:
+    """Per-rank link shapes (rank order) for namespace emulation of a plan's ring on this host.
+
+    A rank's veth carries all its traffic, so it gets the slowest cluster link between its node and its
+    ring neighbours. Loopback links and links between members of the same node are not shaped.
+    Rates above about 10 Gbit/s exceed what veth achieves on a small host, and latency is not applied.
+    """
+    names = [s.nodes[0] for s in plan.stages]
+    shapes = []
+    for i, node in enumerate(names):
+        neighbours = {names[(i - 1) % len(names)], names[(i + 1) % len(names)]} - {node}
+        links = [cluster.link(node, other) for other in neighbours]
+        links = [l for l in links if l.kind != "loopback"]
+        slowest = min(links, key=lambda l: l.bandwidth_gbps, default=None)
+        shapes.append(launcher.LinkShape(slowest.bandwidth_gbps, slowest.latency_us) if slowest else None)
+    return list(reversed(shapes))     # stage order -> rank order (rank 0 runs the last stage)

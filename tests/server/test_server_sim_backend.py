@@ -1,0 +1,76 @@
+"""The real-time sim backend behind the server. Assertions use the engine's virtual-time records (exact),
+never the wall clock."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+import sim
+from harness.costmodel import load_profile
+from harness.loadgen import LoadMode, Target, run_load_sync
+from harness.planning import add_plan_arguments, make_plan
+from harness.server import EmbeddedServer
+from harness.sim_backend import SimBackend, SimBackendConfig
+from harness.workloads import build_workload, parse_workload
+
+
+@pytest.fixture(scope="module")
+def setup():
+    p = argparse.ArgumentParser()
+    add_plan_arguments(p)
+    args = p.parse_args(["--cluster", "seed-64gb", "--model", "llama-3.1-8b", "--strategy", "uniform"])
+    cluster, model, plan = make_plan(args)
+    return cluster, model, plan, load_profile(None)
+
+
+def _serve(setup, wl, mode=LoadMode(), speed=20.0):
+    backend = SimBackend(*setup, config=SimBackendConfig(speed=speed))
+    with EmbeddedServer(backend) as server:
+        result = run_load_sync(Target(server.url), wl, mode)
+        engine = backend.requests_table().to_pandas()
+        steps = backend.steps_table().to_pandas()
+    return result.frame(), engine, steps
+
+
+def test_isolated_requests_match_the_simulator_exactly(setup):
+    # 1/8 s apart on the wall clock = 5 virtual seconds at speed 40: each request meets an idle cluster, so
+    # its virtual-time latency is fixed by the cost model whatever the exact arrival instant
+    wall = build_workload(parse_workload("constant,rate=8,n=3,prompt=128,output=8"))
+    virtual = build_workload(parse_workload("constant,rate=0.2,n=3,prompt=128,output=8"))
+    direct = sim.simulate(*setup, virtual, include_load=False).requests.to_pandas()
+    client, engine, _ = _serve(setup, wall, speed=40.0)
+    assert client["success"].all() and (client["output_tokens"] == 8).all()
+    ttft_engine = (engine["first_token_s"] - engine["start_s"]).to_numpy()
+    ttft_direct = (direct["first_token_s"] - direct["start_s"]).to_numpy()
+    assert np.allclose(ttft_engine, ttft_direct, rtol=1e-9)
+    gaps_engine = np.diff(np.stack(engine["chunk_times_s"].to_numpy()), axis=1)
+    gaps_direct = np.diff(np.stack(direct["chunk_times_s"].to_numpy()), axis=1)
+    assert np.allclose(gaps_engine, gaps_direct, rtol=1e-9)
+
+
+def test_concurrent_http_requests_batch_in_the_engine(setup):
+    wl = build_workload(parse_workload("all_at_once,n=4,prompt=64,output=16"))
+    client, engine, steps = _serve(setup, wl)
+    assert client["success"].all() and len(engine) == 4
+    decode = steps[(steps["kind"].isin(["decode", "mixed"])) & (steps["stage"] == 0)]
+    assert decode["batch_size"].max() >= 2
+
+
+def test_stats_report_kv_use_per_node(setup):
+    backend = SimBackend(*setup, config=SimBackendConfig(speed=20.0))
+    with EmbeddedServer(backend) as _server:
+        stats = backend.stats()
+    assert stats["healthy"] and stats["source"] == "simulated"
+    plan_nodes = {n for stage in setup[2].stages for n in stage.nodes}
+    assert set(stats["kv_cache_usage"]) == set(stats["kv_cache_bytes"]) == plan_nodes
+    assert all(v == 0 for v in stats["kv_cache_usage"].values())
+
+
+def test_oversized_request_is_refused_not_hung(setup):
+    backend = SimBackend(*setup, engine_config=sim.EngineConfig(kv_tokens=256), config=SimBackendConfig(speed=20))
+    wl = build_workload(parse_workload("all_at_once,n=1,prompt=400,output=4"))
+    with EmbeddedServer(backend) as server:
+        df = run_load_sync(Target(server.url), wl, LoadMode()).frame()
+    assert not df["success"].iloc[0] and "HTTP 503" in df["error"].iloc[0]

@@ -5,14 +5,17 @@ Public API:
     render(run_dirs, out=None) -> Path      write the HTML report (one run: RUN/report.html)
     load_run(path) -> Run                   read a run folder (complete or not)
     evaluate_targets(run) -> list[TargetResult]
-    check(run_dir, baseline_path) -> CheckResult, write_baseline(run_dir, path, ...) -> Path  (reports.check)
+    targets_summary(config, plan, metrics, requests=None, steps=None, source=None) -> list[dict]
+                                            the targets section for summary.json, before the folder is finished
+    reports.check: check(run_dir, baseline) -> CheckResult, format_result(result) -> str,
+                   write_baseline(run_dir, path, names=None, tolerance=None, ratios=None) -> Path
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from reports.run import Run, RunFolderError, load_run
-from reports.targets import DEFAULT_TARGETS, evaluate as evaluate_targets
+from reports.targets import DEFAULT_TARGETS, evaluate as evaluate_targets, targets_summary
 
 
 def render(run_dirs, out: str | Path | None = None, with_plots: bool = True) -> Path:
@@ -27,4 +30,4 @@ def render(run_dirs, out: str | Path | None = None, with_plots: bool = True) -> 
     return html.write(target, html.render_html(runs, with_plots))
 
 
-__all__ = ["DEFAULT_TARGETS", "Run", "RunFolderError", "evaluate_targets", "load_run", "render"]
+__all__ = ["DEFAULT_TARGETS", "Run", "RunFolderError", "evaluate_targets", "load_run", "render", "targets_summary"]

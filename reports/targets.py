@@ -242,3 +242,20 @@ def as_summary(results: list[TargetResult]) -> list[dict[str, Any]]:
         "source": None if r.deciding is None else r.deciding.source,
         "conditions": r.conditions,
     } for r in results]
+
+
+def targets_summary(config: dict, plan: dict, metrics: dict, requests=None, steps=None,
+                    source: str | None = None) -> list[dict[str, Any]]:
+    """The targets section for a summary.json that is about to be written (the run is still in memory).
+
+    Same evaluation as the report uses on the saved folder, so the two can never disagree.
+    """
+    from pathlib import Path
+
+    run = Run(path=Path("."), config=config or {}, plan=plan or {}, metrics=metrics or {},
+              summary={"source": source} if source else {})
+    if requests is not None:
+        run.requests = requests
+    if steps is not None:
+        run.steps = steps
+    return as_summary(evaluate(run))

@@ -2,7 +2,7 @@
 import pytest
 
 from reports import load_run
-from reports.targets import DEFAULT_TARGETS, TargetError, Target, evaluate, targets_of
+from reports.targets import DEFAULT_TARGETS, Target, TargetError, as_summary, evaluate, targets_of, targets_summary
 from report_runs import PLAN, write_run
 
 
@@ -83,3 +83,12 @@ def test_targets_must_be_a_list(tmp_path):
 def test_plan_without_stages_gives_no_theoretical_memory(tmp_path):
     run = load_run(write_run(tmp_path, "noplan", plan=dict(PLAN, stages=[])))
     assert by_metric(evaluate(run))["memory_utilisation_pct"].status == "no data"
+
+
+def test_targets_summary_before_the_folder_exists_matches_the_report(run_dir):
+    run = load_run(run_dir)
+    section = targets_summary(run.config, run.plan, run.metrics, run.requests, run.steps)
+    assert [(t["metric"], t["status"], t["source"]) for t in section] == [
+        ("load_time_s", "pass", "simulated"), ("median_ttft_ms", "pass", "simulated"),
+        ("decode_tokens_per_s", "pass", "simulated"), ("memory_utilisation_pct", "fail", "theoretical")]
+    assert section == as_summary(evaluate(run))

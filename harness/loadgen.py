@@ -73,6 +73,7 @@ class LoadResult:
     rows: list[dict]                        # harness.records.REQUEST_COLUMNS, source="measured"
     wall_start_unix: float                  # when t=0 was, for the environment record
     duration_s: float
+    t0_monotonic: float = 0.0               # time.monotonic() at t=0
     model: str = ""
     warmup_requests: int = 0
     notes: list[str] = field(default_factory=list)
@@ -132,6 +133,7 @@ def request_body(target: Target, model: str, spec: RequestSpec, index: int, seed
 class _Clock:
     def __init__(self):
         self.t0 = time.perf_counter()
+        self.t0_monotonic = time.monotonic()   # to place backend events (monotonic) on this run's clock
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -288,8 +290,8 @@ async def run_load(target: Target, workload: Workload | Sequence[RequestSpec], m
         wall_start = time.time()
         rows = await _dispatch(client, url, specs, bodies, mode, clock, max_duration_s)
         duration = clock.now()
-    return LoadResult(mode=mode, rows=rows, wall_start_unix=wall_start, duration_s=duration, model=model,
-                      warmup_requests=warmup)
+    return LoadResult(mode=mode, rows=rows, wall_start_unix=wall_start, duration_s=duration,
+                      t0_monotonic=clock.t0_monotonic, model=model, warmup_requests=warmup)
 
 
 async def _warmup(client, url, target, model, specs, count, seed, concurrency) -> None:

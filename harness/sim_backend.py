@@ -237,9 +237,9 @@ def _next_event_time(engine) -> float:
     return min((item[0] for item in env._queue if item[0] > env.now or item[3].callbacks), default=math.inf)
 
 
-def sim_backend_from_args(args, strategy: str | None = None, speed: float = 1.0) -> SimBackend:
+def sim_backend_from_args(args, strategy: str | None = None, config: SimBackendConfig | None = None) -> SimBackend:
     """A SimBackend from the plan arguments of harness.planning (cluster, model, quant, strategy, profile)."""
     from harness.costmodel import load_profile
     from harness.planning import make_plan
     cluster, model, plan = make_plan(args, strategy)
-    return SimBackend(cluster, model, plan, load_profile(args.profile), config=SimBackendConfig(speed=speed))
+    return SimBackend(cluster, model, plan, load_profile(args.profile), config=config)

@@ -11,7 +11,8 @@ MLX_HOSTFILE. This module does that, and also:
 - optionally puts each rank in its own Linux network namespace, joined by a bridge, with `tc tbf`
   rate limits on both directions of each rank's link. Delay is NOT emulated: this kernel has no
   netem (nor fq/etf), so a link's latency_us is recorded but not applied;
-- always cleans up: rank processes die with their parent (PR_SET_PDEATHSIG), and namespaces, veths
+- always cleans up: rank processes exit when their parent does (the worker watches its parent pid;
+  PR_SET_PDEATHSIG would fire when the spawning *thread* exits, e.g. an executor thread), and namespaces, veths
   and the bridge are removed on close, at interpreter exit, and on SIGTERM.
 
 Real Macs (not started from here): write an `mlx.launch` hostfile with one entry per Mac
@@ -28,7 +29,7 @@ noted above matters little on a Mac with many cores.
 from __future__ import annotations
 
 import atexit
-import ctypes
+import itertools
 import json
 import os
 import signal
@@ -45,6 +46,7 @@ from harness.mlx import blas
 from harness.mlx.errors import UserError
 
 _LIVE: "set[RankGroup]" = set()
+_NS_SEQ = itertools.count()
 _LOCK = threading.Lock()
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,14 +90,6 @@ def ring_hostfile(addresses: list[str], ports: list[int]) -> list[list[str]]:
     return [[f"{a}:{p}"] for a, p in zip(addresses, ports)]
 
 
-def _die_with_parent() -> None:
-    # runs in the child between fork and exec: if the launching process dies, the kernel kills the rank
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, capture_output=True, text=True)
 
@@ -108,7 +102,8 @@ class Netns:
     def __init__(self, n: int, shapes: list[LinkShape | None]):
         if os.geteuid() != 0:
             raise UserError("network namespaces need root; run as root or drop the link emulation option")
-        self.tag = os.getpid() % 10000
+        # unique per group in this process and short: Linux interface names are at most 15 characters
+        self.tag = (os.getpid() % 1000) * 100 + next(_NS_SEQ) % 100
         self.n = n
         self.shapes = shapes
         self.names = [f"hx{self.tag}r{r}" for r in range(n)]
@@ -251,7 +246,7 @@ def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None]
             log_path = workdir / f"rank{rank}.log"
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                        env=env, cwd=str(REPO_ROOT), preexec_fn=_die_with_parent)
+                                        env=env, cwd=str(REPO_ROOT))
             group.ranks.append(RankProcess(rank, proc, log_path, netns.names[rank] if netns else None))
     except BaseException:
         group.close(grace_s=0.5)

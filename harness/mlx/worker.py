@@ -51,6 +51,20 @@ def _pin_core() -> None:
         os.sched_setaffinity(0, {int(core)})
 
 
+def _exit_with_parent() -> None:
+    """Exit when the launching process goes away, even while blocked in a ring recv."""
+    import threading
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 class StageTimer:
     """Wraps the qwen2 inner model so each forward records how long it waited on the network.
 
@@ -195,6 +209,7 @@ def serve(engine: Engine, timer: StageTimer | None, rank: int, inp, out) -> None
 
 def main(argv: list[str] | None = None) -> int:
     _pin_core()
+    _exit_with_parent()
     p = argparse.ArgumentParser(prog="python -m harness.mlx.worker")
     p.add_argument("--model", required=True)
     p.add_argument("--split", default="", help="layer counts in layer order, comma separated")

@@ -33,3 +33,42 @@ def test_blas_override(monkeypatch):
     assert blas.find_openblas() is None
     monkeypatch.setenv("HARNESS_BLAS", "/opt/lib/libopenblas.so")
     assert blas.find_openblas() == "/opt/lib/libopenblas.so"
+
+
+def test_ranks_exit_when_their_launcher_is_killed(tmp_path):
+    """A launcher killed with SIGKILL runs no cleanup; its ranks must still go away on their own."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from harness.mlx import modelbuild
+    model = modelbuild.build(modelbuild.qwen2_config("tiny"), cache_dir=tmp_path).path
+    script = ("import os, signal, sys\n"
+              "from harness.mlx import launcher\n"
+              f"g = launcher.launch({str(model)!r}, [3, 3])\n"
+              "print(*[r.proc.stdout.readline().decode().strip() and r.proc.pid for r in g.ranks], flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=60)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2, out.stderr
+    deadline = time.monotonic() + 20           # hang guard; the watchdog polls every 0.5 s
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    import os
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose: it holds no port, memory or core
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False

@@ -89,7 +89,7 @@ def twin_config(preset: str | Path, head_dim: int = 16, vocab_size: int = 8192) 
     new_ffn = max(8, round(ffn * new_hidden / hidden / 8) * 8)
     cfg = dict(hidden_size=new_hidden, num_hidden_layers=layers, num_attention_heads=heads,
                num_key_value_heads=kv_heads, intermediate_size=new_ffn, vocab_size=vocab_size)
-    name = Path(str(preset)).stem
+    name = Path(str(preset)).name.removesuffix(".json")   # not .stem: "llama-3.1-8b" has a dot
     out = _complete(cfg, name=f"twin-{name}")
     out["twin_of"] = {"preset": name, "model_type": src.get("model_type"), "hidden_size": hidden,
                       "intermediate_size": ffn, "vocab_size": src.get("vocab_size")}

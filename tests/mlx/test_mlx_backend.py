@@ -81,6 +81,22 @@ def test_concurrent_requests_are_batched_and_match(tiny, reference):
 
 
 @pytest.mark.slow
+def test_records_fit_the_run_folder_tables(tiny, reference, tmp_path):
+    import pandas as pd
+    from harness.runfolder import RunWriter, read_run
+    prompt, _ = reference
+    _, _, steps, requests = asyncio.run(_generate([2, 4], tiny, prompt, n_requests=2))
+    with RunWriter(tmp_path, "mlx") as w:
+        w.write_steps(pd.DataFrame(steps))
+        w.write_requests(pd.DataFrame(requests))
+    kinds = set(pd.read_parquet(w.path / "steps.parquet")["kind"])
+    assert {"load", "prefill", "decode", "send", "recv"} <= kinds
+    df = pd.read_parquet(w.path / "requests.parquet")
+    assert (df["source"] == "measured").all() and (df["first_token_s"] <= df["end_s"]).all()
+    assert df["chunk_times_s"].map(len).tolist() == [24, 24]
+
+
+@pytest.mark.slow
 def test_stop_token_and_min_tokens(tiny, reference):
     prompt, expected = reference
     stop_at = 3

@@ -66,7 +66,7 @@ class SimBackend:
         self.engine = None
         self._pending: dict[int, _Pending] = {}
         self._pacer: asyncio.Task | None = None
-        self._kick: asyncio.Event | None = None
+        self._wakeup: asyncio.Future | None = None
         self._error: BaseException | None = None
         self._w0 = self._v0 = 0.0
         self.cancelled = 0
@@ -98,7 +98,6 @@ class SimBackend:
         self.engine = Engine(env, self.cluster, self.model, self.plan, self.profile, self.engine_config,
                              on_tokens=self._on_tokens, on_finish=self._on_finish)
         self._w0, self._v0 = time.monotonic(), env.now
-        self._kick = asyncio.Event()
         self._pacer = asyncio.get_running_loop().create_task(self._pace(), name="sim-pacer")
         return report
 
@@ -129,19 +128,16 @@ class SimBackend:
     # ------------------------------------------------------------------ the pacer
 
     async def _pace(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 self.engine.advance(self.virtual_now())
                 nxt = _next_event_time(self.engine)
-                delay = math.inf if math.isinf(nxt) else self.wall_of(nxt) - time.monotonic()
-                self._kick.clear()
-                if delay <= 0:
+                wake_at = math.inf if math.isinf(nxt) else self.wall_of(nxt)
+                if wake_at <= time.monotonic():
                     await asyncio.sleep(0)       # due already: let the loop breathe, then advance
                     continue
-                try:
-                    await asyncio.wait_for(self._kick.wait(), None if math.isinf(delay) else delay)
-                except TimeoutError:
-                    pass
+                await self._sleep_until(loop, wake_at)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:   # an engine bug must fail the waiting requests, not hang them
@@ -149,6 +145,24 @@ class SimBackend:
             for p in self._pending.values():
                 p.queue.put_nowait(BackendUnavailable(f"sim engine failed: {exc!r}"))
             raise
+
+    async def _sleep_until(self, loop: asyncio.AbstractEventLoop, wake_at: float) -> None:
+        """Sleep until monotonic time `wake_at` or until a new request kicks us, whichever is first.
+
+        A bare timer on the loop (its clock is time.monotonic) rather than wait_for(): no task per wake-up,
+        so tokens leave closer to their simulated time.
+        """
+        self._wakeup = loop.create_future()
+        timer = None if math.isinf(wake_at) else loop.call_at(wake_at, _resolve, self._wakeup)
+        try:
+            await self._wakeup
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _kick(self) -> None:
+        if self._wakeup is not None:
+            _resolve(self._wakeup)
 
     def _on_tokens(self, t: float, slots: np.ndarray, done: np.ndarray) -> None:
         when = self.wall_of(t)
@@ -188,7 +202,7 @@ class SimBackend:
         if slot in engine.errors:
             del self._pending[slot]
             raise BackendUnavailable(engine.errors[slot])
-        self._kick.set()
+        self._kick()
         try:
             while True:
                 item = await pending.queue.get()
@@ -225,6 +239,11 @@ class SimBackend:
 
     def steps_table(self):
         return self.engine.steps_table()
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _next_event_time(engine) -> float:

@@ -34,7 +34,7 @@ CHAT_TEMPLATE = (
 
 # Preset sizes. head_dim = hidden / heads. Parameter counts are for fp32 with tied embeddings.
 SIZES: dict[str, dict] = {
-    # about 0.4M parameters: fast enough for tests that start several ranks
+    # about 0.26M parameters: fast enough for tests that start several ranks
     "tiny": dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=512),
     # about 143M parameters (0.57 GB fp32)

@@ -379,8 +379,7 @@ class MlxBackend:
 
     # ------------------------------------------------------------------ Backend API
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        if not request.prompt:
-            raise ValueError("empty prompt: the model needs at least one prompt token")
+        self._validate(request)
         with self._cv:
             if self._error is not None:
                 raise BackendUnavailable(str(self._error))
@@ -409,6 +408,19 @@ class MlxBackend:
                     if req.uid is not None and self._running.pop(req.uid, None) is not None:
                         self._removals.append(req.uid)
                     self._cv.notify()
+
+    def _validate(self, request: GenerationRequest) -> None:
+        # checked here, not in the ranks: a bad request must fail alone, not crash every rank
+        vocab = int(self.config["vocab_size"])
+        if not request.prompt:
+            raise ValueError("empty prompt: the model needs at least one prompt token")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        bad = [t for t in request.prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside this model's vocabulary [0, {vocab})")
+        if request.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {request.temperature}")
 
     def stats(self) -> dict:
         with self._cv:

@@ -201,3 +201,37 @@ def test_ranks_in_shaped_namespaces_match_and_clean_up(tiny, reference):
 def _netns_list() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_queue_full_bad_requests_and_cancellation(tiny, reference):
+    from harness.backend import QueueFull
+    prompt, expected = reference
+
+    async def scenario():
+        backend = MlxBackend(tiny, [3, 3], max_running=1, max_waiting=1)
+        await backend.load()
+        try:
+            for bad in (GenerationRequest("v", (10**6,), max_tokens=4), GenerationRequest("e", (), max_tokens=4)):
+                with pytest.raises(ValueError):
+                    await backend.generate(bad).__anext__()
+            running = backend.generate(GenerationRequest("a", prompt, max_tokens=10_000, ignore_eos=True))
+            await asyncio.wait_for(running.__anext__(), GUARD_S)
+            waiting = asyncio.ensure_future(_collect(backend, GenerationRequest("b", prompt, max_tokens=24,
+                                                                                ignore_eos=True)))
+            for _ in range(GUARD_S * 100):  # until "b" waits behind "a" (a hang guard, not a timing assert)
+                if backend.stats()["num_requests_waiting"] == 1:
+                    break
+                await asyncio.sleep(0.01)
+            with pytest.raises(QueueFull):
+                await backend.generate(GenerationRequest("c", prompt, max_tokens=2)).__anext__()
+            await running.aclose()          # the client of "a" goes away: its slot must free up
+            out = await asyncio.wait_for(waiting, GUARD_S)
+            assert [ev.token_id for ev in out] == expected
+            assert backend.stats()["num_requests_running"] == 0 and backend.stats()["healthy"]
+            rows = {r["request_id"]: r for r in backend.request_records()}
+            assert rows["a"]["error"] == "cancelled" and rows["b"]["success"]
+        finally:
+            await backend.close()
+
+    asyncio.run(scenario())

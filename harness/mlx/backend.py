@@ -184,8 +184,9 @@ class MlxBackend:
         self._readers = [_LineReader(r.proc.stdout.fileno()) for r in self._group.ranks]
         try:
             self._ready = self._read_all(self.load_timeout_s, "load")
-        except BackendUnavailable:
+        except BaseException as exc:
             self._group.close(grace_s=0.5)
+            self._error = exc if isinstance(exc, BackendUnavailable) else BackendUnavailable(f"load failed: {exc}")
             raise
         wall = time.time() - t0
         for msg in self._ready:

@@ -235,3 +235,20 @@ def test_queue_full_bad_requests_and_cancellation(tiny, reference):
             await backend.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_load_fails_the_load_naming_it(tmp_path, tiny):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+
+    async def scenario():
+        backend = MlxBackend(broken, [3, 3])
+        with pytest.raises(BackendUnavailable, match=r"rank \d .*exited with code 1"):
+            await asyncio.wait_for(backend.load(), GUARD_S)
+        with pytest.raises(BackendUnavailable):
+            await backend.generate(GenerationRequest("x", (1, 2), max_tokens=2)).__anext__()
+        await backend.close()
+
+    asyncio.run(scenario())

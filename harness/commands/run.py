@@ -1,0 +1,112 @@
+"""`python -m harness run`: the whole job, from plan to HTML report, on the bundled defaults or an experiment."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "plan, serve the simulated (or real MLX) cluster, load-test it, and write a run folder + HTML report"
+DESCRIPTION = """Run one experiment end to end: plan the model over the cluster with the strategy, start the
+backend (the SimPy cluster paced in real time, or real MLX ranks) behind the embedded OpenAI-compatible
+server, drive the workload at it with the load generator, save runs/out/<run-id>/ and render report.html.
+
+Defaults come from runs/default.toml (Llama 3.1 70B 4-bit on the bundled 'mixed' cluster, 24 Poisson
+requests, about a minute); --experiment FILE replaces them, and each flag below overrides either.
+Timings of a sim run are the simulated cluster's (labelled simulated); of an mlx run, measured.
+
+examples:
+  python -m harness run --strategy hybrid_optimal
+  python -m harness run --strategy all                       # every strategy on the same workload, compared
+  python -m harness run --experiment runs/smoke.toml --out /tmp/runs
+  python -m harness run --backend mlx --model qwen2.5-0.5b --cluster runs/clusters/two-local.json"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", default=None, help="experiment TOML file (default runs/default.toml)")
+    o = p.add_argument_group("overrides (default: the experiment's value)")
+    o.add_argument("--strategy", default=None, help="partitioning strategy, or 'all' to run and compare each")
+    o.add_argument("--backend", default=None, choices=["sim", "mlx"], help="sim (SimPy cluster) or mlx (real ranks)")
+    o.add_argument("--cluster", default=None, help="cluster preset name or JSON file")
+    o.add_argument("--model", default=None, help="model preset name or config.json")
+    o.add_argument("--quant", type=int, default=None, help="weight bits (2-8, or 16)")
+    o.add_argument("--group-size", type=int, default=None, help="quantization group size")
+    o.add_argument("--objective", default=None, choices=["latency", "throughput"], help="hybrid_optimal's objective")
+    o.add_argument("--cache", default=None, help="prefix-cache policy: none, lru, tiered_lru, s3_fifo, infinite")
+    o.add_argument("--kv-reserve-tokens", type=int, default=None, help="KV tokens each stage keeps room for")
+    o.add_argument("--requests", type=int, default=None, help="number of requests in the workload")
+    o.add_argument("--rate", type=float, default=None, help="Poisson arrival rate of the workload, requests/s")
+    p.add_argument("--out", default="runs/out", help="where run folders go (default %(default)s)")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report (render later with `harness report`)")
+
+
+def run(args) -> int:
+    from harness.experiment import apply_overrides, load_experiment
+    from harness.orchestrate import run_experiment
+    from harness.planning import strategies_for
+    exp = apply_overrides(load_experiment(args.experiment), args)
+    if args.requests is not None or args.rate is not None:
+        exp["workload"] = _workload_overrides(exp["workload"], args)
+    names = strategies_for(exp["strategy"])
+    out_root = Path(args.out)
+    outcomes = run_experiment(exp, names, out_root, report=not args.no_report)
+    print()
+    for outcome in outcomes:
+        print(_outcome_text(outcome, not args.no_report))
+    done = [o for o in outcomes if o.path is not None]
+    if len(outcomes) > 1:
+        print(_comparison(outcomes))
+        if done and not args.no_report:
+            from reports import render
+            from harness.runfolder import new_run_id
+            path = render([o.path for o in done], out_root / f"compare-{new_run_id(exp['name'])}.html")
+            print(f"\ncomparison report: {path}")
+    return 0 if done else 1
+
+
+def _workload_overrides(spec: dict, args) -> dict:
+    from harness.specs import UserError
+    spec = dict(spec)
+    if spec.get("kind", "synthetic") != "synthetic":
+        raise UserError("--requests and --rate apply to synthetic workloads; edit the experiment file instead")
+    if args.requests is not None:
+        if args.requests < 1:
+            raise UserError(f"--requests must be >= 1, got {args.requests}")
+        spec["num_requests"] = args.requests
+    if args.rate is not None:
+        if not args.rate > 0:
+            raise UserError(f"--rate must be > 0, got {args.rate}")
+        spec["arrival"] = {"process": "poisson", "rate": args.rate}
+    return spec
+
+
+def _outcome_text(o, with_report: bool) -> str:
+    if o.error:
+        return f"{o.strategy}: did not run: {o.error}\n"
+    s = o.summary
+    from harness import metrics
+    lines = [f"== {o.strategy} ({s['source']}: {s['backend']} backend) ==",
+             metrics.headline(s, s["source"])]
+    p = s.get("predicted", {})
+    if p:
+        lines.append(f"  plan prediction (theoretical): {p['tpot_ms']:.2f} ms/token, TTFT {p['ttft_ms']:.0f} ms "
+                     f"for {p['prompt_tokens']} prompt tokens")
+    for t in s.get("targets", []):
+        seen = "no value" if t["observed"] is None else f"{t['observed']:.4g} {t['unit']} ({t['source']})"
+        lines.append(f"  target {t['name']} {t['op']} {t['value']:g} {t['unit']}: {str(t['status']).upper()}, {seen}")
+    lines.append(f"run folder: {o.path}")
+    if with_report:
+        lines.append(f"report: {o.path / 'report.html'}")
+    return "\n".join(lines) + "\n"
+
+
+def _comparison(outcomes) -> str:
+    rows = [("strategy", "req/s", "out tok/s", "median TTFT ms", "median TPOT ms", "p99 E2EL ms", "source")]
+    for o in outcomes:
+        if o.error:
+            rows.append((o.strategy, "-", "-", "-", "-", "-", "does not fit"))
+            continue
+        s = o.summary
+        rows.append((o.strategy, f"{s['request_throughput']:.2f}", f"{s['output_throughput']:.1f}",
+                     f"{s['median_ttft_ms']:.0f}", f"{s['median_tpot_ms']:.1f}", f"{s['p99_e2el_ms']:.0f}", s["source"]))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "strategy comparison (same workload):\n" + "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows)

@@ -90,7 +90,13 @@ def _stages_from(plan_or_split, model_layers: int) -> tuple[list[int], list[str]
     """Layer counts in layer order and a node name per stage, from a PartitionPlan or a plain list."""
     if plan_or_split is None:
         return [model_layers], ["local"]
-    if hasattr(plan_or_split, "stages"):
+    if isinstance(plan_or_split, dict) and "stages" in plan_or_split:   # a plan.json from a run folder
+        stages = plan_or_split["stages"]
+        if any(int(s.get("tp_degree", 1)) > 1 for s in stages):
+            raise UserError("the mlx backend runs pipeline stages only; this plan has tensor-parallel stages")
+        counts = [int(s["layer_end"]) - int(s["layer_start"]) for s in stages]
+        names = ["+".join(s["nodes"]) for s in stages]
+    elif hasattr(plan_or_split, "stages"):
         stages = plan_or_split.stages
         if any(getattr(s, "tp_degree", 1) > 1 for s in stages):
             raise UserError("the mlx backend runs pipeline stages only; this plan has tensor-parallel "

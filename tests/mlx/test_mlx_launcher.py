@@ -72,3 +72,23 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_a_strategy_plan_gives_the_split_and_node_names():
+    from harness import catalog
+    from harness.costmodel import load_profile
+    from harness.mlx.backend import _stages_from, links_for_plan
+    from strategies.partitioning._plans import PlanOptions
+    from strategies.registry import get_strategy
+
+    cluster = catalog.load_cluster("mixed")
+    model = catalog.load_model("qwen2.5-0.5b", 16, 64)
+    plan = get_strategy("ring_memory_weighted")(cluster, model, PlanOptions(profile=load_profile()))
+    counts, names = _stages_from(plan, model.num_layers)
+    assert counts == plan.split() and sum(counts) == model.num_layers
+    assert names == ["+".join(s.nodes) for s in plan.stages]
+    assert _stages_from(plan.to_dict(), model.num_layers) == (counts, names)   # plan.json form
+    shapes = links_for_plan(plan, cluster)
+    assert len(shapes) == len(plan.stages)
+    first_hop = cluster.link(plan.stages[0].nodes[0], plan.stages[1].nodes[0]).bandwidth_gbps
+    assert shapes[-1].bandwidth_gbps <= first_hop      # rank size-1 runs stage 0

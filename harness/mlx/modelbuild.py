@@ -143,6 +143,7 @@ def build(cfg: dict, bits: int | None = None, seed: int = 0, cache_dir: Path | N
     try:
         config = _write_model(tmp, dict(cfg), bits, seed)
         _write_tokenizer(tmp, cfg["vocab_size"], cfg["eos_token_id"])
+        tmp.chmod(0o755)    # mkdtemp makes it private; a model cache is meant to be shared
         if path.exists():
             shutil.rmtree(path)
         # rename is atomic: a concurrent reader sees either no folder or a complete one

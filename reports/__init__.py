@@ -3,6 +3,7 @@ and compare a run with a committed baseline. Never runs anything.
 
 Public API:
     render(run_dirs, out=None) -> Path      write the HTML report (one run: RUN/report.html)
+    render_runs(runs, out=None) -> Path     the same for Run objects already loaded
     load_run(path) -> Run                   read a run folder (complete or not)
     evaluate_targets(run) -> list[TargetResult]
     targets_summary(config, plan, metrics, requests=None, steps=None, source=None) -> list[dict]
@@ -20,14 +21,19 @@ from reports.targets import DEFAULT_TARGETS, evaluate as evaluate_targets, targe
 
 def render(run_dirs, out: str | Path | None = None, with_plots: bool = True) -> Path:
     """Render one report for the given run folders; returns the written path."""
-    from reports import html
-
     paths = [Path(p) for p in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
     if not paths:
         raise RunFolderError("no run folder given")
-    runs = [load_run(p) for p in paths]
-    target = Path(out) if out else html.default_output(paths)
+    return render_runs([load_run(p) for p in paths], out, with_plots)
+
+
+def render_runs(runs: list[Run], out: str | Path | None = None, with_plots: bool = True) -> Path:
+    """Like render(), for runs already loaded with load_run()."""
+    from reports import html
+
+    target = Path(out) if out else html.default_output([r.path for r in runs])
     return html.write(target, html.render_html(runs, with_plots))
 
 
-__all__ = ["DEFAULT_TARGETS", "Run", "RunFolderError", "evaluate_targets", "load_run", "render", "targets_summary"]
+__all__ = ["DEFAULT_TARGETS", "Run", "RunFolderError", "evaluate_targets", "load_run", "render", "render_runs",
+           "targets_summary"]

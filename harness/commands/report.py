@@ -17,8 +17,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import reports
 
-    path = reports.render(args.run_dirs, args.out)
     runs = [reports.load_run(p) for p in args.run_dirs]
+    path = reports.render_runs(runs, args.out)
     for r in runs:
         if r.incomplete:
             print(f"warning: {r.path} is incomplete ({r.incomplete_reason}); the report says so")

@@ -106,3 +106,19 @@ def test_cli_rerenders_from_saved_files(tmp_path, capsys):
 def test_cli_refuses_a_missing_folder(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_text_from_run_files_is_escaped(tmp_path):
+    html = reports.render([write_run(tmp_path, "esc", strategy="<b>bold</b>")], with_plots=False).read_text()
+    assert "&lt;b&gt;bold&lt;/b&gt;" in html and "<b>bold</b>" not in html
+
+
+def test_default_comparison_path_is_next_to_the_runs(tmp_path):
+    runs = [write_run(tmp_path, name, n=10) for name in ("x", "y")]
+    assert reports.render(runs, with_plots=False) == tmp_path / "comparison-x-vs-y.html"
+
+
+def test_cli_warns_about_an_incomplete_run(tmp_path, capsys):
+    path = write_run(tmp_path, "stopped", finish=False)
+    assert main(["report", str(path)]) == 0
+    assert "is incomplete (marked incomplete: interrupted)" in capsys.readouterr().out

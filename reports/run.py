@@ -80,13 +80,21 @@ def _table(path: Path, columns: dict[str, str], missing: list[str]) -> pd.DataFr
     return pd.read_parquet(path)
 
 
+_BOOKKEEPING = {"schema_version"}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _metrics(summary: dict[str, Any], requests: pd.DataFrame) -> tuple[dict[str, Any], bool]:
     """The summary's metrics; recomputed with harness.metrics only when the summary has none."""
     saved = summary.get("metrics")
     if isinstance(saved, dict) and saved:
         return saved, False
     if any(key in summary for key in ("completed", "mean_ttft_ms", "output_throughput")):
-        return summary, False      # a summary that keeps its metrics at the top level
+        # A summary that keeps its metrics at the top level: its numbers are the metrics, the rest is bookkeeping.
+        return {k: v for k, v in summary.items() if _is_number(v) and k not in _BOOKKEEPING}, False
     if not requests.empty and set(REQUEST_COLUMNS) <= set(requests.columns):
         return metric_defs.compute(requests, (summary.get("slo") or None)), True
     return {}, False

@@ -50,7 +50,7 @@ def step_rows(duration_s: float, source: str = "simulated") -> pd.DataFrame:
 
 
 def write_run(root, label="run", n=60, seed=0, source="simulated", plan=PLAN, targets=None, rate=5.0,
-              ttft_s=0.05, tpot_s=0.02, finish=True, extra_metrics=None, strategy=None):
+              ttft_s=0.05, tpot_s=0.02, finish=True, extra_metrics=None, strategy=None, nested=False):
     """Write a run folder with the project's writer; finish=False leaves it interrupted."""
     requests = request_rows(n, seed, source, ttft_s, tpot_s, rate)
     plan = dict(plan, strategy=strategy or plan["strategy"])
@@ -67,7 +67,11 @@ def write_run(root, label="run", n=60, seed=0, source="simulated", plan=PLAN, ta
     writer.write_steps(step_rows(float(requests["end_s"].max()), source))
     if finish:
         summary_metrics = metrics.compute(requests) | (extra_metrics or {})
-        writer.finish({"source": source, "metrics": summary_metrics})
+        # The run command keeps metrics at the top level of summary.json, next to bookkeeping fields;
+        # nested=True writes the other documented layout, {"metrics": {...}}.
+        body = {"metrics": summary_metrics} if nested else {
+            **summary_metrics, "backend": "sim", "strategy": plan["strategy"], "predicted": plan["predicted"]}
+        writer.finish({"source": source, **body})
     else:
         try:
             with writer:        # what Ctrl-C during a run does to its folder

@@ -92,3 +92,11 @@ def test_targets_summary_before_the_folder_exists_matches_the_report(run_dir):
         ("load_time_s", "pass", "simulated"), ("median_ttft_ms", "pass", "simulated"),
         ("decode_tokens_per_s", "pass", "simulated"), ("memory_utilisation_pct", "fail", "theoretical")]
     assert section == as_summary(evaluate(run))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_both_summary_layouts_give_the_same_metrics(tmp_path, nested):
+    run = load_run(write_run(tmp_path, f"layout-{nested}", nested=nested))
+    assert run.metrics["median_ttft_ms"] == pytest.approx(50.0)
+    assert "schema_version" not in run.metrics and "backend" not in run.metrics
+    assert not run.metrics_recomputed

@@ -58,6 +58,8 @@ class RunView:
     latency: tables.Table | None
     headline: tables.Table
     plan_table: tables.Table | None
+    predicted: tables.Table | None
+    backend_stats: tables.Table | None
     warnings: list[str]
     environment: tables.Table
     plots: list[plots.Plot] = field(default_factory=list)
@@ -129,7 +131,8 @@ def run_view(run: Run, with_plots: bool = True) -> RunView:
         backend=str(run.config.get("backend", "")), created=str(run.environment.get("created_utc", "")),
         commit=str(run.environment.get("git_commit") or "")[:12], missing=run.missing,
         targets=targets_view(run), latency=tables.latency_table(run.metrics), headline=headline,
-        plan_table=tables.plan_table(run), warnings=[str(w) for w in run.plan.get("warnings") or []],
+        plan_table=tables.plan_table(run), predicted=tables.predicted_table(run.plan),
+        backend_stats=tables.backend_table(run.summary), warnings=[str(w) for w in run.plan.get("warnings") or []],
         environment=_environment_table(run), plots=made, plot_notes=notes,
     )
 

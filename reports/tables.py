@@ -105,3 +105,33 @@ def plan_table(run: Run) -> Table | None:
                      fmt(stage.get("decode_ms"))])
     return Table(["stage", "nodes", "layers", "count", "TP", "memory used per node (GB)",
                   "available per node (GB)", "decode (ms, predicted)"], rows, text_columns=2)
+
+
+def _flatten(prefix: str, value: Any, rows: list[list[str]]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, rows)
+    elif not isinstance(value, list):
+        rows.append([prefix, fmt(value)])
+
+
+def predicted_table(plan: dict[str, Any]) -> Table | None:
+    """The plan's predictions (theoretical), one row each."""
+    rows: list[list[str]] = []
+    _flatten("", {k: v for k, v in (plan.get("predicted") or {}).items() if k != "source"}, rows)
+    if plan.get("bottleneck"):
+        rows.append(["bottleneck", str(plan["bottleneck"])])
+    return Table(["prediction", "value"], rows) if rows else None
+
+
+# Summary sections shown elsewhere in the report (or pure bookkeeping).
+_SHOWN_ELSEWHERE = {"metrics", "targets", "predicted", "slo"}
+
+
+def backend_table(summary: dict[str, Any]) -> Table | None:
+    """Nested summary sections a backend adds (load per node, cache statistics, ...), flattened to dotted names."""
+    rows: list[list[str]] = []
+    for key, value in summary.items():
+        if isinstance(value, dict) and key not in _SHOWN_ELSEWHERE:
+            _flatten(key, value, rows)
+    return Table(["figure", "value"], rows) if rows else None

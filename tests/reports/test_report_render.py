@@ -58,6 +58,13 @@ def test_targets_table_shows_value_source_and_status(single):
 def test_summary_tables_carry_vllm_metrics(single):
     _, html = single
     assert "TTFT (ms)" in html and "output throughput" in html and "Partition plan" in html
+    assert "Plan predictions" in html and "<td class=\"text\">tokens_per_s</td>" in html
+
+
+def test_nested_backend_figures_are_listed(tmp_path):
+    extra = {"load": {"load_s_per_node": {"studio-1": 12.5}}, "kv_peak_fraction": 0.4}
+    html = reports.render([write_run(tmp_path, "stats", extra_metrics=extra)], with_plots=False).read_text()
+    assert "load.load_s_per_node.studio-1" in html and "kv_peak_fraction" in html
 
 
 def test_incomplete_run_is_said_prominently(tmp_path):

@@ -1,7 +1,7 @@
 """Micro-benchmarks that measure this host as a "chip" for the simulator (all figures: measured).
 
-- memory bandwidth: fp32 GEMV (matrix x vector) over a matrix far larger than the caches, as a decode
-  step streams its weights;
+- memory bandwidth: fp32 GEMV (matrix x vector) over matrices far larger than the caches, as a decode
+  step streams its weights (the best of a few shapes);
 - compute: fp32 GEMM (fp16 is reported too: on CPU it has no BLAS path and is far slower);
 - per-step overhead: one decode step of the tiny local model minus its weight-streaming time;
 - SSD read rate: a freshly written file read back after asking the kernel to drop its pages;
@@ -45,6 +45,15 @@ def gemv_bandwidth_gbs(rows: int = 8192, cols: int = 8192, reps: int = 10) -> fl
     mx.eval(w, x)
     t = _median_time(lambda: mx.eval(w @ x), reps)
     return rows * cols * 4 / t / 1e9
+
+
+GEMV_SHAPES = ((8192, 8192), (4096, 8192), (5632, 2048), (2048, 5632))
+
+
+def best_gemv_bandwidth_gbs(shapes=GEMV_SHAPES, reps: int = 5) -> float:
+    """The best fp32 GEMV bandwidth over a few weight shapes: BLAS kernels stream some shapes much
+    better than others, and the roofline should use what the memory system can deliver."""
+    return max(gemv_bandwidth_gbs(r, c, reps) for r, c in shapes)
 
 
 def gemm_gflops(m: int = 512, n: int = 4096, k: int = 4096, dtype: str = "float32", reps: int = 5) -> float:
@@ -101,7 +110,7 @@ def total_memory_gb() -> float:
 
 def measure_compute(model_path: str | None) -> dict:
     """Run inside a process that has the BLAS configuration to measure."""
-    out = {"gemv_fp32_gbs": gemv_bandwidth_gbs(), "gemm_fp32_gflops": gemm_gflops(),
+    out = {"gemv_fp32_gbs": best_gemv_bandwidth_gbs(), "gemm_fp32_gflops": gemm_gflops(),
            "gemm_fp16_gflops": gemm_gflops(m=128, n=1024, k=1024, dtype="float16", reps=3)}
     if model_path:
         step, nbytes = decode_step_s(model_path)
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure_compute(argv[1] if len(argv) > 1 else None)))
     elif mode == "gemm":
         print(json.dumps({"gemm_fp32_gflops": gemm_gflops(m=128, n=1024, k=4096),
-                          "gemv_fp32_gbs": gemv_bandwidth_gbs(rows=4096, reps=5)}))
+                          "gemv_fp32_gbs": best_gemv_bandwidth_gbs()}))
     elif mode == "decode":
         step, nbytes = decode_step_s(argv[1], tokens=int(argv[2]) if len(argv) > 2 else 64)
         print(json.dumps({"decode_step_s": step, "model_bytes": nbytes}))

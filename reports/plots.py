@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from matplotlib.patches import Circle, FancyArrowPatch, Wedge
 
 from reports.run import Run
@@ -40,6 +41,10 @@ def _sources(values) -> str:
     return " + ".join(found) if found else "unknown"
 
 
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def latency_distributions(run: Run, per_request: pd.DataFrame | None) -> Plot | None:
     """Histograms of per-request TTFT, TPOT and E2E latency (ms), median and p99 marked."""
     if per_request is None or per_request.empty:
@@ -53,11 +58,14 @@ def latency_distributions(run: Run, per_request: pd.DataFrame | None) -> Plot | 
         ax = fig.add_subplot(1, len(columns), i)
         # Rounded to 1 ns: float noise on identical latencies would otherwise become unreadable tick labels.
         values = np.round(per_request[column].dropna().to_numpy(dtype=float), 6)
+        scale, unit = (1e3, "s") if np.median(values) >= 10_000 else (1.0, "ms")   # minutes of ms do not read
+        values = values / scale
         ax.hist(values, bins=min(50, max(5, int(math.sqrt(len(values))))), color="#4c78a8", alpha=0.85)
         for q, style in ((50, "-"), (99, "--")):
             x = float(np.percentile(values, q))
-            ax.axvline(x, color="#e45756", linestyle=style, linewidth=1.2, label=f"p{q} {x:.3g} ms")
-        ax.set_xlabel(f"{label} (ms)")
+            ax.axvline(x, color="#e45756", linestyle=style, linewidth=1.2, label=f"p{q} {_num(x)} {unit}")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.set_xlabel(f"{label} ({unit})")
         ax.set_ylabel("requests" if i == 1 else "")
         ax.legend(fontsize=8, frameon=False)
     return Plot("Latency distributions", run.source, _png(fig),

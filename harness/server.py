@@ -364,20 +364,37 @@ class _Renderer:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.first = True
+        self._head: bytes | None = None
 
     def _envelope(self, obj: str, choices: list) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
     def chunk(self, text: str, finish: str | None) -> bytes:
-        if self.chat:
-            delta = {"role": "assistant", "content": text} if self.first else {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
+        """One SSE event. The envelope is rendered once per request and only the text is JSON-encoded per
+        token: this is the server's hottest line (one call per token per stream)."""
+        if self._head is None:
+            self._prepare()
+        head = self._head_first if self.first else self._head
         self.first = False
-        return _sse(self._envelope(obj, [choice]))
+        tail = self._tail_running if finish is None else self._tail(finish)
+        return head + json.dumps(text).encode() + tail
+
+    def _prepare(self) -> None:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        envelope = json.dumps(self._envelope(obj, []), separators=(",", ":")).encode()
+        start = b"data: " + envelope[:-len(b"[]}")] + b'[{"index":0,'
+        if self.chat:
+            self._head_first = start + b'"delta":{"role":"assistant","content":'
+            self._head = start + b'"delta":{"content":'
+            close = b'},"logprobs":null,"finish_reason":'
+        else:
+            self._head_first = self._head = start + b'"text":'
+            close = b',"logprobs":null,"finish_reason":'
+        self._close = close
+        self._tail_running = close + b"null}]}\n\n"
+
+    def _tail(self, finish: str) -> bytes:
+        return self._close + json.dumps(finish).encode() + b"}]}\n\n"
 
     def usage_chunk(self, usage: dict) -> bytes:
         obj = "chat.completion.chunk" if self.chat else "text_completion"

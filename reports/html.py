@@ -156,7 +156,17 @@ def targets_matrix(runs: list[Run]) -> tables.Table | None:
 
 
 def offered_load(run: Run) -> tuple[float | None, str]:
-    """The load a run was offered, from its workload config: request rate, or concurrency when closed-loop."""
+    """The load a run was offered: request rate, or concurrency when closed-loop.
+
+    A load-generator mode (config "mode": {"kind", "value"}, as `harness bench` writes) overrides the
+    workload's own arrivals; otherwise the workload spec says it.
+    """
+    mode = run.config.get("mode") or {}
+    if isinstance(mode, dict) and mode.get("value"):
+        if mode.get("kind") == "concurrent":
+            return float(mode["value"]), "concurrency (requests in flight)"
+        if mode.get("kind") in ("constant", "poisson"):
+            return float(mode["value"]), "offered request rate (req/s)"
     workload = run.config.get("workload") or {}
     if not isinstance(workload, dict):
         return None, ""

@@ -29,3 +29,13 @@ def test_figures_without_data_are_skipped(tmp_path):
     run = load_run(write_run(tmp_path, "bare", plan=dict(PLAN, stages=[])))
     run.steps = run.steps.iloc[0:0]
     assert node_timelines(run) is None and partition_ring(run) is None
+
+
+def test_offered_load_prefers_the_load_generator_mode(tmp_path):
+    from reports.html import offered_load
+    run = load_run(write_run(tmp_path, "mode", rate=5.0))
+    assert offered_load(run) == (5.0, "offered request rate (req/s)")
+    run.config["mode"] = {"kind": "concurrent", "value": 8}
+    assert offered_load(run) == (8.0, "concurrency (requests in flight)")
+    run.config["mode"] = {"kind": "workload", "value": 0.0}
+    assert offered_load(run) == (5.0, "offered request rate (req/s)")

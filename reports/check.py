@@ -157,7 +157,8 @@ def read_baseline(path: str | Path) -> dict:
     except json.JSONDecodeError as exc:
         raise BaselineError(f"baseline {path}: not valid JSON ({exc})") from exc
     if data.get("schema_version") != SCHEMA_VERSION:
-        raise BaselineError(f"baseline {path}: schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        raise BaselineError(f"baseline {path}: schema_version {data.get('schema_version')!r}, "
+                            f"expected {SCHEMA_VERSION}")
     if not isinstance(data.get("metrics"), dict) or not data["metrics"]:
         raise BaselineError(f"baseline {path}: no metrics to compare")
     data["metrics"] = {name: _entry(name, e, path) for name, e in data["metrics"].items()}

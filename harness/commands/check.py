@@ -15,7 +15,8 @@ An existing baseline keeps its metrics, tolerances and directions; only the valu
 
 def add_arguments(parser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="saved run folder, e.g. runs/out/<run-id>")
-    parser.add_argument("--baseline", required=True, metavar="FILE", help="baseline JSON, e.g. runs/baselines/smoke.json")
+    parser.add_argument("--baseline", required=True, metavar="FILE",
+                        help="baseline JSON, e.g. runs/baselines/smoke.json")
     parser.add_argument("--write-baseline", action="store_true", help="write/update the baseline from RUN_DIR")
     parser.add_argument("--metric", action="append", metavar="NAME",
                         help="with --write-baseline: metric to include (repeat; default: every numeric metric)")

@@ -48,7 +48,8 @@ def test_slower_run_fails_with_exit_1_and_names_what_moved(runs, baseline, capsy
     assert out.splitlines()[-1].startswith("FAIL:")
     # failures are listed before the metrics that held
     lines = out.splitlines()
-    assert max(i for i, l in enumerate(lines) if "REGRESSED" in l) < min(i for i, l in enumerate(lines) if l.endswith(" ok"))
+    last_failure = max(i for i, line in enumerate(lines) if "REGRESSED" in line)
+    assert last_failure < min(i for i, line in enumerate(lines) if line.endswith(" ok"))
 
 
 def test_incomplete_run_fails_the_check(runs, baseline):

@@ -75,7 +75,8 @@ def targets_view(run: Run) -> TargetsView:
     rows = []
     for r in results:
         fig = r.deciding
-        notes = "; ".join(x for x in (r.conditions, r.target.note, fig.how if fig else "") if x)
+        theory = f"theoretical: {r.theoretical.how}" if r.theoretical and r.theoretical is not fig else ""
+        notes = "; ".join(x for x in (r.conditions, r.target.note, fig.how if fig else "", theory) if x)
         status = r.status if r.observed or r.status == "no data" else f"{r.status} (theoretical)"
         rows.append(TargetRow(r.target.name, r.target.metric, r.target.text, _figure_text(fig, r.target.unit),
                               fig.source if fig else "", _figure_text(r.theoretical, r.target.unit), status, notes))

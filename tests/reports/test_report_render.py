@@ -51,6 +51,7 @@ def test_targets_table_shows_value_source_and_status(single):
     table = table[:table.index("</table>")]
     assert table.count("<tr class=") == 4
     assert "median_ttft_ms" in table and "50 ms" in table and "prompt 512 tokens" in table
+    assert "theoretical: plan prediction ttft_ms at a 512-token prompt" in table
     assert '<span class="status fail">fail (theoretical)</span>' in table   # memory 77 % < 80 %
     assert "3 of 4 targets pass, 1 fail." in html
 

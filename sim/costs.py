@@ -68,6 +68,37 @@ class StageModel:
         return 2 * (self.end - self.start) * per
 
 
+class DecodeTimer:
+    """`StageModel.decode_s` for the hot loop: the roofline terms are affine in the summed context, so their
+    batch-dependent parts are computed once per batch size and cached. Same formula as
+    harness.costmodel.decode_time (tests/sim check they agree to rounding)."""
+
+    def __init__(self, stage: StageModel, model: ModelSpec, profile: Profile):
+        self.stage, self.model, self.profile = stage, model, profile
+        s, e, tp = stage.start, stage.end, stage.tp
+        self.bw, self.fl = profile.bandwidth(stage.chip), profile.flops(stage.chip)
+        self.overhead = profile.overhead(stage.chip)
+        self.kv_bytes = model.kv_bytes_per_token(s, e) / tp                    # per token of context read
+        self.attn_flops = (e - s) * model._attn_flops_per_position() / tp      # per token of context read
+        self._per_batch: dict[int, tuple[float, float, float]] = {}
+
+    def _terms(self, batch: int) -> tuple[float, float, float]:
+        st, m = self.stage, self.model
+        nbytes = m.decode_read_bytes(st.start, st.end, batch) / st.tp
+        flops = m.decode_flops(st.start, st.end, batch, 0) / st.tp
+        if st.last:
+            nbytes += m.head_bytes()
+            flops += m.head_flops(batch)
+        terms = (nbytes, flops, self.overhead + st.allreduce_s(m, self.profile, batch))
+        self._per_batch[batch] = terms
+        return terms
+
+    def __call__(self, batch: int, ctx_sum: float) -> float:
+        terms = self._per_batch.get(batch) or self._terms(batch)
+        return max((terms[0] + ctx_sum * self.kv_bytes) / self.bw,
+                   (terms[1] + ctx_sum * self.attn_flops) / self.fl) + terms[2]
+
+
 def stage_models(cluster: Cluster, model: ModelSpec, plan: PartitionPlan) -> tuple[StageModel, ...]:
     """StageModels in layer order; checks that the plan matches the model and names known nodes."""
     if plan.num_layers != model.num_layers:

@@ -32,7 +32,7 @@ import simpy
 
 from harness.costmodel import Profile
 from harness.specs import Cluster, ModelSpec, PartitionPlan, UserError
-from sim.costs import TOKEN_ID_BYTES, hop_links, stage_models
+from sim.costs import TOKEN_ID_BYTES, DecodeTimer, hop_links, stage_models
 
 WAITING, RUNNING, DONE, FAILED = 1, 2, 3, 4
 
@@ -80,7 +80,8 @@ class Engine:
         self._wake = env.event()
         self._idle = 0
         self._step = 0
-        self._steps: list[tuple] = []
+        self._decode_fns = [DecodeTimer(st, model, profile) for st in self.stages]
+        self._init_records()
         self.preemptions = 0
         for s in self.scheds:
             env.process(self._scheduler(s, t0))
@@ -98,6 +99,16 @@ class Engine:
             back.bandwidth_gbps * 1e9 / 8)
         self._link_free: dict[tuple, float] = {}
         self._act_bytes = self.model.activation_bytes(1)
+
+    def _init_records(self) -> None:
+        """Per micro-batch: begin/end on every stage and link (floats), kind/batch/tokens/KV blocks (ints)."""
+        if not self.cfg.record_steps:
+            self._rec_times = self._rec_ints = None
+            return
+        self._link_col = 2 * len(self.stages)
+        width = self._link_col + 2 * len(self._hops) + (2 if self._back is not None else 0)
+        self._rec_times = np.zeros((4096, width))
+        self._rec_ints = np.zeros((4096, 4), dtype=np.int64)
 
     def _init_kv(self, cluster: Cluster) -> None:
         """KV pool size: the stage with the least room (free bytes / its KV bytes per token) decides."""
@@ -295,31 +306,52 @@ class Engine:
         running, chunks = mb
         n_dec = int(running.size)
         ctx_sum = float((self.computed[running] + 1).sum()) if n_dec else 0.0   # KV read, incl. the new token
-        pairs = [(t, c) for _, t, c in chunks]
-        tokens = n_dec + sum(t for t, _ in pairs)
+        if chunks:
+            pairs = [(t, c) for _, t, c in chunks]
+            tokens = n_dec + sum(t for t, _ in pairs)
+            durs = [st.mixed_s(self.model, self.profile, n_dec, ctx_sum, pairs) for st in self.stages]
+        else:
+            tokens = n_dec
+            durs = [f(n_dec, ctx_sum) for f in self._decode_fns]
+        rec = self._rec_times
+        row = self._step
+        if rec is not None and row >= rec.shape[0]:
+            rec = self._grow_records()
         t = self.env.now
-        starts, ends = [], []
-        link_rows = []
-        model, profile = self.model, self.profile
-        for i, st in enumerate(self.stages):
-            begin = max(t, self._stage_free[i])
-            t = begin + st.mixed_s(model, profile, n_dec, ctx_sum, pairs)
-            self._stage_free[i] = t
-            starts.append(begin)
-            ends.append(t)
-            if i < len(self._hops):
-                begin_link, t = self._send(self._hops[i], tokens * self._act_bytes, t)
-                link_rows.append((i, begin_link, t))
+        free = self._stage_free
+        hops = self._hops
+        act = tokens * self._act_bytes
+        for i, dur in enumerate(durs):
+            begin = t if t > free[i] else free[i]
+            t = begin + dur
+            free[i] = t
+            if rec is not None:
+                rec[row, 2 * i] = begin
+                rec[row, 2 * i + 1] = t
+            if i < len(hops):
+                begin, t = self._send(hops[i], act, t)
+                if rec is not None:
+                    rec[row, self._link_col + 2 * i] = begin
+                    rec[row, self._link_col + 2 * i + 1] = t
         t_emit = t
         if self._back is not None:
-            begin_link, t = self._send(self._back, TOKEN_ID_BYTES * (n_dec + len(chunks)), t)
-            link_rows.append((len(self.stages) - 1, begin_link, t))
-        if self.cfg.record_steps:
-            kind = "decode" if not chunks else ("prefill" if n_dec == 0 else "mixed")
-            used = self.total_blocks - self.free_blocks
-            self._steps.append((self._step, kind, n_dec + len(chunks), tokens, used, starts, ends, link_rows))
-        self._step += 1
+            begin, t = self._send(self._back, TOKEN_ID_BYTES * (n_dec + len(chunks)), t)
+            if rec is not None:
+                rec[row, -2] = begin
+                rec[row, -1] = t
+        if rec is not None:
+            kind = 0 if not chunks else (1 if n_dec == 0 else 2)
+            self._rec_ints[row] = (kind, n_dec + len(chunks), tokens, self.total_blocks - self.free_blocks)
+        self._step = row + 1
         return t_emit, t
+
+    def _grow_records(self) -> np.ndarray:
+        old_t, old_i = self._rec_times, self._rec_ints
+        self._rec_times = np.zeros((old_t.shape[0] * 2, old_t.shape[1]))
+        self._rec_ints = np.zeros((old_i.shape[0] * 2, old_i.shape[1]), dtype=np.int64)
+        self._rec_times[:old_t.shape[0]] = old_t
+        self._rec_ints[:old_i.shape[0]] = old_i
+        return self._rec_times
 
     def _send(self, hop: tuple, nbytes: float, t: float) -> tuple[float, float]:
         key, latency, rate = hop
@@ -403,35 +435,39 @@ class Engine:
             "success": ok, "error": pa.array(errors, pa.string()),
         })
 
+    STEP_KINDS = ("decode", "prefill", "mixed", "send")
+
     def steps_table(self, source: str = "simulated"):
         """pyarrow Table with harness.records.STEP_COLUMNS: one row per micro-batch and stage, and one per
-        link send (kind "send", stage = the sender)."""
+        link send (kind "send", stage = the sender), in time order."""
         import pyarrow as pa
-        recs = self._steps
-        m, p = len(recs), len(self.stages)
-        step = np.fromiter((r[0] for r in recs), np.int64, m)
-        kind = np.array([r[1] for r in recs], dtype=object)
-        batch = np.fromiter((r[2] for r in recs), np.int64, m)
-        tokens = np.fromiter((r[3] for r in recs), np.int64, m)
-        used = np.fromiter((r[4] for r in recs), np.int64, m)
+        m, p = self._step, len(self.stages)
+        if self._rec_times is None:
+            m = 0
+        times = self._rec_times[:m] if m else np.zeros((0, 2 * p + 2 * len(self._hops) + 2))
+        ints = self._rec_ints[:m] if m else np.zeros((0, 4), dtype=np.int64)
         kv_node = np.array([st.kv_bytes_per_token_node * self.block for st in self.stages])
-        parts = [self._stage_block(step, kind, batch, tokens, used, kv_node, i,
-                                   [r[5][i] for r in recs], [r[6][i] for r in recs]) for i in range(p)]
-        n_links = len(recs[0][7]) if recs else 0
-        for j in range(n_links):
-            i = recs[0][7][j][0]
-            parts.append(self._stage_block(step, np.full(m, "send", dtype=object), batch, tokens, used, kv_node,
-                                           i, [r[7][j][1] for r in recs], [r[7][j][2] for r in recs]))
-        cols = {k: np.concatenate([b[k] for b in parts]) if parts else np.empty(0) for k in
-                ("step", "stage", "node", "kind", "start_s", "end_s", "batch_size", "tokens", "kv_bytes")}
+        senders = list(range(len(self._hops))) + ([p - 1] if self._back is not None else [])
+        blocks = []
+        for i in range(p):
+            blocks.append((i, ints[:, 0], times[:, 2 * i], times[:, 2 * i + 1]))
+        for j, i in enumerate(senders):
+            col = self._link_col + 2 * j
+            blocks.append((i, np.full(m, 3), times[:, col], times[:, col + 1]))
+        stage = np.concatenate([np.full(m, i, np.int64) for i, *_ in blocks]) if blocks else np.empty(0, np.int64)
+        cols = {"step": np.tile(np.arange(m, dtype=np.int64), len(blocks)), "stage": stage,
+                "kind": np.concatenate([b[1] for b in blocks]),
+                "start_s": np.concatenate([b[2] for b in blocks]), "end_s": np.concatenate([b[3] for b in blocks]),
+                "batch_size": np.tile(ints[:, 1], len(blocks)), "tokens": np.tile(ints[:, 2], len(blocks)),
+                "kv_bytes": (np.tile(ints[:, 3], len(blocks)) * kv_node[stage]).astype(np.int64)}
         order = np.lexsort((cols["stage"], cols["start_s"]))
-        table = {k: v[order] for k, v in cols.items()}
-        table["source"] = np.full(order.size, source, dtype=object)
-        return pa.table({k: (pa.array(v, pa.string()) if v.dtype == object else v) for k, v in table.items()})
-
-    def _stage_block(self, step, kind, batch, tokens, used, kv_node, i, starts, ends) -> dict:
-        m = step.size
-        return {"step": step, "stage": np.full(m, i, np.int64),
-                "node": np.full(m, self.stages[i].nodes[0], dtype=object), "kind": kind,
-                "start_s": np.asarray(starts, float), "end_s": np.asarray(ends, float), "batch_size": batch,
-                "tokens": tokens, "kv_bytes": (used * kv_node[i]).astype(np.int64)}
+        cols = {k: v[order] for k, v in cols.items()}
+        names = [st.nodes[0] for st in self.stages]
+        node = pa.DictionaryArray.from_arrays(pa.array(cols["stage"].astype(np.int32)), pa.array(names))
+        kind = pa.DictionaryArray.from_arrays(pa.array(cols.pop("kind").astype(np.int32)),
+                                              pa.array(self.STEP_KINDS))
+        n = order.size
+        return pa.table({"step": cols["step"], "stage": cols["stage"], "node": node.cast(pa.string()),
+                         "kind": kind.cast(pa.string()), "start_s": cols["start_s"], "end_s": cols["end_s"],
+                         "batch_size": cols["batch_size"], "tokens": cols["tokens"], "kv_bytes": cols["kv_bytes"],
+                         "source": pa.array(np.full(n, source, dtype=object), pa.string())})

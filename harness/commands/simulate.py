@@ -1,0 +1,167 @@
+"""`python -m harness simulate`: serve a workload on a simulated cluster and write a run folder."""
+from __future__ import annotations
+
+import sys
+import time
+
+from harness.planning import add_plan_arguments
+
+HELP = "simulate serving a workload on a cluster (SimPy, virtual time) and write runs/out/<run-id>/"
+DESCRIPTION = """Plan the model over the cluster with a partitioning strategy, load it (SSD or peer), then serve a
+workload with continuous batching over the pipeline in virtual time. Writes config.json, environment.json,
+plan.json, requests.parquet, steps.parquet and summary.json to <out>/<run-id>/ (an interrupted run leaves the
+folder marked INCOMPLETE) and prints the headline metrics. Every figure it prints is simulated, except the
+wall-clock timing of the simulator itself (measured).
+
+workload shorthand (or a .json/.toml file holding a workload table):
+  poisson,rate=0.2,n=200,prompt=512,output=128
+  bursts,burst_size=16,interval_s=60,n=64,prompt=uniform:128:2048,output=lognormal:200:0.6
+  closed,concurrency=8,n=100,prompt=512,output=128
+  conversations,conversations=20,turns=4,system_prompt_tokens=1000,user=100,output=200,rate=0.05
+  trace,path=my-trace.jsonl          (JSONL lines: arrival_s, prompt_tokens, output_tokens[, prefix_id])
+
+examples:
+  python -m harness simulate --cluster m2ultra-4x-tb4 --model llama-3.1-70b --quant 4 --strategy uniform \\
+      --workload poisson,rate=0.2,n=200,prompt=512,output=128 --seed 1
+  python -m harness simulate --workload closed,concurrency=4,n=50 --slo "ttft:2000 tpot:100" --timing"""
+
+
+def add_arguments(p) -> None:
+    add_plan_arguments(p)
+    g = p.add_argument_group("workload and run")
+    g.add_argument("--workload", default="poisson,rate=0.2,n=100,prompt=512,output=128",
+                   help="workload shorthand or .json/.toml file (default %(default)s)")
+    g.add_argument("--seed", type=int, default=None, help="workload seed (overrides the workload's own)")
+    g.add_argument("--out", default="runs/out", help="folder that receives the run folder (default %(default)s)")
+    g.add_argument("--run-id", default=None, help="name of the run folder (default: time stamp + strategy)")
+    g.add_argument("--slo", default=None, help='goodput SLOs in ms, vLLM syntax: "ttft:500 tpot:50 e2el:2000"')
+    g.add_argument("--no-load", action="store_true", help="skip simulating model loading")
+    g.add_argument("--weights-local", default=None,
+                   help="comma-separated nodes holding the weights on SSD (others receive them from a peer); "
+                        "default: all")
+    g.add_argument("--timing", action="store_true",
+                   help="print the simulator's own speed (measured wall time, requests per wall second, peak memory)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-num-seqs", type=int, default=128, help="sequences per micro-batch (default %(default)s)")
+    e.add_argument("--max-batched-tokens", type=int, default=4096,
+                   help="token budget per micro-batch step (default %(default)s)")
+    e.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
+    e.add_argument("--micro-batches", type=int, default=0,
+                   help="micro-batches in flight (default 0 = one per pipeline stage)")
+    e.add_argument("--kv-block-tokens", type=int, default=16, help="KV block size in tokens (default %(default)s)")
+    e.add_argument("--kv-tokens", type=int, default=0, help="cap the KV pool in tokens (default: memory decides)")
+
+
+def engine_config(args):
+    from harness.specs import UserError
+    from sim.engine import EngineConfig
+    for name in ("max_num_seqs", "max_batched_tokens", "kv_block_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.micro_batches < 0 or args.kv_tokens < 0:
+        raise UserError("--micro-batches and --kv-tokens must be >= 0")
+    return EngineConfig(max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
+                        chunked_prefill=not args.no_chunked_prefill, micro_batches=args.micro_batches,
+                        kv_block_tokens=args.kv_block_tokens, kv_tokens=args.kv_tokens)
+
+
+def run(args) -> int:
+    import resource
+
+    from harness import metrics
+    from harness.planning import make_plan
+    from harness.runfolder import RunWriter, environment
+    from harness.workloads import build_workload, parse_workload
+    from sim.run import simulate
+
+    cfg = engine_config(args)
+    slo = metrics.parse_slo(args.slo)
+    spec = parse_workload(args.workload)
+    if args.seed is not None:
+        spec["seed"] = args.seed
+    workload = build_workload(spec)
+    cluster, model, plan = make_plan(args)
+    local = set(args.weights_local.split(",")) if args.weights_local else None
+    config = {"command": "simulate", "backend": "sim", "cluster": args.cluster, "model": model.name,
+              "quant_bits": model.quant_bits, "group_size": model.group_size, "strategy": plan.strategy,
+              "objective": args.objective, "profile": args.profile or "default", "workload": spec,
+              "engine": cfg.to_dict(), "include_load": not args.no_load,
+              "weights_local": sorted(local) if local else None, "slo": slo or None,
+              "argv": sys.argv[1:]}
+    bar = None if args.quiet else Progress(len(workload))
+    with RunWriter(args.out, label=f"sim-{plan.strategy}", run_id=args.run_id) as writer:
+        writer.write_json("config.json", config)
+        writer.write_json("environment.json", environment({"backend": "sim"}))
+        writer.write_json("plan.json", plan.to_dict())
+        result = simulate(cluster, model, plan, load_profile_of(args), workload, cfg,
+                          include_load=not args.no_load, weights_local=local, progress=bar)
+        if bar:
+            bar.close()
+        writer.write_requests(result.requests)
+        writer.write_steps(result.steps)
+        summary = summarise(result, slo, config, plan, cluster)
+        writer.finish(summary)
+    print(f"run folder: {writer.path}")
+    print(metrics.headline(summary["metrics"], "simulated"))
+    print(f"  {'load_time_s':<22} {summary['metrics']['load_time_s']:.2f} s")
+    print(f"  {'preemptions':<22} {result.stats['preemptions']}")
+    if args.timing:
+        wall = result.stats["wall_s"]
+        print(f"simulator speed (measured): {len(workload)} requests in {wall:.3f} s wall = "
+              f"{len(workload) / wall:,.0f} simulated requests per wall second; "
+              f"peak resident memory of the whole process {_max_rss_mib(resource):.0f} MiB")
+    return 0 if summary["metrics"]["failed"] == 0 else 1
+
+
+def _max_rss_mib(resource) -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10   # bytes on macOS, KiB on Linux
+
+
+def load_profile_of(args):
+    from harness.costmodel import load_profile
+    return load_profile(args.profile)
+
+
+def summarise(result, slo: dict, config: dict, plan, cluster) -> dict:
+    """summary.json body: the metrics (simulated), run-level figures for targets, engine facts."""
+    from harness import metrics
+    requests = result.requests.to_pandas()
+    m = metrics.compute(requests, slo or None)
+    m["load_time_s"] = max(result.load.load_s_per_node.values(), default=0.0)
+    used = sum(result.load.memory_bytes_per_node.values())
+    usable = sum(cluster.node(n).usable_bytes for n in result.load.memory_bytes_per_node)
+    m["memory_utilisation_pct"] = 100.0 * used / usable if usable else None
+    body = {"source": "simulated", "metrics": m, "slo": slo or None, "sim": result.stats,
+            "load": {"load_s_per_node": result.load.load_s_per_node,
+                     "memory_bytes_per_node": result.load.memory_bytes_per_node, "source": result.load.source}}
+    try:
+        from reports.targets import targets_summary
+        body["targets"] = targets_summary(config, plan.to_dict(), m, requests, None, "simulated")
+    except ImportError:  # reports is optional for the simulator
+        pass
+    return body
+
+
+class Progress:
+    """A one-line progress bar on stderr (only when it is a terminal or explicitly wanted)."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.stream, self.t0 = total, stream, time.perf_counter()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int, virtual_s: float) -> None:
+        now = time.perf_counter()
+        if now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        width = 30
+        fill = int(width * done / max(total, 1))
+        self.stream.write(f"\rsimulating [{'#' * fill}{'.' * (width - fill)}] {done}/{total} requests, "
+                          f"virtual {virtual_s:,.1f} s, wall {now - self.t0:.1f} s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()

@@ -442,11 +442,16 @@ class MlxBackend:
         out["kv_cache_bytes"] = last
         return out
 
-    def step_records(self) -> list[dict]:
-        return list(self._steps)
+    def step_records(self, t0_unix: float | None = None) -> list[dict]:
+        """steps.parquet rows; times from `t0_unix` (a time.time() value, e.g. the load generator's
+        start) when given, else from `run_start_epoch`."""
+        shift = 0.0 if t0_unix is None else (self.run_start_epoch or 0.0) - t0_unix
+        if not shift:
+            return [dict(r) for r in self._steps]
+        return [r | {"start_s": r["start_s"] + shift, "end_s": r["end_s"] + shift} for r in self._steps]
 
-    def request_records(self) -> list[dict]:
-        t0 = self.run_start_epoch or 0.0
+    def request_records(self, t0_unix: float | None = None) -> list[dict]:
+        t0 = t0_unix if t0_unix is not None else (self.run_start_epoch or 0.0)
         nan = float("nan")
         rows = []
         for r in list(self._all):

@@ -40,21 +40,10 @@ def build_backend(exp: dict, cluster, model, profile, plan):
         case "sim":
             from harness.sim_backend import SimBackend, SimBackendConfig
             from sim.engine import EngineConfig
-            cache = _cache_config(exp, model, cluster, plan, profile)
-            return SimBackend(cluster, model, plan, profile, EngineConfig(),
-                              SimBackendConfig(model_id=model.name), **({"cache": cache} if cache else {}))
+            return SimBackend(cluster, model, plan, profile, EngineConfig(), SimBackendConfig(model_id=model.name))
         case "mlx":
             return _mlx_backend(exp, plan)
     raise UserError(f"unknown backend {exp['backend']!r}; choose sim or mlx")
-
-
-def _cache_config(exp, model, cluster, plan, profile):
-    """The prefix-cache policy, when the sim backend can take one (see sim.prefix_cache)."""
-    try:
-        from sim.prefix_cache import make_prefix_cache
-    except ImportError:
-        return None
-    return make_prefix_cache(exp.get("cache", "none"), cluster, model, plan, profile)
 
 
 def _mlx_backend(exp: dict, plan):

@@ -1,0 +1,260 @@
+"""Fit the cost-model profile (eta_bw, mu_compute, step_overhead_s) to public single-device measurements.
+
+Data: harness/catalog/calibration/apple_silicon_single_device_calibration.csv (a copy of the project's public
+data file, with its source columns). Each usable row is one published llama.cpp/MLX run of a model we have a
+config for, on a chip in the catalog:
+- decode (tg): aggregate tokens/s of `batch` sequences generating `gen_tokens` after `context_depth` cached
+  tokens, so one step takes batch / tg_tok_s at a mean context of depth + gen/2;
+- prefill (pp): `prompt_tokens` tokens after `context_depth` cached tokens take prompt / pp_tok_s.
+
+Fit (closed-form weighted least squares on relative error, no optimiser dependency):
+1. decode rows, batch 1: t = bytes / (eta * BW) + overhead, linear in (1/eta, overhead) -> global eta_bw and
+   step_overhead_s (overhead clipped at >= 0);
+2. prefill rows, batch 1: t - overhead = flops / (mu * peak) -> global mu_compute;
+3. per chip (optional), with the global overhead fixed: the same two fits over that chip's rows.
+Rows with batch > 1 are not fitted; they are reported as a check of batched-decode scaling.
+Then every row is predicted with harness.costmodel itself and the error is reported.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from harness import catalog, costmodel
+from harness.costmodel import Profile
+from harness.specs import GIB, Chip, ModelSpec, UserError
+
+DATA = Path(__file__).parent / "catalog" / "calibration" / "apple_silicon_single_device_calibration.csv"
+
+# published model names -> catalog presets with the same architecture
+MODEL_MAP = {
+    "LLaMA-2 7B": "llama-2-7b", "LLaMA 7B": "llama-2-7b", "LLaMA 7B (as in #4167 comparison)": "llama-2-7b",
+    "Llama 3 8B": "llama-3.1-8b", "Llama 3 70B": "llama-3.1-70b", "Meta-Llama-3-70B-Instruct": "llama-3.1-70b",
+    "Qwen2.5-Coder-7B": "qwen2.5-7b", "Qwen3-Coder-30B-A3B-Instruct": "qwen3-30b-a3b",
+    "Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b", "Llama 3.2 3B Instruct": "llama-3.2-3b",
+}
+
+
+@dataclass(frozen=True)
+class Obs:
+    """One published figure turned into a step-time observation."""
+    row: int                 # line in the CSV (header = line 1)
+    kind: str                # "tg" | "pp"
+    engine: str
+    model_name: str
+    quant: str
+    chip: Chip
+    model: ModelSpec
+    batch: int
+    tokens: int              # prompt tokens (pp) or generated tokens (tg)
+    context: float           # tg: mean context; pp: context before the prompt
+    published_tok_s: float
+    confidence: str
+
+    @property
+    def step_s(self) -> float:
+        """Observed time of one step: prefill of the prompt, or one decode step of the batch."""
+        return self.tokens / self.published_tok_s if self.kind == "pp" else self.batch / self.published_tok_s
+
+
+def _int_prefix(text: str) -> int | None:
+    m = re.match(r"\s*(\d+)", text or "")
+    return int(m.group(1)) if m else None
+
+
+def _num(text: str) -> float | None:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def quantized(model: ModelSpec, quant: str, weights_gib: float | None) -> ModelSpec | None:
+    """The model at the published quantization. With the file size known, the effective bits per weight
+    come from it (GGUF k-quants mix precisions); otherwise from the quant name."""
+    q = quant.lower()
+    if q in ("f16", "bf16", "fp16"):
+        return model.with_quant(16)
+    m = re.search(r"(\d)", q)
+    if not m or int(m.group(1)) not in (2, 3, 4, 5, 6, 8):
+        return None
+    bits = int(m.group(1))
+    if weights_gib:
+        bpw = weights_gib * GIB * 8 / model.total_params
+        if bpw > bits + 1e-6:
+            # bits_per_weight = bits + 32/group_size: pick the (fractional) group size that matches the file
+            return replace(model, quant_bits=bits, group_size=32.0 / (bpw - bits))
+    return model.with_quant(bits, 64)
+
+
+def load_observations(path: str | Path = DATA) -> tuple[list[Obs], list[str]]:
+    """Usable observations and one line per skipped row saying why."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"calibration data {path} does not exist")
+    obs, skipped = [], []
+    with open(path, newline="") as fh:
+        for line, row in enumerate(csv.DictReader(fh), start=2):
+            got, why = _row_obs(line, row)
+            obs.extend(got)
+            if why:
+                skipped.append(f"line {line} ({row['model']}, {row['chip']}): {why}")
+    return obs, skipped
+
+
+def _row_obs(line: int, row: dict) -> tuple[list[Obs], str]:
+    preset = MODEL_MAP.get(row["model"])
+    if preset is None:
+        return [], "no catalog config for this model"
+    cores = _int_prefix(row["gpu_cores"])
+    try:
+        chip = catalog.find_chip(row["chip"], cores)
+    except UserError as exc:
+        return [], str(exc)
+    model = quantized(catalog.load_model(preset, 16), row["quant"], _num(row["weights_gib"]))
+    if model is None:
+        return [], f"quantization {row['quant']!r} not modelled"
+    batch = int(_num(row["batch"]) or 1)
+    depth = _num(row["context_depth"]) or 0.0
+    common = dict(row=line, engine=row["engine"], model_name=row["model"], quant=row["quant"], chip=chip,
+                  model=model, batch=batch, confidence=row["confidence"])
+    out = []
+    prompt, gen = _num(row["prompt_tokens"]), _num(row["gen_tokens"])
+    if _num(row["tg_tok_s"]) and gen:
+        out.append(Obs(kind="tg", tokens=int(gen), context=depth + gen / 2, published_tok_s=_num(row["tg_tok_s"]),
+                       **common))
+    if _num(row["pp_tok_s"]) and prompt and batch == 1:
+        out.append(Obs(kind="pp", tokens=int(prompt), context=depth, published_tok_s=_num(row["pp_tok_s"]),
+                       **common))
+    return out, "" if out else "no prompt/generation length given with the rate"
+
+
+# ------------------------------------------------------------------------------------------------ fitting
+
+def _decode_terms(o: Obs) -> tuple[float, float]:
+    """(bytes read per step / peak bandwidth, flops / peak) for one decode observation."""
+    m, L = o.model, o.model.num_layers
+    nbytes = m.decode_read_bytes(0, L, o.batch) + o.batch * o.context * m.kv_bytes_per_token(0, L) + m.head_bytes()
+    flops = m.decode_flops(0, L, o.batch, o.context) + m.head_flops(o.batch)
+    return nbytes / (o.chip.mem_bw_gbs * 1e9), flops / (o.chip.fp16_tflops * 1e12)
+
+
+def _prefill_terms(o: Obs) -> tuple[float, float]:
+    m, L = o.model, o.model.num_layers
+    nbytes = m.weight_bytes(0, L) + (o.context + o.tokens) * m.kv_bytes_per_token(0, L) + m.head_bytes()
+    flops = m.prefill_flops(0, L, o.tokens, o.context) + m.head_flops(1)
+    return nbytes / (o.chip.mem_bw_gbs * 1e9), flops / (o.chip.fp16_tflops * 1e12)
+
+
+def fit_decode(rows: list[Obs], overhead: float | None = None) -> tuple[float, float]:
+    """(eta_bw, overhead) minimising relative error of t = x / eta + overhead (overhead fixed if given)."""
+    x = np.array([_decode_terms(o)[0] for o in rows])
+    t = np.array([o.step_s for o in rows])
+    w = 1.0 / t                                       # relative errors: divide each equation by its t
+    if overhead is None:
+        a = np.c_[x * w, w]
+        (inv_eta, c), *_ = np.linalg.lstsq(a, t * w, rcond=None)
+        if c >= 0:
+            return 1.0 / inv_eta, float(c)
+        overhead = 0.0
+    inv_eta = float(np.sum(x * w * (t - overhead) * w) / np.sum((x * w) ** 2))
+    return 1.0 / inv_eta, overhead
+
+
+def fit_prefill(rows: list[Obs], overhead: float) -> float:
+    """mu_compute minimising relative error of t - overhead = flops_time / mu."""
+    f = np.array([_prefill_terms(o)[1] for o in rows])
+    t = np.array([o.step_s for o in rows])
+    w = 1.0 / t
+    inv_mu = float(np.sum(f * w * (t - overhead) * w) / np.sum((f * w) ** 2))
+    return 1.0 / inv_mu
+
+
+def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = None) -> Profile:
+    """A Profile fitted to the batch-1 observations; link and SSD figures are kept from `base`."""
+    tg = [o for o in obs if o.kind == "tg" and o.batch == 1]
+    pp = [o for o in obs if o.kind == "pp"]
+    if not tg or not pp:
+        raise UserError("calibration needs at least one decode (tg) and one prefill (pp) row")
+    eta, overhead = fit_decode(tg)
+    mu = fit_prefill(pp, overhead)
+    chips: dict[str, dict] = {}
+    if per_chip:
+        for name in sorted({o.chip.name for o in obs}):
+            entry = {}
+            mine_tg = [o for o in tg if o.chip.name == name]
+            mine_pp = [o for o in pp if o.chip.name == name]
+            if len(mine_tg) >= 2:
+                entry["eta_bw"] = round(fit_decode(mine_tg, overhead)[0], 4)
+            if len(mine_pp) >= 2:
+                entry["mu_compute"] = round(fit_prefill(mine_pp, overhead), 4)
+            if entry:
+                chips[name] = entry
+    base = base or costmodel.load_profile()
+    return Profile(name="fitted", eta_bw=round(eta, 4), mu_compute=round(mu, 4),
+                   step_overhead_s=round(overhead, 6), link_overhead_us=base.link_overhead_us,
+                   ssd_gbs=base.ssd_gbs, per_chip=chips,
+                   source="fitted: python -m harness calibrate on harness/catalog/calibration/"
+                          "apple_silicon_single_device_calibration.csv (public llama.cpp and MLX single-device rows)")
+
+
+def predict(o: Obs, profile: Profile) -> float:
+    """Predicted tokens/s for an observation, with the cost model's own functions."""
+    L = o.model.num_layers
+    if o.kind == "pp":
+        return o.tokens / costmodel.prefill_time(o.chip, profile, o.model, 0, L, o.tokens, int(o.context),
+                                                 with_head=True)
+    return o.batch / costmodel.decode_time(o.chip, profile, o.model, 0, L, o.batch, o.context, with_head=True)
+
+
+def error_table(obs: list[Obs], profile: Profile) -> list[dict]:
+    rows = []
+    for o in obs:
+        pred = predict(o, profile)
+        rows.append({"line": o.row, "kind": o.kind, "engine": o.engine, "model": o.model_name, "quant": o.quant,
+                     "chip": o.chip.label, "batch": o.batch, "tokens": o.tokens, "context": o.context,
+                     "published_tok_s": o.published_tok_s, "predicted_tok_s": round(pred, 2),
+                     "error_pct": round(100.0 * (pred - o.published_tok_s) / o.published_tok_s, 1),
+                     "fitted": o.batch == 1, "confidence": o.confidence})
+    return rows
+
+
+def error_summary(table: list[dict]) -> dict:
+    """Mean and max absolute % error per kind, over fitted (batch 1) rows and over batched check rows."""
+    out = {}
+    for kind in ("tg", "pp"):
+        for fitted in (True, False):
+            errs = [abs(r["error_pct"]) for r in table if r["kind"] == kind and r["fitted"] == fitted]
+            if errs:
+                key = f"{kind}_{'batch1' if fitted else 'batched_check'}"
+                out[key] = {"rows": len(errs), "mean_abs_error_pct": round(float(np.mean(errs)), 1),
+                            "median_abs_error_pct": round(float(np.median(errs)), 1),
+                            "max_abs_error_pct": round(float(np.max(errs)), 1)}
+    return out
+
+
+def profile_json(profile: Profile, summary: dict, summary_global: dict, skipped: int) -> dict:
+    return {"name": profile.name, "source": profile.source,
+            "eta_bw": profile.eta_bw, "mu_compute": profile.mu_compute, "step_overhead_s": profile.step_overhead_s,
+            "link_overhead_us": profile.link_overhead_us, "ssd_gbs": profile.ssd_gbs,
+            "ssd_basis": "kept from default.json (not in the calibration data)",
+            "link_basis": "link_overhead_us kept from default.json (single-device data cannot fit it)",
+            "per_chip": profile.per_chip,
+            "fit": {"errors_with_per_chip": summary, "errors_global_only": summary_global,
+                    "rows_skipped": skipped, "method": "weighted least squares on relative step-time error; "
+                    "batched rows are checks, not fitted"}}
+
+
+def write_profile(data: dict, path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    return path

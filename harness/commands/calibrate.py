@@ -1,0 +1,71 @@
+"""`python -m harness calibrate`: fit the cost-model profile to public single-device tokens/s figures."""
+from __future__ import annotations
+
+import json
+import sys
+
+HELP = "fit eta_bw, mu_compute and step_overhead_s to public Apple Silicon tok/s data; write a profile"
+DESCRIPTION = """Fit the cost model's efficiency factors (decode bandwidth efficiency eta_bw, prefill compute
+efficiency mu_compute, per-step overhead, and per-chip overrides) to the public single-device table in
+harness/catalog/calibration/, then print predicted vs published tokens/s for every usable row with the error.
+Published figures are measured (by their sources); predictions are theoretical (the fitted cost model).
+
+examples:
+  python -m harness calibrate                      # writes harness/profiles/fitted.json
+  python -m harness calibrate --no-per-chip --out /tmp/global.json
+  python -m harness calibrate --dry-run --json"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data", default=None, help="calibration CSV (default: the bundled public table)")
+    p.add_argument("--out", default=None, help="profile to write (default harness/profiles/fitted.json)")
+    p.add_argument("--no-per-chip", action="store_true", help="fit one set of factors for every chip")
+    p.add_argument("--dry-run", action="store_true", help="fit and report, write nothing")
+    p.add_argument("--json", action="store_true", help="print the per-row table and fit as JSON")
+    p.add_argument("--show-skipped", action="store_true", help="list rows that could not be used and why")
+
+
+def run(args) -> int:
+    from harness import calibrate as cal
+    from harness.costmodel import PROFILE_DIR
+
+    obs, skipped = cal.load_observations(args.data or cal.DATA)
+    profile = cal.fit_profile(obs, per_chip=not args.no_per_chip)
+    table = cal.error_table(obs, profile)
+    summary = cal.error_summary(table)
+    summary_global = cal.error_summary(cal.error_table(obs, cal.fit_profile(obs, per_chip=False)))
+    data = cal.profile_json(profile, summary, summary_global, len(skipped))
+    if args.json:
+        json.dump({"profile": data, "rows": table, "skipped": skipped}, sys.stdout, indent=2)
+        print()
+    else:
+        print(render(table, data, skipped if args.show_skipped else None))
+    if not args.dry_run:
+        path = cal.write_profile(data, args.out or PROFILE_DIR / "fitted.json")
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def render(table: list[dict], data: dict, skipped: list[str] | None) -> str:
+    head = (f"{'line':>4} {'kind':<4} {'model':<30} {'quant':<7} {'chip':<13} {'B':>3} {'ctx':>7} "
+            f"{'published':>10} {'predicted':>10} {'error':>7}")
+    lines = ["published tok/s: measured by the cited sources; predicted: theoretical (fitted cost model)", head]
+    for r in table:
+        mark = "" if r["fitted"] else "  (check, not fitted)"
+        lines.append(f"{r['line']:>4} {r['kind']:<4} {r['model'][:30]:<30} {r['quant'][:7]:<7} {r['chip'][:13]:<13} "
+                     f"{r['batch']:>3} {r['context']:>7.0f} {r['published_tok_s']:>10.2f} "
+                     f"{r['predicted_tok_s']:>10.2f} {r['error_pct']:>6.1f}%{mark}")
+    lines.append("")
+    lines.append(f"fitted: eta_bw={data['eta_bw']} mu_compute={data['mu_compute']} "
+                 f"step_overhead_s={data['step_overhead_s']}")
+    for chip, entry in data["per_chip"].items():
+        lines.append(f"  {chip:<10} " + " ".join(f"{k}={v}" for k, v in entry.items()))
+    for label, key in (("with per-chip factors", "errors_with_per_chip"), ("global factors only", "errors_global_only")):
+        lines.append(f"error {label}:")
+        for name, s in data["fit"][key].items():
+            lines.append(f"  {name:<20} rows {s['rows']:>3}  mean |err| {s['mean_abs_error_pct']:>5.1f}%  "
+                         f"median {s['median_abs_error_pct']:>5.1f}%  max {s['max_abs_error_pct']:>5.1f}%")
+    lines.append(f"rows skipped: {data['fit']['rows_skipped']}" + ("" if skipped is None else ""))
+    if skipped:
+        lines.extend(f"  {s}" for s in skipped)
+    return "\n".join(lines)

@@ -3,8 +3,8 @@ shaped with tc tbf. Needs root and iproute2 for the namespace rows.
 
     python benchmarks/mlx_link_shaping.py [--rates 1,0.1]
 
-Prints measured one-way latency and bandwidth per configuration next to the configured rate. Latency is
-not emulated (no netem in this kernel), so only the bandwidth should follow the configured rate.
+Prints measured one-way latency and bandwidth per configuration next to the configured rate and delay.
+This kernel has no netem: latency comes from userspace delay relays (`harness.mlx.relay`).
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def main() -> int:
     args = ap.parse_args()
     configs = [("loopback", None), ("namespaces, unshaped", [None, None])]
     configs += [(f"namespaces, tbf {r} Gbit/s", [LinkShape(float(r))] * 2) for r in args.rates.split(",")]
+    configs += [(f"tbf 1 Gbit/s + relay {ms} ms", [LinkShape(1.0, ms * 1e3)] * 2) for ms in (1, 5)]
     for label, links in configs:
-        res = ring_link(use_blas=False, links=links)
+        res = ring_link(use_blas=False, links=links, emulate_latency=True)
         print(f"measured  {label:28s} latency {res['latency_us']:8.1f} us   bandwidth {res['bandwidth_gbps']:7.3f} Gbit/s"
               f"   RTT 16 MB {res['rtt_s_by_size']['16777216'] * 1e3:8.1f} ms")
     return 0

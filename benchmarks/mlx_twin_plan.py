@@ -41,6 +41,7 @@ def main() -> int:
     add_plan_arguments(ap)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--emulate-links", action="store_true", help="namespaces with tbf rates from the cluster links")
+    ap.add_argument("--emulate-latency", action="store_true", help="with --emulate-links: also the links' latency")
     args = ap.parse_args()
     cluster, model, plan = make_plan(args)
     twin = modelbuild.build(modelbuild.twin_config(args.model))
@@ -51,8 +52,10 @@ def main() -> int:
     links = links_for_plan(plan, cluster) if args.emulate_links else None
     if links:
         print(f"emulated link rates per rank (Gbit/s): {[l.bandwidth_gbps if l else None for l in links]}; "
-              "latency not emulated")
-    rate, steps = asyncio.run(run(MlxBackend(twin.path, plan, links=links), args.tokens))
+              + (f"latency (us): {[l.latency_us if l else None for l in links]}" if args.emulate_latency
+                 else "latency not emulated"))
+    backend = MlxBackend(twin.path, plan, links=links, emulate_latency=args.emulate_latency)
+    rate, steps = asyncio.run(run(backend, args.tokens))
     per = defaultdict(lambda: defaultdict(list))
     for r in steps:
         if r["kind"] == "decode":

@@ -120,7 +120,8 @@ class MlxBackend:
     name = "mlx"
 
     def __init__(self, model_path: str | Path, plan_or_split=None, *, model_id: str | None = None,
-                 links: list[launcher.LinkShape | None] | None = None, use_blas: bool | str = True,
+                 links: list[launcher.LinkShape | None] | None = None, emulate_latency: bool = False,
+                 use_blas: bool | str = True,
                  max_running: int = 16, max_waiting: int = 256, prefill_step_size: int = 512,
                  stage_timing: bool = True, step_timeout_s: float = 120.0, load_timeout_s: float = 600.0,
                  poll_s: float = 0.2, seed: int = 0):
@@ -131,7 +132,7 @@ class MlxBackend:
         self.config = json.loads(cfg_path.read_text())
         self.split, self.nodes = _stages_from(plan_or_split, int(self.config["num_hidden_layers"]))
         self.model_id = model_id or self.model_path.name
-        self.links, self.use_blas = links, use_blas
+        self.links, self.use_blas, self.emulate_latency = links, use_blas, emulate_latency
         self.max_running, self.max_waiting = max_running, max_waiting
         self.step_timeout_s, self.load_timeout_s, self.poll_s = step_timeout_s, load_timeout_s, poll_s
         self.worker_args = ["--prefill-step-size", str(prefill_step_size), "--max-batch", str(max_running),
@@ -186,7 +187,7 @@ class MlxBackend:
         t0 = time.time()
         self.tokenizer  # noqa: B018  (load it now, not on the first request)
         self._group = launcher.launch(self.model_path, self.split, links=self.links, use_blas=self.use_blas,
-                                      worker_args=self.worker_args)
+                                      worker_args=self.worker_args, emulate_latency=self.emulate_latency)
         self._readers = [_LineReader(r.proc.stdout.fileno()) for r in self._group.ranks]
         try:
             self._ready = self._read_all(self.load_timeout_s, "load")
@@ -205,7 +206,9 @@ class MlxBackend:
                  "batching: mlx-lm BatchGenerator (continuous batching) in lockstep on every rank",
                  f"load wall time (all ranks, incl. process start): {wall:.2f} s"]
         if self.links is not None:
-            notes.append("links: tc tbf rate limits per rank; latency is not emulated (no netem in this kernel)")
+            notes.append("links: tc tbf rate limits per rank; " + (
+                "latency added by userspace delay relays (throughput cap a few Gbit/s)" if self.emulate_latency
+                else "latency not emulated (no netem in this kernel)"))
         return LoadReport(load_s_per_node={self.nodes[m["stage"]]: m["load_s"] for m in self._ready},
                           memory_bytes_per_node={self.nodes[m["stage"]]: m["param_bytes"] for m in self._ready},
                           source="measured", notes=tuple(notes))
@@ -483,7 +486,8 @@ def links_for_plan(plan, cluster) -> list[launcher.LinkShape | None]:
 
     A rank's veth carries all its traffic, so it gets the slowest cluster link between its node and its
     ring neighbours. Loopback links and links between members of the same node are not shaped.
-    Rates above about 10 Gbit/s exceed what veth achieves on a small host, and latency is not applied.
+    Rates above about 10 Gbit/s exceed what veth achieves on a small host; latency is applied only
+    with `MlxBackend(..., emulate_latency=True)` (delay relays).
     """
     names = [s.nodes[0] for s in plan.stages]
     shapes = []

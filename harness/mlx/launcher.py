@@ -9,8 +9,9 @@ MLX_HOSTFILE. This module does that, and also:
   it) and sets the BLAS to one thread per rank (all cores when there is one rank);
 - preloads an optimised BLAS when one is installed (see `harness.mlx.blas`);
 - optionally puts each rank in its own Linux network namespace, joined by a bridge, with `tc tbf`
-  rate limits on both directions of each rank's link. Delay is NOT emulated: this kernel has no
-  netem (nor fq/etf), so a link's latency_us is recorded but not applied;
+  rate limits on both directions of each rank's link. This kernel has no netem (nor fq/etf), so
+  latency is only applied on request (`emulate_latency`), by userspace delay relays (`harness.mlx.relay`)
+  that cap throughput at a few Gbit/s; otherwise a link's latency_us is recorded but not applied;
 - always cleans up: rank processes exit when their parent does (the worker watches its parent pid;
   PR_SET_PDEATHSIG would fire when the spawning *thread* exits, e.g. an executor thread), and namespaces, veths
   and the bridge are removed on close, at interpreter exit, and on SIGTERM.
@@ -162,6 +163,7 @@ class RankGroup:
     netns: Netns | None = None
     blas_path: str | None = None
     closed: bool = field(default=False)
+    helpers: list = field(default_factory=list)   # relay processes, stopped after the ranks
 
     def __enter__(self):
         return self
@@ -200,6 +202,12 @@ class RankGroup:
                         stream.close()
                 except OSError:
                     pass
+        for h in self.helpers:
+            if h.poll() is None:
+                h.kill()
+            h.wait()
+            if h.stdout:
+                h.stdout.close()
         if self.netns:
             self.netns.teardown()
         with _LOCK:
@@ -213,10 +221,12 @@ def worker_argv(model: str, split: list[int], extra: list[str] = ()) -> list[str
 
 def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None] | None = None,
            use_blas: bool | str = True, pin: bool = True, worker_args: list[str] = (),
-           workdir: Path | None = None, command: list[str] | None = None) -> RankGroup:
+           workdir: Path | None = None, command: list[str] | None = None,
+           emulate_latency: bool = False) -> RankGroup:
     """Start len(split) ranks (one process when len(split) == 1). Returns once they are spawned;
-    the caller reads each rank's "ready" line. `links` (one per rank) puts ranks in namespaces.
-    `command` replaces the worker's argv (e.g. a ring micro-benchmark) with the same environment."""
+    the caller reads each rank's "ready" line. `links` (one per rank) puts ranks in namespaces;
+    with `emulate_latency`, ring traffic also goes through delay relays (`harness.mlx.relay`) that add
+    each link's latency_us one way. `command` replaces the worker's argv (e.g. a ring micro-benchmark)."""
     n = len(split)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="harness-ranks-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -238,8 +248,11 @@ def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None]
             group.hostfile = ring_hostfile(addresses, ports)
             hostfile_path = workdir / "hostfile.json"
             hostfile_path.write_text(json.dumps(group.hostfile))
+        rank_hostfiles = [hostfile_path] * n
+        if n > 1 and netns and emulate_latency and any(l and l.latency_us > 0 for l in links):
+            rank_hostfiles = _start_relays(group, addresses, ports, links)
         for rank in range(n):
-            env = _rank_env(rank, n, hostfile_path, blas_path, cores if pin else None, ncpu)
+            env = _rank_env(rank, n, rank_hostfiles[rank], blas_path, cores if pin else None, ncpu)
             argv = list(command) if command else worker_argv(str(model), split, list(worker_args))
             if netns:
                 argv = netns.wrap(rank, argv)
@@ -252,6 +265,34 @@ def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None]
         group.close(grace_s=0.5)
         raise
     return group
+
+
+def _start_relays(group: RankGroup, addresses: list[str], ports: list[int],
+                  links: list[LinkShape | None]) -> list[Path]:
+    """One delay relay per (rank, ring neighbour), inside the rank's namespace, and a hostfile per rank
+    whose neighbour entries point at those relays (a rank's own entry stays its real listen address,
+    which is what it binds). Each ring connection then crosses exactly one relay."""
+    n = len(addresses)
+    lat = [(l.latency_us if l else 0.0) for l in links]
+    paths = []
+    for r in range(n):
+        entries = ring_hostfile(addresses, ports)
+        for j in {(r - 1) % n, (r + 1) % n} - {r}:
+            relay_port = 6000 + j
+            delay_ms = max(lat[r], lat[j]) / 1e3
+            argv = group.netns.wrap(r, [sys.executable, "-m", "harness.mlx.relay", "--listen",
+                                        f"127.0.0.1:{relay_port}", "--to", f"{addresses[j]}:{ports[j]}",
+                                        "--delay-ms", str(delay_ms)])
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=str(REPO_ROOT))
+            group.helpers.append(proc)
+            if proc.stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"delay relay for rank {r} -> {j} did not start")
+            entries[j] = [f"127.0.0.1:{relay_port}"]
+        path = group.workdir / f"hostfile-rank{r}.json"
+        path.write_text(json.dumps(entries))
+        paths.append(path)
+    return paths
 
 
 def _rank_env(rank: int, n: int, hostfile: Path | None, blas_path: str | None, cores: list[int] | None,

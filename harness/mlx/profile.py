@@ -19,10 +19,10 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def ring_link(use_blas: bool, timeout_s: float = 120, links=None) -> dict:
+def ring_link(use_blas: bool, timeout_s: float = 120, links=None, emulate_latency: bool = False) -> dict:
     """Ping-pong between 2 ranks, started like the backend's ranks: on loopback, or in namespaces
     shaped by `links` (one `launcher.LinkShape` per rank)."""
-    group = launcher.launch("-", [1, 1], use_blas=use_blas, links=links,
+    group = launcher.launch("-", [1, 1], use_blas=use_blas, links=links, emulate_latency=emulate_latency,
                             command=[hostbench.sys.executable, "-m", "harness.mlx.hostbench", "ring"])
     try:
         rank0 = group.ranks[0].proc

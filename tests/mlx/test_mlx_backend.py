@@ -198,6 +198,32 @@ def test_ranks_in_shaped_namespaces_match_and_clean_up(tiny, reference):
     assert not set(names) & set(_netns_list()), "namespaces must be removed on close"
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not _netns_available(), reason="needs root and iproute2 for network namespaces")
+def test_delay_relays_add_latency_and_keep_tokens(tiny, reference):
+    from harness.mlx.profile import ring_link
+    prompt, expected = reference
+    link = LinkShape(1.0, latency_us=2000)
+    rtts = ring_link(use_blas=False, links=[link, link], emulate_latency=True)["rtt_s_by_size"]
+    # a lower bound only: each round trip crosses the 2 ms one-way delay twice
+    assert min(rtts.values()) >= 2 * 2e-3
+
+    async def scenario():
+        backend = MlxBackend(tiny, [2, 4], links=[link, link], emulate_latency=True)
+        try:
+            await backend.load()
+            helpers = list(backend.ranks.helpers)
+            out = await asyncio.wait_for(_collect(backend, GenerationRequest("d", prompt, max_tokens=24,
+                                                                             ignore_eos=True)), GUARD_S)
+            return helpers, [ev.token_id for ev in out]
+        finally:
+            await backend.close()
+
+    helpers, ids = asyncio.run(scenario())
+    assert ids == expected and helpers
+    assert all(h.poll() is not None for h in helpers), "relays must stop with the backend"
+
+
 def _netns_list() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import os
 import socket
 import subprocess
@@ -54,6 +53,17 @@ def _wait_ready(url: str, timeout_s: float = 30.0) -> None:
         except httpx.HTTPError:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
+
+
+def _wait_port(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
 
 
 # ---------------------------------------------------------------------------------------------- part 1
@@ -140,20 +150,16 @@ def _raw_server(port: int) -> None:
 
 def loadgen_ceiling(rates: list[float], tokens: int, seconds: float) -> None:
     port = _free_port()
-    proc = multiprocessing.get_context("spawn").Process(target=_raw_server, args=(port,), daemon=True)
-    proc.start()
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_server_overhead as b; " \
+           f"b._raw_server({port})"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        _wait_port(port)
         print(f"\nload generator ceiling: raw SSE responder in another process, {tokens} chunks per request, "
               f"constant rate, {seconds:g} s per step (measured):")
         print(f"{'req/s offered':>14}{'req/s done':>12}{'chunks/s offered':>18}{'chunks/s done':>15}"
-              f"{'p99 lag ms':>12}{'keeps up':>10}")
+              f"{'median lag ms':>15}{'p99 lag ms':>12}{'keeps up':>10}")
         ceiling = 0.0
         for rate in rates:
             n = max(int(rate * seconds), 10)
@@ -163,16 +169,17 @@ def loadgen_ceiling(rates: list[float], tokens: int, seconds: float) -> None:
             done_rate = df["success"].sum() / result.duration_s
             chunks = sum(len(c) for c in df["chunk_times_s"]) / result.duration_s
             lag = result.dispatch_summary()["p99_dispatch_delay_ms"]
+            median_lag = float((df["start_s"] - df["scheduled_s"]).median() * 1e3)
             keeps = lag < 10.0 and done_rate >= 0.95 * rate
             ceiling = rate * tokens if keeps else ceiling
-            print(f"{rate:>14.0f}{done_rate:>12.1f}{rate * tokens:>18.0f}{chunks:>15.0f}{lag:>12.2f}"
-                  f"{'yes' if keeps else 'no':>10}")
+            print(f"{rate:>14.0f}{done_rate:>12.1f}{rate * tokens:>18.0f}{chunks:>15.0f}{median_lag:>15.2f}"
+                  f"{lag:>12.2f}{'yes' if keeps else 'no':>10}")
             if not keeps:
                 break
         print(f"ceiling (measured): about {ceiling:.0f} chunks/s without falling behind schedule")
     finally:
         proc.terminate()
-        proc.join(5)
+        proc.wait(10)
 
 
 def main() -> int:
@@ -183,7 +190,9 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, load average {load} "
           f"(other work on the machine skews every figure below)")
     server_overhead([1, 16, 64], 64 if args.quick else 256)
-    loadgen_ceiling([25, 50, 100, 200, 400, 800, 1600], tokens=64, seconds=1.0 if args.quick else 2.0)
+    seconds = 1.0 if args.quick else 2.0
+    loadgen_ceiling([25, 50, 100, 150, 200, 300, 400, 600, 800], tokens=64, seconds=seconds)
+    loadgen_ceiling([10, 20, 40, 60, 80, 120, 160], tokens=512, seconds=seconds)
     return 0
 
 

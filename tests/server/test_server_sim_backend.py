@@ -25,8 +25,8 @@ def setup():
     return cluster, model, plan, load_profile(None)
 
 
-def _serve(setup, wl, mode=LoadMode(), speed=20.0):
-    backend = SimBackend(*setup, config=SimBackendConfig(speed=speed))
+def _serve(setup, wl, mode=LoadMode(), speed=20.0, engine_config=None):
+    backend = SimBackend(*setup, engine_config=engine_config, config=SimBackendConfig(speed=speed))
     with EmbeddedServer(backend) as server:
         result = run_load_sync(Target(server.url), wl, mode)
         engine = backend.requests_table().to_pandas()
@@ -51,8 +51,10 @@ def test_isolated_requests_match_the_simulator_exactly(setup):
 
 
 def test_concurrent_http_requests_batch_in_the_engine(setup):
-    wl = build_workload(parse_workload("all_at_once,n=4,prompt=64,output=16"))
-    client, engine, steps = _serve(setup, wl)
+    # one scheduler, so overlapping requests must share its micro-batches (with one per stage, four requests
+    # may each get a scheduler of their own)
+    wl = build_workload(parse_workload("all_at_once,n=4,prompt=64,output=32"))
+    client, engine, steps = _serve(setup, wl, speed=5.0, engine_config=sim.EngineConfig(micro_batches=1))
     assert client["success"].all() and len(engine) == 4
     decode = steps[(steps["kind"].isin(["decode", "mixed"])) & (steps["stage"] == 0)]
     assert decode["batch_size"].max() >= 2

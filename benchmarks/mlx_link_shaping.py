@@ -27,7 +27,7 @@ def main() -> int:
     configs += [(f"tbf 1 Gbit/s + relay {ms} ms", [LinkShape(1.0, ms * 1e3)] * 2) for ms in (1, 5)]
     for label, links in configs:
         res = ring_link(use_blas=False, links=links, emulate_latency=True)
-        print(f"measured  {label:28s} latency {res['latency_us']:8.1f} us   bandwidth {res['bandwidth_gbps']:7.3f} Gbit/s"
+        print(f"measured  {label:28s} latency {res['latency_us']:8.1f} us (median {res['median_latency_us']:7.1f})   bandwidth {res['bandwidth_gbps']:7.3f} Gbit/s"
               f"   RTT 16 MB {res['rtt_s_by_size']['16777216'] * 1e3:8.1f} ms")
     return 0
 

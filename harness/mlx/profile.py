@@ -59,5 +59,5 @@ def profile_host(ring: bool = True, use_blas: bool = True, cache_dir=None) -> di
         "notes": ["mem_bw_gbs is fp32 GEMV bandwidth; fp16_tflops holds the fp32 GEMM rate (the CPU's fast "
                   "path; fp16 GEMM is in measurements.gemm_fp16_gflops)",
                   "step_overhead_s: tiny-model decode step minus its weight-streaming time at mem_bw_gbs",
-                  "link: 2 ring ranks on loopback; latency = half the 64-byte RTT"],
+                  "link: 2 ring ranks on loopback; latency_us = half the fastest 64-byte RTT (median_latency_us: the median)"],
     }

@@ -68,6 +68,7 @@ class SimBackend:
         self._pacer: asyncio.Task | None = None
         self._wakeup: asyncio.Future | None = None
         self._error: BaseException | None = None
+        self._closed = False
         self._w0 = self._v0 = 0.0
         self.cancelled = 0
 
@@ -98,6 +99,7 @@ class SimBackend:
         self.engine = Engine(env, self.cluster, self.model, self.plan, self.profile, self.engine_config,
                              on_tokens=self._on_tokens, on_finish=self._on_finish)
         self._w0, self._v0 = time.monotonic(), env.now
+        self._closed = False
         self._pacer = asyncio.get_running_loop().create_task(self._pace(), name="sim-pacer")
         return report
 
@@ -123,7 +125,7 @@ class SimBackend:
         for p in self._pending.values():
             p.queue.put_nowait(BackendUnavailable("sim backend closed"))
         self._pending.clear()
-        self.engine = None
+        self._closed = True   # the engine stays, so its records can be read after the server stops
 
     # ------------------------------------------------------------------ the pacer
 
@@ -187,8 +189,9 @@ class SimBackend:
     # ------------------------------------------------------------------ Backend API
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        if self.engine is None or self._error is not None:
-            raise BackendUnavailable(f"sim backend not loaded{f' ({self._error!r})' if self._error else ''}")
+        if self.engine is None or self._closed or self._error is not None:
+            why = f" ({self._error!r})" if self._error else ""
+            raise BackendUnavailable(f"sim backend not loaded or closed{why}")
         return self._stream(request)
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
@@ -220,7 +223,7 @@ class SimBackend:
 
     def stats(self) -> dict:
         engine = self.engine
-        if engine is None:
+        if engine is None or self._closed:
             return {"healthy": False, "num_requests_running": 0, "num_requests_waiting": 0}
         from sim.engine import RUNNING
         used = engine.total_blocks - engine.free_blocks

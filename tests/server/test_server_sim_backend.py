@@ -29,8 +29,9 @@ def _serve(setup, wl, mode=LoadMode(), speed=20.0, engine_config=None):
     backend = SimBackend(*setup, engine_config=engine_config, config=SimBackendConfig(speed=speed))
     with EmbeddedServer(backend) as server:
         result = run_load_sync(Target(server.url), wl, mode)
-        engine = backend.requests_table().to_pandas()
-        steps = backend.steps_table().to_pandas()
+    # read after the server stopped: the records outlive it, as a run folder writer needs
+    engine = backend.requests_table().to_pandas()
+    steps = backend.steps_table().to_pandas()
     return result.frame(), engine, steps
 
 

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="embedded",
                    help="'embedded' (default: start the server here) or a server URL such as http://127.0.0.1:8000")
     p.add_argument("--backend", choices=BACKENDS, default="sim", help="embedded server's backend (default %(default)s)")
-    p.add_argument("--workload", default="poisson,rate=1,n=50,prompt=512,output=128",
+    p.add_argument("--workload", default="poisson,rate=0.25,n=10,prompt=128,output=64",
                    help="workload shorthand or .json/.toml file (default %(default)s)")
     lg = p.add_argument_group("load")
     lg.add_argument("--mode", default="workload", choices=["workload", "synchronous", "concurrent", "constant", "poisson"],

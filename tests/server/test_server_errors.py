@@ -137,3 +137,15 @@ def test_non_streaming_disconnect_cancels_the_request(paced_server):
     while backend.stats()["num_requests_running"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert backend.stats()["requests_cancelled"] == 1
+
+
+def test_disconnect_before_the_first_token_cancels_the_request():
+    backend = InstantBackend(token_interval_s=0.5)   # first token after half a second
+    with EmbeddedServer(backend) as server:
+        with pytest.raises(httpx.ReadTimeout):
+            _post(server, {"prompt": "a", "max_tokens": 50, "stream": True}, timeout=0.1)
+        deadline = time.monotonic() + 5
+        while backend.stats()["requests_cancelled"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert backend.stats()["requests_cancelled"] == 1
+        assert backend.stats()["num_requests_running"] == 0

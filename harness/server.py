@@ -420,8 +420,9 @@ async def _sse_stream(gen: _Generation, render: _Renderer, include_usage: bool) 
                 yield render.chunk(text, finish)
         if include_usage:
             yield render.usage_chunk(gen.usage())
-    except (BackendUnavailable, QueueFull, RuntimeError) as exc:
-        # Headers are gone already: report the failure in-band, as vLLM does.
+    except Exception as exc:
+        # Headers are gone already: report the failure in-band, as vLLM does (any backend error, since a
+        # raise here would only cut the connection without saying why).
         yield _sse(ApiError(503, f"backend failed: {exc}", type_="server_error").body())
     finally:
         await gen.close()

@@ -184,9 +184,14 @@ class Engine:
         return s
 
     def advance(self, until: float) -> None:
-        """Run the simulation up to virtual time `until` (no-op when the clock is already there)."""
-        if until > self.env.now:
-            self.env.run(until=until)
+        """Run the simulation up to virtual time `until`, including the events due at exactly `until`."""
+        env = self.env
+        if until > env.now:
+            env.run(until=until)
+        # env.run(until=...) leaves its own spent stop event at `now`; stepping past it (and anything else
+        # due now) keeps next_event_time() pointing at real work
+        while env.peek() <= env.now:
+            env.step()
 
     def next_event_time(self) -> float:
         """Virtual time of the next scheduled event (inf when idle): sleep until then in a real-time loop."""

@@ -22,7 +22,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import httpx
 import numpy as np
@@ -271,11 +271,12 @@ def _client(target: Target, concurrency_hint: int) -> httpx.AsyncClient:
 
 
 async def run_load(target: Target, workload: Workload | Sequence[RequestSpec], mode: LoadMode = LoadMode(), *,
-                   warmup: int = 0, seed: int = 0, max_duration_s: float | None = None) -> LoadResult:
+                   warmup: int = 0, seed: int = 0, max_duration_s: float | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> LoadResult:
     """Send the workload to `target` in `mode`; returns per-request rows (the warm-up requests excluded).
 
     `max_duration_s` bounds the run: no request is sent after it, and requests still running at
-    twice that are cancelled and recorded as failed.
+    twice that are cancelled and recorded as failed. `progress(done, total)` is called as requests end.
     """
     specs = _as_specs(workload)
     mode = _effective_mode(mode, workload)
@@ -288,7 +289,8 @@ async def run_load(target: Target, workload: Workload | Sequence[RequestSpec], m
         bodies = [request_body(target, model, s, i, seed) for i, s in enumerate(specs)]
         clock = _Clock()
         wall_start = time.time()
-        rows = await _dispatch(client, url, specs, bodies, mode, clock, max_duration_s)
+        tally = _Tally(len(specs), progress)
+        rows = await _dispatch(client, url, specs, bodies, mode, clock, max_duration_s, tally)
         duration = clock.now()
     return LoadResult(mode=mode, rows=rows, wall_start_unix=wall_start, duration_s=duration,
                       t0_monotonic=clock.t0_monotonic, model=model, warmup_requests=warmup)
@@ -307,17 +309,28 @@ async def _warmup(client, url, target, model, specs, count, seed, concurrency) -
     await asyncio.gather(*(one(i, s) for i, s in enumerate(warm)))
 
 
-async def _dispatch(client, url, specs, bodies, mode, clock, max_duration_s) -> list[dict]:
+class _Tally:
+    def __init__(self, total: int, progress):
+        self.total, self.progress, self.done = total, progress, 0
+
+    async def send(self, client, url, body, row, clock) -> None:
+        await send_one(client, url, body, row, clock)
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+async def _dispatch(client, url, specs, bodies, mode, clock, max_duration_s, tally: _Tally) -> list[dict]:
     times = schedule(mode, specs)
     deadline = max_duration_s if max_duration_s is not None else math.inf
     if times is None:
-        coro = _closed_loop(client, url, specs, bodies, _concurrency(mode), clock, deadline)
+        coro = _closed_loop(client, url, specs, bodies, _concurrency(mode), clock, deadline, tally)
     else:
-        coro = _open_loop(client, url, specs, bodies, times, clock, deadline)
+        coro = _open_loop(client, url, specs, bodies, times, clock, deadline, tally)
     return await coro
 
 
-async def _open_loop(client, url, specs, bodies, times, clock, deadline) -> list[dict]:
+async def _open_loop(client, url, specs, bodies, times, clock, deadline, tally: _Tally) -> list[dict]:
     tasks, rows = [], []
     for spec, body, at in zip(specs, bodies, times):
         if at > deadline:
@@ -326,12 +339,12 @@ async def _open_loop(client, url, specs, bodies, times, clock, deadline) -> list
         if delay > 0:
             await asyncio.sleep(delay)
         rows.append(_row(spec, float(at)))
-        tasks.append(asyncio.create_task(send_one(client, url, body, rows[-1], clock)))
+        tasks.append(asyncio.create_task(tally.send(client, url, body, rows[-1], clock)))
     await _wait_bounded(tasks, 2 * deadline - clock.now())
     return _mark_unfinished(rows, clock)
 
 
-async def _closed_loop(client, url, specs, bodies, concurrency, clock, deadline) -> list[dict]:
+async def _closed_loop(client, url, specs, bodies, concurrency, clock, deadline, tally: _Tally) -> list[dict]:
     queue = list(zip(specs, bodies))[::-1]
     rows: list[dict] = []
 
@@ -339,7 +352,7 @@ async def _closed_loop(client, url, specs, bodies, concurrency, clock, deadline)
         while queue and clock.now() < deadline:
             spec, body = queue.pop()
             rows.append(_row(spec, clock.now()))
-            await send_one(client, url, body, rows[-1], clock)
+            await tally.send(client, url, body, rows[-1], clock)
     tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(queue)))]
     await _wait_bounded(tasks, 2 * deadline - clock.now())
     return sorted(_mark_unfinished(rows, clock), key=lambda r: r["request_id"])

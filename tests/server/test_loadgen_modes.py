@@ -41,6 +41,13 @@ def test_chat_endpoint_records_the_same_work(instant_server):
     assert df["success"].all() and (df["output_tokens"] == 5).all()
 
 
+def test_progress_is_reported_per_finished_request(instant_server):
+    seen = []
+    run_load_sync(Target(instant_server.url), _workload(), LoadMode("constant", 200.0),
+                  progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(i, 12) for i in range(1, 13)]
+
+
 def test_closed_loop_never_exceeds_its_concurrency():
     backend = InstantBackend(token_interval_s=0.002)
     wl = _workload("constant,rate=1,n=12,prompt=4,output=6")

@@ -295,7 +295,7 @@ class MlxBackend:
             self._inflight = {r.key: r for r in inserts}
         return {"op": "step", "remove": removals,
                 "insert": [{"key": r.key, "prompt": list(r.request.prompt), "max_tokens": r.request.max_tokens,
-                            "temperature": r.request.temperature} for r in inserts]}
+                            "temperature": r.request.temperature, "seed": r.request.seed} for r in inserts]}
 
     def _absorb(self, cmd: dict, replies: list[dict]) -> None:
         now = time.time()

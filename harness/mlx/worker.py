@@ -9,7 +9,8 @@ inserts/removes before identical steps, all ranks build identical batches; the p
 gives every rank the full logits, so all ranks sample identical tokens (the random key advances the
 same way everywhere). Nothing needs to be broadcast between ranks beyond what mlx-lm already sends.
 
-  -> {"op": "step", "insert": [{"key": str, "prompt": [int], "max_tokens": int, "temperature": float}],
+  -> {"op": "step", "insert": [{"key": str, "prompt": [int], "max_tokens": int, "temperature": float,
+                                 "seed": int | null}],
       "remove": [uid, ...]}
   <- {"op": "step", "rank": r, "uids": {key: uid}, "tokens": [[uid, token, finish], ...],
       "t0": epoch, "t1": epoch, "net": [[kind, start, end], ...], "forwards": [[tokens, batch], ...],
@@ -144,6 +145,20 @@ def load(model_path: str, layer_counts: list[int] | None, group):
     return model, config, nbytes
 
 
+def seeded_sampler(temperature: float, seed: int):
+    """Temperature sampling from a key derived from (seed, position): the same request gives the same
+    tokens whatever else shares its batch. Every rank draws the same key, so ranks stay identical."""
+    import mlx.core as mx
+    position = [0]
+
+    def sample(logprobs):
+        key = mx.random.key((seed * 1_000_003 + position[0]) % (1 << 63))
+        position[0] += 1
+        return mx.random.categorical(logprobs * (1.0 / temperature), key=key)
+
+    return sample
+
+
 class Engine:
     """mlx-lm's BatchGenerator (continuous batching), driven one `next()` per command."""
 
@@ -155,9 +170,11 @@ class Engine:
         self.samplers: dict[float, object] = {}
         self.live: set[int] = set()
 
-    def sampler(self, temperature: float):
+    def sampler(self, temperature: float, seed: int | None = None):
         # one sampler object per temperature, so a batch sharing it samples in one call
         from mlx_lm.sample_utils import make_sampler
+        if temperature > 0 and seed is not None:
+            return seeded_sampler(temperature, seed)
         if temperature not in self.samplers:
             self.samplers[temperature] = make_sampler(temp=temperature)
         return self.samplers[temperature]
@@ -171,7 +188,8 @@ class Engine:
         inserts = cmd.get("insert", [])
         if inserts:
             new = self.gen.insert([r["prompt"] for r in inserts], max_tokens=[r["max_tokens"] for r in inserts],
-                                  samplers=[self.sampler(float(r.get("temperature", 0.0))) for r in inserts])
+                                  samplers=[self.sampler(float(r.get("temperature", 0.0)), r.get("seed"))
+                                            for r in inserts])
             uids = {r["key"]: u for r, u in zip(inserts, new)}
             self.live.update(new)
         return uids

@@ -278,3 +278,17 @@ def test_a_rank_that_cannot_load_fails_the_load_naming_it(tmp_path, tiny):
         await backend.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_seeded_sampling_is_reproducible_across_batches_and_ranks(tiny, reference):
+    prompt, greedy = reference
+    hot = dict(temperature=1.5, seed=7)
+    one, *_ = asyncio.run(_generate(None, tiny, prompt, **hot))
+    # three at once: batch companions must not change a seeded request's tokens, nor must the pipeline
+    three, *_ = asyncio.run(_generate([1, 3, 2], tiny, prompt, n_requests=3, **hot))
+    ids = [ev.token_id for ev in one[0]]
+    assert all([ev.token_id for ev in out] == ids for out in three)
+    assert ids != greedy, "temperature 1.5 should leave the greedy path on a 512-token vocabulary"
+    other, *_ = asyncio.run(_generate(None, tiny, prompt, temperature=1.5, seed=8))
+    assert [ev.token_id for ev in other[0]] != ids

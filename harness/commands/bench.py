@@ -22,9 +22,9 @@ load modes (override the workload's own arrival times):
   --sweep 1,2,4         one run per value (rates for constant/poisson, concurrencies for concurrent)
 
 examples:
-  python -m harness bench --backend sim --cluster mixed --model llama-3.1-8b --workload poisson,rate=1,n=50,prompt=512,output=128
+  python -m harness bench --backend sim --cluster mixed --model llama-3.1-8b --workload poisson,rate=0.5,n=20,prompt=256,output=64
   python -m harness bench --backend instant --mode concurrent --sweep 1,16,64 --workload all_at_once,n=500,prompt=64,output=64
-  python -m harness bench --target http://127.0.0.1:52415 --served-model llama-3.2-1b --mode synchronous --workload all_at_once,n=20"""
+  python -m harness bench --target http://127.0.0.1:52415 --endpoint chat --served-model llama-3.2-1b --mode synchronous --workload all_at_once,n=20"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

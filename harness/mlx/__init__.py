@@ -5,8 +5,9 @@ Modules:
 - `launcher`: start N ring ranks (loopback, optional network namespaces with shaped links, or real Macs).
 - `worker`: the rank process: loads its layers, runs generation in lockstep, reports tokens and timings.
 - `backend`: `MlxBackend`, the `harness.backend.Backend` adapter driving the ranks.
-- `hostbench`: micro-benchmarks that measure this host as a "chip" for the simulator.
+- `hostbench` / `profile`: micro-benchmarks that measure this host as a "chip" for the simulator.
 - `blas`: finding an optimised BLAS to preload into rank processes.
+- `relay`: a TCP relay that adds a link's latency (this kernel has no netem).
 
 Importing this package does not import mlx: the CLI stays cheap to start.
 """

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from harness import costmodel
 from harness.costmodel import Profile
 from harness.specs import Chip, Cluster, Link, ModelSpec, PartitionPlan, UserError
@@ -92,6 +94,12 @@ class DecodeTimer:
         terms = (nbytes, flops, self.overhead + st.allreduce_s(m, self.profile, batch))
         self._per_batch[batch] = terms
         return terms
+
+    def vector(self, batch: int, ctx_sums: np.ndarray) -> np.ndarray:
+        """The same for many steps of one batch size at once (fast-forwarding steady decode)."""
+        terms = self._per_batch.get(batch) or self._terms(batch)
+        return np.maximum((terms[0] + ctx_sums * self.kv_bytes) / self.bw,
+                          (terms[1] + ctx_sums * self.attn_flops) / self.fl) + terms[2]
 
     def __call__(self, batch: int, ctx_sum: float) -> float:
         terms = self._per_batch.get(batch) or self._terms(batch)

@@ -46,6 +46,7 @@ class EngineConfig:
     kv_block_tokens: int = 16
     kv_tokens: int = 0                 # cap the KV pool (tokens); 0 = what memory allows
     record_steps: bool = True
+    fast_forward: bool = True          # batch runs of identical decode steps into one event (see _fast_forward)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -221,8 +222,20 @@ class Engine:
         if t0 > env.now:
             yield env.timeout(t0 - env.now)
         while True:
+            if sc.running.size == 0 and not sc.prefilling and not self.waiting:
+                self._idle += 1                           # nothing to do: sleep until work arrives
+                yield self._wake
+                self._idle -= 1
+                continue
             while self._stage_free[0] > env.now:      # another micro-batch holds the first stage
                 yield env.timeout(self._stage_free[0] - env.now)
+            if self._can_fast_forward(sc):
+                ff = self._fast_forward(sc)
+                if ff is not None:
+                    t_emit, t_back, k = ff
+                    yield env.timeout(t_back - env.now)
+                    self._finish_fast_forward(sc, t_emit)
+                    continue
             mb = self._form(sc)
             if mb is None:
                 self._idle += 1
@@ -232,6 +245,93 @@ class Engine:
             t_emit, t_back = self._traverse(mb)
             yield env.timeout(t_back - env.now)
             self._complete(sc, mb, t_emit)
+
+    # ------------------------------------------------------------------ fast-forwarding steady decode
+
+    def _can_fast_forward(self, sc: _Sched) -> bool:
+        """Alone in the pipeline with only decodes and nobody waiting: the next steps are fully determined
+        until a request finishes or something arrives, so they can be computed in one go. Off when tokens
+        are streamed (on_tokens), since a real-time consumer needs each token at its own virtual time."""
+        return (self.cfg.fast_forward and self.on_tokens is None and not self.waiting and not sc.prefilling
+                and sc.running.size > 0 and self._idle == len(self.scheds) - 1)
+
+    def _fast_forward(self, sc: _Sched, max_steps: int = 4096):
+        """Run k decode steps of this scheduler at once, exactly as k calls of _form/_traverse/_complete would
+        (same Lindley state, KV blocks, token times and step records). Returns (last emit, last back, k), or
+        None when fewer than two steps qualify. Steps are taken while (a) nobody finishes before the last one,
+        (b) KV blocks last, (c) each step is formed before the next scheduled event (an arrival)."""
+        running = sc.running
+        n, B = running.size, self.block
+        comp, blk = self.computed[running], self.blocks[running]
+        k = min(int((self.target[running] - self.generated[running]).min()), max_steps)
+        if k < 2:
+            return None
+        j = np.arange(k)
+        used_new = ((comp[None, :] + j[:, None] + B) // B).sum(axis=1) - int(blk.sum())   # blocks added by step j
+        k = min(k, int(np.count_nonzero(used_new <= self.free_blocks)))
+        if k < 2:
+            return None
+        j, used_new = j[:k], used_new[:k]
+        ctx = float((comp + 1).sum()) + j * float(n)
+        durs = [f.vector(n, ctx) for f in self._decode_fns]
+        links = [nbytes / rate + lat for (_, lat, rate), nbytes in
+                 zip(self._hops, [n * self._act_bytes] * len(self._hops))]
+        back = 0.0 if self._back is None else TOKEN_ID_BYTES * n / self._back[2] + self._back[1]
+        trip = sum(durs) + (sum(links) + back)
+        starts = self.env.now + np.concatenate([[0.0], np.cumsum(trip[:-1])])
+        k = min(k, int(np.count_nonzero(starts < self.env.peek())))     # stop at the next outside event
+        if k < 2:
+            return None
+        return self._apply_fast_forward(sc, k, starts[:k], [d[:k] for d in durs], links, back, used_new[:k])
+
+    def _apply_fast_forward(self, sc, k, starts, durs, links, back, used_new):
+        running = sc.running
+        n = running.size
+        t = starts.copy()
+        rec = self._rec_times
+        row = self._step
+        if rec is not None:
+            while row + k > rec.shape[0]:
+                rec = self._grow_records()
+        for i, d in enumerate(durs):
+            begin, t = t, t + d
+            self._stage_free[i] = float(t[-1])
+            if rec is not None:
+                rec[row:row + k, 2 * i] = begin
+                rec[row:row + k, 2 * i + 1] = t
+            if i < len(self._hops):
+                key, lat, rate = self._hops[i]
+                begin, t = t, t + links[i]
+                self._link_free[key] = float(begin[-1] + n * self._act_bytes / rate)
+                if rec is not None:
+                    rec[row:row + k, self._link_col + 2 * i] = begin
+                    rec[row:row + k, self._link_col + 2 * i + 1] = t
+        t_emit = t
+        if self._back is not None:
+            key, lat, rate = self._back
+            self._link_free[key] = float(t_emit[-1] + TOKEN_ID_BYTES * n / rate)
+            if rec is not None:
+                rec[row:row + k, -2] = t_emit
+                rec[row:row + k, -1] = t_emit + back
+        used0 = self.total_blocks - self.free_blocks
+        if rec is not None:
+            self._rec_ints[row:row + k] = np.c_[np.zeros(k, np.int64), np.full(k, n), np.full(k, n), used0 + used_new]
+        self._step = row + k
+        gen = self.generated[running]
+        self.tok_t[(self.tok_off[running] + gen)[None, :] + np.arange(k)[:, None]] = t_emit[:, None]
+        self.computed[running] += k
+        self.generated[running] = gen + k
+        self.blocks[running] = (self.computed[running] + self.block - 1) // self.block
+        self.free_blocks -= int(used_new[-1])
+        self.peak_blocks = max(self.peak_blocks, self.total_blocks - self.free_blocks)
+        return float(t_emit[-1]), float(t_emit[-1] + back), k
+
+    def _finish_fast_forward(self, sc: _Sched, t_emit: float) -> None:
+        running = sc.running
+        done = self.generated[running] >= self.target[running]
+        if done.any():
+            self._finish(running[done], t_emit)
+            sc.running = running[~done]
 
     # ------------------------------------------------------------------ forming a micro-batch
 

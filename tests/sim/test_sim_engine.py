@@ -244,3 +244,34 @@ def test_incremental_drive_emits_tokens_via_callback(llama7b, profile):
     assert min(seen[b]) > 0.05
     df = eng.requests_table().to_pandas()
     assert df.chunk_times_s[0].tolist() == seen[a]
+
+
+@pytest.mark.parametrize("case", ["light", "closed", "kv", "tp"])
+def test_fast_forward_is_exactly_the_step_by_step_result(llama7b, profile, case):
+    """Batching steady decode steps into one event must not change a single record."""
+    cl = make_cluster(4)
+    plan = make_plan(llama7b, [("n0",), ("n1",), ("n2",), ("n3",)], [8, 8, 8, 8])
+    spec = {"kind": "synthetic", "num_requests": 60, "seed": 4, "prompt": {"dist": "uniform", "low": 8, "high": 300},
+            "output": {"dist": "uniform", "low": 1, "high": 90}, "arrival": {"process": "poisson", "rate": 0.5}}
+    cfg = {}
+    if case == "closed":
+        spec["closed_loop"] = {"concurrency": 2}
+    if case == "kv":
+        spec["arrival"] = {"process": "poisson", "rate": 20}
+        cfg = {"kv_tokens": 1200, "max_batched_tokens": 256}
+    if case == "tp":
+        plan = make_plan(llama7b, [("n0", "n1"), ("n2",)], [20, 12])
+    wl = build_workload(spec)
+    fast = run(cl, llama7b, plan, profile, wl, fast_forward=True, **cfg)
+    slow = run(cl, llama7b, plan, profile, wl, fast_forward=False, **cfg)
+    a, b = fast.requests.to_pandas(), slow.requests.to_pandas()
+    assert a.success.tolist() == b.success.tolist() and a.output_tokens.tolist() == b.output_tokens.tolist()
+    for col in ("start_s", "first_token_s", "end_s"):
+        assert np.allclose(a[col], b[col], rtol=1e-12, atol=1e-9, equal_nan=True)
+    assert np.allclose(np.concatenate(a.chunk_times_s.tolist()), np.concatenate(b.chunk_times_s.tolist()),
+                       rtol=1e-12, atol=1e-9)
+    sa, sb = fast.steps.to_pandas(), slow.steps.to_pandas()
+    assert len(sa) == len(sb) and (sa.kv_bytes.to_numpy() == sb.kv_bytes.to_numpy()).all()
+    assert np.allclose(sa.end_s, sb.end_s, rtol=1e-12, atol=1e-9)
+    assert fast.stats["kv_peak_tokens"] == slow.stats["kv_peak_tokens"]
+    assert fast.stats["preemptions"] == slow.stats["preemptions"]

@@ -53,13 +53,22 @@ class EngineConfig:
 
 
 class _Sched:
-    """One scheduler ("virtual engine"): its running decodes and its partially prefilled sequences."""
-    __slots__ = ("index", "running", "prefilling")
+    """One scheduler ("virtual engine"): its running decodes and its partially prefilled sequences.
+
+    The decoding sequences' counters live here, aligned with `running`, so a decode step updates a few
+    small contiguous arrays instead of gathering from the engine's per-request arrays (the hot loop's cost).
+    The engine's arrays are brought up to date (`Engine._sync`) whenever membership changes.
+    """
+    __slots__ = ("index", "running", "prefilling", "comp", "blk", "nxt", "left", "ctx", "min_left")
 
     def __init__(self, index: int):
         self.index = index
         self.running = np.empty(0, dtype=np.int64)   # decoding sequences, oldest admission first
         self.prefilling: list[int] = []
+        empty = np.empty(0, dtype=np.int64)
+        self.comp = self.blk = self.nxt = self.left = empty   # tokens in KV, KV blocks, next token slot, tokens left
+        self.ctx = 0                                     # sum over running of (comp + 1): KV read by the next step
+        self.min_left = 0
 
 
 class Engine:
@@ -103,10 +112,10 @@ class Engine:
 
     def _init_records(self) -> None:
         """Per micro-batch: begin/end on every stage and link (floats), kind/batch/tokens/KV blocks (ints)."""
+        self._link_col = 2 * len(self.stages)
         if not self.cfg.record_steps:
             self._rec_times = self._rec_ints = None
             return
-        self._link_col = 2 * len(self.stages)
         width = self._link_col + 2 * len(self._hops) + (2 if self._back is not None else 0)
         self._rec_times = np.zeros((4096, width))
         self._rec_ints = np.zeros((4096, 4), dtype=np.int64)
@@ -262,8 +271,8 @@ class Engine:
         (b) KV blocks last, (c) each step is formed before the next scheduled event (an arrival)."""
         running = sc.running
         n, B = running.size, self.block
-        comp, blk = self.computed[running], self.blocks[running]
-        k = min(int((self.target[running] - self.generated[running]).min()), max_steps)
+        comp, blk = sc.comp, sc.blk
+        k = min(sc.min_left, max_steps)
         if k < 2:
             return None
         j = np.arange(k)
@@ -272,7 +281,7 @@ class Engine:
         if k < 2:
             return None
         j, used_new = j[:k], used_new[:k]
-        ctx = float((comp + 1).sum()) + j * float(n)
+        ctx = float(sc.ctx) + j * float(n)
         durs = [f.vector(n, ctx) for f in self._decode_fns]
         links = [nbytes / rate + lat for (_, lat, rate), nbytes in
                  zip(self._hops, [n * self._act_bytes] * len(self._hops))]
@@ -317,21 +326,48 @@ class Engine:
         if rec is not None:
             self._rec_ints[row:row + k] = np.c_[np.zeros(k, np.int64), np.full(k, n), np.full(k, n), used0 + used_new]
         self._step = row + k
-        gen = self.generated[running]
-        self.tok_t[(self.tok_off[running] + gen)[None, :] + np.arange(k)[:, None]] = t_emit[:, None]
-        self.computed[running] += k
-        self.generated[running] = gen + k
-        self.blocks[running] = (self.computed[running] + self.block - 1) // self.block
+        self.tok_t[sc.nxt[None, :] + np.arange(k)[:, None]] = t_emit[:, None]
+        sc.nxt = sc.nxt + k
+        sc.comp = sc.comp + k
+        sc.left = sc.left - k
+        sc.blk = (sc.comp + self.block - 1) // self.block
+        sc.ctx += k * n
+        sc.min_left -= k
         self.free_blocks -= int(used_new[-1])
         self.peak_blocks = max(self.peak_blocks, self.total_blocks - self.free_blocks)
         return float(t_emit[-1]), float(t_emit[-1] + back), k
 
     def _finish_fast_forward(self, sc: _Sched, t_emit: float) -> None:
-        running = sc.running
-        done = self.generated[running] >= self.target[running]
-        if done.any():
-            self._finish(running[done], t_emit)
-            sc.running = running[~done]
+        if sc.min_left == 0:
+            self._retire(sc, sc.left == 0, t_emit)
+
+    # ------------------------------------------------------------------ a scheduler's decoding set
+
+    def _set_running(self, sc: _Sched, slots: np.ndarray) -> None:
+        """Make `slots` the decoding set, loading its counters from the engine's arrays."""
+        sc.running = slots
+        gen = self.generated[slots]
+        sc.comp = self.computed[slots]
+        sc.blk = self.blocks[slots]
+        sc.nxt = self.tok_off[slots] + gen
+        sc.left = self.target[slots] - gen
+        sc.ctx = int(sc.comp.sum()) + slots.size
+        sc.min_left = int(sc.left.min()) if slots.size else 0
+
+    def _sync(self, sc: _Sched) -> None:
+        """Write the decoding set's counters back to the engine's arrays."""
+        r = sc.running
+        if r.size:
+            self.computed[r] = sc.comp
+            self.blocks[r] = sc.blk
+            self.generated[r] = self.target[r] - sc.left
+
+    def _retire(self, sc: _Sched, done: np.ndarray, t: float) -> None:
+        """Finish the decoding sequences selected by `done` at time t and drop them from the set."""
+        self._sync(sc)
+        finished = sc.running[done]
+        self._set_running(sc, sc.running[~done])
+        self._finish(finished, t)
 
     # ------------------------------------------------------------------ forming a micro-batch
 
@@ -351,23 +387,26 @@ class Engine:
         if running.size == 0 and not chunks:
             return None
         self.peak_blocks = max(self.peak_blocks, self.total_blocks - self.free_blocks)
-        return running, chunks
+        return running, chunks, float(sc.ctx)
 
     def _grow_running(self, sc: _Sched) -> np.ndarray:
         """Reserve one more KV slot for every decode; preempt the newest sequences when the pool is short."""
         running = sc.running
         if running.size == 0:
             return running
-        need = (self.computed[running] + self.block) // self.block - self.blocks[running]
+        need = (sc.comp + self.block) // self.block - sc.blk
         total = int(need.sum())
-        while total > self.free_blocks and running.size:
-            victim = int(running[-1])
-            total -= int(need[-1])
-            running, need = running[:-1], need[:-1]
-            self._preempt(victim)
-        self.blocks[running] += need
-        self.free_blocks -= total
-        sc.running = running
+        if total > self.free_blocks:
+            self._sync(sc)
+            while total > self.free_blocks and running.size:
+                victim = int(running[-1])
+                total -= int(need[-1])
+                running, need = running[:-1], need[:-1]
+                self._preempt(victim)
+            self._set_running(sc, running)
+        if total:
+            sc.blk += need
+            self.free_blocks -= total
         return running
 
     def _preempt(self, s: int) -> None:
@@ -408,9 +447,8 @@ class Engine:
 
     def _traverse(self, mb) -> tuple[float, float]:
         """Lindley recursion through stages and links; returns (tokens ready, token ids back at stage 0)."""
-        running, chunks = mb
+        running, chunks, ctx_sum = mb          # ctx_sum: KV the decodes read, each including its new token
         n_dec = int(running.size)
-        ctx_sum = float((self.computed[running] + 1).sum()) if n_dec else 0.0   # KV read, incl. the new token
         if chunks:
             pairs = [(t, c) for _, t, c in chunks]
             tokens = n_dec + sum(t for t, _ in pairs)
@@ -420,31 +458,32 @@ class Engine:
             durs = [f(n_dec, ctx_sum) for f in self._decode_fns]
         rec = self._rec_times
         row = self._step
-        if rec is not None and row >= rec.shape[0]:
-            rec = self._grow_records()
         t = self.env.now
-        free = self._stage_free
-        hops = self._hops
+        free, link_free = self._stage_free, self._link_free
         act = tokens * self._act_bytes
+        sv, lv = [], []                       # begin/end per stage and per link, in record column order
+        last = len(durs) - 1
         for i, dur in enumerate(durs):
             begin = t if t > free[i] else free[i]
             t = begin + dur
             free[i] = t
-            if rec is not None:
-                rec[row, 2 * i] = begin
-                rec[row, 2 * i + 1] = t
-            if i < len(hops):
-                begin, t = self._send(hops[i], act, t)
-                if rec is not None:
-                    rec[row, self._link_col + 2 * i] = begin
-                    rec[row, self._link_col + 2 * i + 1] = t
+            sv += (begin, t)
+            if i < last:                      # inline of _send: FIFO per direction, then pure latency
+                key, latency, rate = self._hops[i]
+                lf = link_free.get(key, t)
+                begin = t if t > lf else lf
+                done = begin + act / rate
+                link_free[key] = done
+                t = done + latency
+                lv += (begin, t)
         t_emit = t
         if self._back is not None:
             begin, t = self._send(self._back, TOKEN_ID_BYTES * (n_dec + len(chunks)), t)
-            if rec is not None:
-                rec[row, -2] = begin
-                rec[row, -1] = t
+            lv += (begin, t)
         if rec is not None:
+            if row >= rec.shape[0]:
+                rec = self._grow_records()
+            rec[row] = sv + lv
             kind = 0 if not chunks else (1 if n_dec == 0 else 2)
             self._rec_ints[row] = (kind, n_dec + len(chunks), tokens, self.total_blocks - self.free_blocks)
         self._step = row + 1
@@ -468,36 +507,53 @@ class Engine:
     # ------------------------------------------------------------------ completing a micro-batch
 
     def _complete(self, sc: _Sched, mb, t: float) -> None:
-        running, chunks = mb
-        emitted = [running] if running.size else []
-        if running.size:
-            self.computed[running] += 1
-            self.generated[running] += 1
-            self.tok_t[self.tok_off[running] + self.generated[running] - 1] = t
-        new_dec = []
-        for s, chunk, _ in chunks:
-            self.computed[s] += chunk
-            if self.computed[s] == self.prompt[s] + self.generated[s]:   # prompt (or recompute) done
-                sc.prefilling.remove(s)
-                g = self.generated[s] + 1
-                self.generated[s] = g
-                self.tok_t[self.tok_off[s] + g - 1] = t
-                if g == 1:
-                    self.first_t[s] = t
-                new_dec.append(s)
-        if new_dec:
-            emitted.append(np.array(new_dec, dtype=np.int64))
-        if not emitted:
+        running, chunks, _ = mb
+        n = running.size
+        if n:
+            sc.comp += 1
+            sc.left -= 1
+            self.tok_t[sc.nxt] = t
+            sc.nxt += 1
+            sc.ctx += n
+            sc.min_left -= 1
+        new_dec = [s for s, chunk, _ in chunks if self._prefill_step_done(sc, s, chunk, t)]
+        if not n and not new_dec:
             return
-        slots = np.concatenate(emitted) if len(emitted) > 1 else emitted[0]
-        done = self.generated[slots] >= self.target[slots]
-        keep_running = np.concatenate([running, np.array(new_dec, dtype=np.int64)]) if new_dec else running
-        if done.any():
-            self._finish(slots[done], t)
-            keep_running = keep_running[self.status[keep_running] == RUNNING]
-        sc.running = keep_running
+        done_dec = sc.left == 0 if sc.min_left == 0 else None
+        if self.on_tokens is not None:
+            slots = np.concatenate([running, np.array(new_dec, dtype=np.int64)])
+            done = self.generated[slots] >= self.target[slots]
+            if n:
+                done[:n] = sc.left == 0
+        if done_dec is not None:
+            self._retire(sc, done_dec, t)
+        if new_dec:
+            self._join(sc, np.array(new_dec, dtype=np.int64), t)
         if self.on_tokens is not None:
             self.on_tokens(t, slots, done)
+
+    def _prefill_step_done(self, sc: _Sched, s: int, chunk: int, t: float) -> bool:
+        """Account a prefill chunk; True when the prompt (or recompute) is complete and a token came out."""
+        self.computed[s] += chunk
+        if self.computed[s] != self.prompt[s] + self.generated[s]:
+            return False
+        sc.prefilling.remove(s)
+        g = self.generated[s] + 1
+        self.generated[s] = g
+        self.tok_t[self.tok_off[s] + g - 1] = t
+        if g == 1:
+            self.first_t[s] = t
+        return True
+
+    def _join(self, sc: _Sched, new: np.ndarray, t: float) -> None:
+        """Sequences whose prefill just ended start decoding (or finish, if one token was all they needed)."""
+        done = self.generated[new] >= self.target[new]
+        if done.any():
+            self._finish(new[done], t)
+            new = new[~done]
+        if new.size:
+            self._sync(sc)
+            self._set_running(sc, np.concatenate([sc.running, new]))
 
     def _finish(self, slots: np.ndarray, t: float) -> None:
         self.end_t[slots] = t
@@ -521,6 +577,8 @@ class Engine:
     def requests_table(self, source: str = "simulated"):
         """pyarrow Table with harness.records.REQUEST_COLUMNS, one row per submitted request."""
         import pyarrow as pa
+        for sc in self.scheds:
+            self._sync(sc)
         n = self.n
         gen = self.generated[:n]
         offsets = np.zeros(n + 1, dtype=np.int64)
@@ -553,6 +611,10 @@ class Engine:
         ints = self._rec_ints[:m] if m else np.zeros((0, 4), dtype=np.int64)
         kv_node = np.array([st.kv_bytes_per_token_node * self.block for st in self.stages])
         senders = list(range(len(self._hops))) + ([p - 1] if self._back is not None else [])
+        if m == 0:
+            from harness.records import STEP_COLUMNS
+            from harness.runfolder import arrow_schema
+            return arrow_schema(STEP_COLUMNS).empty_table()
         blocks = []
         for i in range(p):
             blocks.append((i, ints[:, 0], times[:, 2 * i], times[:, 2 * i + 1]))

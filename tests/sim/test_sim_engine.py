@@ -275,3 +275,11 @@ def test_fast_forward_is_exactly_the_step_by_step_result(llama7b, profile, case)
     assert np.allclose(sa.end_s, sb.end_s, rtol=1e-12, atol=1e-9)
     assert fast.stats["kv_peak_tokens"] == slow.stats["kv_peak_tokens"]
     assert fast.stats["preemptions"] == slow.stats["preemptions"]
+
+
+def test_step_records_can_be_switched_off(llama7b, profile):
+    cl = make_cluster(2)
+    plan = make_plan(llama7b, [("n0",), ("n1",)], [16, 16])
+    res = run(cl, llama7b, plan, profile, one_request(n=3), record_steps=False)
+    assert res.steps.num_rows == 0 and res.requests.num_rows == 3
+    assert res.requests.column("success").to_pylist() == [True] * 3

@@ -120,6 +120,11 @@ class RunWriter:
         os.replace(tmp, self.path / name)
         return self.path / name
 
+    def table_stream(self, name: str, columns: dict) -> "TableStream":
+        """A parquet file written in pieces (for records too large to hold in memory); it appears under its
+        name only when closed after the last piece."""
+        return TableStream(self._tmp(name), self.path / name, arrow_schema(columns))
+
     def write_requests(self, table) -> Path:
         return self.write_table("requests.parquet", table, REQUEST_COLUMNS)
 
@@ -133,6 +138,30 @@ class RunWriter:
         (self.path / MARKER).unlink(missing_ok=True)
         self.finished = True
         return self.path
+
+
+class TableStream:
+    """Appends pyarrow tables (or DataFrames) with the record columns to one parquet file, atomically."""
+
+    def __init__(self, tmp: Path, final: Path, schema):
+        import pyarrow.parquet as pq
+        self.tmp, self.final, self.schema = tmp, final, schema
+        self._writer = pq.ParquetWriter(tmp, schema)
+
+    def write(self, table) -> None:
+        import pyarrow as pa
+        if not isinstance(table, pa.Table):
+            table = pa.Table.from_pandas(table, preserve_index=False)
+        self._writer.write_table(table.select(self.schema.names).cast(self.schema))
+
+    def close(self) -> Path:
+        self._writer.close()
+        os.replace(self.tmp, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        self._writer.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def environment(extra: dict | None = None) -> dict:

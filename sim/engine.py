@@ -74,12 +74,15 @@ class _Sched:
 class Engine:
     """Continuous-batching pipeline engine on a SimPy Environment. All state lives here and in `env`."""
 
+    STREAM_ROWS = 65536        # micro-batches buffered before step records go to the step sink
+
     def __init__(self, env: simpy.Environment, cluster: Cluster, model: ModelSpec, plan: PartitionPlan,
                  profile: Profile, config: EngineConfig = EngineConfig(), start_at: float | None = None,
-                 on_tokens=None, on_finish=None):
+                 on_tokens=None, on_finish=None, step_sink=None):
         self.env, self.model, self.profile, self.cfg = env, model, profile, config
         self.stages = stage_models(cluster, model, plan)
         self.on_tokens, self.on_finish = on_tokens, on_finish
+        self.step_sink = step_sink          # called with pyarrow tables of step records as they fill up
         t0 = env.now if start_at is None else start_at
         self._stage_free = [t0] * len(self.stages)
         self._init_links(cluster)
@@ -113,12 +116,15 @@ class Engine:
     def _init_records(self) -> None:
         """Per micro-batch: begin/end on every stage and link (floats), kind/batch/tokens/KV blocks (ints)."""
         self._link_col = 2 * len(self.stages)
+        self._rec_base = 0
         if not self.cfg.record_steps:
             self._rec_times = self._rec_ints = None
             return
         width = self._link_col + 2 * len(self._hops) + (2 if self._back is not None else 0)
-        self._rec_times = np.zeros((4096, width))
-        self._rec_ints = np.zeros((4096, 4), dtype=np.int64)
+        rows = self.STREAM_ROWS if self.step_sink is not None else 4096
+        self._rec_times = np.zeros((rows, width))
+        self._rec_ints = np.zeros((rows, 4), dtype=np.int64)
+        self._rec_base = 0                  # global step number of buffer row 0
 
     def _init_kv(self, cluster: Cluster) -> None:
         """KV pool size: the stage with the least room (free bytes / its KV bytes per token) decides."""
@@ -298,10 +304,9 @@ class Engine:
         n = running.size
         t = starts.copy()
         rec = self._rec_times
-        row = self._step
         if rec is not None:
-            while row + k > rec.shape[0]:
-                rec = self._grow_records()
+            row = self._reserve_rows(k)
+            rec = self._rec_times
         for i, d in enumerate(durs):
             begin, t = t, t + d
             self._stage_free[i] = float(t[-1])
@@ -325,7 +330,7 @@ class Engine:
         used0 = self.total_blocks - self.free_blocks
         if rec is not None:
             self._rec_ints[row:row + k] = np.c_[np.zeros(k, np.int64), np.full(k, n), np.full(k, n), used0 + used_new]
-        self._step = row + k
+        self._step += k
         self.tok_t[sc.nxt[None, :] + np.arange(k)[:, None]] = t_emit[:, None]
         sc.nxt = sc.nxt + k
         sc.comp = sc.comp + k
@@ -457,7 +462,6 @@ class Engine:
             tokens = n_dec
             durs = [f(n_dec, ctx_sum) for f in self._decode_fns]
         rec = self._rec_times
-        row = self._step
         t = self.env.now
         free, link_free = self._stage_free, self._link_free
         act = tokens * self._act_bytes
@@ -481,21 +485,35 @@ class Engine:
             begin, t = self._send(self._back, TOKEN_ID_BYTES * (n_dec + len(chunks)), t)
             lv += (begin, t)
         if rec is not None:
-            if row >= rec.shape[0]:
-                rec = self._grow_records()
-            rec[row] = sv + lv
+            row = self._reserve_rows(1)
+            self._rec_times[row] = sv + lv
             kind = 0 if not chunks else (1 if n_dec == 0 else 2)
             self._rec_ints[row] = (kind, n_dec + len(chunks), tokens, self.total_blocks - self.free_blocks)
-        self._step = row + 1
+        self._step += 1
         return t_emit, t
 
-    def _grow_records(self) -> np.ndarray:
-        old_t, old_i = self._rec_times, self._rec_ints
-        self._rec_times = np.zeros((old_t.shape[0] * 2, old_t.shape[1]))
-        self._rec_ints = np.zeros((old_i.shape[0] * 2, old_i.shape[1]), dtype=np.int64)
-        self._rec_times[:old_t.shape[0]] = old_t
-        self._rec_ints[:old_i.shape[0]] = old_i
-        return self._rec_times
+    def _reserve_rows(self, k: int) -> int:
+        """Buffer row for the next k step records: hand full buffers to the step sink (streaming), or grow."""
+        row = self._step - self._rec_base
+        cap = self._rec_times.shape[0]
+        if row + k <= cap:
+            return row
+        if self.step_sink is not None:
+            self.flush_steps()
+            return 0
+        size = max(cap * 2, row + k)
+        for name in ("_rec_times", "_rec_ints"):
+            old = getattr(self, name)
+            new = np.zeros((size, old.shape[1]), dtype=old.dtype)
+            new[:row] = old[:row]
+            setattr(self, name, new)
+        return row
+
+    def flush_steps(self) -> None:
+        """Send the buffered step records to the sink and empty the buffer."""
+        if self.step_sink is not None and self._rec_times is not None and self._step > self._rec_base:
+            self.step_sink(self.steps_table())
+            self._rec_base = self._step
 
     def _send(self, hop: tuple, nbytes: float, t: float) -> tuple[float, float]:
         key, latency, rate = hop
@@ -601,40 +619,33 @@ class Engine:
     STEP_KINDS = ("decode", "prefill", "mixed", "send")
 
     def steps_table(self, source: str = "simulated"):
-        """pyarrow Table with harness.records.STEP_COLUMNS: one row per micro-batch and stage, and one per
-        link send (kind "send", stage = the sender), in time order."""
+        """pyarrow Table with harness.records.STEP_COLUMNS for the buffered micro-batches (all of them unless a
+        step sink took earlier ones): per micro-batch one row per stage, then one per link send (kind "send",
+        stage = the sender), micro-batches in the order they were formed."""
         import pyarrow as pa
-        m, p = self._step, len(self.stages)
-        if self._rec_times is None:
-            m = 0
-        times = self._rec_times[:m] if m else np.zeros((0, 2 * p + 2 * len(self._hops) + 2))
-        ints = self._rec_ints[:m] if m else np.zeros((0, 4), dtype=np.int64)
-        kv_node = np.array([st.kv_bytes_per_token_node * self.block for st in self.stages])
-        senders = list(range(len(self._hops))) + ([p - 1] if self._back is not None else [])
+        from harness.records import STEP_COLUMNS
+        from harness.runfolder import arrow_schema
+        m = 0 if self._rec_times is None else self._step - self._rec_base
         if m == 0:
-            from harness.records import STEP_COLUMNS
-            from harness.runfolder import arrow_schema
             return arrow_schema(STEP_COLUMNS).empty_table()
-        blocks = []
-        for i in range(p):
-            blocks.append((i, ints[:, 0], times[:, 2 * i], times[:, 2 * i + 1]))
-        for j, i in enumerate(senders):
-            col = self._link_col + 2 * j
-            blocks.append((i, np.full(m, 3), times[:, col], times[:, col + 1]))
-        stage = np.concatenate([np.full(m, i, np.int64) for i, *_ in blocks]) if blocks else np.empty(0, np.int64)
-        cols = {"step": np.tile(np.arange(m, dtype=np.int64), len(blocks)), "stage": stage,
-                "kind": np.concatenate([b[1] for b in blocks]),
-                "start_s": np.concatenate([b[2] for b in blocks]), "end_s": np.concatenate([b[3] for b in blocks]),
-                "batch_size": np.tile(ints[:, 1], len(blocks)), "tokens": np.tile(ints[:, 2], len(blocks)),
-                "kv_bytes": (np.tile(ints[:, 3], len(blocks)) * kv_node[stage]).astype(np.int64)}
-        order = np.lexsort((cols["stage"], cols["start_s"]))
-        cols = {k: v[order] for k, v in cols.items()}
-        names = [st.nodes[0] for st in self.stages]
-        node = pa.DictionaryArray.from_arrays(pa.array(cols["stage"].astype(np.int32)), pa.array(names))
-        kind = pa.DictionaryArray.from_arrays(pa.array(cols.pop("kind").astype(np.int32)),
-                                              pa.array(self.STEP_KINDS))
-        n = order.size
-        return pa.table({"step": cols["step"], "stage": cols["stage"], "node": node.cast(pa.string()),
-                         "kind": kind.cast(pa.string()), "start_s": cols["start_s"], "end_s": cols["end_s"],
-                         "batch_size": cols["batch_size"], "tokens": cols["tokens"], "kv_bytes": cols["kv_bytes"],
-                         "source": pa.array(np.full(n, source, dtype=object), pa.string())})
+        p = len(self.stages)
+        times, ints = self._rec_times[:m], self._rec_ints[:m]
+        senders = list(range(len(self._hops))) + ([p - 1] if self._back is not None else [])
+        per = p + len(senders)                                   # rows per micro-batch
+        stage = np.tile(np.array(list(range(p)) + senders, dtype=np.int64), m)
+        kind = np.concatenate([np.repeat(ints[:, :1], p, axis=1), np.full((m, len(senders)), 3)], axis=1).ravel()
+        kv_node = np.array([st.kv_bytes_per_token_node * self.block for st in self.stages])
+        names = pa.array([st.nodes[0] for st in self.stages])
+        n = m * per
+
+        def dict_col(codes, values):
+            return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), values).cast(pa.string())
+
+        return pa.table({
+            "step": np.repeat(np.arange(self._rec_base, self._rec_base + m, dtype=np.int64), per),
+            "stage": stage, "node": dict_col(stage, names), "kind": dict_col(kind, pa.array(self.STEP_KINDS)),
+            "start_s": times[:, 0::2].ravel(), "end_s": times[:, 1::2].ravel(),
+            "batch_size": np.repeat(ints[:, 1], per), "tokens": np.repeat(ints[:, 2], per),
+            "kv_bytes": (np.repeat(ints[:, 3], per) * kv_node[stage]).astype(np.int64),
+            "source": dict_col(np.zeros(n), pa.array([source])),
+        })

@@ -25,11 +25,13 @@ class SimResult:
 
 def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: Profile, workload: Workload,
              config: EngineConfig = EngineConfig(), include_load: bool = True, weights_local: set | None = None,
-             progress=None) -> SimResult:
+             progress=None, step_sink=None) -> SimResult:
     """Simulate serving `workload` on `plan`; deterministic for a given workload (its seed decides everything).
 
     Times in the records are seconds from the start of the run; with include_load the workload starts when
     every node has loaded its weights. `progress(done, total, virtual_now)` is called as requests finish.
+    `step_sink(table)`: stream step records out in pieces (SimResult.steps is then None), which keeps memory
+    flat on long runs; without it they are returned as one table.
     """
     env = simpy.Environment()
     wall = time.perf_counter()
@@ -51,15 +53,24 @@ def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: P
         load_end, load_rows = load_nodes(env, cluster, probe.stages, profile, weights_local)
         env.run()
     t_ready = max(load_end.values(), default=0.0)
-    engine = Engine(env, cluster, model, plan, profile, config, start_at=t_ready, on_finish=on_finish)
+    if step_sink is not None and load_rows:
+        step_sink(_with_load_rows(probe.steps_table(), load_rows))
+    engine = Engine(env, cluster, model, plan, profile, config, start_at=t_ready, on_finish=on_finish,
+                    step_sink=step_sink)
     engine_box.append(engine)
     if workload.closed_loop:
         env.process(_closed_loop_start(env, engine, workload, state, t_ready))
     else:
         env.process(_open_loop(env, engine, workload, t_ready))
     env.run()
+    if step_sink is not None:
+        engine.flush_steps()
+        steps = None
+    else:
+        steps = _with_load_rows(engine.steps_table(), load_rows)
+    requests = engine.requests_table()
     wall = time.perf_counter() - wall
-    return SimResult(requests=engine.requests_table(), steps=_with_load_rows(engine.steps_table(), load_rows),
+    return SimResult(requests=requests, steps=steps,
                      load=_load_report(engine, load_end, t_ready, include_load),
                      stats=_stats(engine, t_ready, wall))
 

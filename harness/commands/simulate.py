@@ -94,12 +94,19 @@ def run(args) -> int:
         writer.write_json("config.json", config)
         writer.write_json("environment.json", environment({"backend": "sim"}))
         writer.write_json("plan.json", plan.to_dict())
-        result = simulate(cluster, model, plan, load_profile_of(args), workload, cfg,
-                          include_load=not args.no_load, weights_local=local, progress=bar)
+        from harness.records import STEP_COLUMNS
+        steps = writer.table_stream("steps.parquet", STEP_COLUMNS)   # streamed: long runs stay small in memory
+        try:
+            result = simulate(cluster, model, plan, load_profile_of(args), workload, cfg,
+                              include_load=not args.no_load, weights_local=local, progress=bar,
+                              step_sink=steps.write)
+        except BaseException:
+            steps.abort()
+            raise
+        steps.close()
         if bar:
             bar.close()
         writer.write_requests(result.requests)
-        writer.write_steps(result.steps)
         summary = summarise(result, slo, config, plan, cluster)
         writer.finish(summary)
     print(f"run folder: {writer.path}")

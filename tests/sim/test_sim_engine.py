@@ -283,3 +283,16 @@ def test_step_records_can_be_switched_off(llama7b, profile):
     res = run(cl, llama7b, plan, profile, one_request(n=3), record_steps=False)
     assert res.steps.num_rows == 0 and res.requests.num_rows == 3
     assert res.requests.column("success").to_pylist() == [True] * 3
+
+
+def test_streamed_step_records_equal_the_in_memory_table(llama7b, profile, monkeypatch):
+    import pyarrow as pa
+    monkeypatch.setattr(Engine, "STREAM_ROWS", 64)
+    cl = make_cluster(2)
+    plan = make_plan(llama7b, [("n0",), ("n1",)], [16, 16])
+    wl = one_request(n=20, out=40, arrival={"process": "poisson", "rate": 3})
+    pieces = []
+    streamed = simulate(cl, llama7b, plan, profile, wl, step_sink=pieces.append)
+    whole = simulate(cl, llama7b, plan, profile, wl)
+    assert streamed.steps is None and len(pieces) > 3
+    assert pa.concat_tables(pieces).equals(whole.steps)

@@ -138,6 +138,8 @@ def compute(df: pd.DataFrame, slo: str | dict | None = None) -> dict:
                  "total_token_throughput": _rate(in_tokens + out_tokens, duration)}
     for name in LATENCIES:
         res.update(stats(itl if name == "itl" else lat[f"{name}_ms"].to_numpy(), name))
+    # one request's decode speed, the figure people quote as "tokens/s" for a model on a machine
+    res["decode_tokens_per_s"] = 1e3 / res["median_tpot_ms"] if res.get("median_tpot_ms") else math.nan
     if slo:
         max_itl = _max_gap_per_request(lengths, flat) if "itl" in slo else None
         good = int(good_mask(lat, max_itl, slo).sum())

@@ -52,7 +52,7 @@ def _mlx_backend(exp: dict, plan):
     from harness.mlx.backend import MlxBackend
     from harness.mlx.modelbuild import build, twin_config
     opts = exp.get("mlx", {})
-    model_dir = build(twin_config(exp["model"], head_dim=int(opts.get("head_dim", 16))), seed=int(opts.get("seed", 0)))
+    model_dir = build(twin_config(exp["model"], head_dim=int(opts.get("head_dim", 16))), seed=int(opts.get("seed", 0))).path
     return MlxBackend(model_dir, plan, model_id=f"{exp['model']}-twin", max_running=int(opts.get("max_running", 16)))
 
 
@@ -83,11 +83,11 @@ def run_once(exp, strategy, plan, backend, workload, out_root: Path):
     """Serve one plan behind the embedded server, drive the workload at it, and save the run folder."""
     from harness import runfolder
     from harness.loadgen import LoadMode, Target, run_load_sync
+    from harness.recording import finish_run
     from harness.server import EmbeddedServer
     load = exp.get("load", {})
-    config = {"command": "run", "strategy": strategy, **{k: v for k, v in exp.items()}, "run_id": None}
     with runfolder.RunWriter(out_root, f"{exp['name']}-{strategy}") as writer:
-        config["run_id"] = writer.run_id
+        config = {"command": "run", **exp, "strategy": strategy, "run_id": writer.run_id}
         writer.write_json("config.json", config)
         writer.write_json("plan.json", plan.to_dict())
         writer.write_json("environment.json", runfolder.environment({"backend": exp["backend"]}))
@@ -95,56 +95,23 @@ def run_once(exp, strategy, plan, backend, workload, out_root: Path):
         with EmbeddedServer(backend) as server:
             _say(f"  serving at {server.url}; sending {len(workload)} requests "
                  f"(warm-up {load.get('warmup', 0)}) ...")
-            with _Progress(backend, len(workload)):
+            with _Progress(backend, len(workload)) as progress:
                 result = run_load_sync(Target(server.url, send_prefix_id=True), workload, LoadMode(),
                                        warmup=int(load.get("warmup", 0)), seed=int(exp["workload"].get("seed", 0)),
-                                       max_duration_s=load.get("max_duration_s"))
-            summary = _summary(exp, plan, backend, result, server.load_report)
-            requests, steps = _tables(backend, result)
-        writer.write_requests(requests)
-        writer.write_steps(steps)
-        from reports.targets import targets_summary
-        summary["targets"] = targets_summary(config, plan.to_dict(), summary, requests, steps, summary["source"])
-        path = writer.finish(summary)
-    return path, summary
-
-
-def _summary(exp, plan, backend, result, load_report) -> dict:
-    from harness import metrics
-    summary = metrics.compute(result.frame())
-    summary.update(result.dispatch_summary())
-    source = "simulated" if exp["backend"] == "sim" else "measured"
-    summary.update(source=source, backend=exp["backend"], strategy=plan.strategy, model=result.model,
-                   predicted=plan.predicted)
-    if summary.get("median_tpot_ms"):
-        summary["decode_tokens_per_s"] = 1e3 / summary["median_tpot_ms"]
-    if load_report is not None:
-        summary["load_time_s"] = max(load_report.load_s_per_node.values(), default=0.0)
-        summary["load"] = {"load_s_per_node": load_report.load_s_per_node,
-                           "memory_bytes_per_node": load_report.memory_bytes_per_node, "source": load_report.source}
-    stats = backend.stats()
-    for key in ("cache", "preemptions", "kv_peak_fraction"):
-        if key in stats:
-            summary[key] = stats[key]
-    return summary
-
-
-def _tables(backend, result):
-    """Request rows (labelled with where their timing comes from) and the backend's step rows."""
-    from harness.commands.bench import _steps
-    requests = result.frame()
-    if getattr(backend, "name", "") == "sim":
-        requests["source"] = "simulated"  # the simulated cluster's timing, paced in real time over HTTP
-    return requests, _steps(backend, result)
+                                       max_duration_s=load.get("max_duration_s"), progress=progress.update)
+            return finish_run(writer, config, result, backend, server.load_report, plan=plan)
 
 
 class _Progress:
-    """A status line on stderr once a second while the load runs: elapsed, running, waiting."""
+    """A status line on stderr while the load runs: elapsed, finished, running, waiting."""
 
     def __init__(self, backend, total: int):
-        self.backend, self.total = backend, total
+        self.backend, self.total, self.done = backend, total, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def update(self, done: int, total: int) -> None:
+        self.done = done
 
     def __enter__(self):
         self._t0 = time.monotonic()
@@ -153,11 +120,11 @@ class _Progress:
 
     def _loop(self):
         tty = sys.stderr.isatty()
-        every = 1.0 if tty else 10.0   # a log file gets a line every 10 s, a terminal a live line
+        every = 1.0 if tty else 10.0   # a terminal gets a live line, a log file a line every 10 s
         while not self._stop.wait(every):
             s = self.backend.stats()
-            line = (f"  {time.monotonic() - self._t0:6.1f} s  running {s.get('num_requests_running', 0):3d}"
-                    f"  waiting {s.get('num_requests_waiting', 0):3d}  (of {self.total} requests)")
+            line = (f"  {time.monotonic() - self._t0:6.1f} s  finished {self.done}/{self.total}"
+                    f"  running {s.get('num_requests_running', 0)}  waiting {s.get('num_requests_waiting', 0)}")
             sys.stderr.write(f"\r{line}   " if tty else line + "\n")
             sys.stderr.flush()
 

@@ -131,50 +131,16 @@ def record_run(out_root, label, result, config, *, slo=None, backend=None, load_
     With a backend that keeps step records (sim: `steps_table()`, mlx: `step_records()`), steps.parquet
     holds them; otherwise it is empty. The plan is the backend's plan when it has one.
     """
-    from harness import metrics, runfolder
-    from harness.records import REQUEST_COLUMNS
-    summary = metrics.compute(result.frame(), slo)
-    summary.update(result.dispatch_summary())
-    backend_name = getattr(backend, "name", "external")
-    summary.update(source="measured", backend=backend_name,
-                   backend_source="simulated" if backend_name == "sim" else "measured",
-                   load_mode=result.mode.label, warmup_requests=result.warmup_requests, model=result.model)
+    from harness import runfolder
+    from harness.recording import finish_run
+    plan = getattr(backend, "plan", None)
+    plan = plan if hasattr(plan, "to_dict") else None
     with runfolder.RunWriter(out_root, label) as run:
         run.write_json("config.json", config)
         run.write_json("environment.json", runfolder.environment({"load_generator": "harness.loadgen",
                                                                   "target": config.get("target")}))
-        plan = getattr(backend, "plan", None)
-        run.write_json("plan.json", plan.to_dict() if hasattr(plan, "to_dict") else {})
-        run.write_requests(result.frame()[list(REQUEST_COLUMNS)])
-        run.write_steps(_steps(backend, result))
-        if load_report is not None:
-            summary["load"] = {"load_s_per_node": load_report.load_s_per_node,
-                               "memory_bytes_per_node": load_report.memory_bytes_per_node,
-                               "source": load_report.source}
-        path = run.finish(summary)
-    return path, summary
-
-
-def _steps(backend, result):
-    """Backend step records on the run's clock (t=0 = the load generator's start)."""
-    import pandas as pd
-    from harness.records import STEP_COLUMNS
-    empty = pd.DataFrame({c: pd.Series(dtype=_dtype(t)) for c, t in STEP_COLUMNS.items()})
-    if backend is None:
-        return empty
-    if hasattr(backend, "steps_table") and getattr(backend, "engine", None) is not None:
-        df = backend.steps_table().to_pandas()
-        for col in ("start_s", "end_s"):   # virtual time -> monotonic -> this run's clock
-            df[col] = df[col].map(backend.wall_of) - result.t0_monotonic
-        return df
-    if hasattr(backend, "step_records"):
-        rows = backend.step_records()
-        return pd.DataFrame(rows, columns=list(STEP_COLUMNS)) if rows else empty
-    return empty
-
-
-def _dtype(kind: str):
-    return {"str": "object", "float": "float64", "int": "int64", "bool": "bool"}.get(kind, "object")
+        run.write_json("plan.json", plan.to_dict() if plan is not None else {})
+        return finish_run(run, config, result, backend, load_report, slo, plan)
 
 
 def summary_text(summary: dict, result, backend) -> str:

@@ -87,7 +87,7 @@ def _outcome_text(o, with_report: bool) -> str:
              metrics.headline(s, s["source"])]
     p = s.get("predicted", {})
     if p:
-        lines.append(f"  plan prediction (theoretical): {p['tpot_ms']:.2f} ms/token, TTFT {p['ttft_ms']:.0f} ms "
+        lines.append(f"  plan prediction for {s['cluster']} (theoretical): {p['tpot_ms']:.2f} ms/token, TTFT {p['ttft_ms']:.0f} ms "
                      f"for {p['prompt_tokens']} prompt tokens")
     for t in s.get("targets", []):
         seen = "no value" if t["observed"] is None else f"{t['observed']:.4g} {t['unit']} ({t['source']})"

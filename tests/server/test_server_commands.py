@@ -44,7 +44,8 @@ def test_bench_embedded_sim_records_simulated_steps(tmp_path):
                "--workload", "all_at_once,n=2,prompt=32,output=4", "--out", str(tmp_path)])
     assert rc == 0
     run = read_run(next(tmp_path.iterdir()))
-    assert run.summary["backend_source"] == "simulated"
+    assert run.summary["source"] == "simulated" and run.summary["backend"] == "sim"
+    assert (run.requests()["source"] == "simulated").all()
     steps = run.steps()
     assert len(steps) > 0 and (steps["source"] == "simulated").all()
     assert run.plan["strategy"] == "uniform"

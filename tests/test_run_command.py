@@ -1,0 +1,43 @@
+"""`harness run` end to end: real server on 127.0.0.1, real load generator, real run folders and reports."""
+import json
+
+from harness.cli import main
+from harness.runfolder import read_run
+
+
+def test_run_smoke_writes_a_complete_folder_with_report_and_targets(tmp_path, capsys):
+    assert main(["run", "--experiment", "runs/smoke.toml", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    run = read_run(folder)
+    assert run.complete
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["completed"] == 8 and summary["failed"] == 0
+    assert summary["source"] == "simulated" and summary["strategy"] == "hybrid_optimal"
+    assert [t["name"] for t in summary["targets"]] == ["Time to first token", "Decode speed"]
+    assert (run.requests()["source"] == "simulated").all()
+    assert (folder / "report.html").stat().st_size > 10_000
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model"] == "llama-3.1-8b" and config["workload"]["num_requests"] == 8
+    assert "report:" in out and "target Time to first token" in out
+
+
+def test_run_all_strategies_compares_them(tmp_path, capsys):
+    rc = main(["run", "--experiment", "runs/smoke.toml", "--strategy", "all", "--requests", "2", "--rate", "50",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "strategy comparison" in out and "comparison report:" in out
+    folders = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(folders) == 5
+    assert len(list(tmp_path.glob("compare-*.html"))) == 1
+
+
+def test_run_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    assert main(["run", "--experiment", "runs/smoke.toml", "--requests", "0", "--out", str(tmp_path)]) == 2
+    assert "--requests" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('modle = "llama-3.1-8b"\n')
+    assert main(["run", "--experiment", str(bad), "--out", str(tmp_path)]) == 2
+    assert "unknown key 'modle'" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]

@@ -1,4 +1,4 @@
-"""Fit the cost-model profile (eta_bw, mu_compute, step_overhead_s) to public single-device measurements.
+"""Fit the cost-model profile (eta_bw, mu_compute, step and per-layer overheads) to public single-device data.
 
 Data: harness/catalog/calibration/apple_silicon_single_device_calibration.csv (a copy of the project's public
 data file, with its source columns). Each usable row is one published llama.cpp/MLX run of a model we have a
@@ -8,8 +8,8 @@ config for, on a chip in the catalog:
 - prefill (pp): `prompt_tokens` tokens after `context_depth` cached tokens take prompt / pp_tok_s.
 
 Fit (closed-form weighted least squares on relative error, no optimiser dependency):
-1. decode rows, batch 1: t = bytes / (eta * BW) + overhead, linear in (1/eta, overhead) -> global eta_bw and
-   step_overhead_s (overhead clipped at >= 0);
+1. decode rows, batch 1: t = bytes / (eta * BW) + c_step + c_layer * layers, linear in (1/eta, c_step, c_layer)
+   -> global eta_bw, step_overhead_s and layer_overhead_s (non-negative least squares);
 2. prefill rows, batch 1: t - overhead = flops / (mu * peak) -> global mu_compute;
 3. per chip (optional), with the global overhead fixed: the same two fits over that chip's rows.
 Rows with batch > 1 are not fitted; they are reported as a check of batched-decode scaling.
@@ -153,27 +153,48 @@ def _prefill_terms(o: Obs) -> tuple[float, float]:
     return nbytes / (o.chip.mem_bw_gbs * 1e9), flops / (o.chip.fp16_tflops * 1e12)
 
 
-def fit_decode(rows: list[Obs], overhead: float | None = None) -> tuple[float, float]:
-    """(eta_bw, overhead) minimising relative error of t = x / eta + overhead (overhead fixed if given)."""
+Overheads = tuple[float, float]   # (step_overhead_s, layer_overhead_s)
+
+
+def _overhead(o: Obs, ovh: Overheads) -> float:
+    return ovh[0] + ovh[1] * o.model.num_layers
+
+
+def fit_decode(rows: list[Obs], overheads: Overheads | None = None) -> tuple[float, Overheads]:
+    """(eta_bw, overheads) minimising relative error of t = x / eta + c_step + c_layer * layers.
+
+    Overheads given: only eta is fitted. Otherwise the non-negative least-squares solution over the three
+    unknowns (a coefficient that would go negative is pinned at 0 and the rest refitted).
+    """
     x = np.array([_decode_terms(o)[0] for o in rows])
+    layers = np.array([o.model.num_layers for o in rows], dtype=float)
     t = np.array([o.step_s for o in rows])
     w = 1.0 / t                                       # relative errors: divide each equation by its t
-    if overhead is None:
-        a = np.c_[x * w, w]
-        (inv_eta, c), *_ = np.linalg.lstsq(a, t * w, rcond=None)
-        if c >= 0:
-            return 1.0 / inv_eta, float(c)
-        overhead = 0.0
-    inv_eta = float(np.sum(x * w * (t - overhead) * w) / np.sum((x * w) ** 2))
-    return 1.0 / inv_eta, overhead
+    if overheads is None:
+        best = None
+        for use_step, use_layer in ((True, True), (False, True), (True, False), (False, False)):
+            cols = [x * w] + ([w] if use_step else []) + ([layers * w] if use_layer else [])
+            coef, *_ = np.linalg.lstsq(np.column_stack(cols), t * w, rcond=None)
+            if np.any(coef < 0):
+                continue
+            it = iter(coef[1:])
+            ovh = (float(next(it)) if use_step else 0.0, float(next(it)) if use_layer else 0.0)
+            resid = float(np.sum((np.column_stack(cols) @ coef - t * w) ** 2))
+            if best is None or resid < best[0]:
+                best = (resid, 1.0 / coef[0], ovh)
+        return best[1], best[2]
+    c = np.array([_overhead(o, overheads) for o in rows])
+    inv_eta = float(np.sum(x * w * (t - c) * w) / np.sum((x * w) ** 2))
+    return 1.0 / inv_eta, overheads
 
 
-def fit_prefill(rows: list[Obs], overhead: float) -> float:
+def fit_prefill(rows: list[Obs], overheads: Overheads) -> float:
     """mu_compute minimising relative error of t - overhead = flops_time / mu."""
     f = np.array([_prefill_terms(o)[1] for o in rows])
     t = np.array([o.step_s for o in rows])
+    c = np.array([_overhead(o, overheads) for o in rows])
     w = 1.0 / t
-    inv_mu = float(np.sum(f * w * (t - overhead) * w) / np.sum((f * w) ** 2))
+    inv_mu = float(np.sum(f * w * (t - c) * w) / np.sum((f * w) ** 2))
     return 1.0 / inv_mu
 
 
@@ -183,8 +204,8 @@ def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = No
     pp = [o for o in obs if o.kind == "pp"]
     if not tg or not pp:
         raise UserError("calibration needs at least one decode (tg) and one prefill (pp) row")
-    eta, overhead = fit_decode(tg)
-    mu = fit_prefill(pp, overhead)
+    eta, overheads = fit_decode(tg)
+    mu = fit_prefill(pp, overheads)
     chips: dict[str, dict] = {}
     if per_chip:
         for name in sorted({o.chip.name for o in obs}):
@@ -192,15 +213,15 @@ def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = No
             mine_tg = [o for o in tg if o.chip.name == name]
             mine_pp = [o for o in pp if o.chip.name == name]
             if len(mine_tg) >= 2:
-                entry["eta_bw"] = round(fit_decode(mine_tg, overhead)[0], 4)
+                entry["eta_bw"] = round(fit_decode(mine_tg, overheads)[0], 4)
             if len(mine_pp) >= 2:
-                entry["mu_compute"] = round(fit_prefill(mine_pp, overhead), 4)
+                entry["mu_compute"] = round(fit_prefill(mine_pp, overheads), 4)
             if entry:
                 chips[name] = entry
-    base = base or costmodel.load_profile()
+    base = base or costmodel.load_profile("default")  # SSD and link figures the data cannot fit
     return Profile(name="fitted", eta_bw=round(eta, 4), mu_compute=round(mu, 4),
-                   step_overhead_s=round(overhead, 6), link_overhead_us=base.link_overhead_us,
-                   ssd_gbs=base.ssd_gbs, per_chip=chips,
+                   step_overhead_s=round(overheads[0], 6), layer_overhead_s=round(overheads[1], 7),
+                   link_overhead_us=base.link_overhead_us, ssd_gbs=base.ssd_gbs, per_chip=chips,
                    source="fitted: python -m harness calibrate on harness/catalog/calibration/"
                           "apple_silicon_single_device_calibration.csv (public llama.cpp and MLX single-device rows)")
 
@@ -243,6 +264,7 @@ def error_summary(table: list[dict]) -> dict:
 def profile_json(profile: Profile, summary: dict, summary_global: dict, skipped: int) -> dict:
     return {"name": profile.name, "source": profile.source,
             "eta_bw": profile.eta_bw, "mu_compute": profile.mu_compute, "step_overhead_s": profile.step_overhead_s,
+            "layer_overhead_s": profile.layer_overhead_s,
             "link_overhead_us": profile.link_overhead_us, "ssd_gbs": profile.ssd_gbs,
             "ssd_basis": "kept from default.json (not in the calibration data)",
             "link_basis": "link_overhead_us kept from default.json (single-device data cannot fit it)",

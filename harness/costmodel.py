@@ -1,6 +1,6 @@
 """Roofline cost model (DESIGN §7): pure functions of chip, link, model and a profile of fitted factors.
 
-Decode step:  t = max(bytes / (eta_bw * BW), flops / (mu * peak)) + per-step overhead
+Decode step:  t = max(bytes / (eta_bw * BW), flops / (mu * peak)) + step overhead + layers x layer overhead
 Prefill:      the same roofline over the prompt's FLOPs and the weights it reads
 Link:         t = latency + per-message overhead + bytes / bandwidth
 Strategies use it to rank plans; the simulator uses it to time events. Efficiency factors live in a profile
@@ -15,7 +15,7 @@ from pathlib import Path
 from harness.specs import Chip, Link, ModelSpec, UserError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
-REQUIRED = ("eta_bw", "mu_compute", "step_overhead_s", "link_overhead_us", "ssd_gbs")
+REQUIRED = ("eta_bw", "mu_compute", "step_overhead_s", "layer_overhead_s", "link_overhead_us", "ssd_gbs")
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class Profile:
     name: str
     eta_bw: float              # achieved / peak memory bandwidth in decode
     mu_compute: float          # achieved / peak FLOPS in prefill
-    step_overhead_s: float     # fixed cost per engine step per stage (kernel launches, sampling, Python)
+    step_overhead_s: float     # fixed cost per engine step per stage (sampling, scheduling, Python)
+    layer_overhead_s: float    # cost per layer per step beyond the roofline (kernel launches, synchronisation)
     link_overhead_us: float    # software cost per message on top of the link's latency
     ssd_gbs: float             # default SSD read rate for model loading
     per_chip: dict = field(default_factory=dict)   # {"M2 Ultra": {"eta_bw": 0.45, ...}} overrides
@@ -40,13 +41,18 @@ class Profile:
         """Effective FLOP/s a prefill achieves on this chip."""
         return self._get(chip, "mu_compute") * chip.fp16_tflops * 1e12
 
-    def overhead(self, chip: Chip) -> float:
-        return self._get(chip, "step_overhead_s")
+    def overhead(self, chip: Chip, layers: int) -> float:
+        """Time a step of `layers` layers costs beyond the roofline: it grows with the layers a stage runs,
+        so splitting a model over more stages does not multiply it."""
+        return self._get(chip, "step_overhead_s") + layers * self._get(chip, "layer_overhead_s")
+
+
+DEFAULT_PROFILE = "fitted"   # written by `python -m harness calibrate` from the public single-device data
 
 
 def load_profile(path: str | Path | None = None) -> Profile:
-    """The named or given profile; default: harness/profiles/default.json."""
-    p = Path(path) if path else PROFILE_DIR / "default.json"
+    """A profile by file path or by name in harness/profiles/; default: the fitted profile."""
+    p = Path(path) if path else PROFILE_DIR / f"{DEFAULT_PROFILE}.json"
     if not p.exists() and (PROFILE_DIR / f"{path}.json").exists():
         p = PROFILE_DIR / f"{path}.json"
     try:
@@ -78,7 +84,7 @@ def decode_time(chip: Chip, profile: Profile, model: ModelSpec, start: int, end:
     if with_head:
         nbytes += model.head_bytes()
         flops += model.head_flops(batch)
-    return roofline(chip, profile, nbytes, flops) + profile.overhead(chip)
+    return roofline(chip, profile, nbytes, flops) + profile.overhead(chip, end - start)
 
 
 def prefill_time(chip: Chip, profile: Profile, model: ModelSpec, start: int, end: int, tokens: int,
@@ -89,7 +95,7 @@ def prefill_time(chip: Chip, profile: Profile, model: ModelSpec, start: int, end
     if with_head:  # only the last position's logits are needed
         nbytes += model.head_bytes()
         flops += model.head_flops(1)
-    return roofline(chip, profile, nbytes, flops) + profile.overhead(chip)
+    return roofline(chip, profile, nbytes, flops) + profile.overhead(chip, end - start)
 
 
 def link_time(link: Link, nbytes: float, profile: Profile) -> float:

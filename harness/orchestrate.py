@@ -40,7 +40,10 @@ def build_backend(exp: dict, cluster, model, profile, plan):
         case "sim":
             from harness.sim_backend import SimBackend, SimBackendConfig
             from sim.engine import EngineConfig
-            return SimBackend(cluster, model, plan, profile, EngineConfig(), SimBackendConfig(model_id=model.name))
+            from sim.prefix_cache import make_prefix_cache
+            cache = make_prefix_cache(exp.get("cache", "none"), cluster, model, plan, profile)
+            return SimBackend(cluster, model, plan, profile, EngineConfig(), SimBackendConfig(model_id=model.name),
+                              cache=cache)
         case "mlx":
             return _mlx_backend(exp, plan)
     raise UserError(f"unknown backend {exp['backend']!r}; choose sim or mlx")

@@ -33,7 +33,7 @@ def add_plan_arguments(p: argparse.ArgumentParser, strategy_default: str = "hybr
     g.add_argument("--prompt-tokens", type=int, default=512,
                    help="prompt length of the predicted time to first token (default %(default)s)")
     g.add_argument("--profile", default=None,
-                   help="cost-model profile JSON (efficiency factors); default harness/profiles/default.json")
+                   help="cost-model profile: a JSON file or a name in harness/profiles/ (default: fitted, from `harness calibrate`)")
 
 
 def load_inputs(args) -> tuple[Cluster, ModelSpec]:

@@ -38,6 +38,8 @@ class _Pending:
     queue: asyncio.Queue
     emitted: int = 0
     done: bool = False
+    cached: int = 0                  # prompt tokens served by the prefix cache
+    cache_keys: tuple = ()           # its prompt's blocks, remembered once the prefill is done
 
 
 @dataclass
@@ -54,10 +56,16 @@ class SimBackend:
 
     name = "sim"
 
-    def __init__(self, cluster, model, plan, profile, engine_config=None, config: SimBackendConfig | None = None):
+    def __init__(self, cluster, model, plan, profile, engine_config=None, config: SimBackendConfig | None = None,
+                 cache=None):
+        """`cache`: a sim.prefix_cache.PrefixCache; its L1 share is taken out of the engine's KV pool."""
+        from dataclasses import replace
         from sim.engine import EngineConfig
         self.cluster, self.model, self.plan, self.profile = cluster, model, plan, profile
         self.engine_config = engine_config or EngineConfig()
+        self.cache = cache
+        if cache is not None:
+            self.engine_config = replace(self.engine_config, kv_tokens=cache.engine_kv_tokens)
         self.config = config or SimBackendConfig()
         if not self.config.speed > 0:
             raise ValueError("speed must be > 0")
@@ -173,11 +181,13 @@ class SimBackend:
             if p is None:        # cancelled by its client, or a request of another owner
                 continue
             token = output_token(p.request, p.emitted)
+            if p.emitted == 0 and self.cache is not None:   # prefill done: its blocks are cached now
+                self.cache.remember(p.cache_keys)
             p.emitted += 1
             p.done = bool(last)
             p.queue.put_nowait(TokenEvent(token_id=token, text=self.tokenizer.token_text(token), time_s=when,
                                           finish_reason="length" if last else None,
-                                          prompt_tokens=len(p.request.prompt)))
+                                          prompt_tokens=len(p.request.prompt), cached_tokens=p.cached))
 
     def _on_finish(self, t: float, slots: np.ndarray) -> None:
         from sim.engine import FAILED
@@ -198,9 +208,15 @@ class SimBackend:
         engine = self.engine
         if self.config.max_waiting is not None and len(engine.waiting) >= self.config.max_waiting:
             raise QueueFull(f"{len(engine.waiting)} requests waiting (max_waiting={self.config.max_waiting})")
-        engine.advance(self.virtual_now())   # the engine's clock must read "now" before the request enters
         pending = _Pending(request, asyncio.Queue())
-        slot = engine.submit(len(request.prompt), request.max_tokens, request.request_id)
+        if self.cache is not None:
+            pending.cache_keys = tuple(self.cache.keys_from_tokens(request.prompt))
+            hit = self.cache.admit(pending.cache_keys, len(request.prompt))
+            pending.cached = hit.cached_tokens
+            if hit.load_s > 0:   # lower-tier blocks must reach unified memory before the request can start
+                await asyncio.sleep(hit.load_s / self.config.speed)
+        engine.advance(self.virtual_now())   # the engine's clock must read "now" before the request enters
+        slot = engine.submit(len(request.prompt) - pending.cached, request.max_tokens, request.request_id)
         self._pending[slot] = pending
         if slot in engine.errors:
             del self._pending[slot]
@@ -234,7 +250,8 @@ class SimBackend:
                 "num_requests_waiting": len(engine.waiting),
                 "kv_cache_usage": {n: frac for n in per_node}, "kv_cache_bytes": per_node,
                 "virtual_now_s": engine.env.now, "preemptions": engine.preemptions,
-                "requests_cancelled": self.cancelled, "source": "simulated"}
+                "requests_cancelled": self.cancelled, "source": "simulated",
+                **({"cache": self.cache.stats()} if self.cache is not None else {})}
 
     def requests_table(self):
         """The engine's own records of what it served (virtual time, source="simulated")."""

@@ -59,7 +59,7 @@ class StageModel:
         if self.last:
             nbytes += model.head_bytes()
             flops += model.head_flops(n_dec + len(chunks))
-        t = costmodel.roofline(self.chip, profile, nbytes, flops) + profile.overhead(self.chip)
+        t = costmodel.roofline(self.chip, profile, nbytes, flops) + profile.overhead(self.chip, e - s)
         return t + self.allreduce_s(model, profile, tokens)
 
     def allreduce_s(self, model: ModelSpec, profile: Profile, tokens: int) -> float:
@@ -79,7 +79,7 @@ class DecodeTimer:
         self.stage, self.model, self.profile = stage, model, profile
         s, e, tp = stage.start, stage.end, stage.tp
         self.bw, self.fl = profile.bandwidth(stage.chip), profile.flops(stage.chip)
-        self.overhead = profile.overhead(stage.chip)
+        self.overhead = profile.overhead(stage.chip, e - s)
         self.kv_bytes = model.kv_bytes_per_token(s, e) / tp                    # per token of context read
         self.attn_flops = (e - s) * model._attn_flops_per_position() / tp      # per token of context read
         self._per_batch: dict[int, tuple[float, float, float]] = {}

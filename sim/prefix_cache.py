@@ -42,6 +42,7 @@ class PrefixCache:
             raise UserError(f"the L1 share of the KV pool must be in (0, 1), got {l1_share}")
         self.block = block_tokens
         self.l1_tokens = int(pool_tokens * l1_share) // block_tokens * block_tokens
+        self.engine_kv_tokens = pool_tokens - self.l1_tokens   # what is left for running requests
         self.config = self._tiers(cluster, model, plan, profile, ssd_cache_gb)
         self.policy = get_cache_policy(policy)(self.config)
         self.policy_name = policy

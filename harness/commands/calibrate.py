@@ -57,7 +57,7 @@ def render(table: list[dict], data: dict, skipped: list[str] | None) -> str:
                      f"{r['predicted_tok_s']:>10.2f} {r['error_pct']:>6.1f}%{mark}")
     lines.append("")
     lines.append(f"fitted: eta_bw={data['eta_bw']} mu_compute={data['mu_compute']} "
-                 f"step_overhead_s={data['step_overhead_s']}")
+                 f"step_overhead_s={data['step_overhead_s']} layer_overhead_s={data['layer_overhead_s']}")
     for chip, entry in data["per_chip"].items():
         lines.append(f"  {chip:<10} " + " ".join(f"{k}={v}" for k, v in entry.items()))
     for label, key in (("with per-chip factors", "errors_with_per_chip"), ("global factors only", "errors_global_only")):

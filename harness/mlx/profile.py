@@ -47,7 +47,7 @@ def profile_host(ring: bool = True, use_blas: bool = True, cache_dir=None) -> di
                  "fp16_tflops": compute["gemm_fp32_gflops"] / 1e3, "max_mem_gb": hostbench.total_memory_gb(),
                  "thunderbolt": "none", "ssd_gbs": ssd},
         "profile": {"name": "host-cpu", "eta_bw": 1.0, "mu_compute": 1.0,
-                    "step_overhead_s": compute.get("step_overhead_s", 0.0),
+                    "step_overhead_s": compute.get("step_overhead_s", 0.0), "layer_overhead_s": 0.0,
                     "link_overhead_us": 0.0, "ssd_gbs": ssd, "per_chip": {},
                     "source": "measured: python -m harness profile-host"},
         "link": {"kind": "loopback", **link},

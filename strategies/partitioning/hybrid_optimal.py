@@ -142,10 +142,11 @@ class _Search:
         last = np.full(L + 1, -np.inf)
         for name in unit:
             chip = self.cluster.node(name).chip
-            bw, fl, ovh = p.bandwidth(chip), p.flops(chip), p.overhead(chip)
+            bw, fl = p.bandwidth(chip), p.flops(chip)
+            ovh = p.overhead(chip, 0) + (idx[None, :] - idx[:, None]) * (p.overhead(chip, 1) - p.overhead(chip, 0))
             step = np.maximum(step, np.maximum(d_read / bw, d_flops / fl) + ovh)
             last = np.maximum(last, np.maximum((d_read[:, L] + m.head_bytes()) / bw,
-                                               (d_flops[:, L] + m.head_flops(1)) / fl) + ovh)
+                                               (d_flops[:, L] + m.head_flops(1)) / fl) + ovh[:, L])
         if tp > 1:
             layers = idx[None, :] - idx[:, None]
             comm = allreduce_per_layer_s(self.cluster, m, o, unit)

@@ -9,7 +9,8 @@ from harness.specs import Cluster, Link, Node, PartitionPlan, Stage
 
 
 def make_profile(**over) -> Profile:
-    base = dict(name="test", eta_bw=0.5, mu_compute=0.5, step_overhead_s=0.002, link_overhead_us=20.0,
+    base = dict(name="test", eta_bw=0.5, mu_compute=0.5, step_overhead_s=0.002, layer_overhead_s=0.0,
+                link_overhead_us=20.0,
                 ssd_gbs=4.0)
     return Profile(**(base | over))
 

@@ -32,9 +32,20 @@ def test_fit_recovers_factors_from_data_the_cost_model_generated(observations):
     fitted = cal.fit_profile(synthetic, per_chip=False, base=truth)
     assert fitted.eta_bw == pytest.approx(0.55, abs=1e-4)
     assert fitted.step_overhead_s == pytest.approx(0.004, abs=1e-6)
+    assert fitted.layer_overhead_s == pytest.approx(0.0, abs=1e-8)
     assert fitted.mu_compute == pytest.approx(0.7, rel=0.02)   # a few long-context prefills are not compute bound
     errors = [r["error_pct"] for r in cal.error_table(synthetic, fitted)]
     assert max(abs(e) for e in errors) < 3
+
+
+def test_fit_separates_per_layer_from_per_step_overhead(observations):
+    obs, _ = observations
+    truth = make_profile(eta_bw=0.6, mu_compute=0.6, step_overhead_s=0.001, layer_overhead_s=0.00005)
+    synthetic = [dataclasses.replace(o, published_tok_s=cal.predict(o, truth)) for o in obs if o.batch == 1]
+    fitted = cal.fit_profile(synthetic, per_chip=False, base=truth)
+    assert fitted.layer_overhead_s == pytest.approx(0.00005, rel=1e-3)
+    assert fitted.step_overhead_s == pytest.approx(0.001, abs=1e-6)
+    assert fitted.eta_bw == pytest.approx(0.6, abs=1e-4)
 
 
 def test_per_chip_factors_override_the_global_ones(observations):
@@ -52,6 +63,7 @@ def test_committed_profile_matches_a_fresh_fit(observations):
     saved = json.loads((costmodel.PROFILE_DIR / "fitted.json").read_text())
     assert saved["eta_bw"] == fitted.eta_bw and saved["mu_compute"] == fitted.mu_compute
     assert saved["step_overhead_s"] == fitted.step_overhead_s and saved["per_chip"] == fitted.per_chip
+    assert saved["layer_overhead_s"] == fitted.layer_overhead_s
     loaded = costmodel.load_profile("fitted")
     assert loaded.eta_bw == fitted.eta_bw
 

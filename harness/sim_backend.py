@@ -216,7 +216,8 @@ class SimBackend:
             if hit.load_s > 0:   # lower-tier blocks must reach unified memory before the request can start
                 await asyncio.sleep(hit.load_s / self.config.speed)
         engine.advance(self.virtual_now())   # the engine's clock must read "now" before the request enters
-        slot = engine.submit(len(request.prompt) - pending.cached, request.max_tokens, request.request_id)
+        slot = engine.submit(len(request.prompt) - pending.cached, request.max_tokens, request.request_id,
+                             cached_tokens=pending.cached)
         self._pending[slot] = pending
         if slot in engine.errors:
             del self._pending[slot]

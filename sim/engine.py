@@ -148,7 +148,7 @@ class Engine:
     def _init_state(self, cap: int = 1024) -> None:
         self.n = 0
         self._cap = cap
-        ints = ("prompt", "target", "generated", "computed", "blocks", "status", "preempted", "tok_off")
+        ints = ("prompt", "target", "generated", "computed", "blocks", "status", "preempted", "tok_off", "cached")
         floats = ("sched_t", "start_t", "first_t", "end_t")
         for name in ints:
             setattr(self, name, np.zeros(cap, dtype=np.int64))
@@ -163,7 +163,7 @@ class Engine:
     def _grow(self) -> None:
         self._cap *= 2
         for name in ("prompt", "target", "generated", "computed", "blocks", "status", "preempted", "tok_off",
-                     "sched_t", "start_t", "first_t", "end_t"):
+                     "cached", "sched_t", "start_t", "first_t", "end_t"):
             old = getattr(self, name)
             new = np.zeros(self._cap, dtype=old.dtype) if old.dtype.kind == "i" else np.full(self._cap, math.nan)
             new[:old.size] = old
@@ -172,8 +172,12 @@ class Engine:
     # ------------------------------------------------------------------ public API
 
     def submit(self, prompt_tokens: int, output_tokens: int, request_id: str | None = None,
-               scheduled_s: float | None = None) -> int:
-        """Hand a request to the engine now (virtual time env.now); returns its slot number."""
+               scheduled_s: float | None = None, arrived_s: float | None = None, cached_tokens: int = 0) -> int:
+        """Hand a request to the engine now (virtual time env.now); returns its slot number.
+
+        `prompt_tokens` is what must be prefilled; `cached_tokens` more came from a prefix cache (recorded
+        only). `arrived_s`: when the request reached the server, if earlier than now (it waited for a cache
+        load), so its TTFT counts the wait."""
         if prompt_tokens < 1 or output_tokens < 1:
             raise UserError("a request needs at least one prompt and one output token")
         if self.n == self._cap:
@@ -183,7 +187,8 @@ class Engine:
         now = self.env.now
         self.prompt[s], self.target[s] = prompt_tokens, output_tokens
         self.sched_t[s] = now if scheduled_s is None else scheduled_s
-        self.start_t[s] = now
+        self.start_t[s] = now if arrived_s is None else arrived_s
+        self.cached[s] = cached_tokens
         self.tok_off[s] = self._tok_used
         self._tok_used += output_tokens
         if self._tok_used > self.tok_t.size:
@@ -638,7 +643,7 @@ class Engine:
             "source": pa.array([source] * n, pa.string()),
             "scheduled_s": self.sched_t[:n], "start_s": self.start_t[:n], "first_token_s": self.first_t[:n],
             "end_s": self.end_t[:n], "prompt_tokens": self.prompt[:n], "output_tokens": gen,
-            "cached_tokens": np.zeros(n, dtype=np.int64), "chunk_times_s": chunks.cast(pa.list_(pa.float64())),
+            "cached_tokens": self.cached[:n], "chunk_times_s": chunks.cast(pa.list_(pa.float64())),
             "success": ok, "error": pa.array(errors, pa.string()),
         })
 

@@ -25,18 +25,23 @@ class SimResult:
 
 def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: Profile, workload: Workload,
              config: EngineConfig = EngineConfig(), include_load: bool = True, weights_local: set | None = None,
-             progress=None, step_sink=None) -> SimResult:
+             progress=None, step_sink=None, cache=None) -> SimResult:
     """Simulate serving `workload` on `plan`; deterministic for a given workload (its seed decides everything).
 
     Times in the records are seconds from the start of the run; with include_load the workload starts when
     every node has loaded its weights. `progress(done, total, virtual_now)` is called as requests finish.
     `step_sink(table)`: stream step records out in pieces (SimResult.steps is then None), which keeps memory
     flat on long runs; without it they are returned as one table.
+    `cache`: a sim.prefix_cache.PrefixCache; requests' declared shared prefixes are looked up on arrival
+    (cached tokens are not prefilled, lower-tier hits wait for their load) and remembered after the prefill.
     """
+    if cache is not None:   # its L1 share comes out of the pool running requests use
+        from dataclasses import replace
+        config = replace(config, kv_tokens=cache.engine_kv_tokens)
     env = simpy.Environment()
     wall = time.perf_counter()
     total = len(workload)
-    state = {"done": 0, "next": 0, "every": max(total // 100, 1)}
+    state = {"done": 0, "next": 0, "every": max(total // 100, 1), "cache": cache, "keys": {}}
     engine_box: list[Engine] = []
 
     def on_finish(t, slots):
@@ -55,13 +60,19 @@ def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: P
     t_ready = max(load_end.values(), default=0.0)
     if step_sink is not None and load_rows:
         step_sink(_with_load_rows(probe.steps_table(), load_rows))
+    def on_tokens(t, slots, finished):   # the first token ends a prefill: its prefix blocks are cached now
+        for slot in slots.tolist():
+            keys = state["keys"].pop(slot, None)
+            if keys:
+                cache.remember(keys)
+
     engine = Engine(env, cluster, model, plan, profile, config, start_at=t_ready, on_finish=on_finish,
-                    step_sink=step_sink)
+                    step_sink=step_sink, on_tokens=on_tokens if cache is not None else None)
     engine_box.append(engine)
     if workload.closed_loop:
         env.process(_closed_loop_start(env, engine, workload, state, t_ready))
     else:
-        env.process(_open_loop(env, engine, workload, t_ready))
+        env.process(_open_loop(env, engine, workload, t_ready, state))
     env.run()
     if step_sink is not None:
         engine.flush_steps()
@@ -75,8 +86,8 @@ def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: P
                      stats=_stats(engine, t_ready, wall))
 
 
-def _open_loop(env, engine: Engine, wl: Workload, t0: float):
-    arr, prompt, out = wl.arrival_s, wl.prompt_tokens, wl.output_tokens
+def _open_loop(env, engine: Engine, wl: Workload, t0: float, state: dict):
+    arr = wl.arrival_s
     # one event per distinct arrival time: a burst of simultaneous requests costs one wake-up
     bounds = np.flatnonzero(np.diff(arr)) + 1
     starts = np.concatenate([[0], bounds]) if len(arr) else []
@@ -86,7 +97,7 @@ def _open_loop(env, engine: Engine, wl: Workload, t0: float):
         if at > env.now:
             yield env.timeout(at - env.now)
         for i in range(a, b):
-            engine.submit(int(prompt[i]), int(out[i]), wl.request_id(i), scheduled_s=at)
+            _submit(env, engine, wl, i, state, scheduled_s=at)
 
 
 def _closed_loop_start(env, engine: Engine, wl: Workload, state: dict, t0: float):
@@ -100,7 +111,32 @@ def _submit_next(engine: Engine, wl: Workload, state: dict) -> None:
     i = state["next"]
     if i < len(wl):
         state["next"] = i + 1
-        engine.submit(int(wl.prompt_tokens[i]), int(wl.output_tokens[i]), wl.request_id(i))
+        _submit(engine.env, engine, wl, i, state)
+
+
+def _submit(env, engine: Engine, wl: Workload, i: int, state: dict, scheduled_s: float | None = None) -> None:
+    """Hand request i to the engine, first asking the prefix cache (if any) how much of its prompt it holds."""
+    prompt, out, rid = int(wl.prompt_tokens[i]), int(wl.output_tokens[i]), wl.request_id(i)
+    cache = state["cache"]
+    if cache is None:
+        engine.submit(prompt, out, rid, scheduled_s=scheduled_s)
+        return
+    keys = cache.keys_from_prefix(wl.prefix_id[i] if wl.prefix_id else None,
+                                  int(wl.prefix_tokens[i]) if wl.prefix_tokens is not None else 0)
+    hit = cache.admit(keys, prompt)
+    if hit.load_s > 0:   # lower-tier blocks travel to unified memory before the request can start
+        env.process(_submit_later(env, engine, hit.load_s, prompt - hit.cached_tokens, out, rid, keys, state,
+                                  scheduled_s if scheduled_s is not None else env.now, hit.cached_tokens))
+        return
+    slot = engine.submit(prompt - hit.cached_tokens, out, rid, scheduled_s=scheduled_s, cached_tokens=hit.cached_tokens)
+    state["keys"][slot] = keys
+
+
+def _submit_later(env, engine, delay, prompt, out, rid, keys, state, scheduled_s, cached):
+    arrived = env.now
+    yield env.timeout(delay)
+    slot = engine.submit(prompt, out, rid, scheduled_s=scheduled_s, arrived_s=arrived, cached_tokens=cached)
+    state["keys"][slot] = keys
 
 
 def _load_report(engine: Engine, load_end: dict, t_ready: float, included: bool) -> LoadReport:

@@ -41,3 +41,30 @@ def test_run_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert main(["run", "--experiment", str(bad), "--out", str(tmp_path)]) == 2
     assert "unknown key 'modle'" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
+def test_run_over_http_reuses_shared_prefixes(tmp_path):
+    exp = tmp_path / "chat.toml"
+    exp.write_text('''name = "chat"
+cluster = "m2ultra-4x-tb4"
+model = "llama-3.1-8b"
+cache = "lru"
+[workload]
+kind = "conversations"
+conversations = 2
+turns = 2
+system_prompt_tokens = 512
+user = 32
+output = 8
+think_time_s = 1.5
+arrival = { process = "constant", rate = 4.0 }
+[load]
+warmup = 0
+''')
+    assert main(["run", "--experiment", str(exp), "--out", str(tmp_path), "--no-report"]) == 0
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["cache"]["policy"] == "lru" and summary["cache"]["blocks_hit"] >= 2 * 8
+    requests = read_run(folder).requests().sort_values("start_s")
+    # the server reports usage.prompt_tokens_details.cached_tokens: second turns hit their 512-token prefix
+    assert list(requests["cached_tokens"] >= 512) == [False, False, True, True]

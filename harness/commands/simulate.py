@@ -51,6 +51,9 @@ def add_arguments(p) -> None:
                    help="micro-batches in flight (default 0 = one per pipeline stage)")
     e.add_argument("--kv-block-tokens", type=int, default=16, help="KV block size in tokens (default %(default)s)")
     e.add_argument("--kv-tokens", type=int, default=0, help="cap the KV pool in tokens (default: memory decides)")
+    e.add_argument("--cache", default="none",
+                   help="prefix-KV cache policy: none, lru, tiered_lru, s3_fifo, infinite (default %(default)s); "
+                        "requests with a shared prefix (conversations, traces with prefix_id) reuse its KV")
 
 
 def engine_config(args):
@@ -86,9 +89,12 @@ def run(args) -> int:
     config = {"command": "simulate", "backend": "sim", "cluster": args.cluster, "model": model.name,
               "quant_bits": model.quant_bits, "group_size": model.group_size, "strategy": plan.strategy,
               "objective": args.objective, "profile": args.profile or "default", "workload": spec,
-              "engine": cfg.to_dict(), "include_load": not args.no_load,
+              "engine": cfg.to_dict(), "include_load": not args.no_load, "cache": args.cache,
               "weights_local": sorted(local) if local else None, "slo": slo or None,
               "argv": sys.argv[1:]}
+    from sim.prefix_cache import make_prefix_cache
+    profile = load_profile_of(args)
+    cache = make_prefix_cache(args.cache, cluster, model, plan, profile)
     bar = None if args.quiet else Progress(len(workload))
     with RunWriter(args.out, label=f"sim-{plan.strategy}", run_id=args.run_id) as writer:
         writer.write_json("config.json", config)
@@ -97,9 +103,9 @@ def run(args) -> int:
         from harness.records import STEP_COLUMNS
         steps = writer.table_stream("steps.parquet", STEP_COLUMNS)   # streamed: long runs stay small in memory
         try:
-            result = simulate(cluster, model, plan, load_profile_of(args), workload, cfg,
+            result = simulate(cluster, model, plan, profile, workload, cfg,
                               include_load=not args.no_load, weights_local=local, progress=bar,
-                              step_sink=steps.write)
+                              step_sink=steps.write, cache=cache)
         except BaseException:
             steps.abort()
             raise
@@ -108,6 +114,8 @@ def run(args) -> int:
             bar.close()
         writer.write_requests(result.requests)
         summary = summarise(result, slo, config, plan, cluster)
+        if cache is not None:
+            summary["cache"] = cache.stats()
         writer.finish(summary)
     print(f"run folder: {writer.path}")
     print(metrics.headline(summary["metrics"], "simulated"))

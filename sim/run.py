@@ -169,3 +169,22 @@ def _with_load_rows(steps, load_rows):
                       "batch_size": [0] * len(load_rows), "tokens": [0] * len(load_rows),
                       "kv_bytes": [0] * len(load_rows), "source": ["simulated"] * len(load_rows)})
     return pa.concat_tables([extra.cast(steps.schema), steps])
+
+
+def reference_work_s(events: int = 50_000) -> float:
+    """Wall time of a fixed SimPy workload (timeouts through one event loop), measured now on this machine.
+
+    The simulator's wall time divided by this is a speed figure that machine load and CPU model largely cancel
+    out of, so a CI check can compare it with a committed baseline (a ratio measured in the same run).
+    """
+    env = simpy.Environment()
+
+    def ticker(n):
+        for _ in range(n):
+            yield env.timeout(1.0)
+
+    for _ in range(10):
+        env.process(ticker(events // 10))
+    start = time.perf_counter()
+    env.run()
+    return time.perf_counter() - start

@@ -40,7 +40,8 @@ def add_arguments(p) -> None:
                    help="comma-separated nodes holding the weights on SSD (others receive them from a peer); "
                         "default: all")
     g.add_argument("--timing", action="store_true",
-                   help="print the simulator's own speed (measured wall time, requests per wall second, peak memory)")
+                   help="print the simulator's own speed (measured wall time, requests per wall second, peak memory) "
+                        "and time a fixed reference workload, saved as sim.reference_s for regression checks")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     e = p.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, default=128, help="sequences per micro-batch (default %(default)s)")
@@ -116,6 +117,9 @@ def run(args) -> int:
         summary = summarise(result, slo, config, plan, cluster)
         if cache is not None:
             summary["cache"] = cache.stats()
+        if args.timing:   # for wall-clock regression checks: sim.wall_s / sim.reference_s (same run, same machine)
+            from sim.run import reference_work_s
+            summary["sim"]["reference_s"] = reference_work_s()
         writer.finish(summary)
     print(f"run folder: {writer.path}")
     print(metrics.headline(summary["metrics"], "simulated"))

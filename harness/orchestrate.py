@@ -74,7 +74,7 @@ def run_experiment(exp: dict, strategies: list[str], out_root: Path, report: boo
             outcomes.append(Outcome(strategy, error=str(exc)))
             continue
         backend = build_backend(exp, cluster, model, profile, plan)
-        path, summary = run_once(exp, strategy, plan, backend, workload, out_root)
+        path, summary = run_once(exp, strategy, plan, backend, workload, out_root, report)
         if report:
             from reports import render
             render([path])
@@ -82,14 +82,30 @@ def run_experiment(exp: dict, strategies: list[str], out_root: Path, report: boo
     return outcomes
 
 
-def run_once(exp, strategy, plan, backend, workload, out_root: Path):
-    """Serve one plan behind the embedded server, drive the workload at it, and save the run folder."""
+def run_once(exp, strategy, plan, backend, workload, out_root: Path, report: bool = True):
+    """Serve one plan behind the embedded server, drive the workload at it, and save the run folder.
+
+    Ctrl-C leaves the folder marked INCOMPLETE (harness.runfolder) and still renders its report, which says so.
+    """
+    from harness import runfolder
+    writer = runfolder.RunWriter(out_root, f"{exp['name']}-{strategy}")
+    try:
+        return _serve_and_measure(writer, exp, strategy, plan, backend, workload)
+    except KeyboardInterrupt:
+        _say(f"\ninterrupted: {writer.path} is marked incomplete")
+        if report:
+            from reports import render
+            _say(f"report of the incomplete run: {render([writer.path])}")
+        raise
+
+
+def _serve_and_measure(writer, exp, strategy, plan, backend, workload):
     from harness import runfolder
     from harness.loadgen import LoadMode, Target, run_load_sync
     from harness.recording import finish_run
     from harness.server import EmbeddedServer
     load = exp.get("load", {})
-    with runfolder.RunWriter(out_root, f"{exp['name']}-{strategy}") as writer:
+    with writer:
         config = {"command": "run", **exp, "strategy": strategy, "run_id": writer.run_id}
         writer.write_json("config.json", config)
         writer.write_json("plan.json", plan.to_dict())

@@ -47,6 +47,8 @@ def summarize(result, backend, load_report=None, slo=None, plan=None) -> dict:
         summary["load_time_s"] = max(load_report.load_s_per_node.values(), default=0.0)
         summary["load"] = {"load_s_per_node": load_report.load_s_per_node,
                            "memory_bytes_per_node": load_report.memory_bytes_per_node, "source": load_report.source}
+    if getattr(backend, "engine", None) is not None and hasattr(backend, "memory_utilisation_pct"):
+        summary["memory_utilisation_pct"] = backend.memory_utilisation_pct()
     stats = backend.stats() if backend is not None else {}
     for key in ("cache", "preemptions", "error"):
         if stats.get(key) is not None:

@@ -182,6 +182,9 @@ async def _unless_disconnect(request: Request, awaitable):
         watcher.cancel()
         if not task.done():
             task.cancel()
+            # let the backend's generator unwind before anyone closes it (aclose on a running one fails)
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({task})
     if task.cancelled():
         raise _ClientGone()
     return task.result()

@@ -68,3 +68,28 @@ warmup = 0
     requests = read_run(folder).requests().sort_values("start_s")
     # the server reports usage.prompt_tokens_details.cached_tokens: second turns hit their 512-token prefix
     assert list(requests["cached_tokens"] >= 512) == [False, False, True, True]
+
+
+def test_ctrl_c_leaves_the_folder_incomplete_and_the_report_says_so(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "run", "--requests", "20", "--rate", "0.5",
+                             "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        for line in proc.stdout:   # wait until requests are in flight
+            if "sending" in line or time.monotonic() > deadline:
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert (folder / "INCOMPLETE").read_text().strip() == "interrupted"
+    assert not (folder / "summary.json").exists()
+    assert "INCOMPLETE" in (folder / "report.html").read_text()
+    assert "Traceback" not in out

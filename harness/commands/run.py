@@ -9,15 +9,15 @@ DESCRIPTION = """Run one experiment end to end: plan the model over the cluster 
 backend (the SimPy cluster paced in real time, or real MLX ranks) behind the embedded OpenAI-compatible
 server, drive the workload at it with the load generator, save runs/out/<run-id>/ and render report.html.
 
-Defaults come from runs/default.toml (Llama 3.1 70B 4-bit on the bundled 'mixed' cluster, 24 Poisson
-requests, about a minute); --experiment FILE replaces them, and each flag below overrides either.
+Defaults come from runs/default.toml (Llama 3.1 70B 4-bit on the bundled 'mixed' cluster, 16 Poisson
+requests, under a minute); --experiment FILE replaces them, and each flag below overrides either.
 Timings of a sim run are the simulated cluster's (labelled simulated); of an mlx run, measured.
 
 examples:
   python -m harness run --strategy hybrid_optimal
   python -m harness run --strategy all                       # every strategy on the same workload, compared
   python -m harness run --experiment runs/smoke.toml --out /tmp/runs
-  python -m harness run --backend mlx --model qwen2.5-0.5b --cluster runs/clusters/two-local.json"""
+  python -m harness run --backend mlx --cluster mini-pair --model qwen2.5-0.5b --quant 16 --strategy uniform"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -47,6 +47,18 @@ class QueueFull(RuntimeError):
     """Too many requests waiting: the server answers 429."""
 
 
+async def drain(queue) -> AsyncIterator[TokenEvent]:
+    """TokenEvents a backend's worker puts on an asyncio queue, up to the one that finishes the request;
+    an exception put on the queue is raised here, in the consumer."""
+    while True:
+        item = await queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finish_reason is not None:
+            return
+
+
 class Backend(Protocol):
     name: str
     model_id: str

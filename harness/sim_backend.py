@@ -28,7 +28,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from harness.backend import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent
+from harness.backend import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent, drain
 from harness.instant_backend import WordTokenizer, output_token
 
 
@@ -224,13 +224,8 @@ class SimBackend:
             raise BackendUnavailable(engine.errors[slot])
         self._kick()
         try:
-            while True:
-                item = await pending.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in drain(pending.queue):
                 yield item
-                if item.finish_reason is not None:
-                    return
         finally:
             if self._pending.pop(slot, None) is not None and not pending.done:
                 self.cancelled += 1

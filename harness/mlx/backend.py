@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
-from harness.backend import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent
+from harness.backend import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent, drain
 from harness.mlx import launcher
 from harness.mlx.errors import UserError
 
@@ -403,13 +403,8 @@ class MlxBackend:
             self._all.append(req)
             self._cv.notify()
         try:
-            while True:
-                item = await req.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in drain(req.queue):
                 yield item
-                if item.finish_reason is not None:
-                    return
         finally:
             if req.finish is None and req.error is None:   # the client went away: free its batch slot
                 with self._cv:

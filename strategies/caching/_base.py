@@ -97,3 +97,27 @@ def leading_hits(keys: Sequence[Key], where) -> list[int]:
             break
         tiers.append(t)
     return tiers
+
+
+class PolicyBase:
+    """What every policy does the same way: pinned keys, counters, stats."""
+
+    def __init__(self, config: CacheConfig):
+        self.config = config
+        self.pinned: set = set()
+        self.stats_ = Stats(hits_per_tier=[0] * len(config.tiers))
+
+    def pin(self, keys) -> None:
+        self.pinned.update(keys)
+
+    def unpin(self, keys) -> None:
+        self.pinned.difference_update(keys)
+
+    def _count_lookup(self, asked: int, per_tier) -> None:
+        s = self.stats_
+        s.lookups += 1
+        s.blocks_asked += asked
+        s.hits_per_tier = [a + b for a, b in zip(s.hits_per_tier, per_tier)]
+
+    def stats(self) -> dict:
+        return self.stats_.to_dict(self.config)

@@ -3,18 +3,18 @@ FIFO with a 2-bit frequency gives re-accessed blocks another lap, and a ghost FI
 sends returning blocks straight to main. Pinned blocks are always given another lap."""
 from collections import deque
 
-from strategies.caching._base import CacheConfig, Lookup, Stats, leading_hits
+from strategies.caching._base import CacheConfig, Lookup, PolicyBase, leading_hits
 from strategies.registry import cache_policy
 
 SMALL_SHARE = 0.1
 MAX_FREQ = 3
 
 
-class S3Fifo:
+class S3Fifo(PolicyBase):
     name = "s3_fifo"
 
     def __init__(self, config: CacheConfig):
-        self.config = config
+        super().__init__(config)
         cap = config.l1.capacity_blocks
         self.small_cap = max(1, int(cap * SMALL_SHARE))
         self.main_cap = cap - self.small_cap  # 0 for a one-block cache: the small FIFO is all there is
@@ -24,18 +24,14 @@ class S3Fifo:
         self.ghost_set: set = set()
         self.freq: dict = {}
         self.where: dict = {}   # key -> "small" | "main"
-        self.pinned: set = set()
-        self.stats_ = Stats(hits_per_tier=[0] * len(config.tiers))
 
     def lookup(self, keys) -> Lookup:
         hits = leading_hits(keys, lambda k: 0 if k in self.where else None)
         for key in keys[: len(hits)]:
             self.freq[key] = min(self.freq[key] + 1, MAX_FREQ)
-        s = self.stats_
-        s.lookups += 1
-        s.blocks_asked += len(keys)
-        s.hits_per_tier[0] += len(hits)
-        return Lookup(len(hits), (len(hits),) + (0,) * (len(self.config.tiers) - 1))
+        per_tier = (len(hits),) + (0,) * (len(self.config.tiers) - 1)
+        self._count_lookup(len(keys), per_tier)
+        return Lookup(len(hits), per_tier)
 
     def insert(self, keys) -> list:
         dropped = []
@@ -84,14 +80,8 @@ class S3Fifo:
         self.stats_.evicted += 1
         dropped.append(key)
 
-    def pin(self, keys) -> None:
-        self.pinned.update(keys)
-
-    def unpin(self, keys) -> None:
-        self.pinned.difference_update(keys)
-
     def stats(self) -> dict:
-        out = self.stats_.to_dict(self.config)
+        out = super().stats()
         out["blocks_per_tier"] = [len(self.where)]
         return out
 

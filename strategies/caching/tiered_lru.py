@@ -5,18 +5,16 @@ prompt's leading blocks; a block found in a lower tier is used only while loadin
 recomputing it (the load-or-recompute check), and a used block is promoted back to L1.
 Pinned blocks (e.g. a shared system prompt) are never evicted from L1.
 """
-from strategies.caching._base import CacheConfig, Lookup, LruTier, Stats, leading_hits
+from strategies.caching._base import CacheConfig, Lookup, LruTier, PolicyBase, leading_hits
 from strategies.registry import cache_policy
 
 
-class TieredLru:
+class TieredLru(PolicyBase):
     name = "tiered_lru"
 
     def __init__(self, config: CacheConfig):
-        self.config = config
+        super().__init__(config)
         self.tiers = [LruTier(t.capacity_blocks) for t in config.tiers]
-        self.pinned: set = set()
-        self.stats_ = Stats(hits_per_tier=[0] * len(config.tiers))
 
     def _where(self, key):
         for i, tier in enumerate(self.tiers):
@@ -40,10 +38,7 @@ class TieredLru:
         load_s = sum(self.config.tiers[t].load_s_per_block for t in usable)
         for key in keys[: len(usable)]:  # promoting one block may demote another: look each up afresh
             self._promote(key, self._where(key))
-        s = self.stats_
-        s.lookups += 1
-        s.blocks_asked += len(keys)
-        s.hits_per_tier = [a + b for a, b in zip(s.hits_per_tier, per_tier)]
+        self._count_lookup(len(keys), per_tier)
         return Lookup(len(usable), tuple(per_tier), load_s)
 
     def _promote(self, key, tier: int) -> None:
@@ -77,14 +72,8 @@ class TieredLru:
                 self.tiers[0].touch(key)
         return dropped
 
-    def pin(self, keys) -> None:
-        self.pinned.update(keys)
-
-    def unpin(self, keys) -> None:
-        self.pinned.difference_update(keys)
-
     def stats(self) -> dict:
-        out = self.stats_.to_dict(self.config)
+        out = super().stats()
         out["blocks_per_tier"] = [len(t) for t in self.tiers]
         return out
 

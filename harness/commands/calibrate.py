@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 import sys
 
-HELP = "fit eta_bw, mu_compute and step_overhead_s to public Apple Silicon tok/s data; write a profile"
+HELP = "fit the cost model (bandwidth, compute, overheads) to public Apple Silicon tok/s data; write a profile"
 DESCRIPTION = """Fit the cost model's efficiency factors (decode bandwidth efficiency eta_bw, prefill compute
-efficiency mu_compute, per-step overhead, and per-chip overrides) to the public single-device table in
+efficiency mu_compute, per-step and per-layer overheads, and per-chip overrides) to the public single-device table in
 harness/catalog/calibration/, then print predicted vs published tokens/s for every usable row with the error.
 Published figures are measured (by their sources); predictions are theoretical (the fitted cost model).
 

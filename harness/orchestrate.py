@@ -45,18 +45,26 @@ def build_backend(exp: dict, cluster, model, profile, plan):
             return SimBackend(cluster, model, plan, profile, EngineConfig(), SimBackendConfig(model_id=model.name),
                               cache=cache)
         case "mlx":
-            return _mlx_backend(exp, plan)
+            return _mlx_backend(exp, cluster, plan)
     raise UserError(f"unknown backend {exp['backend']!r}; choose sim or mlx")
 
 
-def _mlx_backend(exp: dict, plan):
+def _mlx_backend(exp: dict, cluster, plan):
     """Real MLX ranks on this machine running the plan's split on a locally built scaled twin of the model:
-    same layers and head layout, smaller width (harness.mlx.modelbuild), so the plan applies unchanged."""
-    from harness.mlx.backend import MlxBackend
+    same layers and head layout, smaller width (harness.mlx.modelbuild), so the plan applies unchanged.
+    [mlx] emulate_links = true puts each rank in its own network namespace with the cluster's link bandwidth
+    (root, Linux); emulate_latency = true adds the link latency through delay relays."""
+    from harness.mlx.backend import MlxBackend, links_for_plan
     from harness.mlx.modelbuild import build, twin_config
     opts = exp.get("mlx", {})
+    unknown = set(opts) - {"head_dim", "seed", "max_running", "emulate_links", "emulate_latency"}
+    if unknown:
+        raise UserError(f"[mlx] has unknown keys {sorted(unknown)}; known: head_dim, seed, max_running, "
+                        f"emulate_links, emulate_latency")
     model_dir = build(twin_config(exp["model"], head_dim=int(opts.get("head_dim", 16))), seed=int(opts.get("seed", 0))).path
-    return MlxBackend(model_dir, plan, model_id=f"{exp['model']}-twin", max_running=int(opts.get("max_running", 16)))
+    links = links_for_plan(plan, cluster) if opts.get("emulate_links") else None
+    return MlxBackend(model_dir, plan, model_id=f"{exp['model']}-twin", max_running=int(opts.get("max_running", 16)),
+                      links=links, emulate_latency=bool(opts.get("emulate_latency")) and links is not None)
 
 
 def run_experiment(exp: dict, strategies: list[str], out_root: Path, report: bool = True) -> list[Outcome]:

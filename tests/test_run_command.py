@@ -93,3 +93,27 @@ def test_ctrl_c_leaves_the_folder_incomplete_and_the_report_says_so(tmp_path):
     assert not (folder / "summary.json").exists()
     assert "INCOMPLETE" in (folder / "report.html").read_text()
     assert "Traceback" not in out
+
+
+def test_run_on_real_mlx_ranks_measures_the_plan_split(tmp_path):
+    """The plan for two Mac minis runs as two local MLX ranks on the model's scaled twin."""
+    rc = main(["run", "--experiment", "runs/smoke.toml", "--backend", "mlx", "--cluster", "mini-pair",
+               "--model", "qwen2.5-0.5b", "--quant", "16", "--strategy", "uniform", "--requests", "2", "--rate", "4",
+               "--out", str(tmp_path), "--no-report"])
+    assert rc == 0
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    run = read_run(folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["source"] == "measured" and summary["completed"] == 2
+    plan = json.loads((folder / "plan.json").read_text())
+    assert plan["split"] == [12, 12]
+    steps = run.steps()
+    assert set(steps["node"]) >= {"mini-a", "mini-b"} and (steps["source"] == "measured").all()
+
+
+def test_unknown_mlx_option_is_named(tmp_path, capsys):
+    exp = tmp_path / "x.toml"
+    exp.write_text('backend = "mlx"\ncluster = "mini-pair"\nmodel = "qwen2.5-0.5b"\nquant = 16\n'
+                   'strategy = "uniform"\n[mlx]\nemulate_link = true\n')
+    assert main(["run", "--experiment", str(exp), "--out", str(tmp_path)]) == 2
+    assert "emulate_link" in capsys.readouterr().err

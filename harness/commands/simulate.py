@@ -71,6 +71,28 @@ def engine_config(args):
 
 
 def run(args) -> int:
+    """One strategy, or with --strategy all each strategy on the same seeded workload, one run folder each."""
+    from argparse import Namespace
+    from harness.planning import strategies_for
+    names = strategies_for(args.strategy)
+    if len(names) == 1:
+        return run_one(args)
+    if args.run_id:
+        from harness.specs import UserError
+        raise UserError("--run-id names one folder; with --strategy all each strategy gets its own")
+    from harness.specs import DoesNotFit
+    codes = []
+    for name in names:
+        print(f"== {name}")
+        try:
+            codes.append(run_one(Namespace(**{**vars(args), "strategy": name})))
+        except DoesNotFit as exc:   # the other strategies may still fit
+            print(f"does not fit: {exc}")
+            codes.append(1)
+    return max(codes)
+
+
+def run_one(args) -> int:
     import resource
 
     from harness import metrics

@@ -43,3 +43,12 @@ def test_same_seed_same_requests(tmp_path):
 def test_bad_workload_is_a_clear_error(tmp_path, capsys):
     rc = main(["simulate", "--workload", "sometimes,n=3", "--out", str(tmp_path), "--quiet"])
     assert rc == 2 and "unknown workload" in capsys.readouterr().err
+
+
+def test_simulate_all_strategies_writes_one_folder_each(tmp_path, capsys):
+    from harness.cli import main
+    rc = main(["simulate", "--cluster", "m2ultra-4x-tb4", "--model", "llama-3.1-8b", "--strategy", "all",
+               "--workload", "poisson,rate=1,n=5,prompt=128,output=16", "--quiet", "--out", str(tmp_path)])
+    assert rc == 0
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    assert len(folders) == 5 and any("hybrid_optimal" in f for f in folders)

@@ -96,6 +96,7 @@ def run_one(args) -> int:
     import resource
 
     from harness import metrics
+    from harness.costmodel import DEFAULT_PROFILE
     from harness.planning import make_plan
     from harness.runfolder import RunWriter, environment
     from harness.workloads import build_workload, parse_workload
@@ -111,7 +112,7 @@ def run_one(args) -> int:
     local = set(args.weights_local.split(",")) if args.weights_local else None
     config = {"command": "simulate", "backend": "sim", "cluster": args.cluster, "model": model.name,
               "quant_bits": model.quant_bits, "group_size": model.group_size, "strategy": plan.strategy,
-              "objective": args.objective, "profile": args.profile or "default", "workload": spec,
+              "objective": args.objective, "profile": args.profile or DEFAULT_PROFILE, "workload": spec,
               "engine": cfg.to_dict(), "include_load": not args.no_load, "cache": args.cache,
               "weights_local": sorted(local) if local else None, "slo": slo or None,
               "argv": sys.argv[1:]}

@@ -1,7 +1,7 @@
 """Experiment files (`runs/NAME.toml`): everything one `harness run` needs, with flags that override it.
 
 Top-level keys: name, backend, cluster, model, quant, group_size, strategy, objective, cache,
-kv_reserve_tokens; tables: [workload] (harness.workloads dict), [load] (warmup, max_duration_s),
+kv_reserve_tokens, profile (a cost-model profile name or file; default: the fitted one); tables: [workload] (harness.workloads dict), [load] (warmup, max_duration_s),
 [[targets]] (reports.targets format), [mlx] (options of the real backend). Unknown keys are errors, so a
 typo never silently falls back to a default.
 """
@@ -15,7 +15,7 @@ from harness.specs import UserError
 
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "runs" / "default.toml"
 SCALARS = {"name": str, "backend": str, "cluster": str, "model": str, "quant": int, "group_size": int,
-           "strategy": str, "objective": str, "cache": str, "kv_reserve_tokens": int}
+           "strategy": str, "objective": str, "cache": str, "kv_reserve_tokens": int, "profile": str}
 TABLES = {"workload": dict, "load": dict, "targets": list, "mlx": dict}
 BACKENDS = ("sim", "mlx")
 

@@ -82,7 +82,7 @@ def run_experiment(exp: dict, strategies: list[str], out_root: Path, report: boo
             outcomes.append(Outcome(strategy, error=str(exc)))
             continue
         backend = build_backend(exp, cluster, model, profile, plan)
-        path, summary = run_once(exp, strategy, plan, backend, workload, out_root, report)
+        path, summary = run_once({**exp, "profile": profile.name}, strategy, plan, backend, workload, out_root, report)
         if report:
             from reports import render
             render([path])

@@ -19,6 +19,7 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   want=()
   dpkg -s libopenblas0-pthread >/dev/null 2>&1 || want+=(libopenblas0-pthread)
   dpkg -s chromium >/dev/null 2>&1 || want+=(chromium)
+  dpkg -s fonts-dejavu-core >/dev/null 2>&1 || want+=(fonts-dejavu-core)
   dpkg -s iproute2 >/dev/null 2>&1 || want+=(iproute2)
   if [ ${#want[@]} -gt 0 ]; then
     echo "setup: apt-get install ${want[*]}"

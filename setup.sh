@@ -23,8 +23,10 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   dpkg -s iproute2 >/dev/null 2>&1 || want+=(iproute2)
   if [ ${#want[@]} -gt 0 ]; then
     echo "setup: apt-get install ${want[*]}"
-    apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+    if ! { apt-get update -qq >/dev/null && \
+           DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null; }; then
+      echo "setup: apt-get failed; going on without ${want[*]} (slower MLX on CPU, browser and namespace tests skipped)"
+    fi
   fi
 fi
 echo "setup: done"

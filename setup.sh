@@ -11,8 +11,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 echo "setup: installing the project and test tools into .venv"
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install -qq --upgrade pip
+.venv/bin/python -m pip install -qq -e '.[test]'
 
 # Debian packages are optional extras: the harness runs without them (slower MLX on CPU, browser test skipped).
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -61,6 +61,8 @@ def load_profile(path: str | Path | None = None) -> Profile:
         raise UserError(f"cost-model profile {p} does not exist; run `python -m harness calibrate` or pass --profile") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"cost-model profile {p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(data.get("profile"), dict) and "eta_bw" not in data:   # a profile-host file: its profile part
+        data = data["profile"]
     missing = [k for k in REQUIRED if not isinstance(data.get(k), (int, float))]
     if missing:
         raise UserError(f"cost-model profile {p}: missing or non-numeric {', '.join(missing)}")

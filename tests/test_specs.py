@@ -131,3 +131,36 @@ def test_model_folder_with_config_json_loads(tmp_path):
     (tmp_path / "config.json").write_text((catalog.MODEL_DIR / "qwen2.5-0.5b.json").read_text())
     spec = catalog.load_model(str(tmp_path), 4)
     assert spec.num_layers == 24 and spec.tie_embeddings and spec.quant_bits == 4
+
+
+def test_a_measured_host_can_be_a_cluster_node(tmp_path):
+    """profile-host output describes this machine as a chip: a cluster of it can be planned and simulated."""
+    from harness.costmodel import load_profile
+    from strategies.partitioning._plans import PlanOptions
+    from strategies.registry import get_strategy
+    host = {"chip": {"name": "host-cpu", "gpu_bin": "cpu", "gpu_cores": 0, "mem_bw_gbs": 6.0, "fp16_tflops": 0.1,
+                     "max_mem_gb": 24, "thunderbolt": "none", "ssd_gbs": 3.0},
+            "profile": {"name": "host-cpu", "eta_bw": 1.0, "mu_compute": 1.0, "step_overhead_s": 0.002,
+                        "layer_overhead_s": 0.0, "link_overhead_us": 0.0, "ssd_gbs": 3.0},
+            "source": "measured"}
+    (tmp_path / "host.json").write_text(json.dumps(host))
+    cluster_file = tmp_path / "pair.json"
+    cluster_file.write_text(json.dumps({"name": "pair", "default_link": "loopback", "nodes": [
+        {"name": "rank-a", "host_profile": "host.json", "memory_gb": 12},
+        {"name": "rank-b", "chip": host["chip"], "memory_gb": 12, "ssd_gbs": 1.5}]}))
+    cluster = catalog.load_cluster(str(cluster_file))
+    a, b = cluster.nodes
+    assert a.chip.mem_bw_gbs == 6.0 and a.ssd_gbs == 3.0 and b.ssd_gbs == 1.5 and not a.chip.rdma
+    profile = load_profile(tmp_path / "host.json")
+    assert profile.step_overhead_s == 0.002
+    plan = get_strategy("uniform")(cluster, catalog.load_model("qwen2.5-0.5b", 16), PlanOptions(profile))
+    assert plan.split() == [12, 12]
+    # one token streams each stage's fp16 weights at the measured bandwidth (theoretical)
+    assert plan.stages[0].decode_ms > 1e3 * catalog.load_model("qwen2.5-0.5b", 16).weight_bytes(0, 12) / 6e9
+
+
+def test_a_bad_host_profile_names_the_field(tmp_path):
+    (tmp_path / "host.json").write_text(json.dumps({"chip": {"name": "x", "mem_bw_gbs": -1}}))
+    path = write(tmp_path, {"nodes": [{"name": "a", "host_profile": "host.json", "memory_gb": 8}]})
+    with pytest.raises(UserError, match="host_profile .*mem_bw_gbs.*positive"):
+        catalog.load_cluster(path)

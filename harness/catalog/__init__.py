@@ -8,6 +8,8 @@ models are HF/mlx-lm config.json files under models/. Cluster files are JSON in 
      "network_interface": "...", "use_thunderbolt": true}
   rich:
     {"name": ..., "nodes": [{"name", "chip", "gpu_cores"?, "memory_gb", "usable_fraction"?, "ssd_gbs"?, "host"?}],
+    a node's "chip" may also be an object with mem_bw_gbs, fp16_tflops, max_mem_gb (a chip not in the catalog),
+    or the node may name "host_profile": a `python -m harness profile-host` file (this machine, measured);
      "links": [{"a", "b", "kind", "latency_us"?, "bandwidth_gbps"?}], "default_link": "tb4-tcp"}
 
 Pairs without an explicit link get the default link kind (a full mesh, as a switch or Thunderbolt mesh gives).
@@ -165,7 +167,10 @@ def _parse_node(raw, i: int, origin: str) -> Node:
     cores = raw.get("gpu_cores")
     if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or cores <= 0):
         raise UserError(f"{where}.gpu_cores: expected a positive integer, got {cores!r}")
-    if raw.get("chip"):
+    if isinstance(raw.get("chip"), dict) or raw.get("host_profile"):
+        chip, measured_ssd = _custom_chip(raw, where, origin)
+        raw = {"ssd_gbs": measured_ssd, **raw}
+    elif raw.get("chip"):
         chip = find_chip(str(raw["chip"]), cores, memory, where=f"{where}.chip: ")
     elif cores is not None:
         chip = infer_chip(memory, cores, where=f"{where}: ")
@@ -182,6 +187,33 @@ def _parse_node(raw, i: int, origin: str) -> Node:
     return Node(name=name, chip=chip, memory_gb=memory, usable_fraction=frac,
                 ssd_gbs=None if ssd is None else finite_positive(ssd, f"{where}.ssd_gbs"),
                 host=raw.get("host") or raw.get("ip"), role=raw.get("role"))
+
+
+CHIP_FIELDS = ("mem_bw_gbs", "fp16_tflops", "max_mem_gb")
+
+
+def _custom_chip(raw: dict, where: str, origin: str) -> tuple[Chip, float | None]:
+    """A chip not in the catalog: inline ({"name", "mem_bw_gbs", "fp16_tflops", "max_mem_gb", ...}) or the
+    "chip" of a `python -m harness profile-host` file (path relative to the cluster file), so this very
+    machine can be simulated and its plan run on it."""
+    if raw.get("host_profile"):
+        path = Path(raw["host_profile"])
+        if not path.is_absolute() and Path(origin).exists():
+            path = Path(origin).parent / path
+        data = read_json(path, "host profile").get("chip")
+        where = f"{where}.host_profile {path}"
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: no \"chip\" object; write one with `python -m harness profile-host --out FILE`")
+    else:
+        data, where = raw["chip"], f"{where}.chip"
+    values = {k: finite_positive(data.get(k), f"{where}.{k}") for k in CHIP_FIELDS}
+    cores = data.get("gpu_cores", 0)
+    if isinstance(cores, bool) or not isinstance(cores, int) or cores < 0:
+        raise UserError(f"{where}.gpu_cores: expected an integer >= 0, got {cores!r}")
+    chip = Chip(name=str(data.get("name", "custom")), gpu_bin=str(data.get("gpu_bin", "custom")), gpu_cores=cores,
+                thunderbolt=str(data.get("thunderbolt", "none")), **values)
+    ssd = data.get("ssd_gbs")
+    return chip, (finite_positive(ssd, f"{where}.ssd_gbs") if ssd is not None else None)
 
 
 def _default_link_kind(data: dict, nodes: tuple[Node, ...]) -> str:

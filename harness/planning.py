@@ -19,7 +19,7 @@ def add_plan_arguments(p: argparse.ArgumentParser, strategy_default: str = "hybr
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"config.json path / model folder, or a preset: {', '.join(catalog.model_names())} (default %(default)s)")
     g.add_argument("--quant", type=int, default=4, metavar="BITS",
-                   help="weight bits: 2, 3, 4, 5, 6, 8, or 16 for unquantized (default %(default)s)")
+                   help="weight bits: 2, 3, 4, 5, 6, 8; 16 unquantized; 32 float32 (CPU hosts) (default %(default)s)")
     g.add_argument("--group-size", type=int, default=64, help="quantization group size: 32, 64, 128 (default %(default)s)")
     g.add_argument("--strategy", default=strategy_default,
                    help="partitioning strategy name, or 'all' to compare every strategy (default %(default)s)")

@@ -144,9 +144,10 @@ class ModelSpec:
 
     @property
     def bits_per_weight(self) -> float:
-        """Quantized weights carry a 16-bit scale and bias per group (mlx affine quantization)."""
+        """Quantized weights carry a 16-bit scale and bias per group (mlx affine quantization); 16 and 32 are
+        unquantized half and single precision (the latter for models run on a CPU)."""
         if self.quant_bits >= 16:
-            return 16.0
+            return float(self.quant_bits)
         return self.quant_bits + 32.0 / self.group_size
 
     def _attention_params(self) -> tuple[int, int]:
@@ -307,7 +308,7 @@ class ModelSpec:
         return replace(self, quant_bits=bits, group_size=group_size)
 
 
-VALID_BITS = (2, 3, 4, 5, 6, 8, 16)
+VALID_BITS = (2, 3, 4, 5, 6, 8, 16, 32)
 
 
 def model_from_config(config: dict, name: str, quant_bits: int = 16, group_size: int = 64,
@@ -361,6 +362,7 @@ def model_from_config(config: dict, name: str, quant_bits: int = 16, group_size:
         v_head_dim=cfg.get("v_head_dim") or 0,
         quant_bits=quant_bits,
         group_size=group_size,
+        kv_bytes_per_value=4 if quant_bits == 32 else 2,   # MLX keeps the KV cache in the weights' float type
     )
     for fname in ("num_layers", "hidden", "heads", "ffn", "vocab"):
         if getattr(spec, fname) <= 0:

@@ -164,3 +164,9 @@ def test_a_bad_host_profile_names_the_field(tmp_path):
     path = write(tmp_path, {"nodes": [{"name": "a", "host_profile": "host.json", "memory_gb": 8}]})
     with pytest.raises(UserError, match="host_profile .*mem_bw_gbs.*positive"):
         catalog.load_cluster(path)
+
+
+def test_float32_models_for_cpu_hosts():
+    m32, m16 = catalog.load_model("qwen2.5-0.5b", 32), catalog.load_model("qwen2.5-0.5b", 16)
+    assert m32.bits_per_weight == 32 and m32.weight_bytes(0, 24) == pytest.approx(2 * m16.weight_bytes(0, 24), rel=1e-3)
+    assert m32.kv_bytes_per_token() == 2 * m16.kv_bytes_per_token()

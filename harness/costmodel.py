@@ -117,6 +117,8 @@ def load_time(nbytes: float, profile: Profile, ssd_gbs: float | None = None) -> 
     return nbytes / ((ssd_gbs or profile.ssd_gbs) * 1e9)
 
 
-def decode_ceiling_tokens_per_s(chip: Chip, model: ModelSpec) -> float:
-    """Theoretical single-stream decode ceiling: peak bandwidth / bytes read per token (no efficiency factor)."""
-    return chip.mem_bw_gbs * 1e9 / (model.decode_read_bytes(0, model.num_layers) + model.head_bytes())
+def decode_floor_s(chip: Chip, model: ModelSpec, start: int, end: int, tp: int = 1, with_head: bool = False) -> float:
+    """Theoretical floor of one decode step: the bytes it must read at the chip's peak bandwidth, no efficiency
+    factor, no overheads. Its inverse over a plan is the ceiling printed next to predictions."""
+    nbytes = model.decode_read_bytes(start, end) / tp + (model.head_bytes() if with_head else 0.0)
+    return nbytes / (chip.mem_bw_gbs * 1e9)

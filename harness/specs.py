@@ -475,10 +475,6 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
-def gib(nbytes: float) -> float:
-    return nbytes / GIB
-
-
 def finite_positive(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise UserError(f"{where}: expected a positive number, got {value!r}")

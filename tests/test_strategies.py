@@ -140,6 +140,7 @@ def test_every_strategy_covers_layers_in_order_within_memory_and_hybrid_is_never
         assert plan.problems() == []
         assert sum(plan.split()) == model.num_layers
         assert plan.stages[0].layer_start == 0 and plan.stages[-1].layer_end == model.num_layers
+        assert plan.predicted["ceiling_tokens_per_s"] >= plan.predicted["tokens_per_s"]   # printed beside it
         plans[name] = plan
     if plans and "hybrid_optimal" not in plans:
         pytest.fail(f"hybrid_optimal found no plan where {sorted(plans)} did")

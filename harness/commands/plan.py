@@ -70,6 +70,8 @@ def plan_table(plan: PartitionPlan) -> str:
     lines = [f"strategy {plan.strategy}", _format(rows), "",
              f"predicted (theoretical): {p['tpot_ms']:.2f} ms per token = {p['tokens_per_s']:.1f} tokens/s for one stream; "
              f"TTFT {p['ttft_ms']:.0f} ms for a {p['prompt_tokens']}-token prompt",
+             f"ceiling (theoretical): {p['ceiling_tokens_per_s']:.1f} tokens/s if every stage read its weights at "
+             f"peak bandwidth with no overheads or hops",
              f"pipeline bottleneck {p['bottleneck_ms']:.2f} ms = {p['pipeline_tokens_per_s']:.1f} tokens/s with a "
              f"micro-batch per stage in flight: {plan.bottleneck}",
              f"memory: {p['memory_used_gb']:.1f} GB used of {p['memory_usable_gb']:.1f} GB usable on the nodes in the plan "

@@ -88,7 +88,8 @@ def _outcome_text(o, with_report: bool) -> str:
     p = s.get("predicted", {})
     if p:
         lines.append(f"  plan prediction for {s['cluster']} (theoretical): {p['tpot_ms']:.2f} ms/token, TTFT {p['ttft_ms']:.0f} ms "
-                     f"for {p['prompt_tokens']} prompt tokens")
+                     f"for {p['prompt_tokens']} prompt tokens; ceiling {p['ceiling_tokens_per_s']:.1f} tokens/s "
+                     f"(peak bandwidth, no overheads)")
     for t in s.get("targets", []):
         seen = "no value" if t["observed"] is None else f"{t['observed']:.4g} {t['unit']} ({t['source']})"
         lines.append(f"  target {t['name']} {t['op']} {t['value']:g} {t['unit']}: {str(t['status']).upper()}, {seen}")

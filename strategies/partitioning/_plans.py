@@ -166,6 +166,9 @@ def _predict(cluster, model, options, stages: list[Stage], units: list[Unit]) ->
     used = sum(s.memory_used_gb * s.tp_degree for s in stages)
     usable = sum(cluster.node(n).usable_bytes for s in stages for n in s.nodes) / GB
     objective = tpot if options.objective == "latency" else bottleneck
+    floor_s = sum(max(costmodel.decode_floor_s(cluster.node(n).chip, model, s.layer_start, s.layer_end,
+                                               s.tp_degree, i == len(stages) - 1) for n in s.nodes)
+                  for i, s in enumerate(stages))
     return {
         "objective_ms": objective,
         "tpot_ms": tpot,
@@ -173,6 +176,7 @@ def _predict(cluster, model, options, stages: list[Stage], units: list[Unit]) ->
         "bottleneck_ms": bottleneck,
         "pipeline_tokens_per_s": 1e3 / bottleneck,
         "ttft_ms": ttft,
+        "ceiling_tokens_per_s": 1.0 / floor_s,   # peak bandwidth only, no hops or overheads
         "prompt_tokens": options.prompt_tokens,
         "context_tokens": options.context_tokens,
         "kv_reserve_tokens": options.kv_reserve_tokens,

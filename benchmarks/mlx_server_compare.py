@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,18 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import metrics  # noqa: E402
 from harness.loadgen import LoadMode, Target, run_load_sync  # noqa: E402
-from harness.mlx import blas, modelbuild  # noqa: E402
+from harness.mlx import blas, launcher, modelbuild  # noqa: E402
 from harness.workloads import RequestSpec  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_mlx_lm_server(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = launcher.free_ports(1)[0]
     ncpu = len(os.sched_getaffinity(0))
     env = dict(os.environ, **blas.blas_env(ncpu, blas.find_openblas()))
     proc = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(model), "--port", str(port),

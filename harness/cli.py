@@ -16,6 +16,12 @@ def _command_modules():
             yield info.name.replace("_", "-"), importlib.import_module(f"harness.commands.{info.name}")
 
 
+def text_table(rows) -> str:
+    """Rows of strings (the first is the header) as aligned columns for the terminal."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m harness",

@@ -8,11 +8,10 @@ file (harness/profiles/*.json), never in code; a missing or malformed profile is
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.specs import Chip, Link, ModelSpec, UserError
+from harness.specs import Chip, Link, ModelSpec, UserError, read_json
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 REQUIRED = ("eta_bw", "mu_compute", "step_overhead_s", "layer_overhead_s", "link_overhead_us", "ssd_gbs")
@@ -55,12 +54,9 @@ def load_profile(path: str | Path | None = None) -> Profile:
     p = Path(path) if path else PROFILE_DIR / f"{DEFAULT_PROFILE}.json"
     if not p.exists() and (PROFILE_DIR / f"{path}.json").exists():
         p = PROFILE_DIR / f"{path}.json"
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise UserError(f"cost-model profile {p} does not exist; run `python -m harness calibrate` or pass --profile") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"cost-model profile {p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not p.exists():
+        raise UserError(f"cost-model profile {p} does not exist; run `python -m harness calibrate` or pass --profile")
+    data = read_json(p, "cost-model profile")
     if isinstance(data.get("profile"), dict) and "eta_bw" not in data:   # a profile-host file: its profile part
         data = data["profile"]
     missing = [k for k in REQUIRED if not isinstance(data.get(k), (int, float))]

@@ -18,6 +18,7 @@ SCALARS = {"name": str, "backend": str, "cluster": str, "model": str, "quant": i
            "strategy": str, "objective": str, "cache": str, "kv_reserve_tokens": int, "profile": str}
 TABLES = {"workload": dict, "load": dict, "targets": list, "mlx": dict}
 BACKENDS = ("sim", "mlx")
+MLX_OPTIONS = ("head_dim", "seed", "max_running", "emulate_links", "emulate_latency")
 
 
 def load_experiment(path: str | Path | None = None) -> dict:
@@ -46,6 +47,9 @@ def _read(path: Path) -> dict:
                             f"{', '.join(list(SCALARS) + list(TABLES))}")
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise UserError(f"experiment file {path}: {key} must be {kind.__name__}, got {value!r}")
+    unknown = sorted(set(data.get("mlx", {})) - set(MLX_OPTIONS))
+    if unknown:
+        raise UserError(f"experiment file {path}: [mlx] has unknown keys {unknown}; known: {', '.join(MLX_OPTIONS)}")
     if data.get("backend", "sim") not in BACKENDS:
         raise UserError(f"experiment file {path}: backend must be one of {', '.join(BACKENDS)}, got {data['backend']!r}")
     return data

@@ -25,14 +25,14 @@ class Outcome:
     error: str | None = None
 
 
-def plan_for(exp: dict, strategy: str):
+def load_inputs(exp: dict):
+    """The experiment's cluster, model and plan options (with the cost-model profile), read once per run."""
     from strategies.partitioning._plans import PlanOptions
-    from strategies.registry import get_strategy
     cluster = catalog.load_cluster(exp["cluster"])
     model = catalog.load_model(exp["model"], exp["quant"], exp["group_size"])
-    profile = load_profile(exp.get("profile"))
-    options = PlanOptions(profile=profile, objective=exp["objective"], kv_reserve_tokens=exp["kv_reserve_tokens"])
-    return cluster, model, profile, get_strategy(strategy)(cluster, model, options)
+    options = PlanOptions(profile=load_profile(exp.get("profile")), objective=exp["objective"],
+                          kv_reserve_tokens=exp["kv_reserve_tokens"])
+    return cluster, model, options
 
 
 def build_backend(exp: dict, cluster, model, profile, plan):
@@ -57,10 +57,6 @@ def _mlx_backend(exp: dict, cluster, plan):
     from harness.mlx.backend import MlxBackend, links_for_plan
     from harness.mlx.modelbuild import build, twin_config
     opts = exp.get("mlx", {})
-    unknown = set(opts) - {"head_dim", "seed", "max_running", "emulate_links", "emulate_latency"}
-    if unknown:
-        raise UserError(f"[mlx] has unknown keys {sorted(unknown)}; known: head_dim, seed, max_running, "
-                        f"emulate_links, emulate_latency")
     model_dir = build(twin_config(exp["model"], head_dim=int(opts.get("head_dim", 16))), seed=int(opts.get("seed", 0))).path
     links = links_for_plan(plan, cluster) if opts.get("emulate_links") else None
     return MlxBackend(model_dir, plan, model_id=f"{exp['model']}-twin", max_running=int(opts.get("max_running", 16)),
@@ -69,12 +65,15 @@ def _mlx_backend(exp: dict, cluster, plan):
 
 def run_experiment(exp: dict, strategies: list[str], out_root: Path, report: bool = True) -> list[Outcome]:
     from harness.workloads import build_workload
+    from strategies.registry import get_strategy
     workload = build_workload(exp["workload"])
+    cluster, model, options = load_inputs(exp)
+    profile = options.profile
     outcomes = []
     for i, strategy in enumerate(strategies, 1):
         _say(f"[{i}/{len(strategies)}] {strategy}: planning {exp['model']} ({exp['quant']}-bit) on {exp['cluster']}")
         try:
-            cluster, model, profile, plan = plan_for(exp, strategy)
+            plan = get_strategy(strategy)(cluster, model, options)
         except DoesNotFit as exc:
             if len(strategies) == 1:
                 raise

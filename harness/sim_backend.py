@@ -59,13 +59,12 @@ class SimBackend:
     def __init__(self, cluster, model, plan, profile, engine_config=None, config: SimBackendConfig | None = None,
                  cache=None):
         """`cache`: a sim.prefix_cache.PrefixCache; its L1 share is taken out of the engine's KV pool."""
-        from dataclasses import replace
         from sim.engine import EngineConfig
         self.cluster, self.model, self.plan, self.profile = cluster, model, plan, profile
         self.engine_config = engine_config or EngineConfig()
         self.cache = cache
         if cache is not None:
-            self.engine_config = replace(self.engine_config, kv_tokens=cache.engine_kv_tokens)
+            self.engine_config = cache.engine_config(self.engine_config)
         self.config = config or SimBackendConfig()
         if not self.config.speed > 0:
             raise ValueError("speed must be > 0")

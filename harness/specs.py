@@ -231,11 +231,7 @@ class ModelSpec:
     @property
     def active_params(self) -> float:
         """Parameters touched per token (routed experts counted k of E)."""
-        total = self.total_params
-        if self.moe:
-            n_moe = self._prefix["moe_layers"][-1]
-            total -= n_moe * (self.experts - self.active_experts) * 3 * self.hidden * self.moe_ffn
-        return total
+        return self._active_layer_params(0, self.num_layers) + self.embed_params() + self.head_params() + self.hidden
 
     def weight_bytes(self, start: int, end: int) -> float:
         """Bytes stored for layers [start, end)."""

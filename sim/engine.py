@@ -52,6 +52,19 @@ class EngineConfig:
         return dict(self.__dict__)
 
 
+def kv_pool_tokens(cluster: Cluster, stages) -> int:
+    """KV pool size in tokens: the stage with the least room (free bytes / its KV bytes per token) decides."""
+    room = []
+    for st in stages:
+        usable = min(cluster.node(n).usable_bytes for n in st.nodes)
+        free = usable - st.weight_bytes_node
+        if free <= 0:
+            raise UserError(f"stage {st.index} ({'+'.join(st.nodes)}): weights need "
+                            f"{st.weight_bytes_node / 1e9:.1f} GB but only {usable / 1e9:.1f} GB is usable")
+        room.append(free / st.kv_bytes_per_token_node)
+    return int(min(room))
+
+
 class _Sched:
     """One scheduler ("virtual engine"): its running decodes and its partially prefilled sequences.
 
@@ -128,16 +141,7 @@ class Engine:
         self._rec_base = 0                  # global step number of buffer row 0
 
     def _init_kv(self, cluster: Cluster) -> None:
-        """KV pool size: the stage with the least room (free bytes / its KV bytes per token) decides."""
-        room = []
-        for st in self.stages:
-            usable = min(cluster.node(n).usable_bytes for n in st.nodes)
-            free = usable - st.weight_bytes_node
-            if free <= 0:
-                raise UserError(f"stage {st.index} ({'+'.join(st.nodes)}): weights need "
-                                f"{st.weight_bytes_node / 1e9:.1f} GB but only {usable / 1e9:.1f} GB is usable")
-            room.append(free / st.kv_bytes_per_token_node)
-        tokens = int(min(room))
+        tokens = kv_pool_tokens(cluster, self.stages)
         if self.cfg.kv_tokens:
             tokens = min(tokens, self.cfg.kv_tokens)
         self.block = self.cfg.kv_block_tokens

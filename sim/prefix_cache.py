@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from harness import costmodel
 from harness.specs import GB, UserError
 from sim.costs import stage_models
+from sim.engine import kv_pool_tokens
 from strategies.caching._base import CacheConfig, Tier
 from strategies.registry import get_cache_policy
 
@@ -90,6 +91,11 @@ class PrefixCache:
         """After the prefill: the prompt's blocks are now cached."""
         self.policy.insert(keys)
 
+    def engine_config(self, config):
+        """The engine's config with this cache's L1 share taken out of the KV pool."""
+        from dataclasses import replace
+        return replace(config, kv_tokens=self.engine_kv_tokens)
+
     def stats(self) -> dict:
         out = {"policy": self.policy_name, "block_tokens": self.block, "l1_tokens": self.l1_tokens,
                "prefill_tokens_saved": self.saved_tokens, "source": "simulated"}
@@ -99,20 +105,13 @@ class PrefixCache:
         return out
 
 
-def make_prefix_cache(policy: str, cluster, model, plan, profile, pool_tokens: int | None = None, **kw) -> PrefixCache | None:
-    """None for policy "none" (nothing to carve out or look up)."""
+def make_prefix_cache(policy: str, cluster, model, plan, profile, kv_cap_tokens: int = 0, **kw) -> PrefixCache | None:
+    """None for policy "none" (nothing to carve out or look up). The KV pool is what memory allows, or the
+    engine's cap (EngineConfig.kv_tokens) when smaller."""
     if policy == "none":
         get_cache_policy(policy)  # still validates the name
         return None
-    if pool_tokens is None:
-        pool_tokens = kv_pool_tokens(cluster, model, plan)
+    pool_tokens = kv_pool_tokens(cluster, stage_models(cluster, model, plan))
+    if kv_cap_tokens:
+        pool_tokens = min(pool_tokens, kv_cap_tokens)
     return PrefixCache(policy, cluster, model, plan, profile, pool_tokens, **kw)
-
-
-def kv_pool_tokens(cluster, model, plan) -> int:
-    """KV tokens the engine's pool holds: the stage with the least room decides (as sim.engine sizes it)."""
-    room = []
-    for st in stage_models(cluster, model, plan):
-        usable = min(cluster.node(n).usable_bytes for n in st.nodes)
-        room.append(max(usable - st.weight_bytes_node, 0) / st.kv_bytes_per_token_node)
-    return int(min(room))

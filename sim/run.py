@@ -36,8 +36,7 @@ def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: P
     (cached tokens are not prefilled, lower-tier hits wait for their load) and remembered after the prefill.
     """
     if cache is not None:   # its L1 share comes out of the pool running requests use
-        from dataclasses import replace
-        config = replace(config, kv_tokens=cache.engine_kv_tokens)
+        config = cache.engine_config(config)
     env = simpy.Environment()
     wall = time.perf_counter()
     total = len(workload)

@@ -3,35 +3,38 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from functools import cache
 from typing import Callable
 
 from harness.specs import UserError
 
 _PARTITIONERS: dict[str, Callable] = {}
 _CACHE_POLICIES: dict[str, Callable] = {}
+PREFERRED_ORDER = ("uniform", "ring_memory_weighted", "compute_balanced", "min_latency", "hybrid_optimal")
+
+
+def _registrar(table: dict, kind: str, name: str):
+    def register(fn: Callable) -> Callable:
+        if name in table:
+            raise ValueError(f"{kind} {name!r} is registered twice")
+        table[name] = fn
+        return fn
+    return register
 
 
 def partitioner(name: str):
     """Decorator: register a partitioning strategy; a second strategy with the same name is refused."""
-    def register(fn: Callable) -> Callable:
-        if name in _PARTITIONERS:
-            raise ValueError(f"partitioning strategy {name!r} is registered twice")
-        _PARTITIONERS[name] = fn
-        return fn
-    return register
+    return _registrar(_PARTITIONERS, "partitioning strategy", name)
 
 
 def cache_policy(name: str):
     """Decorator: register a caching policy factory `make(config) -> policy`; duplicates are refused."""
-    def register(fn: Callable) -> Callable:
-        if name in _CACHE_POLICIES:
-            raise ValueError(f"cache policy {name!r} is registered twice")
-        _CACHE_POLICIES[name] = fn
-        return fn
-    return register
+    return _registrar(_CACHE_POLICIES, "cache policy", name)
 
 
+@cache
 def _load_all() -> None:
+    """Import every strategy module once, so their decorators have run."""
     import strategies.caching
     import strategies.partitioning
     for pkg in (strategies.partitioning, strategies.caching):
@@ -40,7 +43,11 @@ def _load_all() -> None:
                 importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
-PREFERRED_ORDER = ("uniform", "ring_memory_weighted", "compute_balanced", "min_latency", "hybrid_optimal")
+def _lookup(table: dict, kind: str, plural: str, name: str) -> Callable:
+    _load_all()
+    if name not in table:
+        raise UserError(f"unknown {kind} {name!r}; known {plural}: {', '.join(sorted(table))}")
+    return table[name]
 
 
 def strategy_names() -> list[str]:
@@ -50,10 +57,7 @@ def strategy_names() -> list[str]:
 
 
 def get_strategy(name: str) -> Callable:
-    _load_all()
-    if name not in _PARTITIONERS:
-        raise UserError(f"unknown strategy {name!r}; known strategies: {', '.join(_PARTITIONERS)}")
-    return _PARTITIONERS[name]
+    return _lookup(_PARTITIONERS, "strategy", "strategies", name)
 
 
 def cache_policy_names() -> list[str]:
@@ -62,7 +66,4 @@ def cache_policy_names() -> list[str]:
 
 
 def get_cache_policy(name: str) -> Callable:
-    _load_all()
-    if name not in _CACHE_POLICIES:
-        raise UserError(f"unknown cache policy {name!r}; known policies: {', '.join(sorted(_CACHE_POLICIES))}")
-    return _CACHE_POLICIES[name]
+    return _lookup(_CACHE_POLICIES, "cache policy", "policies", name)

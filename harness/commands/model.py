@@ -17,10 +17,11 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from harness.mlx import modelbuild   # standard library only at import: cheap for --help
     sub = parser.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     b = sub.add_parser("build", help="build (or find in the cache) a model folder")
     what = b.add_mutually_exclusive_group()
-    what.add_argument("--size", choices=["tiny", "150m", "1b"], default=None,
+    what.add_argument("--size", choices=list(modelbuild.SIZES), default=None,
                       help="preset size (default tiny)")
     what.add_argument("--twin", metavar="PRESET",
                       help="scaled twin of a catalog model or config.json: same layers and heads, smaller width")
@@ -34,10 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from harness.mlx import modelbuild
-    from harness.mlx.errors import UserError
 
-    if args.head_dim <= 0:
-        raise UserError(f"--head-dim {args.head_dim}: must be a positive integer such as 16")
     cfg = (modelbuild.twin_config(args.twin, head_dim=args.head_dim) if args.twin
            else modelbuild.qwen2_config(args.size or "tiny"))
     built = modelbuild.build(cfg, bits=args.bits, seed=args.seed, cache_dir=args.cache_dir, force=args.force)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
+from harness.cli import text_table
 from harness.planning import add_plan_arguments, load_inputs, plan_options, strategies_for
 from harness.specs import DoesNotFit, PartitionPlan
 
@@ -67,7 +68,7 @@ def plan_table(plan: PartitionPlan) -> str:
                      f"{s.memory_used_gb:.1f} / {s.memory_available_gb:.1f}", f"{s.decode_ms:.2f}",
                      f"{s.prefill_ms:.1f}", f"{s.link_ms:.3f}"))
     p = plan.predicted
-    lines = [f"strategy {plan.strategy}", _format(rows), "",
+    lines = [f"strategy {plan.strategy}", text_table(rows), "",
              f"predicted (theoretical): {p['tpot_ms']:.2f} ms per token = {p['tokens_per_s']:.1f} tokens/s for one stream; "
              f"TTFT {p['ttft_ms']:.0f} ms for a {p['prompt_tokens']}-token prompt",
              f"ceiling (theoretical): {p['ceiling_tokens_per_s']:.1f} tokens/s if every stage read its weights at "
@@ -94,12 +95,7 @@ def comparison_table(results: dict) -> str:
         mem = " ".join(f"{s.memory_used_gb:.0f}/{s.memory_available_gb:.0f}" for s in r.stages)
         rows.append((name, stages, f"{p['tpot_ms']:.2f}", f"{p['tokens_per_s']:.1f}", f"{p['ttft_ms']:.0f}",
                      f"{p['bottleneck_ms']:.2f}", mem))
-    out = [_format(rows), "", "all figures predicted (theoretical) by the cost model; ms/token and tok/s are for one "
+    out = [text_table(rows), "", "all figures predicted (theoretical) by the cost model; ms/token and tok/s are for one "
            "stream; bottleneck = slowest stage + its hop"]
     out += notes
     return "\n".join(out)
-
-
-def _format(rows) -> str:
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)

@@ -108,6 +108,5 @@ def _comparison(outcomes) -> str:
         s = o.summary
         rows.append((o.strategy, f"{s['request_throughput']:.2f}", f"{s['output_throughput']:.1f}",
                      f"{s['median_ttft_ms']:.0f}", f"{s['median_tpot_ms']:.1f}", f"{s['p99_e2el_ms']:.0f}", s["source"]))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return "strategy comparison (same workload):\n" + "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows)
+    from harness.cli import text_table
+    return "strategy comparison (same workload):\n" + text_table(rows)

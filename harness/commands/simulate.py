@@ -118,7 +118,7 @@ def run_one(args) -> int:
               "argv": sys.argv[1:]}
     from sim.prefix_cache import make_prefix_cache
     profile = load_profile_of(args)
-    cache = make_prefix_cache(args.cache, cluster, model, plan, profile)
+    cache = make_prefix_cache(args.cache, cluster, model, plan, profile, kv_cap_tokens=args.kv_tokens)
     bar = None if args.quiet else Progress(len(workload))
     with RunWriter(args.out, label=f"sim-{plan.strategy}", run_id=args.run_id) as writer:
         writer.write_json("config.json", config)

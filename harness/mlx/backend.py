@@ -35,6 +35,7 @@ from typing import AsyncIterator
 from harness.backend import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent, drain
 from harness.mlx import launcher
 from harness.mlx.errors import UserError
+from harness.specs import PartitionPlan
 
 
 @dataclass
@@ -91,12 +92,8 @@ def _stages_from(plan_or_split, model_layers: int) -> tuple[list[int], list[str]
     if plan_or_split is None:
         return [model_layers], ["local"]
     if isinstance(plan_or_split, dict) and "stages" in plan_or_split:   # a plan.json from a run folder
-        stages = plan_or_split["stages"]
-        if any(int(s.get("tp_degree", 1)) > 1 for s in stages):
-            raise UserError("the mlx backend runs pipeline stages only; this plan has tensor-parallel stages")
-        counts = [int(s["layer_end"]) - int(s["layer_start"]) for s in stages]
-        names = ["+".join(s["nodes"]) for s in stages]
-    elif hasattr(plan_or_split, "stages"):
+        plan_or_split = PartitionPlan.from_dict(plan_or_split)
+    if hasattr(plan_or_split, "stages"):
         stages = plan_or_split.stages
         if any(getattr(s, "tp_degree", 1) > 1 for s in stages):
             raise UserError("the mlx backend runs pipeline stages only; this plan has tensor-parallel "
@@ -148,6 +145,7 @@ class MlxBackend:
         self._removals: list[int] = []
         self._all: list[_Req] = []
         self._steps: list[dict] = []
+        self._kv_last: dict[str, int] = {}   # KV bytes per node after its latest step (stats() reads it)
         self._step_no = 0
         self._error: BackendUnavailable | None = None
         self._thread: threading.Thread | None = None
@@ -174,7 +172,7 @@ class MlxBackend:
 
     @property
     def eos_ids(self) -> set[int]:
-        return set(self.tokenizer.eos_token_ids)
+        return self.tokenizer.eos_token_ids   # mlx-lm keeps them as a set
 
     # ------------------------------------------------------------------ load
     async def load(self) -> LoadReport:
@@ -272,7 +270,7 @@ class MlxBackend:
                     return
                 self._send_all(cmd)
                 replies = self._read_all(self.step_timeout_s, "a step")
-                self._absorb(cmd, replies)
+                self._absorb(replies)
         except BackendUnavailable as exc:
             self._fail(exc)
         except Exception as exc:  # a bug or protocol error: still fail every request, never hang them
@@ -297,7 +295,7 @@ class MlxBackend:
                 "insert": [{"key": r.key, "prompt": list(r.request.prompt), "max_tokens": r.request.max_tokens,
                             "temperature": r.request.temperature, "seed": r.request.seed} for r in inserts]}
 
-    def _absorb(self, cmd: dict, replies: list[dict]) -> None:
+    def _absorb(self, replies: list[dict]) -> None:
         now = time.time()
         lead = replies[0]
         for rep in replies[1:]:
@@ -362,11 +360,10 @@ class MlxBackend:
             row = self._row(self._step_no, stage, node, kind, rep["t0"], rep["t1"], batch, tokens, rep["kv_bytes"])
             row["compute_s"] = (rep["t1"] - rep["t0"]) - net_s
             self._steps.append(row)
+            self._kv_last[node] = rep["kv_bytes"]
             for kind_net, s, e in rep["net"]:
                 k = "send" if kind_net == "send" else "recv"   # all_gather waits count as receiving
-                net_row = self._row(self._step_no, stage, node, k, s, e, batch, tokens, rep["kv_bytes"])
-                net_row["op"] = kind_net
-                self._steps.append(net_row)
+                self._steps.append(self._row(self._step_no, stage, node, k, s, e, batch, tokens, rep["kv_bytes"]))
 
     def _row(self, step, stage, node, kind, start, end, batch, tokens, kv) -> dict:
         t0 = self.run_start_epoch or 0.0
@@ -376,7 +373,7 @@ class MlxBackend:
     def _fail(self, exc: BackendUnavailable) -> None:
         with self._cv:
             self._error = exc
-            pending = list(self._waiting) + list(self._running.values()) + list(getattr(self, "_inflight", {}).values())
+            pending = list(self._waiting) + list(self._running.values()) + list(self._inflight.values())
             self._waiting.clear()
             self._running.clear()
         if self._group:
@@ -433,11 +430,7 @@ class MlxBackend:
                    "steps": self._step_no, "ranks": len(self.split), "split": self.split,
                    "error": str(self._error) if self._error else None,
                    "healthy": self._error is None and self._thread is not None and not self._stopping}
-        last = {}
-        for row in reversed(self._steps):
-            if row["kind"] in ("prefill", "decode", "mixed") and row["node"] not in last:
-                last[row["node"]] = row["kv_bytes"]
-        out["kv_cache_bytes"] = last
+            out["kv_cache_bytes"] = dict(self._kv_last)
         return out
 
     def step_records(self, t0_unix: float | None = None) -> list[dict]:

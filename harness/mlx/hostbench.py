@@ -72,14 +72,13 @@ def gemm_gflops(m: int = 512, n: int = 4096, k: int = 4096, dtype: str = "float3
 
 def decode_step_s(model_path: str, tokens: int = 64) -> tuple[float, int]:
     """Median seconds per decode step of a model in this process, and its weight bytes."""
-    from pathlib import Path as P
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.generate import generate_step
     from mlx_lm.sample_utils import make_sampler
     from mlx_lm.utils import load_model
 
-    model, _ = load_model(P(model_path))
+    model, _ = load_model(Path(model_path))
     nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     stamps = []
     for _ in generate_step(mx.array([1, 2, 3, 4]), model, max_tokens=tokens, sampler=make_sampler(temp=0.0)):

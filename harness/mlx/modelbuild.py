@@ -75,6 +75,8 @@ def twin_config(preset: str | Path, head_dim: int = 16, vocab_size: int = 8192) 
     The preset is an HF config.json (a path, or a name under harness/catalog/models/). Width shrinks
     by giving each head `head_dim` dimensions; the FFN shrinks by the same factor.
     """
+    if head_dim <= 0:
+        raise UserError(f"head_dim {head_dim}: must be a positive integer such as 16")
     src = _read_preset(preset)
     try:
         layers = int(src["num_hidden_layers"])
@@ -97,20 +99,16 @@ def twin_config(preset: str | Path, head_dim: int = 16, vocab_size: int = 8192) 
 
 
 def _read_preset(preset: str | Path) -> dict:
+    from harness import catalog
+    from harness.specs import read_json
     path = Path(preset)
     if not path.exists():
-        catalog = Path(__file__).resolve().parent.parent / "catalog" / "models"
-        path = catalog / f"{preset}.json"
+        path = catalog.MODEL_DIR / f"{preset}.json"
         if not path.exists():
-            known = sorted(p.stem for p in catalog.glob("*.json")) if catalog.exists() else []
             raise UserError(f"twin preset {preset!r} is neither a config.json path nor a catalog model; "
-                            f"known catalog models: {', '.join(known) or '(none)'}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from exc
-    # multimodal configs keep the language model under text_config
-    return data.get("text_config", data) if isinstance(data, dict) else {}
+                            f"known catalog models: {', '.join(catalog.model_names())}")
+    data = read_json(path, "twin preset")
+    return data.get("text_config", data)   # multimodal configs keep the language model under text_config
 
 
 def _complete(cfg: dict, name: str) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 
 from harness.mlx import blas, hostbench, launcher, modelbuild
@@ -23,7 +24,7 @@ def ring_link(use_blas: bool, timeout_s: float = 120, links=None, emulate_latenc
     """Ping-pong between 2 ranks, started like the backend's ranks: on loopback, or in namespaces
     shaped by `links` (one `launcher.LinkShape` per rank)."""
     group = launcher.launch("-", [1, 1], use_blas=use_blas, links=links, emulate_latency=emulate_latency,
-                            command=[hostbench.sys.executable, "-m", "harness.mlx.hostbench", "ring"])
+                            command=[sys.executable, "-m", "harness.mlx.hostbench", "ring"])
     try:
         rank0 = group.ranks[0].proc
         out, _ = rank0.communicate(timeout=timeout_s)

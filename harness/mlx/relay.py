@@ -111,14 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--to", required=True, type=_addr)
     p.add_argument("--delay-ms", type=float, default=0.0)
     args = p.parse_args(argv)
-    parent = os.getppid()
-
-    def watch():   # exit with the launcher, like the ranks
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(3)
-
-    threading.Thread(target=watch, daemon=True).start()
+    from harness.mlx.worker import _exit_with_parent
+    _exit_with_parent()   # exit with the launcher, like the ranks
     serve(args.listen, args.to, args.delay_ms / 1e3, ready_fd=sys.stdout.fileno())
     return 0
 

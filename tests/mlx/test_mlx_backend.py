@@ -13,20 +13,12 @@ import subprocess
 import pytest
 
 from harness.backend import BackendUnavailable, GenerationRequest
-from harness.mlx import modelbuild
 from harness.mlx.backend import MlxBackend
 from harness.mlx.errors import UserError
 from harness.mlx.launcher import LinkShape
 
 PROMPT_TEXT = "def fibonacci(n):\n    return"
 GUARD_S = 30   # hang guard only: a correct backend answers in well under a second
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    cache = os.environ.get("HARNESS_CACHE")
-    cache_dir = None if cache else tmp_path_factory.mktemp("models")
-    return modelbuild.build(modelbuild.qwen2_config("tiny"), cache_dir=cache_dir).path
 
 
 @pytest.fixture(scope="session")

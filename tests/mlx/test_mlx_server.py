@@ -8,15 +8,8 @@ import signal
 import httpx
 import pytest
 
-from harness.mlx import modelbuild
 from harness.mlx.backend import MlxBackend
 from harness.server import EmbeddedServer
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    cache_dir = None if os.environ.get("HARNESS_CACHE") else tmp_path_factory.mktemp("models")
-    return modelbuild.build(modelbuild.qwen2_config("tiny"), cache_dir=cache_dir).path
 
 
 def _stream_ids_text(client, url, body):

@@ -138,19 +138,16 @@ def _row_obs(line: int, row: dict) -> tuple[list[Obs], str]:
 
 # ------------------------------------------------------------------------------------------------ fitting
 
-def _decode_terms(o: Obs) -> tuple[float, float]:
-    """(bytes read per step / peak bandwidth, flops / peak) for one decode observation."""
-    m, L = o.model, o.model.num_layers
-    nbytes = m.decode_read_bytes(0, L, o.batch) + o.batch * o.context * m.kv_bytes_per_token(0, L) + m.head_bytes()
-    flops = m.decode_flops(0, L, o.batch, o.context) + m.head_flops(o.batch)
-    return nbytes / (o.chip.mem_bw_gbs * 1e9), flops / (o.chip.fp16_tflops * 1e12)
+def _decode_bytes_time(o: Obs) -> float:
+    """A decode observation's bytes read per step over peak bandwidth (the cost model's own decode work)."""
+    nbytes, _ = costmodel.decode_work(o.model, 0, o.model.num_layers, o.batch, o.context, with_head=True)
+    return nbytes / (o.chip.mem_bw_gbs * 1e9)
 
 
-def _prefill_terms(o: Obs) -> tuple[float, float]:
-    m, L = o.model, o.model.num_layers
-    nbytes = m.weight_bytes(0, L) + (o.context + o.tokens) * m.kv_bytes_per_token(0, L) + m.head_bytes()
-    flops = m.prefill_flops(0, L, o.tokens, o.context) + m.head_flops(1)
-    return nbytes / (o.chip.mem_bw_gbs * 1e9), flops / (o.chip.fp16_tflops * 1e12)
+def _prefill_flops_time(o: Obs) -> float:
+    """A prefill observation's FLOPs over peak FLOPS (the cost model's own prefill work)."""
+    _, flops = costmodel.prefill_work(o.model, 0, o.model.num_layers, o.tokens, int(o.context), with_head=True)
+    return flops / (o.chip.fp16_tflops * 1e12)
 
 
 Overheads = tuple[float, float]   # (step_overhead_s, layer_overhead_s)
@@ -166,7 +163,7 @@ def fit_decode(rows: list[Obs], overheads: Overheads | None = None) -> tuple[flo
     Overheads given: only eta is fitted. Otherwise the non-negative least-squares solution over the three
     unknowns (a coefficient that would go negative is pinned at 0 and the rest refitted).
     """
-    x = np.array([_decode_terms(o)[0] for o in rows])
+    x = np.array([_decode_bytes_time(o) for o in rows])
     layers = np.array([o.model.num_layers for o in rows], dtype=float)
     t = np.array([o.step_s for o in rows])
     w = 1.0 / t                                       # relative errors: divide each equation by its t
@@ -190,7 +187,7 @@ def fit_decode(rows: list[Obs], overheads: Overheads | None = None) -> tuple[flo
 
 def fit_prefill(rows: list[Obs], overheads: Overheads) -> float:
     """mu_compute minimising relative error of t - overhead = flops_time / mu."""
-    f = np.array([_prefill_terms(o)[1] for o in rows])
+    f = np.array([_prefill_flops_time(o) for o in rows])
     t = np.array([o.step_s for o in rows])
     c = np.array([_overhead(o, overheads) for o in rows])
     w = 1.0 / t

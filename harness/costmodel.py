@@ -77,23 +77,40 @@ def decode_time(chip: Chip, profile: Profile, model: ModelSpec, start: int, end:
     tp > 1 shards the work over a tensor-parallel group (all-reduce time is added by the caller, who knows the link).
     with_head adds the final norm + output projection (the last stage's extra work).
     """
+    nbytes, flops = decode_work(model, start, end, batch, context_tokens, tp, with_head)
+    return roofline(chip, profile, nbytes, flops) + profile.overhead(chip, end - start)
+
+
+def decode_work(model: ModelSpec, start: int, end: int, batch: int = 1, context_tokens: float = 0, tp: int = 1,
+                with_head: bool = False) -> tuple[float, float]:
+    """(bytes read, FLOPs) of one decode step: what decode_time puts through the roofline."""
     nbytes = (model.decode_read_bytes(start, end, batch) + batch * context_tokens * model.kv_bytes_per_token(start, end)) / tp
     flops = model.decode_flops(start, end, batch, context_tokens) / tp
     if with_head:
         nbytes += model.head_bytes()
         flops += model.head_flops(batch)
-    return roofline(chip, profile, nbytes, flops) + profile.overhead(chip, end - start)
+    return nbytes, flops
 
 
 def prefill_time(chip: Chip, profile: Profile, model: ModelSpec, start: int, end: int, tokens: int,
                  context_before: int = 0, tp: int = 1, with_head: bool = False) -> float:
     """Prefill `tokens` new tokens after `context_before` cached ones over layers [start, end)."""
+    nbytes, flops = prefill_work(model, start, end, tokens, context_before, tp, with_head)
+    return roofline(chip, profile, nbytes, flops) + profile.overhead(chip, end - start)
+
+
+def prefill_work(model: ModelSpec, start: int, end: int, tokens: int, context_before: int = 0, tp: int = 1,
+                 with_head: bool = False) -> tuple[float, float]:
+    """(bytes, FLOPs) of a prefill: what prefill_time puts through the roofline."""
     nbytes = (model.weight_bytes(start, end) + (context_before + tokens) * model.kv_bytes_per_token(start, end)) / tp
     flops = model.prefill_flops(start, end, tokens, context_before) / tp
     if with_head:  # only the last position's logits are needed
         nbytes += model.head_bytes()
         flops += model.head_flops(1)
-    return roofline(chip, profile, nbytes, flops) + profile.overhead(chip, end - start)
+    return nbytes, flops
+
+
+TOKEN_ID_BYTES = 4   # what the last stage sends back to the first: one int32 per sequence
 
 
 def link_time(link: Link, nbytes: float, profile: Profile) -> float:

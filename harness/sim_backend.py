@@ -112,14 +112,14 @@ class SimBackend:
 
     def _load_report(self) -> LoadReport:
         import simpy
-        from sim.engine import Engine
+        from sim.costs import stage_models
         from sim.loading import load_nodes
-        probe = Engine(simpy.Environment(), self.cluster, self.model, self.plan, self.profile, self.engine_config)
-        mem = {n: int(st.weight_bytes_node) for st in probe.stages for n in st.nodes}
+        stages = stage_models(self.cluster, self.model, self.plan)
+        mem = {n: int(st.weight_bytes_node) for st in stages for n in st.nodes}
         if not self.config.include_load:
             return LoadReport({}, mem, "simulated", ("model loading not simulated",))
         env = simpy.Environment()
-        done, _rows = load_nodes(env, self.cluster, probe.stages, self.profile)
+        done, _rows = load_nodes(env, self.cluster, stages, self.profile)
         env.run()
         return LoadReport(dict(done), mem, "simulated",
                           ("load times simulated in virtual time; serving starts at once in real time",))

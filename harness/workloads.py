@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from harness.specs import UserError
+from harness.specs import UserError, read_json
 
 ARRIVAL_PROCESSES = ("all_at_once", "constant", "poisson", "bursts")
 LENGTH_DISTS = ("fixed", "uniform", "normal", "lognormal")
@@ -79,9 +79,6 @@ class Workload:
         ptok = int(self.prefix_tokens[i]) if self.prefix_tokens is not None else 0
         return RequestSpec(self.request_id(i), float(self.arrival_s[i]), int(self.prompt_tokens[i]),
                            int(self.output_tokens[i]), pid, ptok)
-
-    def describe(self) -> dict:
-        return dict(self.spec)
 
 
 # ---------------------------------------------------------------- lengths and arrivals
@@ -242,9 +239,7 @@ def _with_closed_loop(wl: Workload, spec: dict) -> Workload:
     conc = int(cl.get("concurrency", 0)) if isinstance(cl, dict) else int(cl)
     if conc < 1:
         raise UserError("closed_loop.concurrency must be >= 1")
-    return Workload(spec=wl.spec, arrival_s=np.zeros(len(wl)), prompt_tokens=wl.prompt_tokens,
-                    output_tokens=wl.output_tokens, prefix_id=wl.prefix_id, prefix_tokens=wl.prefix_tokens,
-                    closed_loop=True, concurrency=conc)
+    return replace(wl, arrival_s=np.zeros(len(wl)), closed_loop=True, concurrency=conc)
 
 
 def write_trace(workload: Workload, path: str | Path) -> None:
@@ -345,7 +340,7 @@ def _load_workload_file(path: Path) -> dict:
     if not path.exists():
         raise UserError(f"workload file not found: {path}")
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        data = read_json(path, "workload")
     else:
         import tomllib
         data = tomllib.loads(path.read_text())

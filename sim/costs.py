@@ -1,6 +1,6 @@
 """Per-stage timing for the simulator, built once from a plan and delegating to harness.costmodel.
 
-Kept apart from the engine so the engine's hot loop only calls `StageModel.step_s` with plain numbers.
+Kept apart from the engine so the engine's hot loop only calls `StageModel.mixed_s` and `DecodeTimer` with plain numbers.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from harness import costmodel
 from harness.costmodel import Profile
 from harness.specs import Chip, Cluster, Link, ModelSpec, PartitionPlan, UserError
 
-TOKEN_ID_BYTES = 4   # what the last stage sends back to the first: one int32 per sequence
 
 
 @dataclass(frozen=True)
@@ -101,11 +100,6 @@ class DecodeTimer:
         return np.maximum((terms[0] + ctx_sums * self.kv_bytes) / self.bw,
                           (terms[1] + ctx_sums * self.attn_flops) / self.fl) + terms[2]
 
-    def __call__(self, batch: int, ctx_sum: float) -> float:
-        terms = self._per_batch.get(batch) or self._terms(batch)
-        return max((terms[0] + ctx_sum * self.kv_bytes) / self.bw,
-                   (terms[1] + ctx_sum * self.attn_flops) / self.fl) + terms[2]
-
 
 def stage_models(cluster: Cluster, model: ModelSpec, plan: PartitionPlan) -> tuple[StageModel, ...]:
     """StageModels in layer order; checks that the plan matches the model and names known nodes."""
@@ -143,3 +137,16 @@ def hop_links(cluster: Cluster, stages: tuple[StageModel, ...]) -> tuple[list[Li
     fwd = [cluster.link(a.nodes[0], b.nodes[0]) for a, b in zip(stages, stages[1:])]
     back = cluster.link(stages[-1].nodes[0], stages[0].nodes[0]) if len(stages) > 1 else None
     return fwd, back
+
+
+def kv_pool_tokens(cluster: Cluster, stages) -> int:
+    """KV pool size in tokens: the stage with the least room (free bytes / its KV bytes per token) decides."""
+    room = []
+    for st in stages:
+        usable = min(cluster.node(n).usable_bytes for n in st.nodes)
+        free = usable - st.weight_bytes_node
+        if free <= 0:
+            raise UserError(f"stage {st.index} ({'+'.join(st.nodes)}): weights need "
+                            f"{st.weight_bytes_node / 1e9:.1f} GB but only {usable / 1e9:.1f} GB is usable")
+        room.append(free / st.kv_bytes_per_token_node)
+    return int(min(room))

@@ -32,7 +32,8 @@ import simpy
 
 from harness.costmodel import Profile
 from harness.specs import Cluster, ModelSpec, PartitionPlan, UserError
-from sim.costs import TOKEN_ID_BYTES, DecodeTimer, hop_links, stage_models
+from harness.costmodel import TOKEN_ID_BYTES
+from sim.costs import DecodeTimer, hop_links, kv_pool_tokens, stage_models
 
 WAITING, RUNNING, DONE, FAILED = 1, 2, 3, 4
 
@@ -52,19 +53,6 @@ class EngineConfig:
         return dict(self.__dict__)
 
 
-def kv_pool_tokens(cluster: Cluster, stages) -> int:
-    """KV pool size in tokens: the stage with the least room (free bytes / its KV bytes per token) decides."""
-    room = []
-    for st in stages:
-        usable = min(cluster.node(n).usable_bytes for n in st.nodes)
-        free = usable - st.weight_bytes_node
-        if free <= 0:
-            raise UserError(f"stage {st.index} ({'+'.join(st.nodes)}): weights need "
-                            f"{st.weight_bytes_node / 1e9:.1f} GB but only {usable / 1e9:.1f} GB is usable")
-        room.append(free / st.kv_bytes_per_token_node)
-    return int(min(room))
-
-
 class _Sched:
     """One scheduler ("virtual engine"): its running decodes and its partially prefilled sequences.
 
@@ -72,10 +60,9 @@ class _Sched:
     small contiguous arrays instead of gathering from the engine's per-request arrays (the hot loop's cost).
     The engine's arrays are brought up to date (`Engine._sync`) whenever membership changes.
     """
-    __slots__ = ("index", "running", "prefilling", "comp", "blk", "nxt", "left", "ctx", "min_left")
+    __slots__ = ("running", "prefilling", "comp", "blk", "nxt", "left", "ctx", "min_left")
 
-    def __init__(self, index: int):
-        self.index = index
+    def __init__(self):
         self.running = np.empty(0, dtype=np.int64)   # decoding sequences, oldest admission first
         self.prefilling: list[int] = []
         empty = np.empty(0, dtype=np.int64)
@@ -102,7 +89,7 @@ class Engine:
         self._init_kv(cluster)
         self._init_state()
         n = config.micro_batches or len(self.stages)
-        self.scheds = [_Sched(i) for i in range(n)]
+        self.scheds = [_Sched() for _ in range(n)]
         self._wake = env.event()
         self._idle = 0
         self._step = 0
@@ -130,7 +117,7 @@ class Engine:
     def _init_records(self) -> None:
         """Per micro-batch: begin/end on every stage and link (floats), kind/batch/tokens/KV blocks (ints)."""
         self._link_col = 2 * len(self.stages)
-        self._rec_base = 0
+        self._rec_base = 0                  # global step number of buffer row 0
         if not self.cfg.record_steps:
             self._rec_times = self._rec_ints = None
             return
@@ -138,7 +125,6 @@ class Engine:
         rows = self.STREAM_ROWS if self.step_sink is not None else 4096
         self._rec_times = np.zeros((rows, width))
         self._rec_ints = np.zeros((rows, 4), dtype=np.int64)
-        self._rec_base = 0                  # global step number of buffer row 0
 
     def _init_kv(self, cluster: Cluster) -> None:
         tokens = kv_pool_tokens(cluster, self.stages)
@@ -149,14 +135,15 @@ class Engine:
         self.free_blocks = self.total_blocks
         self.peak_blocks = 0
 
+    INT_COLUMNS = ("prompt", "target", "generated", "computed", "blocks", "status", "preempted", "tok_off", "cached")
+    FLOAT_COLUMNS = ("sched_t", "start_t", "first_t", "end_t")
+
     def _init_state(self, cap: int = 1024) -> None:
         self.n = 0
         self._cap = cap
-        ints = ("prompt", "target", "generated", "computed", "blocks", "status", "preempted", "tok_off", "cached")
-        floats = ("sched_t", "start_t", "first_t", "end_t")
-        for name in ints:
+        for name in self.INT_COLUMNS:
             setattr(self, name, np.zeros(cap, dtype=np.int64))
-        for name in floats:
+        for name in self.FLOAT_COLUMNS:
             setattr(self, name, np.full(cap, math.nan))
         self.request_ids: list[str] = []
         self.errors: dict[int, str] = {}
@@ -166,8 +153,7 @@ class Engine:
 
     def _grow(self) -> None:
         self._cap *= 2
-        for name in ("prompt", "target", "generated", "computed", "blocks", "status", "preempted", "tok_off",
-                     "cached", "sched_t", "start_t", "first_t", "end_t"):
+        for name in self.INT_COLUMNS + self.FLOAT_COLUMNS:
             old = getattr(self, name)
             new = np.zeros(self._cap, dtype=old.dtype) if old.dtype.kind == "i" else np.full(self._cap, math.nan)
             new[:old.size] = old
@@ -257,7 +243,7 @@ class Engine:
             if self._can_fast_forward(sc):
                 ff = self._fast_forward(sc)
                 if ff is not None:
-                    t_emit, t_back, k = ff
+                    t_emit, t_back = ff
                     yield env.timeout(t_back - env.now)
                     self._finish_fast_forward(sc, t_emit)
                     continue
@@ -282,7 +268,7 @@ class Engine:
 
     def _fast_forward(self, sc: _Sched, max_steps: int = 4096):
         """Run k decode steps of this scheduler at once, exactly as k calls of _form/_traverse/_complete would
-        (same Lindley state, KV blocks, token times and step records). Returns (last emit, last back, k), or
+        (same Lindley state, KV blocks, token times and step records). Returns (last emit, last back), or
         None when fewer than two steps qualify. Steps are taken while (a) nobody finishes before the last one,
         (b) KV blocks last, (c) each step is formed before the next scheduled event (an arrival)."""
         running = sc.running
@@ -350,7 +336,7 @@ class Engine:
         sc.min_left -= k
         self.free_blocks -= int(used_new[-1])
         self.peak_blocks = max(self.peak_blocks, self.total_blocks - self.free_blocks)
-        return float(t_emit[-1]), float(t_emit[-1] + back), k
+        return float(t_emit[-1]), float(t_emit[-1] + back)
 
     def _finish_fast_forward(self, sc: _Sched, t_emit: float) -> None:
         if sc.min_left == 0:

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 from harness import costmodel
 from harness.specs import GB, UserError
-from sim.costs import stage_models
-from sim.engine import kv_pool_tokens
+from sim.costs import kv_pool_tokens, stage_models
 from strategies.caching._base import CacheConfig, Tier
 from strategies.registry import get_cache_policy
 

@@ -81,7 +81,7 @@ def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: P
     requests = engine.requests_table()
     wall = time.perf_counter() - wall
     return SimResult(requests=requests, steps=steps,
-                     load=_load_report(engine, load_end, t_ready, include_load),
+                     load=_load_report(engine, load_end, include_load),
                      stats=_stats(engine, t_ready, wall))
 
 
@@ -120,8 +120,8 @@ def _submit(env, engine: Engine, wl: Workload, i: int, state: dict, scheduled_s:
     if cache is None:
         engine.submit(prompt, out, rid, scheduled_s=scheduled_s)
         return
-    keys = cache.keys_from_prefix(wl.prefix_id[i] if wl.prefix_id else None,
-                                  int(wl.prefix_tokens[i]) if wl.prefix_tokens is not None else 0)
+    spec = wl.request(i)
+    keys = cache.keys_from_prefix(spec.prefix_id, spec.prefix_tokens)
     hit = cache.admit(keys, prompt)
     if hit.load_s > 0:   # lower-tier blocks travel to unified memory before the request can start
         env.process(_submit_later(env, engine, hit.load_s, prompt - hit.cached_tokens, out, rid, keys, state,
@@ -138,7 +138,7 @@ def _submit_later(env, engine, delay, prompt, out, rid, keys, state, scheduled_s
     state["keys"][slot] = keys
 
 
-def _load_report(engine: Engine, load_end: dict, t_ready: float, included: bool) -> LoadReport:
+def _load_report(engine: Engine, load_end: dict, included: bool) -> LoadReport:
     mem = {}
     peak = engine.kv_peak_bytes()
     for st in engine.stages:

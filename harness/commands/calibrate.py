@@ -26,6 +26,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    import dataclasses
+
     from harness import calibrate as cal
     from harness.costmodel import PROFILE_DIR
 
@@ -33,7 +35,8 @@ def run(args) -> int:
     profile = cal.fit_profile(obs, per_chip=not args.no_per_chip)
     table = cal.error_table(obs, profile)
     summary = cal.error_summary(table)
-    summary_global = cal.error_summary(cal.error_table(obs, cal.fit_profile(obs, per_chip=False)))
+    # the global factors do not depend on the per-chip ones: the same profile without them
+    summary_global = cal.error_summary(cal.error_table(obs, dataclasses.replace(profile, per_chip={})))
     data = cal.profile_json(profile, summary, summary_global, len(skipped))
     if args.json:
         json.dump({"profile": data, "rows": table, "skipped": skipped}, sys.stdout, indent=2)
@@ -65,7 +68,7 @@ def render(table: list[dict], data: dict, skipped: list[str] | None) -> str:
         for name, s in data["fit"][key].items():
             lines.append(f"  {name:<20} rows {s['rows']:>3}  mean |err| {s['mean_abs_error_pct']:>5.1f}%  "
                          f"median {s['median_abs_error_pct']:>5.1f}%  max {s['max_abs_error_pct']:>5.1f}%")
-    lines.append(f"rows skipped: {data['fit']['rows_skipped']}" + ("" if skipped is None else ""))
+    lines.append(f"rows skipped: {data['fit']['rows_skipped']}")
     if skipped:
         lines.extend(f"  {s}" for s in skipped)
     return "\n".join(lines)

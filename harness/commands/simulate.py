@@ -96,7 +96,7 @@ def run_one(args) -> int:
     import resource
 
     from harness import metrics
-    from harness.costmodel import DEFAULT_PROFILE
+    from harness.costmodel import DEFAULT_PROFILE, load_profile
     from harness.planning import make_plan
     from harness.runfolder import RunWriter, environment
     from harness.workloads import build_workload, parse_workload
@@ -117,7 +117,7 @@ def run_one(args) -> int:
               "weights_local": sorted(local) if local else None, "slo": slo or None,
               "argv": sys.argv[1:]}
     from sim.prefix_cache import make_prefix_cache
-    profile = load_profile_of(args)
+    profile = load_profile(args.profile)
     cache = make_prefix_cache(args.cache, cluster, model, plan, profile, kv_cap_tokens=args.kv_tokens)
     bar = None if args.quiet else Progress(len(workload))
     with RunWriter(args.out, label=f"sim-{plan.strategy}", run_id=args.run_id) as writer:
@@ -161,11 +161,6 @@ def _max_rss_mib(resource) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10   # bytes on macOS, KiB on Linux
 
 
-def load_profile_of(args):
-    from harness.costmodel import load_profile
-    return load_profile(args.profile)
-
-
 def summarise(result, slo: dict, config: dict, plan, cluster) -> dict:
     """summary.json body: the metrics (simulated), run-level figures for targets, engine facts."""
     from harness import metrics
@@ -178,11 +173,8 @@ def summarise(result, slo: dict, config: dict, plan, cluster) -> dict:
     body = {"source": "simulated", "metrics": m, "slo": slo or None, "sim": result.stats,
             "load": {"load_s_per_node": result.load.load_s_per_node,
                      "memory_bytes_per_node": result.load.memory_bytes_per_node, "source": result.load.source}}
-    try:
-        from reports.targets import targets_summary
-        body["targets"] = targets_summary(config, plan.to_dict(), m, requests, None, "simulated")
-    except ImportError:  # reports is optional for the simulator
-        pass
+    from reports.targets import targets_summary
+    body["targets"] = targets_summary(config, plan.to_dict(), m, requests, None, "simulated")
     return body
 
 

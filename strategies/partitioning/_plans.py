@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness import costmodel
+from harness.costmodel import TOKEN_ID_BYTES
 from harness.costmodel import Profile
 from harness.specs import GB, Cluster, DoesNotFit, ModelSpec, PartitionPlan, Stage, UserError
 
@@ -19,7 +20,6 @@ OBJECTIVES = {
     "throughput": "pipeline bottleneck: the slowest stage's decode step plus its outgoing hop (ms); "
                   "its inverse is the steady token rate with one micro-batch per stage in flight",
 }
-TOKEN_ID_BYTES = 4
 
 
 @dataclass(frozen=True)

@@ -74,3 +74,6 @@ def test_cli_dry_run_reports_every_row(capsys, tmp_path):
     report = json.loads(capsys.readouterr().out)
     assert report["rows"] and all("error_pct" in r for r in report["rows"])
     assert json.loads(out.read_text())["name"] == "fitted"
+    dry = tmp_path / "dry.json"
+    assert main(["calibrate", "--dry-run", "--json", "--out", str(dry)]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] and not dry.exists()

@@ -23,7 +23,6 @@ WORDS = (
     "way over also did many after most well where use made year work back through down water long just day "
     "part number good each very still sound place little great"
 ).split()
-EOS_TOKEN_ID = len(WORDS)   # one id past the vocabulary: never produced as text
 
 
 class WordTokenizer:

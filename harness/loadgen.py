@@ -7,7 +7,7 @@ Modes (`LoadMode`):
   - "concurrent":  N requests always in flight (closed loop)
   - "constant":    a fixed rate (requests/s), evenly spaced
   - "poisson":     a Poisson process of the given rate (seeded)
-`sweep()` runs one mode per rate or concurrency. Warm-up requests go first and are never recorded.
+`sweep_modes()` gives one mode per rate or concurrency. Warm-up requests go first and are never recorded.
 
 Every request asks for `stream_options.include_usage` and counts output tokens from `usage`; its output
 length is pinned with `max_tokens = min_tokens = output_tokens` and `ignore_eos` (vLLM's extensions).
@@ -380,11 +380,6 @@ def _mark_unfinished(rows: list[dict], clock: _Clock) -> list[dict]:
 def sweep_modes(kind: str, values: Iterable[float], seed: int = 0) -> list[LoadMode]:
     """One mode per rate (constant/poisson) or concurrency (concurrent)."""
     return [LoadMode(kind, float(v), seed) for v in values]
-
-
-async def sweep(target: Target, workload, modes: Sequence[LoadMode], **kwargs) -> list[LoadResult]:
-    """Run the same workload once per mode, one after the other."""
-    return [await run_load(target, workload, mode, **kwargs) for mode in modes]
 
 
 def run_load_sync(target: Target, workload, mode: LoadMode = LoadMode(), **kwargs) -> LoadResult:

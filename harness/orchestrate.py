@@ -107,16 +107,13 @@ def run_once(exp, strategy, plan, backend, workload, out_root: Path, report: boo
 
 
 def _serve_and_measure(writer, exp, strategy, plan, backend, workload):
-    from harness import runfolder
     from harness.loadgen import LoadMode, Target, run_load_sync
-    from harness.recording import finish_run
+    from harness.recording import finish_run, start_run
     from harness.server import EmbeddedServer
     load = exp.get("load", {})
     with writer:
         config = {"command": "run", **exp, "strategy": strategy, "run_id": writer.run_id}
-        writer.write_json("config.json", config)
-        writer.write_json("plan.json", plan.to_dict())
-        writer.write_json("environment.json", runfolder.environment({"backend": exp["backend"]}))
+        plan_dict = start_run(writer, config, plan, {"backend": exp["backend"]})
         _say(f"  loading {exp['backend']} backend ...")
         with EmbeddedServer(backend) as server:
             _say(f"  serving at {server.url}; sending {len(workload)} requests "
@@ -125,7 +122,7 @@ def _serve_and_measure(writer, exp, strategy, plan, backend, workload):
                 result = run_load_sync(Target(server.url, send_prefix_id=True), workload, LoadMode(),
                                        warmup=int(load.get("warmup", 0)), seed=int(exp["workload"].get("seed", 0)),
                                        max_duration_s=load.get("max_duration_s"), progress=progress.update)
-            return finish_run(writer, config, result, backend, server.load_report, plan=plan)
+            return finish_run(writer, config, plan_dict, result, backend, server.load_report, plan=plan)
 
 
 class _Progress:

@@ -13,7 +13,7 @@ def row_source(backend) -> str:
 
 
 def requests_frame(result, backend):
-    df = result.frame()[list(REQUEST_COLUMNS)]
+    df = result.frame()
     df["source"] = row_source(backend)
     return df
 
@@ -34,10 +34,11 @@ def steps_frame(backend, result):
     return pd.DataFrame({c: pd.Series(dtype=types[t]) for c, t in STEP_COLUMNS.items()})
 
 
-def summarize(result, backend, load_report=None, slo=None, plan=None) -> dict:
-    """vLLM-named metrics plus what the run-level targets need (load time), labelled with their source."""
+def summarize(requests, result, backend, load_report=None, slo=None, plan=None) -> dict:
+    """vLLM-named metrics of the request rows plus what the run-level targets need (load time), labelled with
+    their source."""
     from harness import metrics
-    summary = metrics.compute(result.frame(), slo)
+    summary = metrics.compute(requests, slo)
     summary.update(result.dispatch_summary())
     summary.update(source=row_source(backend), backend=getattr(backend, "name", "external"),
                    load_mode=result.mode.label, warmup_requests=result.warmup_requests, model=result.model)
@@ -56,13 +57,23 @@ def summarize(result, backend, load_report=None, slo=None, plan=None) -> dict:
     return summary
 
 
-def finish_run(writer, config: dict, result, backend, load_report=None, slo=None, plan=None):
+def start_run(writer, config: dict, plan, environment_extra: dict) -> dict:
+    """What a run folder holds before any request is sent (so an interrupted run still has it); returns the
+    plan as saved."""
+    from harness import runfolder
+    plan_dict = plan.to_dict() if plan is not None else {}
+    writer.write_json("config.json", config)
+    writer.write_json("environment.json", runfolder.environment(environment_extra))
+    writer.write_json("plan.json", plan_dict)
+    return plan_dict
+
+
+def finish_run(writer, config: dict, plan_dict: dict, result, backend, load_report=None, slo=None, plan=None):
     """Write requests, steps and summary (with target verdicts) into an open RunWriter; returns (path, summary)."""
     from reports.targets import targets_summary
     requests, steps = requests_frame(result, backend), steps_frame(backend, result)
-    summary = summarize(result, backend, load_report, slo, plan)
+    summary = summarize(requests, result, backend, load_report, slo, plan)
     writer.write_requests(requests)
     writer.write_steps(steps)
-    plan_dict = plan.to_dict() if plan is not None else {}
     summary["targets"] = targets_summary(config, plan_dict, summary, requests, steps, summary["source"])
     return writer.finish(summary), summary

@@ -241,9 +241,9 @@ class _Generation:
         self.last_at = now
         self.completion_tokens += 1
         text, self.finish_reason = event.text, event.finish_reason
-        if self.stop:
+        if self.stop:   # the window stop strings are searched in; nothing else reads the text back
             text = self._apply_stop(text)
-        self.text += text
+            self.text += text
         return text
 
     def _apply_stop(self, text: str) -> str:
@@ -453,10 +453,8 @@ async def _complete(state: _AppState, request: Request, body: CompletionBody | C
     try:
         stream = state.backend.generate(gen_request)
         gen = _Generation(state, stream, len(gen_request.prompt), stop, arrived)
-    except QueueFull as exc:
-        raise _queue_full(state, exc)
-    except BackendUnavailable as exc:
-        raise ApiError(503, f"backend unavailable: {exc}", type_="server_error")
+    except (QueueFull, BackendUnavailable) as exc:
+        raise _map_backend_error(state, exc)
     try:
         await gen.start(request)
     except BaseException as exc:

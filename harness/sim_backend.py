@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import numpy as np
@@ -48,7 +48,6 @@ class SimBackendConfig:
     max_waiting: int | None = None       # QueueFull beyond this many requests waiting for admission
     include_load: bool = True            # simulate model loading (in virtual time, not paced) for load()'s report
     model_id: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 class SimBackend:

@@ -25,7 +25,6 @@ Simulated metrics of a seeded run are deterministic, so their tolerance can be t
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,25 +88,15 @@ def infer_direction(name: str) -> str:
     return "two_sided"
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def figure(run: Run, name: str) -> float | None:
     """A run's figure by name: summary metric, dotted path in summary.json, or a reports.targets figure."""
     if name in run.metrics:
-        return _number(run.metrics[name])
+        return targets.number(run.metrics[name])
     node: Any = run.summary
     for part in name.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     if node is not None:
-        return _number(node)
+        return targets.number(node)
     found = targets.observed(run, name)
     return None if found is None else found.value
 
@@ -134,12 +123,12 @@ def judge(baseline: float, current: float | None, tolerance: float, direction: s
 
 
 def _entry(name: str, entry: Any, where: Path) -> dict:
-    if not isinstance(entry, dict) or _number(entry.get("value")) is None:
+    if not isinstance(entry, dict) or targets.number(entry.get("value")) is None:
         raise BaselineError(f"{where}: metric {name!r} needs a numeric 'value'")
     direction = entry.get("direction", "two_sided")
     if direction not in DIRECTIONS:
         raise BaselineError(f"{where}: metric {name!r}: direction {direction!r} is not one of {', '.join(DIRECTIONS)}")
-    tolerance = _number(entry.get("tolerance", 0.0))
+    tolerance = targets.number(entry.get("tolerance", 0.0))
     if tolerance is None or tolerance < 0:
         raise BaselineError(f"{where}: metric {name!r}: tolerance must be a number >= 0")
     ratio = entry.get("ratio")
@@ -208,7 +197,7 @@ def format_result(result: CheckResult) -> str:
 
 def _default_names(run: Run) -> list[str]:
     """Every numeric summary metric except spreads (std), which are not a performance figure of their own."""
-    return [k for k, v in run.metrics.items() if _number(v) is not None and not k.startswith("std_")]
+    return [k for k, v in run.metrics.items() if targets.number(v) is not None and not k.startswith("std_")]
 
 
 def write_baseline(run_dir: str | Path, path: str | Path, names: list[str] | None = None,

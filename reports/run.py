@@ -52,7 +52,7 @@ class Run:
     @property
     def source(self) -> str:
         """measured | simulated | a combination | unknown, from the per-request rows (each row says its source)."""
-        found = set(self.requests["source"].dropna().astype(str)) if "source" in self.requests else set()
+        found = {str(x) for x in self.requests["source"].dropna().unique()} if "source" in self.requests else set()
         if not found:
             return str(self.summary.get("source") or "unknown")
         return " + ".join(sorted(found))

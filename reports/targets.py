@@ -112,7 +112,8 @@ def targets_of(run: Run) -> list[Target]:
     return [Target.from_dict(entry) for entry in raw]
 
 
-def _number(value: Any) -> float | None:
+def number(value: Any) -> float | None:
+    """A finite float from a JSON value (bools count as 0/1), else None."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -121,7 +122,7 @@ def _number(value: Any) -> float | None:
 
 
 def _from_summary(run: Run, metric: str) -> Figure | None:
-    value = _number(run.metrics.get(metric))
+    value = number(run.metrics.get(metric))
     return None if value is None else Figure(value, run.source)
 
 
@@ -137,21 +138,21 @@ def _load_span(run: Run) -> Figure | None:
 
 
 def _decode_speed(run: Run) -> Figure | None:
-    tpot = _number(run.metrics.get("median_tpot_ms"))
+    tpot = number(run.metrics.get("median_tpot_ms"))
     if not tpot:
         return None
     return Figure(1000.0 / tpot, run.source, "1000 / median_tpot_ms")
 
 
 def _plan_memory_pct(run: Run) -> Figure | None:
-    predicted = _number((run.plan.get("predicted") or {}).get("memory_utilisation"))
+    predicted = number((run.plan.get("predicted") or {}).get("memory_utilisation"))
     if predicted is not None:      # the planner's own figure covers the whole cluster, idle nodes included
         return Figure(100.0 * predicted, "theoretical", "plan: memory used / usable over the cluster")
     stages = run.plan.get("stages") or []
     # Stage memory figures are per member node, so a tensor-parallel stage counts once per node.
     width = [len(s.get("nodes") or [None]) for s in stages]
-    used = sum(w * (_number(s.get("memory_used_gb")) or 0.0) for w, s in zip(width, stages))
-    available = sum(w * (_number(s.get("memory_available_gb")) or 0.0) for w, s in zip(width, stages))
+    used = sum(w * (number(s.get("memory_used_gb")) or 0.0) for w, s in zip(width, stages))
+    available = sum(w * (number(s.get("memory_available_gb")) or 0.0) for w, s in zip(width, stages))
     if available <= 0:
         return None
     return Figure(100.0 * used / available, "theoretical", "plan: memory used / available over its nodes")
@@ -159,7 +160,7 @@ def _plan_memory_pct(run: Run) -> Figure | None:
 
 def _plan_decode_speed(run: Run) -> Figure | None:
     stages = run.plan.get("stages") or []
-    total_ms = sum((_number(s.get("decode_ms")) or 0.0) + (_number(s.get("link_ms")) or 0.0) for s in stages)
+    total_ms = sum((number(s.get("decode_ms")) or 0.0) + (number(s.get("link_ms")) or 0.0) for s in stages)
     if total_ms <= 0:
         return None
     return Figure(1000.0 / total_ms, "theoretical", "plan: 1000 / sum of stage decode and link times")
@@ -193,7 +194,7 @@ PREDICTED_AS = {
 def theoretical(run: Run, metric: str) -> Figure | None:
     predicted = run.plan.get("predicted") or {}
     key = metric if metric in predicted else PREDICTED_AS.get(metric, metric)
-    value = _number(predicted.get(key))
+    value = number(predicted.get(key))
     if value is not None:
         prompt = predicted.get("prompt_tokens")
         at = f" at a {prompt}-token prompt" if "ttft" in key and prompt else ""
@@ -204,9 +205,7 @@ def theoretical(run: Run, metric: str) -> Figure | None:
 
 def prompt_conditions(run: Run) -> str:
     """The prompt length behind latency figures, which DESIGN §10 asks to state."""
-    ok = run.requests
-    if "success" in ok and len(ok):
-        ok = ok[ok["success"].astype(bool)]
+    ok = run.successful_requests()
     if ok.empty or "prompt_tokens" not in ok:
         return "prompt length unknown"
     tokens = ok["prompt_tokens"].astype(float)

@@ -72,7 +72,7 @@ def run(args) -> int:
 
 
 def _modes(args) -> list:
-    from harness.loadgen import LoadMode
+    from harness.loadgen import LoadMode, sweep_modes
     from harness.specs import UserError
     if args.sweep:
         if args.mode not in ("concurrent", "constant", "poisson"):
@@ -81,7 +81,7 @@ def _modes(args) -> list:
             values = [float(v) for v in args.sweep.split(",") if v.strip()]
         except ValueError:
             raise UserError(f"--sweep {args.sweep!r}: give numbers like 1,2,4") from None
-        return [LoadMode(args.mode, v, args.seed) for v in values]
+        return sweep_modes(args.mode, values, args.seed)
     value = {"concurrent": args.concurrency, "constant": args.rate, "poisson": args.rate}.get(args.mode, 0.0)
     if args.mode in ("concurrent", "constant", "poisson") and value is None:
         raise UserError(f"--mode {args.mode} needs {'--concurrency' if args.mode == 'concurrent' else '--rate'}")
@@ -111,7 +111,7 @@ def _bench(args, url, workload, workload_spec, modes, slo, backend, load_report=
         path, summary = record_run(args.out, f"{args.label}-{mode.label}", result, config, slo=slo,
                                    backend=backend, load_report=load_report)
         rows.append((mode.label, summary))
-        print(summary_text(summary, result, backend))
+        print(summary_text(summary, backend))
         print(f"run folder: {path}\n", flush=True)
     if len(rows) > 1:
         print(sweep_table(rows))
@@ -132,18 +132,15 @@ def record_run(out_root, label, result, config, *, slo=None, backend=None, load_
     holds them; otherwise it is empty. The plan is the backend's plan when it has one.
     """
     from harness import runfolder
-    from harness.recording import finish_run
+    from harness.recording import finish_run, start_run
     plan = getattr(backend, "plan", None)
     plan = plan if hasattr(plan, "to_dict") else None
     with runfolder.RunWriter(out_root, label) as run:
-        run.write_json("config.json", config)
-        run.write_json("environment.json", runfolder.environment({"load_generator": "harness.loadgen",
-                                                                  "target": config.get("target")}))
-        run.write_json("plan.json", plan.to_dict() if plan is not None else {})
-        return finish_run(run, config, result, backend, load_report, slo, plan)
+        plan_dict = start_run(run, config, plan, {"load_generator": "harness.loadgen", "target": config.get("target")})
+        return finish_run(run, config, plan_dict, result, backend, load_report, slo, plan)
 
 
-def summary_text(summary: dict, result, backend) -> str:
+def summary_text(summary: dict, backend) -> str:
     from harness import metrics
     name = getattr(backend, "name", "external")
     source = "measured over HTTP" + (" (backend: simulated cluster, paced in real time)" if name == "sim" else "")

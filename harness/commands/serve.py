@@ -91,13 +91,14 @@ def limits_from_args(args):
     if args.max_tokens_limit < 1 or args.max_body_bytes < 1024:
         raise UserError("--max-tokens-limit must be >= 1 and --max-body-bytes >= 1024")
     return ServerLimits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-                        default_max_tokens=min(256, args.max_tokens_limit))
+                        default_max_tokens=min(ServerLimits.default_max_tokens, args.max_tokens_limit))
 
 
 def run(args) -> int:
+    from harness.recording import row_source
     from harness.server import serve_forever
     backend = build_backend(args)
     print(f"serving {args.backend} backend, model {backend.model_id!r}, on http://{args.host}:{args.port}/v1 "
-          f"({'simulated' if args.backend == 'sim' else 'measured'} timings); Ctrl-C stops", flush=True)
+          f"({row_source(backend)} timings); Ctrl-C stops", flush=True)
     serve_forever(backend, host=args.host, port=args.port, api_key=args.api_key, limits=limits_from_args(args))
     return 0

@@ -220,7 +220,8 @@ class MlxBackend:
         dead = self._group.dead() if self._group else []
         if not dead:
             return None
-        rank, code = dead[0]
+        # a rank killed by a signal is the cause; ranks that then exit on a broken ring link are its echo
+        rank, code = min(dead, key=lambda d: (not (d[1] is not None and d[1] < 0), d[0]))
         tail = self._group.ranks[rank].log_tail(600).strip().splitlines()[-3:]
         why = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
         return BackendUnavailable(f"{self._rank_label(rank)} {why}" + (f"; last log: {' | '.join(tail)}" if tail else ""))

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.backend import GenerationRequest  # noqa: E402
+from harness.backends.base import GenerationRequest  # noqa: E402
 from harness.mlx import blas, hostbench, modelbuild  # noqa: E402
-from harness.mlx.backend import MlxBackend  # noqa: E402
+from harness.backends.mlx import MlxBackend  # noqa: E402
 
 
 async def _one(backend, prompt, tokens, rid):

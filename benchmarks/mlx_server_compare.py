@@ -20,7 +20,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import metrics  # noqa: E402
-from harness.loadgen import LoadMode, Target, run_load_sync  # noqa: E402
+from harness.serving.loadgen import LoadMode, Target, run_load_sync  # noqa: E402
 from harness.mlx import blas, launcher, modelbuild  # noqa: E402
 from harness.workloads import RequestSpec  # noqa: E402
 
@@ -76,8 +76,8 @@ def main() -> int:
         proc.terminate()
         proc.wait(timeout=10)
 
-    from harness.mlx.backend import MlxBackend
-    from harness.server import EmbeddedServer
+    from harness.backends.mlx import MlxBackend
+    from harness.serving.server import EmbeddedServer
     split = None if args.ranks == 1 else [layers // 2, layers - layers // 2]
     backend = MlxBackend(built.path, split)
     with EmbeddedServer(backend) as server:

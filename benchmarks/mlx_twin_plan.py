@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.backend import GenerationRequest  # noqa: E402
+from harness.backends.base import GenerationRequest  # noqa: E402
 from harness.mlx import modelbuild  # noqa: E402
-from harness.mlx.backend import MlxBackend, links_for_plan  # noqa: E402
+from harness.backends.mlx import MlxBackend, links_for_plan  # noqa: E402
 from harness.planning import add_plan_arguments, make_plan  # noqa: E402
 
 

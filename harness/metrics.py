@@ -1,7 +1,7 @@
 """The one definition of serving metrics (DESIGN §8), shared by every backend; field names follow vLLM's
 benchmark result files so numbers can be compared side by side.
 
-Input: a requests DataFrame with the columns of `harness.records.REQUEST_COLUMNS` (times in seconds).
+Input: a requests DataFrame with the columns of `REQUEST_COLUMNS` (below) (times in seconds).
 - TTFT = first_token_s - start_s; E2EL = end_s - start_s.
 - TPOT = (E2EL - TTFT) / (output_tokens - 1), for requests with more than one output token.
 - ITL = every gap between consecutive content chunks of a request, pooled over requests.
@@ -17,6 +17,46 @@ import numpy as np
 import pandas as pd
 
 from harness.specs import UserError
+
+# Column names of the run-folder tables, shared by every backend and by reports (DESIGN §9).
+# requests.parquet: one row a request. Times are seconds relative to the run's start (t=0).
+# steps.parquet: one row per engine step and stage.
+# Every row says where its numbers come from: source = "measured" | "simulated".
+REQUEST_COLUMNS = {
+    "request_id": "str",
+    "source": "str",              # measured | simulated
+    "scheduled_s": "float",       # when the workload wanted it sent
+    "start_s": "float",           # when it was sent (dispatch delay = start_s - scheduled_s)
+    "first_token_s": "float",     # first content chunk; NaN if none
+    "end_s": "float",             # last content chunk (or the failure)
+    "prompt_tokens": "int",
+    "output_tokens": "int",       # usage.completion_tokens
+    "cached_tokens": "int",
+    "chunk_times_s": "list[float]",  # every content chunk's arrival time, for ITL
+    "success": "bool",
+    "error": "str",
+}
+
+STEP_COLUMNS = {
+    "step": "int",
+    "stage": "int",               # pipeline stage index in layer order
+    "node": "str",
+    "kind": "str",                # prefill | decode | mixed | send | recv | load
+    "start_s": "float",
+    "end_s": "float",
+    "batch_size": "int",
+    "tokens": "int",
+    "kv_bytes": "int",            # KV cache in use on this node after the step
+    "source": "str",
+}
+
+
+def arrow_schema(columns: dict):
+    """pyarrow schema from one of the record column tables above."""
+    import pyarrow as pa
+    types = {"str": pa.string(), "float": pa.float64(), "int": pa.int64(), "bool": pa.bool_(),
+             "list[float]": pa.list_(pa.float64())}
+    return pa.schema([(name, types[kind]) for name, kind in columns.items()])
 
 SLO_METRICS = ("ttft", "tpot", "e2el", "itl")
 PERCENTILES = (90, 95, 99)
@@ -121,7 +161,7 @@ def _max_gap_per_request(lengths: np.ndarray, flat: np.ndarray) -> np.ndarray:
 
 
 def compute(df: pd.DataFrame, slo: str | dict | None = None) -> dict:
-    """Headline metrics of one run (vLLM field names). `df` has harness.records request columns."""
+    """Headline metrics of one run (vLLM field names). `df` has REQUEST_COLUMNS."""
     slo = parse_slo(slo)
     ok = df["success"].to_numpy(bool) if len(df) else np.zeros(0, dtype=bool)
     good_df = df[ok]

@@ -38,7 +38,7 @@ def load_inputs(exp: dict):
 def build_backend(exp: dict, cluster, model, profile, plan):
     match exp["backend"]:
         case "sim":
-            from harness.sim_backend import SimBackend, SimBackendConfig
+            from harness.backends.sim import SimBackend, SimBackendConfig
             from sim.engine import EngineConfig
             from sim.prefix_cache import make_prefix_cache
             cache = make_prefix_cache(exp.get("cache", "none"), cluster, model, plan, profile)
@@ -54,7 +54,7 @@ def _mlx_backend(exp: dict, cluster, plan):
     same layers and head layout, smaller width (harness.mlx.modelbuild), so the plan applies unchanged.
     [mlx] emulate_links = true puts each rank in its own network namespace with the cluster's link bandwidth
     (root, Linux); emulate_latency = true adds the link latency through delay relays."""
-    from harness.mlx.backend import MlxBackend, links_for_plan
+    from harness.backends.mlx import MlxBackend, links_for_plan
     from harness.mlx.modelbuild import build, twin_config
     opts = exp.get("mlx", {})
     model_dir = build(twin_config(exp["model"], head_dim=int(opts.get("head_dim", 16))), seed=int(opts.get("seed", 0))).path
@@ -107,9 +107,9 @@ def run_once(exp, strategy, plan, backend, workload, out_root: Path, report: boo
 
 
 def _serve_and_measure(writer, exp, strategy, plan, backend, workload):
-    from harness.loadgen import LoadMode, Target, run_load_sync
+    from harness.serving.loadgen import LoadMode, Target, run_load_sync
     from harness.recording import finish_run, start_run
-    from harness.server import EmbeddedServer
+    from harness.serving.server import EmbeddedServer
     load = exp.get("load", {})
     with writer:
         config = {"command": "run", **exp, "strategy": strategy, "run_id": writer.run_id}

@@ -5,7 +5,7 @@ simulated cluster's (paced in real time); against real ranks or an outside serve
 """
 from __future__ import annotations
 
-from harness.records import REQUEST_COLUMNS, STEP_COLUMNS
+from harness.metrics import REQUEST_COLUMNS, STEP_COLUMNS
 
 
 def row_source(backend) -> str:

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.records import REQUEST_COLUMNS, STEP_COLUMNS
+from harness.metrics import REQUEST_COLUMNS, STEP_COLUMNS, arrow_schema
 from harness.specs import UserError
 
 SCHEMA_VERSION = 1
@@ -27,12 +27,6 @@ MARKER = "INCOMPLETE"
 FILES = ("config.json", "environment.json", "plan.json", "requests.parquet", "steps.parquet", "summary.json")
 
 
-def arrow_schema(columns: dict):
-    """pyarrow schema from a harness.records column table."""
-    import pyarrow as pa
-    types = {"str": pa.string(), "float": pa.float64(), "int": pa.int64(), "bool": pa.bool_(),
-             "list[float]": pa.list_(pa.float64())}
-    return pa.schema([(name, types[kind]) for name, kind in columns.items()])
 
 
 def new_run_id(label: str = "run") -> str:

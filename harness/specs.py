@@ -475,3 +475,12 @@ def finite_positive(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise UserError(f"{where}: expected a positive number, got {value!r}")
     return float(value)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What loading a plan cost: seconds and bytes per node, measured (real ranks) or simulated."""
+    load_s_per_node: dict[str, float]
+    memory_bytes_per_node: dict[str, int]
+    source: str                       # "measured" | "simulated"
+    notes: tuple[str, ...] = field(default_factory=tuple)

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from harness import metrics as metric_defs
-from harness.records import REQUEST_COLUMNS, STEP_COLUMNS
+from harness.metrics import REQUEST_COLUMNS, STEP_COLUMNS
 from harness.runfolder import read_run
 from harness.specs import UserError
 

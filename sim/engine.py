@@ -614,7 +614,7 @@ class Engine:
     # ------------------------------------------------------------------ records
 
     def requests_table(self, source: str = "simulated"):
-        """pyarrow Table with harness.records.REQUEST_COLUMNS, one row per submitted request."""
+        """pyarrow Table with harness.metrics.REQUEST_COLUMNS, one row per submitted request."""
         import pyarrow as pa
         for sc in self.scheds:
             self._sync(sc)
@@ -640,12 +640,12 @@ class Engine:
     STEP_KINDS = ("decode", "prefill", "mixed", "send")
 
     def steps_table(self, source: str = "simulated"):
-        """pyarrow Table with harness.records.STEP_COLUMNS for the buffered micro-batches (all of them unless a
+        """pyarrow Table with harness.metrics.STEP_COLUMNS for the buffered micro-batches (all of them unless a
         step sink took earlier ones): per micro-batch one row per stage, then one per link send (kind "send",
         stage = the sender), micro-batches in the order they were formed."""
         import pyarrow as pa
-        from harness.records import STEP_COLUMNS
-        from harness.runfolder import arrow_schema
+        from harness.metrics import STEP_COLUMNS
+        from harness.metrics import arrow_schema
         m = 0 if self._rec_times is None else self._step - self._rec_base
         if m == 0:
             return arrow_schema(STEP_COLUMNS).empty_table()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from harness.backend import LoadReport
+from harness.specs import LoadReport
 from harness.costmodel import Profile
 from harness.specs import Cluster, ModelSpec, PartitionPlan
 from harness.workloads import Workload
@@ -17,8 +17,8 @@ from sim.loading import load_nodes
 
 @dataclass
 class SimResult:
-    requests: object            # pyarrow Table, harness.records.REQUEST_COLUMNS
-    steps: object               # pyarrow Table, harness.records.STEP_COLUMNS
+    requests: object            # pyarrow Table, harness.metrics.REQUEST_COLUMNS
+    steps: object               # pyarrow Table, harness.metrics.STEP_COLUMNS
     load: LoadReport
     stats: dict = field(default_factory=dict)   # engine facts: KV capacity and peaks, preemptions, steps
 

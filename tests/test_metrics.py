@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from harness import metrics
-from harness.records import REQUEST_COLUMNS
+from harness.metrics import REQUEST_COLUMNS
 from harness.specs import UserError
 
 

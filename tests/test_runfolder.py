@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.records import REQUEST_COLUMNS, STEP_COLUMNS
+from harness.metrics import REQUEST_COLUMNS, STEP_COLUMNS
 from harness.runfolder import MARKER, RunWriter, environment, read_run
 from harness.specs import UserError
 

@@ -72,7 +72,7 @@ def run(args) -> int:
 
 
 def _modes(args) -> list:
-    from harness.loadgen import LoadMode, sweep_modes
+    from harness.serving.loadgen import LoadMode, sweep_modes
     from harness.specs import UserError
     if args.sweep:
         if args.mode not in ("concurrent", "constant", "poisson"):
@@ -90,7 +90,7 @@ def _modes(args) -> list:
 
 def _bench_embedded(args, workload, workload_spec, modes, slo) -> int:
     from harness.commands.serve import build_backend, limits_from_args
-    from harness.server import EmbeddedServer
+    from harness.serving.server import EmbeddedServer
     backend = build_backend(args)
     with EmbeddedServer(backend, limits=limits_from_args(args)) as server:
         print(f"embedded server at {server.url} ({args.backend} backend, model {backend.model_id})", flush=True)
@@ -99,7 +99,7 @@ def _bench_embedded(args, workload, workload_spec, modes, slo) -> int:
 
 
 def _bench(args, url, workload, workload_spec, modes, slo, backend, load_report=None) -> int:
-    from harness.loadgen import Target, run_load_sync
+    from harness.serving.loadgen import Target, run_load_sync
     target = Target(url, model=args.served_model, api_key=args.target_api_key, endpoint=args.endpoint,
                     pin_output=not args.no_pin_output, send_prefix_id=backend is not None)
     rows = []
@@ -136,7 +136,7 @@ def record_run(out_root, label, result, config, *, slo=None, backend=None, load_
     plan = getattr(backend, "plan", None)
     plan = plan if hasattr(plan, "to_dict") else None
     with runfolder.RunWriter(out_root, label) as run:
-        plan_dict = start_run(run, config, plan, {"load_generator": "harness.loadgen", "target": config.get("target")})
+        plan_dict = start_run(run, config, plan, {"load_generator": "harness.serving.loadgen", "target": config.get("target")})
         return finish_run(run, config, plan_dict, result, backend, load_report, slo, plan)
 
 

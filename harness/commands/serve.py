@@ -60,17 +60,17 @@ def build_backend(args):
     from harness.specs import UserError
     match args.backend:
         case "sim":
-            from harness.sim_backend import SimBackendConfig, sim_backend_from_args
+            from harness.backends.sim import SimBackendConfig, sim_backend_from_args
             if not args.speed > 0:
                 raise UserError(f"--speed must be > 0, got {args.speed}")
             return sim_backend_from_args(args, config=SimBackendConfig(speed=args.speed, max_waiting=args.max_waiting))
         case "mlx":
             if not args.model_path:
                 raise UserError("--backend mlx needs --model-path (build one: python -m harness model build)")
-            from harness.mlx.backend import MlxBackend
+            from harness.backends.mlx import MlxBackend
             return MlxBackend(args.model_path, _split(args.split), max_running=args.max_running)
         case "instant":
-            from harness.instant_backend import InstantBackend
+            from harness.backends.instant import InstantBackend
             return InstantBackend(token_interval_s=args.token_interval_ms / 1000)
     raise UserError(f"unknown backend {args.backend!r}; known: {', '.join(BACKENDS)}")
 
@@ -86,7 +86,7 @@ def _split(text: str | None) -> list[int] | None:
 
 
 def limits_from_args(args):
-    from harness.server import ServerLimits
+    from harness.serving.server import ServerLimits
     from harness.specs import UserError
     if args.max_tokens_limit < 1 or args.max_body_bytes < 1024:
         raise UserError("--max-tokens-limit must be >= 1 and --max-body-bytes >= 1024")
@@ -96,7 +96,7 @@ def limits_from_args(args):
 
 def run(args) -> int:
     from harness.recording import row_source
-    from harness.server import serve_forever
+    from harness.serving.server import serve_forever
     backend = build_backend(args)
     print(f"serving {args.backend} backend, model {backend.model_id!r}, on http://{args.host}:{args.port}/v1 "
           f"({row_source(backend)} timings); Ctrl-C stops", flush=True)

@@ -124,7 +124,7 @@ def run_one(args) -> int:
         writer.write_json("config.json", config)
         writer.write_json("environment.json", environment({"backend": "sim"}))
         writer.write_json("plan.json", plan.to_dict())
-        from harness.records import STEP_COLUMNS
+        from harness.metrics import STEP_COLUMNS
         steps = writer.table_stream("steps.parquet", STEP_COLUMNS)   # streamed: long runs stay small in memory
         try:
             result = simulate(cluster, model, plan, profile, workload, cfg,

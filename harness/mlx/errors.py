@@ -1,7 +1,7 @@
 """The error types this package raises, from their owners' modules."""
 from __future__ import annotations
 
-from harness.backend import BackendUnavailable, QueueFull
+from harness.backends.base import BackendUnavailable, QueueFull
 from harness.specs import UserError
 
 __all__ = ["UserError", "BackendUnavailable", "QueueFull"]

@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 
-from harness.backend import BackendUnavailable, GenerationRequest
-from harness.mlx.backend import MlxBackend
+from harness.backends.base import BackendUnavailable, GenerationRequest
+from harness.backends.mlx import MlxBackend
 from harness.mlx.errors import UserError
 from harness.mlx.launcher import LinkShape
 
@@ -223,7 +223,7 @@ def _netns_list() -> list[str]:
 
 @pytest.mark.slow
 def test_queue_full_bad_requests_and_cancellation(tiny, reference):
-    from harness.backend import QueueFull
+    from harness.backends.base import QueueFull
     prompt, expected = reference
 
     async def scenario():

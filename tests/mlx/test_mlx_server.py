@@ -8,8 +8,8 @@ import signal
 import httpx
 import pytest
 
-from harness.mlx.backend import MlxBackend
-from harness.server import EmbeddedServer
+from harness.backends.mlx import MlxBackend
+from harness.serving.server import EmbeddedServer
 
 
 def _stream_ids_text(client, url, body):

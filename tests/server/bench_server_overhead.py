@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from harness import metrics  # noqa: E402
-from harness.instant_backend import InstantBackend  # noqa: E402
-from harness.loadgen import LoadMode, Target, run_load_sync  # noqa: E402
-from harness.server import EmbeddedServer  # noqa: E402
+from harness.backends.instant import InstantBackend  # noqa: E402
+from harness.serving.loadgen import LoadMode, Target, run_load_sync  # noqa: E402
+from harness.serving.server import EmbeddedServer  # noqa: E402
 from harness.workloads import build_workload, parse_workload  # noqa: E402
 
 

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from harness import metrics  # noqa: E402
 from harness.costmodel import load_profile  # noqa: E402
-from harness.loadgen import LoadMode, Target, run_load_sync  # noqa: E402
+from harness.serving.loadgen import LoadMode, Target, run_load_sync  # noqa: E402
 from harness.planning import add_plan_arguments, make_plan  # noqa: E402
-from harness.server import EmbeddedServer  # noqa: E402
-from harness.sim_backend import SimBackend  # noqa: E402
+from harness.serving.server import EmbeddedServer  # noqa: E402
+from harness.backends.sim import SimBackend  # noqa: E402
 from harness.workloads import build_workload, parse_workload  # noqa: E402
 
 DEFAULT_WORKLOAD = "poisson,rate=2,n=30,prompt=256,output=32,seed=1"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.instant_backend import InstantBackend
-from harness.server import EmbeddedServer, ServerLimits
+from harness.backends.instant import InstantBackend
+from harness.serving.server import EmbeddedServer, ServerLimits
 
 
 @pytest.fixture(scope="module")

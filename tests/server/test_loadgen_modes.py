@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from harness import metrics
-from harness.instant_backend import InstantBackend, WordTokenizer
-from harness.loadgen import LoadMode, Target, prompt_text, run_load_sync, schedule, sweep_modes
-from harness.records import REQUEST_COLUMNS
-from harness.server import EmbeddedServer
+from harness.backends.instant import InstantBackend, WordTokenizer
+from harness.serving.loadgen import LoadMode, Target, prompt_text, run_load_sync, schedule, sweep_modes
+from harness.metrics import REQUEST_COLUMNS
+from harness.serving.server import EmbeddedServer
 from harness.specs import UserError
 from harness.workloads import RequestSpec, build_workload, parse_workload
 

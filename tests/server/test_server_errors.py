@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from harness.instant_backend import InstantBackend
-from harness.server import EmbeddedServer
+from harness.backends.instant import InstantBackend
+from harness.serving.server import EmbeddedServer
 
 
 def _post(server, body, path="/v1/completions", timeout=10):

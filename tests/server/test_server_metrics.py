@@ -4,8 +4,8 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness.instant_backend import InstantBackend
-from harness.server import EmbeddedServer
+from harness.backends.instant import InstantBackend
+from harness.serving.server import EmbeddedServer
 
 
 def _samples(url: str) -> dict:

@@ -5,7 +5,7 @@ import httpx
 import openai
 import pytest
 
-from harness.instant_backend import WordTokenizer
+from harness.backends.instant import WordTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pytest
 
 import sim
 from harness.costmodel import load_profile
-from harness.loadgen import LoadMode, Target, run_load_sync
+from harness.serving.loadgen import LoadMode, Target, run_load_sync
 from harness.planning import add_plan_arguments, make_plan
-from harness.server import EmbeddedServer
-from harness.sim_backend import SimBackend, SimBackendConfig
+from harness.serving.server import EmbeddedServer
+from harness.backends.sim import SimBackend, SimBackendConfig
 from harness.workloads import build_workload, parse_workload
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from harness import metrics
 from harness.cli import main
-from harness.records import REQUEST_COLUMNS
+from harness.metrics import REQUEST_COLUMNS
 from harness.runfolder import read_run
 
 

@@ -4,8 +4,10 @@ The server and the load generator only talk to a Backend. A backend is chosen wi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
+
+from harness.specs import LoadReport  # noqa: F401  (part of the protocol's vocabulary)
 
 
 @dataclass(frozen=True)
@@ -29,14 +31,6 @@ class TokenEvent:
     finish_reason: str | None = None  # None while running, then "length" | "stop"
     prompt_tokens: int = 0
     cached_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    load_s_per_node: dict[str, float]
-    memory_bytes_per_node: dict[str, int]
-    source: str                       # "measured" | "simulated"
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 class BackendUnavailable(RuntimeError):

@@ -1,4 +1,4 @@
-"""`MlxBackend`: the `harness.backend.Backend` adapter over real mlx-lm ranks on MLX's ring.
+"""`MlxBackend`: the `harness.backends.base.Backend` adapter over real mlx-lm ranks on MLX's ring.
 
 How it works:
 - `load()` starts one rank process per pipeline stage (`harness.mlx.launcher`), each loading only its
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
-from harness.backend import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent, drain
+from harness.backends.base import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent, drain
 from harness.mlx import launcher
 from harness.mlx.errors import UserError
 from harness.specs import PartitionPlan

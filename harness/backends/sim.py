@@ -28,8 +28,8 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from harness.backend import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent, drain
-from harness.instant_backend import WordTokenizer, output_token
+from harness.backends.base import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent, drain
+from harness.backends.instant import WordTokenizer, output_token
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 import httpx
 import numpy as np
 
-from harness.instant_backend import WORDS
+from harness.backends.instant import WORDS
 from harness.specs import UserError
 from harness.workloads import RequestSpec, Workload
 
@@ -70,7 +70,7 @@ class Target:
 @dataclass
 class LoadResult:
     mode: LoadMode
-    rows: list[dict]                        # harness.records.REQUEST_COLUMNS, source="measured"
+    rows: list[dict]                        # harness.metrics.REQUEST_COLUMNS, source="measured"
     wall_start_unix: float                  # when t=0 was, for the environment record
     duration_s: float
     t0_monotonic: float = 0.0               # time.monotonic() at t=0
@@ -80,7 +80,7 @@ class LoadResult:
 
     def frame(self):
         import pandas as pd
-        from harness.records import REQUEST_COLUMNS
+        from harness.metrics import REQUEST_COLUMNS
         return pd.DataFrame(self.rows, columns=list(REQUEST_COLUMNS))
 
     def dispatch_delays_s(self) -> np.ndarray:

@@ -12,7 +12,7 @@ import time
 import zlib
 from typing import AsyncIterator
 
-from harness.backend import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent
+from harness.backends.base import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent
 
 # Common English words that most BPE vocabularies (GPT, Llama, Qwen) keep as one token with a leading space,
 # so a prompt of N of them is close to N tokens on a real model too.

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.backend import Backend, BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent
+from harness.backends.base import Backend, BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent
 
 
 @dataclass(frozen=True)

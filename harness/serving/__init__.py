@@ -1,0 +1,1 @@
+"""The HTTP faces: the embedded OpenAI-compatible server (`server`) and the load generator (`loadgen`)."""

@@ -3,6 +3,8 @@
 Decode step:  t = max(bytes / (eta_bw * BW), flops / (mu * peak)) + step overhead + layers x layer overhead
 Prefill:      the same roofline over the prompt's FLOPs and the weights it reads
 Link:         t = latency + per-message overhead + bytes / bandwidth
+Stages:       `StageModel` times one pipeline stage (a node or a tensor-parallel group) for the planner and the
+              simulator alike; `PlanOptions` says at which context and prompt length a plan is predicted.
 Strategies use it to rank plans; the simulator uses it to time events. Efficiency factors live in a profile
 file (harness/profiles/*.json), never in code; a missing or malformed profile is an error.
 """
@@ -11,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.specs import Chip, Link, ModelSpec, UserError, read_json
+import numpy as np
+
+from harness.specs import Chip, Cluster, Link, ModelSpec, PartitionPlan, UserError, read_json
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 REQUIRED = ("eta_bw", "mu_compute", "step_overhead_s", "layer_overhead_s", "link_overhead_us", "ssd_gbs")
@@ -135,3 +139,188 @@ def decode_floor_s(chip: Chip, model: ModelSpec, start: int, end: int, tp: int =
     factor, no overheads. Its inverse over a plan is the ceiling printed next to predictions."""
     nbytes = model.decode_read_bytes(start, end) / tp + (model.head_bytes() if with_head else 0.0)
     return nbytes / (chip.mem_bw_gbs * 1e9)
+
+
+# ----------------------------------------------------------------------------------------------- plan options
+OBJECTIVES = {
+    "latency": "time per output token of one stream: every stage's decode step plus every hop, in ring order (ms)",
+    "throughput": "pipeline bottleneck: the slowest stage's decode step plus its outgoing hop (ms); "
+                  "its inverse is the steady token rate with one micro-batch per stage in flight",
+}
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What a plan is scored on: the profile, the objective, and the reference stream it predicts."""
+    profile: Profile
+    objective: str = "latency"
+    kv_reserve_tokens: int = 8192   # KV cache each stage keeps free for its layers (one 8k context by default)
+    context_tokens: int = 1024      # mean context assumed when predicting a decode step
+    prompt_tokens: int = 512        # reference prompt for the predicted TTFT
+    output_tokens: int = 128        # reference output, to weigh prefill against decode
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        for name in ("kv_reserve_tokens", "context_tokens", "prompt_tokens", "output_tokens"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------------------------- links of a plan
+def slowest_link(links, nbytes: float, profile: Profile) -> Link | None:
+    """The link a message of `nbytes` takes longest to cross (latency + overhead + bytes/bandwidth). Which one
+    that is depends on the size: small messages wait for the longest latency, large ones for the narrowest pipe."""
+    return max(links, key=lambda link: link_time(link, nbytes, profile), default=None)
+
+
+def group_links(cluster: Cluster, nodes: tuple[str, ...]) -> tuple[Link, ...]:
+    """Every link inside a tensor-parallel group (none for a single node)."""
+    return tuple(cluster.link(a, b) for i, a in enumerate(nodes) for b in nodes[i + 1:])
+
+
+def group_allreduce_time(links, nbytes: float, ranks: int, profile: Profile) -> float:
+    """Ring all-reduce inside a group: every step moves nbytes/ranks and waits for the slowest link at that size."""
+    if ranks <= 1:
+        return 0.0
+    return allreduce_time(slowest_link(links, nbytes / ranks, profile), nbytes, ranks, profile)
+
+
+def hop_link(cluster: Cluster, src: tuple[str, ...], dst: tuple[str, ...]) -> Link:
+    """Activations leave a stage from its first member and arrive at the next stage's first member."""
+    return cluster.link(src[0], dst[0])
+
+
+def hop_links(cluster: Cluster, stages) -> tuple[list[Link], Link | None]:
+    """Forward links between consecutive stages, and the link carrying token ids from the last stage back to
+    the first (None for a single stage)."""
+    fwd = [hop_link(cluster, a.nodes, b.nodes) for a, b in zip(stages, stages[1:])]
+    back = hop_link(cluster, stages[-1].nodes, stages[0].nodes) if len(stages) > 1 else None
+    return fwd, back
+
+
+# ----------------------------------------------------------------------------------------------- stages
+def stage_memory_bytes(model: ModelSpec, start: int, end: int, tp: int = 1, kv_tokens: float = 0) -> float:
+    """Per member node: its 1/tp share of the layers and of their KV for `kv_tokens` tokens, plus a full copy of
+    embeddings and output head (mlx-lm's pipeline keeps both on every rank and every rank computes the logits)."""
+    layers = model.weight_bytes(start, end) + kv_tokens * model.kv_bytes_per_token(start, end)
+    return layers / tp + model.embed_bytes() + model.head_bytes()
+
+
+@dataclass(frozen=True)
+class DecodeTerms:
+    """One stage's decode step for one batch size, affine in the batch's summed context inside the roofline:
+    t = max over members of max((nbytes + ctx x kv_bytes) / bw, (flops + ctx x attn_flops) / fl) + fixed."""
+    nbytes: float
+    flops: float
+    kv_bytes: float                                   # bytes read per token of context, per member
+    attn_flops: float                                 # FLOPs per token of context, per member
+    members: tuple[tuple[float, float, float], ...]   # per member: (bytes/s, FLOP/s, overhead + all-reduce s)
+
+    def at(self, ctx_sum: float) -> float:
+        b, f = self.nbytes + ctx_sum * self.kv_bytes, self.flops + ctx_sum * self.attn_flops
+        bw, fl, fixed = self.members[0]   # no max() over a generator: this runs per stage per engine step
+        t = max(b / bw, f / fl) + fixed
+        for bw, fl, fixed in self.members[1:]:
+            t = max(t, max(b / bw, f / fl) + fixed)
+        return t
+
+    def vector(self, ctx_sums: np.ndarray) -> np.ndarray:
+        """`at` for many summed contexts at once (fast-forwarding steady decode)."""
+        b, f = self.nbytes + ctx_sums * self.kv_bytes, self.flops + ctx_sums * self.attn_flops
+        return np.max([np.maximum(b / bw, f / fl) + fixed for bw, fl, fixed in self.members], axis=0)
+
+
+@dataclass(frozen=True)
+class StageModel:
+    """One pipeline stage: a node, or a tensor-parallel group whose members each hold 1/tp of the layers and
+    step in lockstep, so every step lasts as long as its slowest member's share plus the group's all-reduces."""
+    index: int
+    nodes: tuple[str, ...]
+    chips: tuple[Chip, ...]       # each member's chip, in the order of nodes
+    start: int
+    end: int
+    last: bool                    # the last stage also runs the final norm and the output head
+    tp_links: tuple[Link, ...]    # every link inside the group (empty without tensor parallelism)
+    kv_bytes_per_token_node: float   # KV bytes per cached token on each member node
+    weight_bytes_node: float      # bytes each member node loads
+
+    @property
+    def tp(self) -> int:
+        return len(self.nodes)
+
+    def _slowest(self, profile: Profile, nbytes: float, flops: float) -> float:
+        """The lockstep step: the slowest member's roofline plus its overhead."""
+        return max(roofline(c, profile, nbytes, flops) + profile.overhead(c, self.end - self.start) for c in self.chips)
+
+    def decode_s(self, model: ModelSpec, profile: Profile, batch: int, ctx_sum: float) -> float:
+        """One decode step of `batch` sequences whose KV reads sum to `ctx_sum` tokens."""
+        return self.decode_terms(model, profile, batch).at(ctx_sum)
+
+    def decode_terms(self, model: ModelSpec, profile: Profile, batch: int) -> DecodeTerms:
+        """The decode step of `batch` sequences as a function of their summed context (the simulator's hot loop
+        caches these per batch size)."""
+        s, e, tp = self.start, self.end, self.tp
+        nbytes, flops = decode_work(model, s, e, batch, 0, tp, self.last)
+        fixed = self.allreduce_s(model, profile, batch)
+        members = tuple((profile.bandwidth(c), profile.flops(c), profile.overhead(c, e - s) + fixed) for c in self.chips)
+        return DecodeTerms(nbytes, flops, model.kv_bytes_per_token(s, e) / tp,
+                           (e - s) * model._attn_flops_per_position() / tp, members)
+
+    def prefill_s(self, model: ModelSpec, profile: Profile, tokens: int, ctx_before: int) -> float:
+        nbytes, flops = prefill_work(model, self.start, self.end, tokens, ctx_before, self.tp, self.last)
+        return self._slowest(profile, nbytes, flops) + self.allreduce_s(model, profile, tokens)
+
+    def mixed_s(self, model: ModelSpec, profile: Profile, n_dec: int, dec_ctx_sum: float,
+                chunks: list[tuple[int, int]]) -> float:
+        """A step mixing decodes and prefill chunks (tokens, context before) reads the weights once: one roofline
+        over the summed work. Reduces exactly to decode_s / prefill_s when only one kind is present."""
+        if not chunks:
+            return self.decode_s(model, profile, n_dec, dec_ctx_sum)
+        if n_dec == 0 and len(chunks) == 1:
+            return self.prefill_s(model, profile, *chunks[0])
+        s, e, kvpt = self.start, self.end, model.kv_bytes_per_token(self.start, self.end)
+        tokens = n_dec + sum(t for t, _ in chunks)
+        nbytes = model.decode_read_bytes(s, e, tokens) + (dec_ctx_sum + sum(c + t for t, c in chunks)) * kvpt
+        flops = model.decode_flops(s, e, 1, 0) * n_dec + dec_ctx_sum * (e - s) * model._attn_flops_per_position()
+        flops += sum(model.prefill_flops(s, e, t, c) for t, c in chunks)
+        nbytes, flops = nbytes / self.tp, flops / self.tp
+        if self.last:
+            nbytes += model.head_bytes()
+            flops += model.head_flops(n_dec + len(chunks))
+        return self._slowest(profile, nbytes, flops) + self.allreduce_s(model, profile, tokens)
+
+    def allreduce_s(self, model: ModelSpec, profile: Profile, tokens: int) -> float:
+        """Every layer's all-reduces for `tokens` tokens' hidden states."""
+        return (self.end - self.start) * self.allreduce_per_layer_s(model, profile, tokens)
+
+    def allreduce_per_layer_s(self, model: ModelSpec, profile: Profile, tokens: int) -> float:
+        """Tensor parallelism costs two all-reduces of the hidden states per layer (after attention, after the MLP)."""
+        return 2 * group_allreduce_time(self.tp_links, model.activation_bytes(tokens), self.tp, profile)
+
+
+def stage_model(cluster: Cluster, model: ModelSpec, nodes: tuple[str, ...], start: int, end: int, last: bool,
+                index: int = 0) -> StageModel:
+    """The StageModel of layers [start, end) on `nodes` (one node, or a tensor-parallel group)."""
+    tp = len(nodes)
+    return StageModel(index=index, nodes=tuple(nodes), chips=tuple(cluster.node(n).chip for n in nodes),
+                      start=start, end=end, last=last, tp_links=group_links(cluster, tuple(nodes)),
+                      kv_bytes_per_token_node=model.kv_bytes_per_token(start, end) / tp,
+                      weight_bytes_node=stage_memory_bytes(model, start, end, tp))
+
+
+def stage_models(cluster: Cluster, model: ModelSpec, plan: PartitionPlan) -> tuple[StageModel, ...]:
+    """StageModels of a plan in layer order; checks that the plan matches the model and names known nodes."""
+    if plan.num_layers != model.num_layers:
+        raise UserError(f"plan covers {plan.num_layers} layers but {model.name} has {model.num_layers}")
+    problems = [p for p in plan.problems() if "needs" not in p]  # memory is the simulator's KV pool's business
+    if problems:
+        raise UserError("invalid plan: " + "; ".join(problems))
+    known = {n.name for n in cluster.nodes}
+    unknown = [(i, n) for i, st in enumerate(plan.stages) for n in st.nodes if n not in known]
+    if unknown:
+        i, n = unknown[0]
+        raise UserError(f"plan stage {i} names node {n!r} which is not in cluster {cluster.name}")
+    k = len(plan.stages)
+    return tuple(stage_model(cluster, model, st.nodes, st.layer_start, st.layer_end, i == k - 1, i)
+                 for i, st in enumerate(plan.stages))

@@ -33,7 +33,8 @@ import simpy
 from harness.costmodel import Profile
 from harness.specs import Cluster, ModelSpec, PartitionPlan, UserError
 from harness.costmodel import TOKEN_ID_BYTES
-from sim.costs import DecodeTimer, hop_links, kv_pool_tokens, stage_models
+from harness.costmodel import DecodeTerms, hop_links, stage_models
+from sim.costs import kv_pool_tokens
 
 WAITING, RUNNING, DONE, FAILED = 1, 2, 3, 4
 
@@ -93,8 +94,7 @@ class Engine:
         self._wake = env.event()
         self._idle = 0
         self._step = 0
-        self._decode_fns = [DecodeTimer(st, model, profile) for st in self.stages]
-        self._decode_terms: dict[int, list[tuple]] = {}
+        self._decode_terms: dict[int, list[DecodeTerms]] = {}   # per batch size, one per stage
         self._init_records()
         self.preemptions = 0
         for s in self.scheds:
@@ -284,7 +284,7 @@ class Engine:
             return None
         j, used_new = j[:k], used_new[:k]
         ctx = float(sc.ctx) + j * float(n)
-        durs = [f.vector(n, ctx) for f in self._decode_fns]
+        durs = [terms.vector(ctx) for terms in self._stage_decode_terms(n)]
         links = [nbytes / rate + lat for (_, lat, rate), nbytes in
                  zip(self._hops, [n * self._act_bytes] * len(self._hops))]
         back = 0.0 if self._back is None else TOKEN_ID_BYTES * n / self._back[2] + self._back[1]
@@ -496,14 +496,15 @@ class Engine:
         return t_emit, t
 
     def _decode_durs(self, n: int, ctx: float) -> list[float]:
-        """Every stage's decode step time (DecodeTimer's formula with its per-batch terms gathered in one list,
-        since this runs once per engine step)."""
+        """Every stage's decode step time for n sequences reading ctx tokens of KV in all."""
+        return [terms.at(ctx) for terms in self._stage_decode_terms(n)]
+
+    def _stage_decode_terms(self, n: int) -> list[DecodeTerms]:
+        """The stages' decode terms for batch size n, computed once per size: this runs once per engine step."""
         terms = self._decode_terms.get(n)
         if terms is None:
-            terms = self._decode_terms[n] = [
-                (*(f._per_batch.get(n) or f._terms(n)), f.kv_bytes, f.attn_flops, f.bw, f.fl)
-                for f in self._decode_fns]
-        return [max((b0 + ctx * kb) / bw, (f0 + ctx * kf) / fl) + c for b0, f0, c, kb, kf, bw, fl in terms]
+            terms = self._decode_terms[n] = [st.decode_terms(self.model, self.profile, n) for st in self.stages]
+        return terms
 
     def _reserve_rows(self, k: int) -> int:
         """Buffer row for the next k step records: hand full buffers to the step sink (streaming), or grow."""

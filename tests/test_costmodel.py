@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from harness import catalog, costmodel
@@ -65,3 +66,54 @@ def test_missing_or_broken_profile_is_an_error(tmp_path):
     bad.write_text(json.dumps({"eta_bw": 0.5}))
     with pytest.raises(UserError, match="mu_compute"):
         costmodel.load_profile(bad)
+
+
+def test_the_slowest_link_depends_on_the_message_size(profile):
+    far = Link("a", "b", "tb5-rdma", latency_us=200, bandwidth_gbps=80.0)    # long latency, wide pipe
+    narrow = Link("a", "c", "tb5-rdma", latency_us=3, bandwidth_gbps=5.0)    # short latency, narrow pipe
+    # bandwidth alone (the simulator's old rule) always picked `narrow`, bandwidth/(1+latency) (the planner's
+    # old rule) always `far`; the message's actual time picks `far` for 2 KB and `narrow` for 1 MB
+    assert costmodel.slowest_link([far, narrow], 2e3, profile) is far
+    assert costmodel.slowest_link([far, narrow], 1e6, profile) is narrow
+    assert costmodel.group_allreduce_time([far, narrow], 4e6, 4, profile) == \
+        costmodel.allreduce_time(narrow, 4e6, 4, profile)
+    assert costmodel.group_allreduce_time([], 4e6, 1, profile) == 0.0
+
+
+def tp_pair():
+    """An M4 Pro (less bandwidth, more FLOPS) and a 24-core M1 Max in one tensor-parallel group."""
+    from harness.specs import Cluster, Node
+    nodes = (Node("p", catalog.find_chip("M4 Pro", 20), 64, 0.75), Node("x", catalog.find_chip("M1 Max", 24), 64, 0.75))
+    return Cluster("pair", nodes, (catalog.make_link("p", "x", "tb5-rdma"),))
+
+
+def test_a_tp_group_steps_at_its_slowest_members_pace(profile):
+    m = catalog.load_model("llama-3.1-8b", 4)
+    cluster = tp_pair()
+    st = costmodel.stage_model(cluster, m, ("p", "x"), 0, 16, last=False)
+    chips = [n.chip for n in cluster.nodes]
+    comm = st.allreduce_s(m, profile, 512)
+    each = [costmodel.prefill_time(c, profile, m, 0, 16, 512, tp=2) for c in chips]
+    # compute-bound prefill waits for the M1 Max, although the M4 Pro has the lower memory bandwidth
+    assert st.prefill_s(m, profile, 512, 0) == pytest.approx(max(each) + comm, rel=1e-12)
+    assert each[1] > each[0] and chips[0].mem_bw_gbs < chips[1].mem_bw_gbs
+    each = [costmodel.decode_time(c, profile, m, 0, 16, 1, 700, tp=2) for c in chips]
+    assert st.decode_s(m, profile, 1, 700) == pytest.approx(max(each) + st.allreduce_s(m, profile, 1), rel=1e-12)
+    assert st.weight_bytes_node == pytest.approx(m.weight_bytes(0, 16) / 2 + m.embed_bytes() + m.head_bytes())
+
+
+def test_decode_terms_are_the_decode_step_for_every_context(profile):
+    m = catalog.load_model("llama-3.1-8b", 4)
+    st = costmodel.stage_model(tp_pair(), m, ("p", "x"), 16, 32, last=True)
+    terms = st.decode_terms(m, profile, 3)
+    ctx = np.array([0.0, 900.0, 30000.0])
+    expected = [max(costmodel.decode_time(c, profile, m, 16, 32, 3, s / 3, tp=2, with_head=True) for c in st.chips)
+                + st.allreduce_s(m, profile, 3) for s in ctx]
+    assert terms.vector(ctx) == pytest.approx(expected, rel=1e-12)
+    assert [terms.at(s) for s in ctx] == pytest.approx(expected, rel=1e-12)
+
+
+def test_plan_options_are_public_and_checked(profile):
+    assert costmodel.PlanOptions(profile).objective == "latency"
+    with pytest.raises(UserError, match="objective"):
+        costmodel.PlanOptions(profile, objective="fastest")

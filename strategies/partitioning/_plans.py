@@ -6,45 +6,18 @@ All predicted figures are theoretical (cost model), and every strategy's plan is
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from harness import costmodel
-from harness.costmodel import TOKEN_ID_BYTES
-from harness.costmodel import Profile
-from harness.specs import GB, Cluster, DoesNotFit, ModelSpec, PartitionPlan, Stage, UserError
+# PlanOptions and OBJECTIVES live in harness.costmodel; imported here too, since older callers import them from here
+from harness.costmodel import OBJECTIVES, TOKEN_ID_BYTES, PlanOptions, Profile, StageModel  # noqa: F401
+from harness.specs import GB, Cluster, DoesNotFit, ModelSpec, PartitionPlan, Stage
 
 Unit = tuple[str, ...]
-
-OBJECTIVES = {
-    "latency": "time per output token of one stream: every stage's decode step plus every hop, in ring order (ms)",
-    "throughput": "pipeline bottleneck: the slowest stage's decode step plus its outgoing hop (ms); "
-                  "its inverse is the steady token rate with one micro-batch per stage in flight",
-}
-
-
-@dataclass(frozen=True)
-class PlanOptions:
-    profile: Profile
-    objective: str = "latency"
-    kv_reserve_tokens: int = 8192   # KV cache each stage keeps free for its layers (one 8k context by default)
-    context_tokens: int = 1024      # mean context assumed when predicting a decode step
-    prompt_tokens: int = 512        # reference prompt for the predicted TTFT
-    output_tokens: int = 128        # reference output, to weigh prefill against decode
-
-    def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise UserError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        for name in ("kv_reserve_tokens", "context_tokens", "prompt_tokens", "output_tokens"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 # ----------------------------------------------------------------------------------------------- memory
 def stage_memory_bytes(model: ModelSpec, options: PlanOptions, start: int, end: int, tp: int = 1) -> float:
-    """Per member node: its share of the layers and their KV reserve, plus a full copy of embeddings and
-    output head (mlx-lm's pipeline keeps both on every rank and every rank computes the logits)."""
-    layers = model.weight_bytes(start, end) + options.kv_reserve_tokens * model.kv_bytes_per_token(start, end)
-    return layers / tp + model.embed_bytes() + model.head_bytes()
+    """Per member node: its share of the layers with their KV reserve, plus embeddings and head (costmodel)."""
+    return costmodel.stage_memory_bytes(model, start, end, tp, options.kv_reserve_tokens)
 
 
 def unit_available_bytes(cluster: Cluster, unit: Unit) -> float:
@@ -89,42 +62,28 @@ def no_arrangement(strategy: str, cluster: Cluster, model: ModelSpec, options: P
 
 
 # ----------------------------------------------------------------------------------------------- times
-def group_link(cluster: Cluster, unit: Unit):
-    """The slowest link inside a tensor-parallel group (every all-reduce waits for it)."""
-    links = [cluster.link(a, b) for i, a in enumerate(unit) for b in unit[i + 1:]]
-    return min(links, key=lambda l: l.bandwidth_gbps / (1 + l.latency_us))
-
-
-def hop_link(cluster: Cluster, src: Unit, dst: Unit):
-    return cluster.link(src[0], dst[0])
+def unit_stage(cluster: Cluster, model: ModelSpec, unit: Unit, start: int, end: int, last: bool) -> StageModel:
+    """The cost model's stage for layers [start, end) on a unit: the simulator times the same object."""
+    return costmodel.stage_model(cluster, model, unit, start, end, last)
 
 
 def stage_decode_s(cluster, model, options, unit: Unit, start: int, end: int, last: bool) -> float:
-    """One decode step (batch 1) on a unit; a tensor-parallel group waits for its slowest member."""
-    tp, p = len(unit), options.profile
-    t = max(costmodel.decode_time(cluster.node(n).chip, p, model, start, end, 1, options.context_tokens,
-                                  tp=tp, with_head=last) for n in unit)
-    if tp > 1:
-        t += (end - start) * allreduce_per_layer_s(cluster, model, options, unit)
-    return t
+    """One decode step (batch 1, options.context_tokens of context) on a unit."""
+    return unit_stage(cluster, model, unit, start, end, last).decode_s(model, options.profile, 1, options.context_tokens)
 
 
 def allreduce_per_layer_s(cluster, model, options, unit: Unit) -> float:
-    """Tensor parallelism costs two all-reduces of one token's hidden state per layer (attention, MLP)."""
-    return 2 * costmodel.allreduce_time(group_link(cluster, unit), model.activation_bytes(1), len(unit), options.profile)
+    """One layer's all-reduces in a decode step (one token's hidden state) on a unit."""
+    return unit_stage(cluster, model, unit, 0, 1, False).allreduce_per_layer_s(model, options.profile, 1)
 
 
 def stage_prefill_s(cluster, model, options, unit: Unit, start: int, end: int, last: bool) -> float:
-    tp, p, n_tok = len(unit), options.profile, options.prompt_tokens
-    t = max(costmodel.prefill_time(cluster.node(n).chip, p, model, start, end, n_tok, tp=tp, with_head=last)
-            for n in unit)
-    if tp > 1:
-        t += 2 * (end - start) * costmodel.allreduce_time(group_link(cluster, unit), model.activation_bytes(n_tok), tp, p)
-    return t
+    """Prefilling the reference prompt (options.prompt_tokens, nothing cached) on a unit."""
+    return unit_stage(cluster, model, unit, start, end, last).prefill_s(model, options.profile, options.prompt_tokens, 0)
 
 
 def hop_s(cluster, options, src: Unit, dst: Unit, nbytes: float) -> float:
-    return costmodel.link_time(hop_link(cluster, src, dst), nbytes, options.profile)
+    return costmodel.link_time(costmodel.hop_link(cluster, src, dst), nbytes, options.profile)
 
 
 # ----------------------------------------------------------------------------------------------- plans
@@ -162,7 +121,9 @@ def _predict(cluster, model, options, stages: list[Stage], units: list[Unit]) ->
     bottleneck = max(s.decode_ms + s.link_ms for s in stages)
     prompt_hops = sum(hop_s(cluster, options, units[i], units[i + 1], model.activation_bytes(options.prompt_tokens))
                       for i in range(len(units) - 1)) * 1e3
-    ttft = sum(s.prefill_ms for s in stages) + prompt_hops + (stages[-1].link_ms if len(stages) > 1 else 0.0)
+    # the first token is out when the last stage has sampled it (the server sits beside it, as in the simulator);
+    # the token id's way back to the first stage delays the next step, so it is in tpot, not in ttft
+    ttft = sum(s.prefill_ms for s in stages) + prompt_hops
     used = sum(s.memory_used_gb * s.tp_degree for s in stages)
     usable = sum(cluster.node(n).usable_bytes for s in stages for n in s.nodes) / GB
     objective = tpot if options.objective == "latency" else bottleneck

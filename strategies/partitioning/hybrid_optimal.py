@@ -126,7 +126,8 @@ class _Search:
 
     def costs(self, unit: Unit) -> tuple[np.ndarray, np.ndarray]:
         """(C, C_last): C[i, j] = decode step of layers [i, j) on the unit (inf if it does not fit or i >= j);
-        C_last[i] = the same for [i, L) with the output head. Mirrors _plans.stage_decode_s exactly."""
+        C_last[i] = the same for [i, L) with the output head. Vectorises costmodel.StageModel.decode_s
+        (every member's roofline + overhead, the slowest decides, plus the all-reduces); tests check they agree."""
         if unit not in self._cost:
             self._cost[unit] = self._build_costs(unit)
         return self._cost[unit]

@@ -7,7 +7,8 @@ The policy decides; this module turns its decisions into time and memory the eng
     before the request can start: load time = block bytes / the tier's read rate;
   * a lower-tier block is used only while loading it beats recomputing it (the policy's check), and the
     recompute cost of a block is its prefill time through the plan's stages.
-A cached prefix is not prefilled again: the engine prefills only prompt - cached tokens. Attention over the
+A cached prefix is not prefilled again: the engine prefills only prompt - cached tokens (sim.admission carries
+a request through look-up, load and submit, for simulate() and the real-time SimBackend alike). Attention over the
 cached tokens during that prefill is not charged (a small underestimate for long prefixes).
 
 Block keys: from token ids as a hash chain over full blocks (the real-time server path, where prompts are

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from harness.specs import LoadReport
 from harness.costmodel import Profile
-from harness.specs import Cluster, ModelSpec, PartitionPlan
+from harness.metrics import STEP_COLUMNS, arrow_schema
+from harness.specs import Cluster, LoadReport, ModelSpec, PartitionPlan
 from harness.workloads import Workload
+from sim.admission import Admission, AdmissionRequest
+from sim.costs import stage_models
 from sim.engine import Engine, EngineConfig
 from sim.loading import load_nodes
 
@@ -32,15 +34,16 @@ def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: P
     every node has loaded its weights. `progress(done, total, virtual_now)` is called as requests finish.
     `step_sink(table)`: stream step records out in pieces (SimResult.steps is then None), which keeps memory
     flat on long runs; without it they are returned as one table.
-    `cache`: a sim.prefix_cache.PrefixCache; requests' declared shared prefixes are looked up on arrival
-    (cached tokens are not prefilled, lower-tier hits wait for their load) and remembered after the prefill.
+    `cache`: a sim.prefix_cache.PrefixCache; requests' declared shared prefixes go through sim.admission
+    (cached tokens are not prefilled, lower-tier hits wait for their load, prefixes are remembered after the prefill).
     """
     if cache is not None:   # its L1 share comes out of the pool running requests use
         config = cache.engine_config(config)
     env = simpy.Environment()
     wall = time.perf_counter()
     total = len(workload)
-    state = {"done": 0, "next": 0, "every": max(total // 100, 1), "cache": cache, "keys": {}}
+    admission = Admission(cache)
+    state = {"done": 0, "next": 0, "every": max(total // 100, 1), "admission": admission}
     engine_box: list[Engine] = []
 
     def on_finish(t, slots):
@@ -51,22 +54,16 @@ def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: P
             for _ in range(len(slots)):
                 _submit_next(engine_box[0], workload, state)
 
-    probe = Engine(simpy.Environment(), cluster, model, plan, profile, config)  # stage models for loading
     load_end, load_rows = ({}, [])
     if include_load:
-        load_end, load_rows = load_nodes(env, cluster, probe.stages, profile, weights_local)
+        load_end, load_rows = load_nodes(env, cluster, stage_models(cluster, model, plan), profile, weights_local)
         env.run()
     t_ready = max(load_end.values(), default=0.0)
     if step_sink is not None and load_rows:
-        step_sink(_with_load_rows(probe.steps_table(), load_rows))
-    def on_tokens(t, slots, finished):   # the first token ends a prefill: its prefix blocks are cached now
-        for slot in slots.tolist():
-            keys = state["keys"].pop(slot, None)
-            if keys:
-                cache.remember(keys)
-
+        step_sink(_with_load_rows(arrow_schema(STEP_COLUMNS).empty_table(), load_rows))
+    # without a cache no token callback: the engine fast-forwards decode steps only when nobody listens
     engine = Engine(env, cluster, model, plan, profile, config, start_at=t_ready, on_finish=on_finish,
-                    step_sink=step_sink, on_tokens=on_tokens if cache is not None else None)
+                    step_sink=step_sink, on_tokens=admission.on_tokens if cache is not None else None)
     engine_box.append(engine)
     if workload.closed_loop:
         env.process(_closed_loop_start(env, engine, workload, state, t_ready))
@@ -96,7 +93,7 @@ def _open_loop(env, engine: Engine, wl: Workload, t0: float, state: dict):
         if at > env.now:
             yield env.timeout(at - env.now)
         for i in range(a, b):
-            _submit(env, engine, wl, i, state, scheduled_s=at)
+            _submit(engine, wl, i, state, scheduled_s=at)
 
 
 def _closed_loop_start(env, engine: Engine, wl: Workload, state: dict, t0: float):
@@ -110,40 +107,26 @@ def _submit_next(engine: Engine, wl: Workload, state: dict) -> None:
     i = state["next"]
     if i < len(wl):
         state["next"] = i + 1
-        _submit(engine.env, engine, wl, i, state)
+        _submit(engine, wl, i, state)
 
 
-def _submit(env, engine: Engine, wl: Workload, i: int, state: dict, scheduled_s: float | None = None) -> None:
-    """Hand request i to the engine, first asking the prefix cache (if any) how much of its prompt it holds."""
-    prompt, out, rid = int(wl.prompt_tokens[i]), int(wl.output_tokens[i]), wl.request_id(i)
-    cache = state["cache"]
-    if cache is None:
-        engine.submit(prompt, out, rid, scheduled_s=scheduled_s)
-        return
-    spec = wl.request(i)
-    keys = cache.keys_from_prefix(spec.prefix_id, spec.prefix_tokens)
-    hit = cache.admit(keys, prompt)
-    if hit.load_s > 0:   # lower-tier blocks travel to unified memory before the request can start
-        env.process(_submit_later(env, engine, hit.load_s, prompt - hit.cached_tokens, out, rid, keys, state,
-                                  scheduled_s if scheduled_s is not None else env.now, hit.cached_tokens))
-        return
-    slot = engine.submit(prompt - hit.cached_tokens, out, rid, scheduled_s=scheduled_s, cached_tokens=hit.cached_tokens)
-    state["keys"][slot] = keys
+def _submit(engine: Engine, wl: Workload, i: int, state: dict, scheduled_s: float | None = None) -> None:
+    """Hand request i to the engine through the prefix-cache admission (a plain submit when there is no cache)."""
+    admission = state["admission"]
+    admission.submit(engine, _admission_request(wl, i, admission.cache, scheduled_s))
 
 
-def _submit_later(env, engine, delay, prompt, out, rid, keys, state, scheduled_s, cached):
-    arrived = env.now
-    yield env.timeout(delay)
-    slot = engine.submit(prompt, out, rid, scheduled_s=scheduled_s, arrived_s=arrived, cached_tokens=cached)
-    state["keys"][slot] = keys
+def _admission_request(wl: Workload, i: int, cache, scheduled_s: float | None) -> AdmissionRequest:
+    keys = ()
+    if cache is not None:   # only then is the request's prefix worth building
+        spec = wl.request(i)
+        keys = cache.keys_from_prefix(spec.prefix_id, spec.prefix_tokens)
+    return AdmissionRequest(int(wl.prompt_tokens[i]), int(wl.output_tokens[i]), wl.request_id(i), keys, scheduled_s)
 
 
 def _load_report(engine: Engine, load_end: dict, included: bool) -> LoadReport:
-    mem = {}
-    peak = engine.kv_peak_bytes()
-    for st in engine.stages:
-        for n in st.nodes:
-            mem[n] = int(st.weight_bytes_node + peak.get(n, 0))
+    # weights only, as every backend reports them (harness.summary); the peak KV is in the run's stats
+    mem = {n: int(st.weight_bytes_node) for st in engine.stages for n in st.nodes}
     notes = () if included else ("model loading not simulated",)
     return LoadReport(load_s_per_node=dict(load_end), memory_bytes_per_node=mem, source="simulated", notes=notes)
 

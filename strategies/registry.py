@@ -1,4 +1,8 @@
-"""A small name -> function registry. One strategy per file, registered under its --strategy name."""
+"""A small name -> function registry. One strategy per file, registered under its --strategy name.
+
+The registered names are the single list of what exists: `--strategy` / `--cache` help texts and the shared
+property tests read them, so adding a strategy or a policy is its own file (plus its own exact-table test).
+"""
 from __future__ import annotations
 
 import importlib
@@ -32,6 +36,20 @@ def cache_policy(name: str):
     return _registrar(_CACHE_POLICIES, "cache policy", name)
 
 
+def unregister_strategy(name: str) -> None:
+    """Take a strategy out again (one registered for a while, e.g. by a test, must not stay behind)."""
+    _unregister(_PARTITIONERS, "strategy", name)
+
+
+def unregister_cache_policy(name: str) -> None:
+    _unregister(_CACHE_POLICIES, "cache policy", name)
+
+
+def _unregister(table: dict, kind: str, name: str) -> None:
+    if table.pop(name, None) is None:
+        raise ValueError(f"{kind} {name!r} is not registered")
+
+
 @cache
 def _load_all() -> None:
     """Import every strategy module once, so their decorators have run."""
@@ -61,6 +79,7 @@ def get_strategy(name: str) -> Callable:
 
 
 def cache_policy_names() -> list[str]:
+    """In name order; "none" is a policy like the others (the baseline)."""
     _load_all()
     return sorted(_CACHE_POLICIES)
 

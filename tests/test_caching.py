@@ -2,8 +2,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strategies.caching._base import CacheConfig, Tier
-from strategies.registry import cache_policy_names, get_cache_policy
+from harness.cli import main
+from strategies.caching._base import CacheConfig, Lookup, PolicyBase, Tier
+from strategies.registry import cache_policy, cache_policy_names, get_cache_policy, unregister_cache_policy
+
+KNOWN = ["infinite", "lru", "none", "s3_fifo", "tiered_lru"]
 
 
 def config(l1=2, l2=0, l2_load=0.1, recompute=1.0):
@@ -11,8 +14,11 @@ def config(l1=2, l2=0, l2_load=0.1, recompute=1.0):
     return CacheConfig(tiers=tiers, recompute_s_per_block=recompute)
 
 
-def test_policies_registered():
-    assert cache_policy_names() == ["infinite", "lru", "none", "s3_fifo", "tiered_lru"]
+def test_known_policies_registered_in_name_order_and_duplicates_refused():
+    names = cache_policy_names()
+    assert set(KNOWN) <= set(names) and names == sorted(names)
+    with pytest.raises(ValueError, match="twice"):
+        cache_policy("lru")(lambda config: None)
 
 
 def test_lru_evicts_least_recent_and_respects_pins():
@@ -71,9 +77,10 @@ def test_none_never_hits():
 @given(trace=st.lists(st.lists(st.integers(0, 30), min_size=1, max_size=6), min_size=1, max_size=60),
        cap=st.integers(1, 8))
 def test_no_policy_beats_infinite_and_capacity_holds(trace, cap):
+    # every registered policy, so a new one is held to this without editing the test
     cfg = config(l1=cap, l2=cap, l2_load=0.1, recompute=1.0)
     ceiling = get_cache_policy("infinite")(cfg)
-    policies = {name: get_cache_policy(name)(cfg) for name in ("lru", "tiered_lru", "s3_fifo", "none")}
+    policies = {name: get_cache_policy(name)(cfg) for name in cache_policy_names() if name != "infinite"}
     for prompt in trace:
         keys = [f"b{k}" for k in prompt]
         best = ceiling.lookup(keys).blocks
@@ -83,3 +90,38 @@ def test_no_policy_beats_infinite_and_capacity_holds(trace, cap):
             p.insert(keys)
             for held, tier in zip(p.stats().get("blocks_per_tier", []), cfg.tiers):
                 assert held <= tier.capacity_blocks, name
+
+
+class ClaimsEverything(PolicyBase):
+    """A broken policy: it reports a hit for every block it is asked about, cached or not."""
+
+    def lookup(self, keys) -> Lookup:
+        return Lookup(len(keys), (len(keys),) + (0,) * (len(self.config.tiers) - 1))
+
+    def insert(self, keys) -> list:
+        return []
+
+
+@pytest.fixture
+def throwaway_policy():
+    name = "zz_claims_everything"
+    cache_policy(name)(ClaimsEverything)
+    yield name
+    unregister_cache_policy(name)
+
+
+def test_a_registered_policy_is_held_to_the_shared_properties_and_listed_in_help(throwaway_policy, capsys):
+    with pytest.raises(AssertionError, match=throwaway_policy):
+        test_no_policy_beats_infinite_and_capacity_holds()
+    for command in ("simulate", "run"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert throwaway_policy in capsys.readouterr().out
+
+
+def test_an_unregistered_policy_is_gone():
+    cache_policy("zz_gone")(ClaimsEverything)
+    unregister_cache_policy("zz_gone")
+    assert "zz_gone" not in cache_policy_names()
+    with pytest.raises(ValueError, match="not registered"):
+        unregister_cache_policy("zz_gone")

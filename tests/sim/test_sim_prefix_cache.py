@@ -1,4 +1,5 @@
 """Prefix caching carried out by the simulator: cached prefixes skip their prefill, lower tiers cost load time."""
+import numpy as np
 import pytest
 
 from harness import catalog
@@ -59,3 +60,28 @@ def test_lower_tier_hits_are_counted_per_tier_and_never_slow_the_first_token(set
     assert stats["demoted"] > 0
     ttft = lambda df: (df["first_token_s"] - df["start_s"]).mean()
     assert ttft(tiered) <= ttft(plain) + 1e-9
+
+
+@pytest.mark.parametrize("policy, kw", [("lru", {}), ("tiered_lru", {"l1_share": 1e-7})])
+def test_virtual_and_real_time_admission_cache_the_same_tokens(setup, policy, kw):
+    # the same chats through simulate() and through the real-time SimBackend 100x faster than real time (its
+    # wall-clock schedule is the virtual one / 100); tiered_lru with no L1 block makes every hit wait for its L2 load
+    from harness.backends.sim import SimBackend, SimBackendConfig
+    from harness.serving.loadgen import Target, run_load_sync
+    from harness.serving.server import EmbeddedServer
+    speed = 100.0
+    chats = dict(CHATS, conversations=3, arrival={"process": "constant", "rate": 1 / 7})   # no two turns at once
+    wall_chats = dict(chats, think_time_s=chats["think_time_s"] / speed,
+                      arrival={"process": "constant", "rate": speed / 7})
+    virtual, _ = run(setup, chats, policy, **kw)
+    cache = make_prefix_cache(policy, *setup, **kw)
+    backend = SimBackend(*setup, cache=cache, config=SimBackendConfig(speed=speed, include_load=False))
+    with EmbeddedServer(backend) as server:
+        client = run_load_sync(Target(server.url), build_workload(wall_chats)).frame()
+    assert client["success"].all()
+    in_order = lambda df: df.sort_values("scheduled_s")["cached_tokens"].tolist()
+    assert in_order(client) == in_order(virtual), (in_order(client), in_order(virtual))
+    assert sum(in_order(virtual)) > 0 and (policy == "lru" or cache.stats()["hits_L2"] > 0)
+    # each turn meets an idle cluster, so its virtual TTFT (which counts the wait for loaded blocks) is the same
+    ttft = lambda df: (df["first_token_s"] - df["start_s"]).to_numpy()
+    assert np.allclose(ttft(backend.requests_table().to_pandas()), ttft(virtual), rtol=1e-9, atol=0)

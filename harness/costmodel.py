@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.specs import Chip, Cluster, Link, ModelSpec, PartitionPlan, UserError, read_json
+from harness.specs import Chip, Cluster, Link, ModelSpec, PartitionPlan, UserError, read_json, reject_unknown
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 REQUIRED = ("eta_bw", "mu_compute", "step_overhead_s", "layer_overhead_s", "link_overhead_us", "ssd_gbs")
+# A profile file's keys: the factors, their provenance, and the notes `harness calibrate` writes beside them.
+PROFILE_KEYS = ("name", "source", *REQUIRED, "per_chip", "ssd_basis", "link_basis", "fit")
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,21 @@ def load_profile(path: str | Path | None = None) -> Profile:
     data = read_json(p, "cost-model profile")
     if isinstance(data.get("profile"), dict) and "eta_bw" not in data:   # a profile-host file: its profile part
         data = data["profile"]
+    _reject_unknown_profile_keys(data, f"cost-model profile {p}")
     missing = [k for k in REQUIRED if not isinstance(data.get(k), (int, float))]
     if missing:
         raise UserError(f"cost-model profile {p}: missing or non-numeric {', '.join(missing)}")
     return Profile(name=data.get("name", p.stem), per_chip=data.get("per_chip", {}), source=data.get("source", ""),
                    **{k: float(data[k]) for k in REQUIRED})
+
+
+def _reject_unknown_profile_keys(data: dict, origin: str) -> None:
+    reject_unknown(data, PROFILE_KEYS, origin)
+    per_chip = data.get("per_chip", {})
+    if not isinstance(per_chip, dict):
+        raise UserError(f"{origin}: per_chip must be an object mapping chip names to factors, got {per_chip!r}")
+    for chip, factors in per_chip.items():
+        reject_unknown(factors, REQUIRED, origin, f"per_chip.{chip}")
 
 
 def roofline(chip: Chip, profile: Profile, nbytes: float, flops: float) -> float:

@@ -11,14 +11,18 @@ import copy
 import tomllib
 from pathlib import Path
 
-from harness.specs import UserError
+from harness.backends import BACKEND_NAMES
+from harness.specs import UserError, reject_unknown
+from harness.workloads import check_workload
 
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "runs" / "default.toml"
 SCALARS = {"name": str, "backend": str, "cluster": str, "model": str, "quant": int, "group_size": int,
            "strategy": str, "objective": str, "cache": str, "kv_reserve_tokens": int, "profile": str}
 TABLES = {"workload": dict, "load": dict, "targets": list, "mlx": dict}
-BACKENDS = ("sim", "mlx")
+BACKENDS = BACKEND_NAMES   # every backend runs an experiment (instant ignores the plan)
 MLX_OPTIONS = ("head_dim", "seed", "max_running", "emulate_links", "emulate_latency")
+LOAD_KEYS = ("warmup", "max_duration_s")     # what harness.orchestrate reads from [load]
+TARGET_KEYS = ("name", "metric", "op", "value", "unit", "note")   # the fields of reports.targets.Target
 
 
 def load_experiment(path: str | Path | None = None) -> dict:
@@ -40,19 +44,29 @@ def _read(path: Path) -> dict:
         raise UserError(f"experiment file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"experiment file {path}: not valid TOML: {exc}") from None
-    for key, value in data.items():
-        kind = SCALARS.get(key) or TABLES.get(key)
-        if kind is None:
-            raise UserError(f"experiment file {path}: unknown key {key!r}; known keys: "
-                            f"{', '.join(list(SCALARS) + list(TABLES))}")
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise UserError(f"experiment file {path}: {key} must be {kind.__name__}, got {value!r}")
-    unknown = sorted(set(data.get("mlx", {})) - set(MLX_OPTIONS))
-    if unknown:
-        raise UserError(f"experiment file {path}: [mlx] has unknown keys {unknown}; known: {', '.join(MLX_OPTIONS)}")
-    if data.get("backend", "sim") not in BACKENDS:
-        raise UserError(f"experiment file {path}: backend must be one of {', '.join(BACKENDS)}, got {data['backend']!r}")
+    check_experiment(data, f"experiment file {path}")
     return data
+
+
+def check_experiment(data: dict, origin: str) -> None:
+    """Unknown keys at any depth and wrongly typed values are errors naming the file and the key path."""
+    reject_unknown(data, list(SCALARS) + list(TABLES), origin)
+    for key, value in data.items():
+        kind = SCALARS.get(key) or TABLES[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UserError(f"{origin}: {key} must be {kind.__name__}, got {value!r}")
+    _check_tables(data, origin)
+    if data.get("backend", "sim") not in BACKENDS:
+        raise UserError(f"{origin}: backend must be one of {', '.join(BACKENDS)}, got {data['backend']!r}")
+
+
+def _check_tables(data: dict, origin: str) -> None:
+    reject_unknown(data.get("mlx", {}), MLX_OPTIONS, origin, "[mlx]")
+    reject_unknown(data.get("load", {}), LOAD_KEYS, origin, "[load]")
+    for i, target in enumerate(data.get("targets", [])):
+        reject_unknown(target, TARGET_KEYS, origin, f"[[targets]][{i}]")
+    if "workload" in data:
+        check_workload(data["workload"], origin, "[workload]")
 
 
 def apply_overrides(exp: dict, args) -> dict:

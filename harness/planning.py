@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from harness import catalog
-from harness.costmodel import load_profile
+from harness.costmodel import PlanOptions, load_profile
 from harness.specs import Cluster, ModelSpec, PartitionPlan
+from strategies.registry import strategy_names
 
 DEFAULT_CLUSTER = "mixed"
 DEFAULT_MODEL = "llama-3.1-70b"
@@ -22,7 +23,8 @@ def add_plan_arguments(p: argparse.ArgumentParser, strategy_default: str = "hybr
                    help="weight bits: 2, 3, 4, 5, 6, 8; 16 unquantized; 32 float32 (CPU hosts) (default %(default)s)")
     g.add_argument("--group-size", type=int, default=64, help="quantization group size: 32, 64, 128 (default %(default)s)")
     g.add_argument("--strategy", default=strategy_default,
-                   help="partitioning strategy name, or 'all' to compare every strategy (default %(default)s)")
+                   help=f"partitioning strategy: {', '.join(strategy_names())}; or 'all' to compare them "
+                        "(default %(default)s)")
     g.add_argument("--objective", default="latency", choices=["latency", "throughput"],
                    help="what hybrid_optimal minimises: latency = time per token of one stream; "
                         "throughput = pipeline bottleneck stage (default %(default)s)")
@@ -41,7 +43,6 @@ def load_inputs(args) -> tuple[Cluster, ModelSpec]:
 
 
 def plan_options(args):
-    from strategies.partitioning._plans import PlanOptions
     return PlanOptions(profile=load_profile(args.profile), objective=args.objective,
                        kv_reserve_tokens=args.kv_reserve_tokens, context_tokens=args.context_tokens,
                        prompt_tokens=args.prompt_tokens)
@@ -56,7 +57,15 @@ def strategies_for(name: str) -> list[str]:
 
 
 def make_plan(args, strategy: str | None = None) -> tuple[Cluster, ModelSpec, PartitionPlan]:
-    from strategies.registry import get_strategy
     cluster, model = load_inputs(args)
-    name = strategy or args.strategy
-    return cluster, model, get_strategy(name)(cluster, model, plan_options(args))
+    return cluster, model, plan_with(strategy or args.strategy, cluster, model, plan_options(args))
+
+
+def plan_with(name: str, cluster: Cluster, model: ModelSpec, options) -> PartitionPlan:
+    """One strategy's plan; a DoesNotFit names the strategy once (the strategies' own messages do not)."""
+    from harness.specs import DoesNotFit
+    from strategies.registry import get_strategy
+    try:
+        return get_strategy(name)(cluster, model, options)
+    except DoesNotFit as exc:
+        raise DoesNotFit(f"{name}: {exc}") from None

@@ -6,6 +6,7 @@ a complete object or raise UserError naming the file, the field and what was exp
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -19,6 +20,33 @@ class UserError(Exception):
 
 class DoesNotFit(UserError):
     """The model (with its KV reserve) needs more memory than the nodes offer."""
+
+
+def join_key(path: str, key: str | int) -> str:
+    """A key path as users read it: `[load].warmup`, `nodes[1].chip`, `arrival.rate` (`path` may be empty)."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def reject_unknown(data, allowed, origin: str, path: str = "") -> None:
+    """Raise UserError when `data` is not a table or holds a key outside `allowed`, naming the file (`origin`),
+    the key path and the nearest valid key: a typo must never fall back silently to a default.
+    Keys starting with "_" are notes (JSON has no comments), e.g. "_about"."""
+    allowed = tuple(allowed)
+    if not isinstance(data, dict):
+        raise UserError(f"{origin}: {path or 'the file'} must be a table with keys {', '.join(allowed)}; got {data!r}")
+    unknown = [k for k in data if not (isinstance(k, str) and k.startswith("_")) and k not in allowed]
+    if unknown:
+        named = "; ".join(f"'{join_key(path, k)}'" + did_you_mean(str(k), allowed) for k in unknown)
+        scope = f" in {path}" if path else ""
+        raise UserError(f"{origin}: unknown key {named} (known keys{scope}: {', '.join(allowed) or 'none'})")
+
+
+def did_you_mean(word: str, choices) -> str:
+    """`, did you mean 'x'?` for the choice nearest a misspelt word, or "" when none is near."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f", did you mean '{close[0]}'?" if close else ""
 
 
 GIB = 1024**3

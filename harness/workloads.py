@@ -28,11 +28,25 @@ from typing import Iterator
 
 import numpy as np
 
-from harness.specs import UserError, read_json
+from harness.specs import UserError, join_key, read_json, reject_unknown
 
 ARRIVAL_PROCESSES = ("all_at_once", "constant", "poisson", "bursts")
 LENGTH_DISTS = ("fixed", "uniform", "normal", "lognormal")
 KINDS = ("synthetic", "conversations", "trace")
+# Every key each builder reads; anything else in a workload dict is a typo and an error. "seed" is allowed
+# everywhere because the load generator also seeds prompt text with it.
+WORKLOAD_KEYS = {
+    "synthetic": ("kind", "num_requests", "seed", "arrival", "prompt", "output", "closed_loop"),
+    "conversations": ("kind", "conversations", "turns", "system_prompt_tokens", "user", "output", "think_time_s",
+                      "arrival", "seed", "closed_loop"),
+    "trace": ("kind", "path", "time_scale", "seed", "closed_loop"),
+}
+ARRIVAL_KEYS = {"all_at_once": (), "constant": ("rate",), "poisson": ("rate",), "bursts": ("burst_size", "interval_s")}
+LENGTH_KEYS = {"fixed": ("value",), "uniform": ("low", "high"), "normal": ("mean", "std"),
+               "lognormal": ("mean", "sigma")}
+LENGTH_BOUNDS = ("min", "max")
+LENGTH_FIELDS = ("prompt", "output", "user")
+TRACE_ROW_KEYS = ("arrival_s", "prompt_tokens", "output_tokens", "prefix_id", "prefix_tokens")
 
 
 @dataclass(frozen=True)
@@ -140,10 +154,46 @@ def _positive(spec: dict, key: str) -> float:
     return value
 
 
+# ---------------------------------------------------------------- strict keys
+
+def check_workload(spec, origin: str = "workload", path: str = "") -> None:
+    """Unknown keys at any depth of a workload dict are errors naming `origin` (the file) and the key path."""
+    kind = spec.get("kind", "synthetic") if isinstance(spec, dict) else "synthetic"
+    _check_choice(kind, KINDS, origin, join_key(path, "kind"))
+    reject_unknown(spec, WORKLOAD_KEYS[kind], origin, path)
+    if "arrival" in spec:
+        _check_arrival(spec["arrival"], origin, join_key(path, "arrival"))
+    for key in LENGTH_FIELDS:
+        if key in spec:
+            _check_length(spec[key], origin, join_key(path, key))
+    if isinstance(spec.get("closed_loop"), dict):
+        reject_unknown(spec["closed_loop"], ("concurrency",), origin, join_key(path, "closed_loop"))
+
+
+def _check_arrival(spec, origin: str, path: str) -> None:
+    process = spec.get("process", "poisson") if isinstance(spec, dict) else "poisson"
+    _check_choice(process, ARRIVAL_PROCESSES, origin, join_key(path, "process"))
+    reject_unknown(spec, ("process", *ARRIVAL_KEYS[process]), origin, path)
+
+
+def _check_length(spec, origin: str, path: str) -> None:
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return
+    dist = spec.get("dist", "fixed") if isinstance(spec, dict) else "fixed"
+    _check_choice(dist, LENGTH_DISTS, origin, join_key(path, "dist"))
+    reject_unknown(spec, ("dist", *LENGTH_KEYS[dist], *LENGTH_BOUNDS), origin, path)
+
+
+def _check_choice(value, choices: tuple, origin: str, path: str) -> None:
+    if value not in choices:
+        raise UserError(f"{origin}: {path} {value!r} is not one of {', '.join(choices)}")
+
+
 # ---------------------------------------------------------------- builders
 
 def build_workload(spec: dict, base_dir: str | Path | None = None) -> Workload:
     """Build a workload from its describing dict (see module docstring). Same dict, same requests."""
+    check_workload(spec)
     kind = spec.get("kind", "synthetic")
     match kind:
         case "synthetic":
@@ -201,7 +251,7 @@ def _trace(spec: dict, base_dir: str | Path | None) -> Workload:
     path = Path(_req(spec, "path"))
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
-    if not path.exists():
+    if not path.is_file():
         raise UserError(f"trace file not found: {path}")
     rows = []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
@@ -223,6 +273,8 @@ def _trace(spec: dict, base_dir: str | Path | None) -> Workload:
 def _trace_row(line: str, path: Path, lineno: int) -> tuple:
     try:
         obj = json.loads(line)
+        if isinstance(obj, dict):   # a row that is not an object is reported as a bad line below
+            reject_unknown(obj, TRACE_ROW_KEYS, f"{path}:{lineno}")
         row = (float(obj["arrival_s"]), int(obj["prompt_tokens"]), int(obj["output_tokens"]),
                None if obj.get("prefix_id") is None else str(obj["prefix_id"]), int(obj.get("prefix_tokens", 0)))
     except (ValueError, KeyError, TypeError) as exc:
@@ -256,6 +308,14 @@ def write_trace(workload: Workload, path: str | Path) -> None:
 # ---------------------------------------------------------------- CLI shorthand
 
 _SHORT_KEYS = {"n": "num_requests", "requests": "num_requests", "seed": "seed"}
+_SYNTHETIC_SHORT = ("prompt", "output", *_SHORT_KEYS)
+SHORTHAND_KEYS = {   # the options each shorthand head reads; any other option is an error
+    "trace": ("path", "time_scale", "seed"),
+    "conversations": ("process", "rate", "conversations", "turns", "system_prompt_tokens", "think_time_s", "user",
+                      "output", "seed"),
+    "closed": ("concurrency", *_SYNTHETIC_SHORT),
+    **{p: (*ARRIVAL_KEYS[p], *_SYNTHETIC_SHORT) for p in ARRIVAL_PROCESSES},
+}
 
 
 def parse_workload(text: str) -> dict:
@@ -270,13 +330,18 @@ def parse_workload(text: str) -> dict:
     """
     if text.endswith((".json", ".toml")):
         return _load_workload_file(Path(text))
-    head, *rest = [p.strip() for p in text.split(",") if p.strip()]
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise UserError("empty workload; give e.g. poisson,rate=5,n=100 or a .json/.toml file")
+    head, *rest = parts
     kv = {}
     for part in rest:
         if "=" not in part:
             raise UserError(f"workload option {part!r} is not key=value")
         k, v = part.split("=", 1)
         kv[k.strip()] = v.strip()
+    if head in SHORTHAND_KEYS:   # an unknown head is reported by _shorthand_to_dict, with the choices
+        reject_unknown(kv, SHORTHAND_KEYS[head], f"workload {text!r}")
     return _shorthand_to_dict(head, kv)
 
 
@@ -313,8 +378,6 @@ def _shorthand_to_dict(head: str, kv: dict) -> dict:
     for short, key in _SHORT_KEYS.items():
         if short in kv:
             spec[key] = int(kv.pop(short))
-    if kv:
-        raise UserError(f"unknown workload options: {', '.join(sorted(kv))}")
     return spec
 
 
@@ -339,12 +402,24 @@ def _short_length(text: str) -> dict:
 def _load_workload_file(path: Path) -> dict:
     if not path.exists():
         raise UserError(f"workload file not found: {path}")
+    data = _read_workload_file(path)
+    nested = isinstance(data.get("workload"), dict)
+    data = data["workload"] if nested else data
+    check_workload(data, f"workload file {path}", "[workload]" if nested else "")
+    if data.get("kind") == "trace" and "path" in data and not Path(data["path"]).is_absolute():
+        data = {**data, "path": str(path.parent / data["path"])}
+    return data
+
+
+def _read_workload_file(path: Path) -> dict:
     if path.suffix == ".json":
         data = read_json(path, "workload")
     else:
         import tomllib
-        data = tomllib.loads(path.read_text())
-    data = data.get("workload", data)
-    if data.get("kind") == "trace" and not Path(data.get("path", "")).is_absolute():
-        data = {**data, "path": str(path.parent / data["path"])}
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"workload file {path}: not valid TOML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"workload file {path}: expected an object describing a workload, got {type(data).__name__}")
     return data

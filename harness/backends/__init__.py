@@ -1,2 +1,108 @@
 """Backends: the one `Backend` protocol (`base`) and its adapters, the SimPy cluster paced in real time
-(`sim`), real MLX ranks (`mlx`) and a zero-cost one that measures the server itself (`instant`)."""
+(`sim`), real MLX ranks (`mlx`) and a zero-cost one that measures the server itself (`instant`).
+
+`BACKEND_NAMES` is the one list of backend names every command offers, and `make_backend` holds the one
+`match` over them. Adding a backend: its module, a name here and a case in `make_backend`.
+Imports stay inside the cases so that `python -m harness --help` loads neither simpy nor mlx.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from harness.specs import UserError
+
+if TYPE_CHECKING:
+    from harness.backends.base import Backend
+    from harness.costmodel import Profile
+    from harness.specs import Cluster, ModelSpec, PartitionPlan
+
+BACKEND_NAMES = ("sim", "mlx", "instant")
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A partition plan with what it was made from: the sim backend runs it, the mlx backend builds the model's
+    local twin from it."""
+    cluster: Cluster
+    model: ModelSpec
+    plan: PartitionPlan
+    profile: Profile
+    model_source: str                  # the preset name or config.json the model was read from
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Everything any backend may be built with; each backend reads its own fields and ignores the rest."""
+    # Called only by a backend that needs the plan, so `serve --backend instant` never plans anything.
+    planned: Callable[[], Planned] | None = None
+    model_id: str | None = None        # default: the model's name (sim), the model folder's or twin's (mlx)
+    # sim
+    speed: float = 1.0                 # virtual seconds per wall second
+    max_waiting: int | None = None     # QueueFull beyond this many requests waiting
+    cache: str = "none"                # prefix-cache policy
+    # mlx: a model folder with an optional layer split, else a twin of the planned model built locally
+    model_path: str | None = None
+    split: tuple[int, ...] | None = None
+    max_running: int = 16              # largest decode batch
+    twin_head_dim: int = 16
+    twin_seed: int = 0
+    emulate_links: bool = False        # each rank in its own network namespace, shaped like the plan's links
+    emulate_latency: bool = False
+    # instant
+    token_interval_s: float = 0.0
+
+
+def make_backend(name: str, options: BackendOptions = BackendOptions()) -> Backend:
+    """The backend called `name` (one of BACKEND_NAMES), built from `options`, not loaded yet."""
+    match name:
+        case "sim":
+            return _sim_backend(options)
+        case "mlx":
+            return _mlx_backend(options)
+        case "instant":
+            from harness.backends.instant import InstantBackend
+            return InstantBackend(token_interval_s=options.token_interval_s)
+    raise UserError(f"unknown backend {name!r}; known: {', '.join(BACKEND_NAMES)}")
+
+
+def _planned(options: BackendOptions, backend: str) -> Planned:
+    if options.planned is None:
+        raise UserError(f"the {backend} backend needs a partition plan (cluster, model and strategy)")
+    return options.planned()
+
+
+def _sim_backend(options: BackendOptions):
+    from harness.backends.sim import SimBackend, SimBackendConfig
+    from sim.prefix_cache import make_prefix_cache
+    if not options.speed > 0:
+        raise UserError(f"speed must be > 0, got {options.speed}")
+    p = _planned(options, "sim")
+    cache = make_prefix_cache(options.cache, p.cluster, p.model, p.plan, p.profile)
+    config = SimBackendConfig(speed=options.speed, max_waiting=options.max_waiting,
+                              model_id=options.model_id or p.model.name)
+    return SimBackend(p.cluster, p.model, p.plan, p.profile, config=config, cache=cache)
+
+
+def _mlx_backend(options: BackendOptions):
+    from harness.backends.mlx import MlxBackend
+    if options.model_path is None:
+        if options.split:
+            raise UserError("a layer split needs a model folder (--model-path); a twin runs the plan's split")
+        return _mlx_twin_backend(options)
+    split = list(options.split) if options.split else None
+    return MlxBackend(options.model_path, split, model_id=options.model_id, max_running=options.max_running)
+
+
+def _mlx_twin_backend(options: BackendOptions):
+    """Real MLX ranks on this machine running the plan's split on a locally built scaled twin of the model:
+    same layers and head layout, smaller width (harness.mlx.modelbuild), so the plan applies unchanged."""
+    from harness.backends.mlx import MlxBackend, _stages_from, links_for_plan
+    from harness.mlx.modelbuild import build, twin_config
+    p = _planned(options, "mlx")
+    _stages_from(p.plan, p.model.num_layers)   # a plan the ranks cannot run fails now, not after a long build
+    twin = build(twin_config(p.model_source, head_dim=options.twin_head_dim), seed=options.twin_seed)
+    links = links_for_plan(p.plan, p.cluster) if options.emulate_links else None
+    return MlxBackend(twin.path, p.plan, model_id=options.model_id or f"{p.model_source}-twin",
+                      max_running=options.max_running, links=links,
+                      emulate_latency=options.emulate_latency and links is not None)

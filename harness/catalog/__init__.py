@@ -13,6 +13,8 @@ models are HF/mlx-lm config.json files under models/. Cluster files are JSON in 
      "links": [{"a", "b", "kind", "latency_us"?, "bandwidth_gbps"?}], "default_link": "tb4-tcp"}
 
 Pairs without an explicit link get the default link kind (a full mesh, as a switch or Thunderbolt mesh gives).
+Unknown keys at any level are errors naming the file, the key path and the nearest valid key; keys starting
+with "_" (e.g. "_about") are notes.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from harness.specs import Chip, Cluster, Link, ModelSpec, Node, UserError, finite_positive, model_from_config, read_json
+from harness.specs import (Chip, Cluster, Link, ModelSpec, Node, UserError, did_you_mean, finite_positive,
+                           model_from_config, read_json, reject_unknown)
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -130,17 +133,36 @@ def default_usable_fraction(memory_gb: float) -> float:
     return 0.667 if memory_gb <= 36 else 0.75
 
 
+# Every key the parser reads, per level; anything else is a typo and an error (keys starting with "_" are notes).
+CLUSTER_KEYS = ("name", "nodes", "links", "default_link",                          # rich shape
+                "backend", "network_interface", "use_thunderbolt", "ethernet")      # simple shape
+NODE_KEYS = ("name", "chip", "gpu_cores", "memory_gb", "usable_fraction", "ssd_gbs", "host", "host_profile",
+             "ip", "role")
+LINK_KEYS = ("a", "b", "kind", "latency_us", "bandwidth_gbps")
+
+
 def load_cluster(name_or_path: str) -> Cluster:
+    """A cluster JSON file, or a bundled cluster by name."""
     path = Path(name_or_path)
-    if not path.exists() and (CLUSTER_DIR / f"{name_or_path}.json").exists():
-        path = CLUSTER_DIR / f"{name_or_path}.json"
-    elif not path.exists():
-        raise UserError(f"unknown cluster {name_or_path!r}: give a JSON file path or one of: {', '.join(cluster_names())}")
+    if not path.exists():
+        path = _bundled_cluster(name_or_path)
     return parse_cluster(read_json(path, "cluster"), path.stem, str(path))
+
+
+def _bundled_cluster(name: str) -> Path:
+    """Something that looks like a path is a missing file; anything else must name a bundled cluster."""
+    if name.endswith(".json") or "/" in name:
+        raise UserError(f"cluster file not found: {name}")
+    path = CLUSTER_DIR / f"{name}.json"
+    if not path.exists():
+        raise UserError(f"unknown cluster {name!r}{did_you_mean(name, cluster_names())} (bundled clusters: "
+                        f"{', '.join(cluster_names())}); or give a cluster JSON file path")
+    return path
 
 
 def parse_cluster(data: dict, default_name: str = "cluster", origin: str = "cluster") -> Cluster:
     """Parse either cluster shape; the whole file is checked before anything is returned."""
+    reject_unknown(data, CLUSTER_KEYS, origin)
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise UserError(f"{origin}: field 'nodes' must be a non-empty list of node objects")
@@ -158,6 +180,7 @@ def _parse_node(raw, i: int, origin: str) -> Node:
     where = f"{origin}: nodes[{i}]"
     if not isinstance(raw, dict):
         raise UserError(f"{where}: expected an object with name, memory_gb and chip or gpu_cores")
+    reject_unknown(raw, NODE_KEYS, origin, f"nodes[{i}]")
     name = raw.get("name") or raw.get("ip") or f"node{i}"
     if not isinstance(name, str):
         raise UserError(f"{where}.name: expected a string, got {name!r}")
@@ -168,7 +191,7 @@ def _parse_node(raw, i: int, origin: str) -> Node:
     if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or cores <= 0):
         raise UserError(f"{where}.gpu_cores: expected a positive integer, got {cores!r}")
     if isinstance(raw.get("chip"), dict) or raw.get("host_profile"):
-        chip, measured_ssd = _custom_chip(raw, where, origin)
+        chip, measured_ssd = _custom_chip(raw, i, origin)
         raw = {"ssd_gbs": measured_ssd, **raw}
     elif raw.get("chip"):
         chip = find_chip(str(raw["chip"]), cores, memory, where=f"{where}.chip: ")
@@ -190,12 +213,14 @@ def _parse_node(raw, i: int, origin: str) -> Node:
 
 
 CHIP_FIELDS = ("mem_bw_gbs", "fp16_tflops", "max_mem_gb")
+CHIP_KEYS = ("name", "gpu_bin", "gpu_cores", "thunderbolt", *CHIP_FIELDS, "ssd_gbs")
 
 
-def _custom_chip(raw: dict, where: str, origin: str) -> tuple[Chip, float | None]:
+def _custom_chip(raw: dict, i: int, origin: str) -> tuple[Chip, float | None]:
     """A chip not in the catalog: inline ({"name", "mem_bw_gbs", "fp16_tflops", "max_mem_gb", ...}) or the
     "chip" of a `python -m harness profile-host` file (path relative to the cluster file), so this very
     machine can be simulated and its plan run on it."""
+    where = f"{origin}: nodes[{i}]"
     if raw.get("host_profile"):
         path = Path(raw["host_profile"])
         if not path.is_absolute() and Path(origin).exists():
@@ -204,8 +229,10 @@ def _custom_chip(raw: dict, where: str, origin: str) -> tuple[Chip, float | None
         where = f"{where}.host_profile {path}"
         if not isinstance(data, dict):
             raise UserError(f"{where}: no \"chip\" object; write one with `python -m harness profile-host --out FILE`")
+        reject_unknown(data, CHIP_KEYS, f"host profile {path}", "chip")
     else:
         data, where = raw["chip"], f"{where}.chip"
+        reject_unknown(data, CHIP_KEYS, origin, f"nodes[{i}].chip")
     values = {k: finite_positive(data.get(k), f"{where}.{k}") for k in CHIP_FIELDS}
     cores = data.get("gpu_cores", 0)
     if isinstance(cores, bool) or not isinstance(cores, int) or cores < 0:
@@ -231,6 +258,8 @@ def _parse_links(raw_links, nodes, default_kind: str, origin: str) -> tuple[Link
     explicit: dict[frozenset, Link] = {}
     for i, raw in enumerate(raw_links):
         where = f"{origin}: links[{i}]"
+        if isinstance(raw, dict):
+            reject_unknown(raw, LINK_KEYS, origin, f"links[{i}]")
         if not isinstance(raw, dict) or not {"a", "b", "kind"} <= raw.keys():
             raise UserError(f"{where}: expected an object with a, b and kind")
         a, b = raw["a"], raw["b"]

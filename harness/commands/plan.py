@@ -5,7 +5,7 @@ import json
 import sys
 
 from harness.cli import text_table
-from harness.planning import add_plan_arguments, load_inputs, plan_options, strategies_for
+from harness.planning import add_plan_arguments, load_inputs, plan_options, plan_with, strategies_for
 from harness.specs import DoesNotFit, PartitionPlan
 
 HELP = "split a model over a cluster and print the plan (predicted per-token time, memory per node)"
@@ -29,25 +29,40 @@ def run(args) -> int:
     names = strategies_for("all" if args.all else args.strategy)
     cluster, model = load_inputs(args)
     options = plan_options(args)
+    if len(names) == 1:
+        results: dict[str, PartitionPlan | str] = {names[0]: plan_with(names[0], cluster, model, options)}
+    else:
+        results = compare_strategies(names, cluster, model, options)
+    if args.json:
+        out = {n: (r.to_dict() if isinstance(r, PartitionPlan) else {"error": r}) for n, r in results.items()}
+        json.dump(out if len(names) > 1 else out[names[0]], sys.stdout, indent=2)
+        print()
+        return _fit_status(results, cluster, model)
+    print(header(cluster, model, options))
+    if len(names) == 1:
+        print(plan_table(results[names[0]]))
+    else:
+        print(comparison_table(results))
+    return _fit_status(results, cluster, model)
+
+
+def compare_strategies(names: list[str], cluster, model, options) -> dict[str, PartitionPlan | str]:
+    """Every strategy's plan, or the reason it does not fit (its message, without the strategy's name)."""
     from strategies.registry import get_strategy
     results: dict[str, PartitionPlan | str] = {}
     for name in names:
         try:
             results[name] = get_strategy(name)(cluster, model, options)
         except DoesNotFit as exc:
-            if len(names) == 1:
-                raise
             results[name] = str(exc)
-    if args.json:
-        out = {n: (r.to_dict() if isinstance(r, PartitionPlan) else {"error": r}) for n, r in results.items()}
-        json.dump(out if len(names) > 1 else out[names[0]], sys.stdout, indent=2)
-        print()
-        return 0
-    print(header(cluster, model, options))
-    if len(names) == 1:
-        print(plan_table(results[names[0]]))
-    else:
-        print(comparison_table(results))
+    return results
+
+
+def _fit_status(results: dict, cluster, model) -> int:
+    """Raise when no strategy fits, so `--strategy all` exits non-zero like a single strategy that does not fit."""
+    if not any(isinstance(r, PartitionPlan) for r in results.values()):
+        raise DoesNotFit(f"none of the {len(results)} strategies fits {model.name} ({model.quant_bits}-bit) "
+                         f"on {cluster.name}; each strategy's reason is printed with it")
     return 0
 
 

@@ -50,12 +50,12 @@ def require_total_fit(cluster: Cluster, model: ModelSpec, options: PlanOptions) 
             f"use fewer bits (--quant), a smaller --kv-reserve-tokens, or more nodes")
 
 
-def no_arrangement(strategy: str, cluster: Cluster, model: ModelSpec, options: PlanOptions) -> DoesNotFit:
+def no_arrangement(cluster: Cluster, model: ModelSpec, options: PlanOptions) -> DoesNotFit:
     """The error when the total fits but no split does (every node also holds embeddings and the head)."""
     holds = ", ".join(f"{n.name} {max_layers(model, options, n.usable_bytes)}" for n in cluster.nodes)
     copy = (model.embed_bytes() + model.head_bytes()) / GB
     return DoesNotFit(
-        f"{strategy}: no split of {model.name} ({model.num_layers} layers, {model.quant_bits}-bit, "
+        f"no split of {model.name} ({model.num_layers} layers, {model.quant_bits}-bit, "
         f"{options.kv_reserve_tokens}-token KV reserve) fits {cluster.name}: every node also keeps a "
         f"{copy:.1f} GB copy of embeddings and head, leaving room for these many layers per node: {holds}; "
         f"use fewer bits, a smaller --kv-reserve-tokens, or nodes with more memory")
@@ -160,11 +160,16 @@ def require_fit(plan: PartitionPlan) -> PartitionPlan:
     for i, s in enumerate(plan.stages):
         if s.memory_used_gb > s.memory_available_gb * (1 + 1e-9):
             raise DoesNotFit(
-                f"{plan.strategy}: stage {i} on {s.label} needs {s.memory_used_gb:.1f} GB for layers "
+                f"stage {i} on {s.label} needs {s.memory_used_gb:.1f} GB for layers "
                 f"{s.layer_start}-{s.layer_end - 1} (with KV reserve and embeddings/head) but has "
-                f"{s.memory_available_gb:.1f} GB usable; try ring_memory_weighted or hybrid_optimal, fewer bits, "
+                f"{s.memory_available_gb:.1f} GB usable; try {_memory_aware_besides(plan.strategy)}, fewer bits, "
                 f"or a smaller --kv-reserve-tokens")
     return plan.validate()
+
+
+def _memory_aware_besides(failed: str) -> str:
+    """Strategies that size stages by memory, never the one that just failed (the caller names that one)."""
+    return " or ".join(n for n in ("ring_memory_weighted", "hybrid_optimal") if n != failed)
 
 
 # ----------------------------------------------------------------------------------------------- splitting

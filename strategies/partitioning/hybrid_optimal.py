@@ -40,7 +40,7 @@ def plan(cluster, model, options):
             if counts is not None and (best is None or value < best[0] - 1e-15):
                 best = (value, order, counts)
     if best is None:
-        raise no_arrangement("hybrid_optimal", cluster, model, options)
+        raise no_arrangement(cluster, model, options)
     _, order, counts = best
     note = f"searched {search.sets_tried} node sets and {search.orders_tried} ring orders"
     return require_fit(build_plan("hybrid_optimal", cluster, model, options, list(order), counts, (note,)))

@@ -48,4 +48,4 @@ def plan(cluster, model, options):
                 best = p
         if best is not None:
             return require_fit(best)
-    raise no_arrangement("min_latency", cluster, model, options)
+    raise no_arrangement(cluster, model, options)

@@ -12,6 +12,7 @@ Input: a requests DataFrame with the columns of `REQUEST_COLUMNS` (below) (times
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -58,9 +59,92 @@ def arrow_schema(columns: dict):
              "list[float]": pa.list_(pa.float64())}
     return pa.schema([(name, types[kind]) for name, kind in columns.items()])
 
-SLO_METRICS = ("ttft", "tpot", "e2el", "itl")
+SLO_METRICS = ("ttft", "tpot", "itl", "e2el")   # the four latencies: SLO names and latency statistics alike
+LATENCIES = SLO_METRICS
 PERCENTILES = (90, 95, 99)
-LATENCIES = ("ttft", "tpot", "itl", "e2el")
+LATENCY_LABELS = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E latency"}
+LATENCY_STATS = ("mean", "median", "std") + tuple(f"p{p}" for p in PERCENTILES)
+DIRECTIONS = ("lower", "higher", "neither")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One summary figure: its key (vLLM name where vLLM has one), how to show it, and which way is better."""
+    key: str
+    label: str
+    unit: str            # "" for a count
+    format: str          # str.format spec for the value alone
+    direction: str       # lower | higher | neither
+    description: str
+
+    def text(self, value) -> str:
+        """The value with its unit, for the terminal."""
+        shown = self.format.format(value)
+        return f"{shown} {self.unit}" if self.unit else shown
+
+    @property
+    def heading(self) -> str:
+        """Label with unit, for a table column."""
+        return f"{self.label} ({self.unit})" if self.unit else self.label
+
+
+def _latency_metrics() -> tuple[Metric, ...]:
+    words = {"mean": "mean", "median": "median", "std": "std of"}
+    out = []
+    for name, label in LATENCY_LABELS.items():
+        for stat in LATENCY_STATS:
+            # a spread is no better when lower in the sense a gate needs: it stays "neither"
+            direction = "neither" if stat == "std" else "lower"
+            out.append(Metric(f"{stat}_{name}_ms", f"{words.get(stat, stat)} {label}", "ms", "{:.2f}", direction,
+                              f"{stat} of the per-request {label} over successful requests"))
+    return tuple(out)
+
+
+CATALOGUE: tuple[Metric, ...] = (
+    Metric("completed", "completed requests", "", "{:.0f}", "higher", "successful requests"),
+    Metric("failed", "failed requests", "", "{:.0f}", "lower", "requests that ended in an error"),
+    Metric("duration", "duration", "s", "{:.2f}", "lower", "last request end - first request start"),
+    Metric("total_input_tokens", "input tokens", "", "{:.0f}", "neither", "prompt tokens of successful requests"),
+    Metric("total_output_tokens", "output tokens", "", "{:.0f}", "neither",
+           "completion tokens of successful requests"),
+    Metric("request_throughput", "request throughput", "req/s", "{:.2f}", "higher", "completed / duration"),
+    Metric("output_throughput", "output throughput", "tok/s", "{:.1f}", "higher", "output tokens / duration"),
+    Metric("total_token_throughput", "total token throughput", "tok/s", "{:.1f}", "higher",
+           "(input + output tokens) / duration"),
+    *_latency_metrics(),
+    Metric("decode_tokens_per_s", "decode speed", "tok/s", "{:.1f}", "higher",
+           "one request's decode speed: 1000 / median TPOT"),
+    Metric("good_requests", "good requests", "", "{:.0f}", "higher", "successful requests meeting every SLO"),
+    Metric("request_goodput", "goodput", "req/s", "{:.2f}", "higher", "good requests / duration"),
+    Metric("load_time_s", "model load time", "s", "{:.2f}", "lower", "slowest node's model load"),
+    Metric("plan_memory_used_pct", "memory used, plan nodes", "%", "{:.1f}", "neither",
+           "weights + peak KV in use on the plan's nodes / those nodes' usable memory"),
+    Metric("cluster_memory_used_pct", "memory used, whole cluster", "%", "{:.1f}", "neither",
+           "weights + peak KV in use / usable memory of every node of the cluster"),
+    Metric("mean_dispatch_delay_ms", "mean dispatch lag", "ms", "{:.3f}", "lower",
+           "load generator lag behind its schedule (measured)"),
+    Metric("p99_dispatch_delay_ms", "p99 dispatch lag", "ms", "{:.3f}", "lower",
+           "load generator lag behind its schedule (measured)"),
+    Metric("max_dispatch_delay_ms", "max dispatch lag", "ms", "{:.3f}", "lower",
+           "load generator lag behind its schedule (measured)"),
+)
+BY_KEY = {m.key: m for m in CATALOGUE}
+
+
+def metric(key: str) -> Metric | None:
+    """The catalogue entry of a summary key (the last part of a dotted path), None for an unknown figure."""
+    return BY_KEY.get(key.rsplit(".", 1)[-1])
+
+
+def heading(key: str) -> str:
+    """Human label with unit for a key; an unknown key shows as itself, so nothing is silently hidden."""
+    found = metric(key)
+    return found.heading if found else key
+
+
+def direction(key: str) -> str:
+    found = metric(key)
+    return found.direction if found else "neither"
 
 
 def parse_slo(text: str | dict | None) -> dict[str, float]:
@@ -197,17 +281,18 @@ def _rate(count: float, duration: float) -> float:
     return float(count) / duration if duration > 0 else math.nan
 
 
-HEADLINE = (("completed", "{:.0f}"), ("failed", "{:.0f}"), ("duration", "{:.2f} s"),
-            ("request_throughput", "{:.2f} req/s"), ("output_throughput", "{:.1f} tok/s"),
-            ("mean_ttft_ms", "{:.1f} ms"), ("p99_ttft_ms", "{:.1f} ms"), ("mean_tpot_ms", "{:.2f} ms"),
-            ("p99_tpot_ms", "{:.2f} ms"), ("mean_itl_ms", "{:.2f} ms"), ("mean_e2el_ms", "{:.1f} ms"),
-            ("request_goodput", "{:.2f} req/s"))
+# The figures the terminal shows after a run, in this order (labels, units and formats from CATALOGUE).
+HEADLINE = ("completed", "failed", "duration", "request_throughput", "output_throughput", "mean_ttft_ms",
+            "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "mean_e2el_ms", "request_goodput",
+            "decode_tokens_per_s", "load_time_s", "plan_memory_used_pct", "cluster_memory_used_pct")
 
 
-def headline(summary: dict, source: str) -> str:
+def headline(metrics: dict, source: str) -> str:
     """A few aligned lines for the terminal; every figure is labelled with where it comes from."""
     lines = [f"metrics ({source}):"]
-    for key, fmt in HEADLINE:
-        if key in summary and summary[key] is not None:
-            lines.append(f"  {key:<22} {fmt.format(summary[key])}")
+    for key in HEADLINE:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            entry = BY_KEY[key]
+            lines.append(f"  {entry.label:<28} {entry.text(value)}")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness import catalog
 from harness.costmodel import load_profile
-from harness.specs import DoesNotFit, UserError
+from harness.specs import DoesNotFit
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Outcome:
 
 def load_inputs(exp: dict):
     """The experiment's cluster, model and plan options (with the cost-model profile), read once per run."""
-    from strategies.partitioning._plans import PlanOptions
+    from harness.costmodel import PlanOptions
     cluster = catalog.load_cluster(exp["cluster"])
     model = catalog.load_model(exp["model"], exp["quant"], exp["group_size"])
     options = PlanOptions(profile=load_profile(exp.get("profile")), objective=exp["objective"],
@@ -36,36 +36,22 @@ def load_inputs(exp: dict):
 
 
 def build_backend(exp: dict, cluster, model, profile, plan):
-    match exp["backend"]:
-        case "sim":
-            from harness.backends.sim import SimBackend, SimBackendConfig
-            from sim.engine import EngineConfig
-            from sim.prefix_cache import make_prefix_cache
-            cache = make_prefix_cache(exp.get("cache", "none"), cluster, model, plan, profile)
-            return SimBackend(cluster, model, plan, profile, EngineConfig(), SimBackendConfig(model_id=model.name),
-                              cache=cache)
-        case "mlx":
-            return _mlx_backend(exp, cluster, plan)
-    raise UserError(f"unknown backend {exp['backend']!r}; choose sim or mlx")
-
-
-def _mlx_backend(exp: dict, cluster, plan):
-    """Real MLX ranks on this machine running the plan's split on a locally built scaled twin of the model:
-    same layers and head layout, smaller width (harness.mlx.modelbuild), so the plan applies unchanged.
-    [mlx] emulate_links = true puts each rank in its own network namespace with the cluster's link bandwidth
-    (root, Linux); emulate_latency = true adds the link latency through delay relays."""
-    from harness.backends.mlx import MlxBackend, links_for_plan
-    from harness.mlx.modelbuild import build, twin_config
-    opts = exp.get("mlx", {})
-    model_dir = build(twin_config(exp["model"], head_dim=int(opts.get("head_dim", 16))), seed=int(opts.get("seed", 0))).path
-    links = links_for_plan(plan, cluster) if opts.get("emulate_links") else None
-    return MlxBackend(model_dir, plan, model_id=f"{exp['model']}-twin", max_running=int(opts.get("max_running", 16)),
-                      links=links, emulate_latency=bool(opts.get("emulate_latency")) and links is not None)
+    """The experiment's backend serving `plan` (harness.backends.make_backend). The mlx backend runs the plan on
+    a locally built twin of the model; [mlx] emulate_links = true puts each rank in its own network namespace
+    with the cluster's link bandwidth (root, Linux), emulate_latency = true adds the link latency."""
+    from harness.backends import BackendOptions, Planned, make_backend
+    planned = Planned(cluster, model, plan, profile, model_source=exp["model"])
+    mlx = exp.get("mlx", {})
+    options = BackendOptions(planned=lambda: planned, cache=exp.get("cache", "none"),
+                             max_running=int(mlx.get("max_running", 16)), twin_head_dim=int(mlx.get("head_dim", 16)),
+                             twin_seed=int(mlx.get("seed", 0)), emulate_links=bool(mlx.get("emulate_links")),
+                             emulate_latency=bool(mlx.get("emulate_latency")))
+    return make_backend(exp["backend"], options)
 
 
 def run_experiment(exp: dict, strategies: list[str], out_root: Path, report: bool = True) -> list[Outcome]:
     from harness.workloads import build_workload
-    from strategies.registry import get_strategy
+    from harness.planning import plan_with
     workload = build_workload(exp["workload"])
     cluster, model, options = load_inputs(exp)
     profile = options.profile
@@ -73,7 +59,7 @@ def run_experiment(exp: dict, strategies: list[str], out_root: Path, report: boo
     for i, strategy in enumerate(strategies, 1):
         _say(f"[{i}/{len(strategies)}] {strategy}: planning {exp['model']} ({exp['quant']}-bit) on {exp['cluster']}")
         try:
-            plan = get_strategy(strategy)(cluster, model, options)
+            plan = plan_with(strategy, cluster, model, options)
         except DoesNotFit as exc:
             if len(strategies) == 1:
                 raise
@@ -92,14 +78,14 @@ def run_experiment(exp: dict, strategies: list[str], out_root: Path, report: boo
 def run_once(exp, strategy, plan, backend, workload, out_root: Path, report: bool = True):
     """Serve one plan behind the embedded server, drive the workload at it, and save the run folder.
 
-    Ctrl-C leaves the folder marked INCOMPLETE (harness.runfolder) and still renders its report, which says so.
+    Ctrl-C, SIGTERM or an exception keep the requests that finished and a summary over them in the folder,
+    which stays marked INCOMPLETE (harness.runfolder); its report is still rendered, and says so.
     """
     from harness import runfolder
     writer = runfolder.RunWriter(out_root, f"{exp['name']}-{strategy}")
     try:
         return _serve_and_measure(writer, exp, strategy, plan, backend, workload)
-    except KeyboardInterrupt:
-        _say(f"\ninterrupted: {writer.path} is marked incomplete")
+    except (KeyboardInterrupt, Exception):
         if report:
             from reports import render
             _say(f"report of the incomplete run: {render([writer.path])}")
@@ -107,22 +93,61 @@ def run_once(exp, strategy, plan, backend, workload, out_root: Path, report: boo
 
 
 def _serve_and_measure(writer, exp, strategy, plan, backend, workload):
-    from harness.serving.loadgen import LoadMode, Target, run_load_sync
+    from harness.serving.loadgen import LoadMode, LoadSink, Target, run_load_sync
     from harness.recording import finish_run, start_run
     from harness.serving.server import EmbeddedServer
     load = exp.get("load", {})
     with writer:
         config = {"command": "run", **exp, "strategy": strategy, "run_id": writer.run_id}
         plan_dict = start_run(writer, config, plan, {"backend": exp["backend"]})
+        sink, served = LoadSink(writer.journal.append), {}
         _say(f"  loading {exp['backend']} backend ...")
-        with EmbeddedServer(backend) as server:
-            _say(f"  serving at {server.url}; sending {len(workload)} requests "
-                 f"(warm-up {load.get('warmup', 0)}) ...")
-            with _Progress(backend, len(workload)) as progress:
-                result = run_load_sync(Target(server.url, send_prefix_id=True), workload, LoadMode(),
-                                       warmup=int(load.get("warmup", 0)), seed=int(exp["workload"].get("seed", 0)),
-                                       max_duration_s=load.get("max_duration_s"), progress=progress.update)
-            return finish_run(writer, config, plan_dict, result, backend, server.load_report, plan=plan)
+        try:
+            with EmbeddedServer(backend) as server:
+                served["load_report"] = server.load_report
+                _say(f"  serving at {server.url}; sending {len(workload)} requests "
+                     f"(warm-up {load.get('warmup', 0)}) ...")
+                with _Progress(backend, len(workload)) as progress:
+                    result = run_load_sync(Target(server.url, send_prefix_id=True), workload, LoadMode(),
+                                           warmup=int(load.get("warmup", 0)), seed=int(exp["workload"].get("seed", 0)),
+                                           max_duration_s=load.get("max_duration_s"), progress=progress.update,
+                                           sink=sink)
+                stop_if_backend_failed(writer, backend)
+                return finish_run(writer, config, plan_dict, result, backend, server.load_report, plan=plan)
+        except (KeyboardInterrupt, Exception) as exc:
+            keep_finished(writer, exc, sink, lambda partial: finish_run(
+                writer, config, plan_dict, partial, backend, served.get("load_report"), plan=plan))
+            raise
+
+
+def stop_if_backend_failed(writer, backend) -> None:
+    """A backend that died during the load (its requests failed from then on) makes the run "failed", not
+    complete: its figures describe a broken server."""
+    stats = _stats(backend)
+    if stats.get("healthy", True) is False:
+        writer.stop("failed", f"failed: backend unhealthy after the load ({stats.get('error') or 'no detail'})")
+        _say(f"  {writer.stopped[1]}: the run folder is marked incomplete")
+
+
+def keep_finished(writer, exc: BaseException, sink, finish) -> None:
+    """After Ctrl-C, SIGTERM or an exception: save the requests that finished (the journal) and a summary over
+    them through `finish(partial_result)` (harness.recording.finish_run); the folder stays marked incomplete with
+    the reason. Best effort: when that fails too, the journal keeps the finished requests on disk."""
+    from harness import runfolder
+    writer.stop(*runfolder.stop_reason(exc))
+    rows = writer.journal.rows()
+    partial = sink.partial(rows)
+    if partial is None or (writer.path / "requests.parquet").exists():   # nothing sent yet, or already saved
+        _say(f"\n{writer.stopped[1]}: {writer.path} is marked incomplete")
+        return
+    try:
+        finish(partial)
+    except Exception as err:
+        _say(f"\n{writer.stopped[1]}: could not summarise it ({type(err).__name__}: {err}); "
+             f"{writer.path / runfolder.JOURNAL} keeps its {len(rows)} finished requests")
+        return
+    _say(f"\n{writer.stopped[1]}: {writer.path} keeps the {len(rows)} requests that finished, "
+         f"with a summary over them; it is marked incomplete")
 
 
 class _Progress:
@@ -145,7 +170,7 @@ class _Progress:
         tty = sys.stderr.isatty()
         every = 1.0 if tty else 10.0   # a terminal gets a live line, a log file a line every 10 s
         while not self._stop.wait(every):
-            s = self.backend.stats()
+            s = _stats(self.backend)
             line = (f"  {time.monotonic() - self._t0:6.1f} s  finished {self.done}/{self.total}"
                     f"  running {s.get('num_requests_running', 0)}  waiting {s.get('num_requests_waiting', 0)}")
             sys.stderr.write(f"\r{line}   " if tty else line + "\n")
@@ -156,6 +181,14 @@ class _Progress:
         self._thread.join()
         if sys.stderr.isatty():
             sys.stderr.write("\n")
+
+
+def _stats(backend) -> dict:
+    """The backend's stats, or {} when asking fails: a progress line or a health check must not stop the run."""
+    try:
+        return backend.stats()
+    except Exception:
+        return {}
 
 
 def _say(text: str) -> None:

@@ -5,11 +5,10 @@ simulated cluster's (paced in real time); against real ranks or an outside serve
 """
 from __future__ import annotations
 
-from harness.metrics import REQUEST_COLUMNS, STEP_COLUMNS
-
 
 def row_source(backend) -> str:
-    return "simulated" if getattr(backend, "name", "") == "sim" else "measured"
+    """What the request rows' timings are: the backend's own label, or "measured" for an outside server (None)."""
+    return "measured" if backend is None else backend.source
 
 
 def requests_frame(result, backend):
@@ -19,42 +18,35 @@ def requests_frame(result, backend):
 
 
 def steps_frame(backend, result):
-    """The backend's step records on the run's clock (t=0 = the load generator's start)."""
-    import pandas as pd
-    if getattr(backend, "engine", None) is not None and hasattr(backend, "steps_table"):
-        df = backend.steps_table().to_pandas()
-        for col in ("start_s", "end_s"):   # virtual time -> monotonic -> this run's clock
-            df[col] = df[col].map(backend.wall_of) - result.t0_monotonic
-        return df
-    if hasattr(backend, "step_records"):
-        rows = backend.step_records(t0_unix=result.wall_start_unix)
-        if rows:
-            return pd.DataFrame(rows, columns=list(STEP_COLUMNS))
-    types = {"str": "object", "float": "float64", "int": "int64", "bool": "bool"}
-    return pd.DataFrame({c: pd.Series(dtype=types[t]) for c, t in STEP_COLUMNS.items()})
+    """The backend's step records on the run's clock (t=0 = the load generator's start); none for an outside
+    server."""
+    if backend is None:
+        from harness.backends.base import step_frame
+        return step_frame()
+    return backend.step_table(result.t0_monotonic, result.wall_start_unix)
 
 
-def summarize(requests, result, backend, load_report=None, slo=None, plan=None) -> dict:
-    """vLLM-named metrics of the request rows plus what the run-level targets need (load time), labelled with
-    their source."""
-    from harness import metrics
-    summary = metrics.compute(requests, slo)
-    summary.update(result.dispatch_summary())
-    summary.update(source=row_source(backend), backend=getattr(backend, "name", "external"),
-                   load_mode=result.mode.label, warmup_requests=result.warmup_requests, model=result.model)
-    if plan is not None:
-        summary.update(strategy=plan.strategy, cluster=plan.cluster, predicted=plan.predicted)
-    if load_report is not None:
-        summary["load_time_s"] = max(load_report.load_s_per_node.values(), default=0.0)
-        summary["load"] = {"load_s_per_node": load_report.load_s_per_node,
-                           "memory_bytes_per_node": load_report.memory_bytes_per_node, "source": load_report.source}
-    if getattr(backend, "engine", None) is not None and hasattr(backend, "memory_utilisation_pct"):
-        summary["memory_utilisation_pct"] = backend.memory_utilisation_pct()
+def summarize(requests, result, backend, load_report=None, slo=None, plan=None, config=None) -> dict:
+    """summary.json body (harness.summary, schema 2): vLLM-named metrics of the request rows plus what the
+    run-level targets need (load time, memory in use), labelled with their source."""
+    from harness import metrics, summary
+    figures = {**metrics.compute(requests, slo), **result.dispatch_summary()}
     stats = backend.stats() if backend is not None else {}
-    for key in ("cache", "preemptions", "error"):
-        if stats.get(key) is not None:
-            summary[key] = stats[key]
-    return summary
+    run = {"load_mode": result.mode.label, "warmup_requests": result.warmup_requests, "model": result.model,
+           **{k: stats[k] for k in ("preemptions", "error") if stats.get(k) is not None}}
+    return summary.build((config or {}).get("command", "bench"), row_source(backend),
+                         getattr(backend, "name", "external"), figures,
+                         plan=plan.to_dict() if plan is not None else None, cluster=getattr(backend, "cluster", None),
+                         load_report=load_report, kv_peak_bytes_per_node=_kv_peak(backend),
+                         workload={"workload": (config or {}).get("workload"), "mode": (config or {}).get("mode")},
+                         model=result.model, run=run,
+                         extra={"cache": stats["cache"]} if stats.get("cache") is not None else None)
+
+
+def _kv_peak(backend) -> dict | None:
+    """Peak KV bytes per node, where the backend models its KV (the sim engine); None elsewhere."""
+    engine = getattr(backend, "engine", None)
+    return engine.kv_peak_bytes() if hasattr(engine, "kv_peak_bytes") else None
 
 
 def start_run(writer, config: dict, plan, environment_extra: dict) -> dict:
@@ -72,8 +64,8 @@ def finish_run(writer, config: dict, plan_dict: dict, result, backend, load_repo
     """Write requests, steps and summary (with target verdicts) into an open RunWriter; returns (path, summary)."""
     from reports.targets import targets_summary
     requests, steps = requests_frame(result, backend), steps_frame(backend, result)
-    summary = summarize(requests, result, backend, load_report, slo, plan)
+    summary = summarize(requests, result, backend, load_report, slo, plan, config)
     writer.write_requests(requests)
     writer.write_steps(steps)
-    summary["targets"] = targets_summary(config, plan_dict, summary, requests, steps, summary["source"])
+    summary["targets"] = targets_summary(config, plan_dict, summary["metrics"], requests, steps, summary["source"])
     return writer.finish(summary), summary

@@ -5,6 +5,11 @@ Atomicity: every file is written to a temporary name in the same folder and move
 `os.replace`, so a file is either absent or complete. A folder is created with an `INCOMPLETE` marker that
 is removed only after summary.json (status "complete") is in place; a run that dies or is interrupted keeps
 the marker (with the reason, when known), and `read_run` reports it as incomplete.
+
+Nothing finished is lost: each request row is appended to `requests.journal.jsonl` (one JSON line, flushed)
+as it completes; writing requests.parquet compacts the journal away. A run stopped by Ctrl-C, SIGTERM or an
+exception still writes requests.parquet from the journal and a summary.json whose status says why it stopped
+(`RunWriter.stop`), and keeps the marker, so readers never take it for a complete run.
 """
 from __future__ import annotations
 
@@ -22,11 +27,27 @@ from pathlib import Path
 from harness.metrics import REQUEST_COLUMNS, STEP_COLUMNS, arrow_schema
 from harness.specs import UserError
 
-SCHEMA_VERSION = 1
+# A summary body carries its own schema_version (harness/summary.py builds version 2); a bare dict written
+# without one is taken as version 1, which readers migrate.
+UNVERSIONED_SCHEMA = 1
 MARKER = "INCOMPLETE"
 FILES = ("config.json", "environment.json", "plan.json", "requests.parquet", "steps.parquet", "summary.json")
+JOURNAL = "requests.journal.jsonl"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so every interrupt path handles both."""
+
+
+def stop_reason(exc: BaseException | None) -> tuple[str, str]:
+    """(status, reason) of a run stopped by `exc`: interrupted (Ctrl-C, SIGTERM) or failed (an exception)."""
+    if isinstance(exc, Terminated):
+        return "interrupted", "terminated (SIGTERM)"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", "interrupted (Ctrl-C)"
+    if exc is None:
+        return "failed", "failed: not finished"
+    return "failed", f"failed: {type(exc).__name__}: {exc}"
 
 
 def new_run_id(label: str = "run") -> str:
@@ -72,15 +93,23 @@ class RunWriter:
             raise UserError(f"cannot create run folder {self.path}: {exc}") from None
         self._write_bytes(MARKER, b"running\n")
         self.finished = False
+        self.stopped: tuple[str, str] | None = None   # (status, reason) once the run was cut short
+        self.journal = RequestJournal(self.path / JOURNAL)
 
     def __enter__(self) -> "RunWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if not self.finished:
-            reason = "interrupted" if exc_type is KeyboardInterrupt else f"failed: {exc_type.__name__ if exc_type else 'not finished'}: {exc or ''}"
-            self._write_bytes(MARKER, (reason + "\n").encode())
+        if self.stopped is None and not self.finished:
+            self.stop(*stop_reason(exc))
+        self.journal.close()
         return False
+
+    def stop(self, status: str, reason: str) -> None:
+        """The run was cut short: the marker says why, and a later `finish` records `status` instead of
+        complete, so the folder keeps what finished without claiming to be whole."""
+        self.stopped = (status, reason)
+        self._write_bytes(MARKER, (reason + "\n").encode())
 
     def _tmp(self, name: str) -> Path:
         return self.path / f".{name}.tmp-{os.getpid()}"
@@ -120,16 +149,24 @@ class RunWriter:
         return TableStream(self._tmp(name), self.path / name, arrow_schema(columns))
 
     def write_requests(self, table) -> Path:
-        return self.write_table("requests.parquet", table, REQUEST_COLUMNS)
+        """requests.parquet; it holds every journaled row, so the journal goes once it is in place."""
+        path = self.write_table("requests.parquet", table, REQUEST_COLUMNS)
+        self.journal.remove()
+        return path
 
     def write_steps(self, table) -> Path:
         return self.write_table("steps.parquet", table, STEP_COLUMNS)
 
     def finish(self, summary: dict) -> Path:
-        """Write summary.json (status complete) and drop the INCOMPLETE marker: the run now counts."""
-        body = {"schema_version": SCHEMA_VERSION, "status": "complete", "run_id": self.run_id, **summary}
+        """Write summary.json and, for a complete run, drop the INCOMPLETE marker: the run now counts. After
+        `stop` the summary says "interrupted"/"failed" with the reason, and the marker stays."""
+        status, reason = self.stopped or ("complete", None)
+        body = {"schema_version": UNVERSIONED_SCHEMA, "status": status, "run_id": self.run_id, **summary}
+        if reason is not None:
+            body["stop_reason"] = reason
         self.write_json("summary.json", body)
-        (self.path / MARKER).unlink(missing_ok=True)
+        if self.stopped is None:
+            (self.path / MARKER).unlink(missing_ok=True)
         self.finished = True
         return self.path
 
@@ -156,6 +193,44 @@ class TableStream:
     def abort(self) -> None:
         self._writer.close()
         self.tmp.unlink(missing_ok=True)
+
+
+class RequestJournal:
+    """Finished request rows, one JSON line each, appended and flushed as they complete, so a process that
+    dies mid-run (even SIGKILL) leaves every finished request on disk. Opened on the first row."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fh = None
+
+    def append(self, row: dict) -> None:
+        if self._fh is None:
+            self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh.write(json.dumps(_clean(row), default=_json_default) + "\n")
+        self._fh.flush()   # in the OS now: survives the process, which is what an interrupt threatens
+
+    def rows(self) -> list[dict]:
+        """The journaled rows; a last line cut off mid-write (the process died there) is skipped."""
+        if not self.path.exists():
+            return []
+        return [row for line in self.path.read_text(encoding="utf-8").splitlines() if (row := _row_or_none(line))]
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def remove(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _row_or_none(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return {k: (math.nan if v is None and k.endswith("_s") else v) for k, v in row.items()}
 
 
 def environment(extra: dict | None = None) -> dict:

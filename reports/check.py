@@ -15,8 +15,13 @@ Baseline file (JSON), e.g. runs/baselines/smoke.json:
 - value: the baseline figure. tolerance: relative (0.05 = 5 %); for a baseline of 0 it is an absolute bound.
 - direction: lower_is_better | higher_is_better fail only when the figure moves the wrong way beyond the
   tolerance (a move the right way is reported as "improved"); two_sided fails on any move beyond it.
+  For a metric of the catalogue (harness.metrics.CATALOGUE) the catalogue's direction decides, whatever the file
+  says ("neither" gates as two_sided); the file's direction only serves ratios and other figures.
+- fingerprint (schema 2): model, cluster, cluster hash, plan stages and workload hash of the baseline run
+  (harness.summary). A run whose fingerprint differs is refused (exit 2) unless allow_mismatch is given.
+  Schema-1 baselines have none; their version-1 metric names are read under today's names.
 - An entry's key names a metric of summary.json "metrics" (vLLM names), a dotted path into summary.json
-  (e.g. "wall.sim_s"), or a run-level figure of reports.targets (load_time_s, memory_utilisation_pct, ...).
+  (e.g. "wall.sim_s"), or a run-level figure of reports.targets (load_time_s, cluster_memory_used_pct, ...).
 - ratio [numerator, denominator]: compare numerator / denominator taken from the same run. Wall-clock figures
   (simulator speed, server overhead) vary between machines; their ratio to a reference timed in the same run
   does not, much.
@@ -25,18 +30,22 @@ Simulated metrics of a seeded run are deterministic, so their tolerance can be t
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import metrics as catalogue
 from harness.specs import UserError
+from harness.summary import V1_RENAMED
 from reports import targets
 from reports.run import Run, load_run
 from reports.tables import fmt
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DIRECTIONS = ("lower_is_better", "higher_is_better", "two_sided")
+# The catalogue's direction as a gate reads it: a figure that is better neither way must hold still.
+GATE_DIRECTION = {"lower": "lower_is_better", "higher": "higher_is_better", "neither": "two_sided"}
 # Default relative tolerances when a baseline is first written: seeded simulations repeat exactly (the slack
 # absorbs float differences between library versions); measurements and wall-clock ratios are noisy.
 DEFAULT_TOLERANCE = {"simulated": 0.001, "measured": 0.2, "ratio": 0.5}
@@ -44,6 +53,10 @@ DEFAULT_TOLERANCE = {"simulated": 0.001, "measured": 0.2, "ratio": 0.5}
 
 class BaselineError(UserError):
     """A baseline file that cannot be used."""
+
+
+class FingerprintMismatch(UserError):
+    """The run is not the experiment the baseline was taken from: comparing them would score noise."""
 
 
 @dataclass(frozen=True)
@@ -72,20 +85,27 @@ class CheckResult:
     baseline: str
     rows: list[Comparison]
     incomplete_reason: str | None = None
+    mismatches: tuple[str, ...] = ()      # fingerprint differences the caller allowed
 
     @property
     def ok(self) -> bool:
         return self.incomplete_reason is None and not any(r.failed for r in self.rows)
 
 
-def infer_direction(name: str) -> str:
-    """Latencies and durations should fall, throughputs and completions rise; anything else must hold still."""
-    base = name.rsplit(".", 1)[-1]
-    if re.search(r"(throughput|goodput|speedup|per_s|tokens_per_s|^completed$|^good_requests$|_pct$)", base):
-        return "higher_is_better"
-    if re.search(r"(_ms$|_s$|^duration$|^failed$|overhead)", base):
-        return "lower_is_better"
-    return "two_sided"
+def gate_direction(name: str, entry: dict | None = None) -> str:
+    """The catalogue's direction for one of its metrics; otherwise what the baseline entry says, else
+    two_sided (an unknown figure must hold still)."""
+    known = catalogue.metric(name)
+    if known is not None and not (entry or {}).get("ratio"):
+        return GATE_DIRECTION[known.direction]
+    return (entry or {}).get("direction", "two_sided")
+
+
+def fingerprint_differences(baseline: dict | None, run: dict | None) -> list[str]:
+    """What differs between two fingerprints; a part either side does not know is not a difference."""
+    baseline, run = baseline or {}, run or {}
+    return [f"{key}: baseline {baseline[key]!r}, run {run[key]!r}" for key in sorted(baseline)
+            if baseline.get(key) not in (None, []) and run.get(key) not in (None, []) and baseline[key] != run[key]]
 
 
 def figure(run: Run, name: str) -> float | None:
@@ -134,7 +154,7 @@ def _entry(name: str, entry: Any, where: Path) -> dict:
     ratio = entry.get("ratio")
     if ratio is not None and (not isinstance(ratio, list) or len(ratio) != 2):
         raise BaselineError(f"{where}: metric {name!r}: ratio must be [numerator, denominator]")
-    return {**entry, "direction": direction, "tolerance": tolerance}
+    return {**entry, "direction": gate_direction(name, {**entry, "direction": direction}), "tolerance": tolerance}
 
 
 def read_baseline(path: str | Path) -> dict:
@@ -145,25 +165,32 @@ def read_baseline(path: str | Path) -> dict:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise BaselineError(f"baseline {path}: not valid JSON ({exc})") from exc
-    if data.get("schema_version") != SCHEMA_VERSION:
+    if data.get("schema_version") not in READABLE_VERSIONS:
         raise BaselineError(f"baseline {path}: schema_version {data.get('schema_version')!r}, "
-                            f"expected {SCHEMA_VERSION}")
+                            f"expected one of {READABLE_VERSIONS}")
     if not isinstance(data.get("metrics"), dict) or not data["metrics"]:
         raise BaselineError(f"baseline {path}: no metrics to compare")
-    data["metrics"] = {name: _entry(name, e, path) for name, e in data["metrics"].items()}
+    renamed = {V1_RENAMED.get(n, n) if data["schema_version"] == 1 else n: e for n, e in data["metrics"].items()}
+    data["metrics"] = {name: _entry(name, e, path) for name, e in renamed.items()}
     return data
 
 
-def check(run_dir: str | Path, baseline_path: str | Path) -> CheckResult:
+def check(run_dir: str | Path, baseline_path: str | Path, allow_mismatch: bool = False) -> CheckResult:
+    """Compare a run with a baseline; FingerprintMismatch when they are different experiments (unless allowed,
+    then the differences travel with the result)."""
     baseline = read_baseline(baseline_path)
     run = load_run(run_dir)
+    differences = fingerprint_differences(baseline.get("fingerprint"), run.summary.get("fingerprint"))
+    if differences and not allow_mismatch:
+        raise FingerprintMismatch(f"{run.name} is not the experiment of baseline {baseline_path}:\n  "
+                                  + "\n  ".join(differences) + "\n(--allow-mismatch compares them anyway)")
     rows = []
     for name, entry in baseline["metrics"].items():
         current = _current(run, name, entry)
         value = float(entry["value"])
         rows.append(Comparison(name, value, current, entry["tolerance"], entry["direction"],
                                judge(value, current, entry["tolerance"], entry["direction"])))
-    return CheckResult(run.name, str(baseline_path), rows, run.incomplete_reason)
+    return CheckResult(run.name, str(baseline_path), rows, run.incomplete_reason, tuple(differences))
 
 
 def _change_text(change: float | None) -> str:
@@ -176,12 +203,14 @@ def format_result(result: CheckResult) -> str:
     """A fixed-width table that reads well in a CI log, failures first, then a one-line verdict."""
     header = ("metric", "baseline", "current", "change", "tolerance", "direction", "status")
     order = sorted(result.rows, key=lambda r: (not r.failed, r.name))
-    body = [(r.name, fmt(r.baseline, 6), fmt(r.current, 6), _change_text(r.change),
+    body = [(_metric_name(r.name), fmt(r.baseline, 6), fmt(r.current, 6), _change_text(r.change),
              f"±{r.tolerance:.2%}" if r.baseline else f"±{r.tolerance:g}", r.direction, r.status) for r in order]
     widths = [max(len(str(row[i])) for row in (header, *body)) for i in range(len(header))]
     line = lambda row: "  ".join(str(c).ljust(w) if i in (0, 5, 6) else str(c).rjust(w)
                                  for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-    out = [f"check {result.run} against {result.baseline}", line(header), line(["-" * w for w in widths])]
+    out = [f"check {result.run} against {result.baseline}"]
+    out += [f"warning: fingerprint differs (allowed): {d}" for d in result.mismatches]
+    out += [line(header), line(["-" * w for w in widths])]
     out += [line(row) for row in body]
     failed = sum(r.failed for r in result.rows)
     if result.incomplete_reason:
@@ -218,14 +247,27 @@ def write_baseline(run_dir: str | Path, path: str | Path, names: list[str] | Non
         kind = "ratio" if prior.get("ratio") else source
         entry = {**prior, "value": None,
                  "tolerance": prior.get("tolerance", DEFAULT_TOLERANCE[kind] if tolerance is None else tolerance),
-                 "direction": prior.get("direction", infer_direction(name))}
+                 "direction": gate_direction(name, prior)}
         entry["value"] = _current(run, name, entry)
         if entry["value"] is None:
             raise BaselineError(f"{run.path}: has no figure {name!r} for the baseline")
         entries[name] = entry
-    body = {"schema_version": SCHEMA_VERSION, "run": run.name, "source": run.source, "metrics": entries}
+    body = {"schema_version": SCHEMA_VERSION, "run": run.name, "source": run.source,
+            "fingerprint": run.summary.get("fingerprint") or {}, "metrics": entries}
+    if "_about" in (prior_file := _raw(path)):
+        body["_about"] = prior_file["_about"]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(body, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def _raw(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _metric_name(key: str) -> str:
+    """key plus its human label and unit where the catalogue knows it: CI logs stay greppable by key."""
+    known = catalogue.metric(key)
+    return f"{key} ({known.heading})" if known else key

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from matplotlib.patches import Circle, FancyArrowPatch, Wedge
 
+from harness import metrics as metric_catalogue
 from reports.run import Run
 
 COMPUTE_KINDS = ("prefill", "decode", "mixed", "load")
@@ -200,17 +201,13 @@ def partition_ring(run: Run) -> Plot | None:
     return Plot("Partition ring", "theoretical", _png(fig), caption)
 
 
-COMPARE_METRICS = (
-    ("output_throughput", "output throughput (tok/s)"),
-    ("median_ttft_ms", "median TTFT (ms)"),
-    ("median_tpot_ms", "median TPOT (ms)"),
-    ("p99_e2el_ms", "p99 E2E latency (ms)"),
-)
+# Bars of the strategy comparison; titles are the catalogue's labels with units (harness.metrics).
+COMPARE_METRICS = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "p99_e2el_ms")
 
 
 def strategy_comparison(runs: list[Run], predicted: dict[str, list[float | None]] | None = None) -> Plot | None:
     """Horizontal bars per run for the headline metrics; plan predictions (theoretical) as markers on them."""
-    present = [(k, label) for k, label in COMPARE_METRICS if any(k in r.metrics for r in runs)]
+    present = [(k, metric_catalogue.heading(k)) for k in COMPARE_METRICS if any(k in r.metrics for r in runs)]
     if len(runs) < 2 or not present:
         return None
     predicted = predicted or {}

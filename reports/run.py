@@ -2,7 +2,8 @@
 
 harness/runfolder.py owns the folder format (files, INCOMPLETE marker); this module opens folders with its
 reader and tolerates missing files, so a report can still say what an interrupted run left behind.
-Metrics come from summary.json, or from harness.metrics (the one definition) when the summary lacks them.
+Metrics come from summary.json (migrated to schema 2 by harness.summary), or from harness.metrics (the one
+definition) when the summary lacks them.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from harness import metrics as metric_defs
+from harness import summary as summary_schema
 from harness.metrics import REQUEST_COLUMNS, STEP_COLUMNS
 from harness.runfolder import read_run
 from harness.specs import UserError
@@ -80,21 +82,11 @@ def _table(path: Path, columns: dict[str, str], missing: list[str]) -> pd.DataFr
     return pd.read_parquet(path)
 
 
-_BOOKKEEPING = {"schema_version"}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _metrics(summary: dict[str, Any], requests: pd.DataFrame) -> tuple[dict[str, Any], bool]:
     """The summary's metrics; recomputed with harness.metrics only when the summary has none."""
     saved = summary.get("metrics")
     if isinstance(saved, dict) and saved:
         return saved, False
-    if any(key in summary for key in ("completed", "mean_ttft_ms", "output_throughput")):
-        # A summary that keeps its metrics at the top level: its numbers are the metrics, the rest is bookkeeping.
-        return {k: v for k, v in summary.items() if _is_number(v) and k not in _BOOKKEEPING}, False
     if not requests.empty and set(REQUEST_COLUMNS) <= set(requests.columns):
         return metric_defs.compute(requests, (summary.get("slo") or None)), True
     return {}, False
@@ -105,7 +97,8 @@ def load_run(path: str | Path) -> Run:
     folder = read_run(path, require_complete=False)
     root = folder.path
     missing: list[str] = []
-    summary = _json(root / "summary.json", missing)
+    # every reader sees schema 2: version-1 summaries (flat, or nested under "metrics") are migrated here
+    summary = summary_schema.migrate(_json(root / "summary.json", missing))
     requests = _table(root / "requests.parquet", REQUEST_COLUMNS, missing)
     if {"summary.json", "requests.parquet"} <= set(missing) and not (root / "config.json").exists():
         raise RunFolderError(f"{root}: not a run folder (no config.json, summary.json or requests.parquet)")

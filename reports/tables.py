@@ -10,24 +10,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from harness import metrics as catalogue
 from reports.run import Run
 
-LATENCY_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E latency"}
+LATENCY_NAMES = catalogue.LATENCY_LABELS
 _LATENCY_KEY = re.compile(r"^(mean|median|std|p\d+(?:\.\d+)?)_(ttft|tpot|itl|e2el)_ms$")
 _STAT_ORDER = ("mean", "std", "median", "p50", "p90", "p95", "p99", "p99.9")
 
-# Run-wide figures shown first, in this order, when the summary has them.
-HEADLINE = (
-    ("completed", "completed requests", ""),
-    ("failed", "failed requests", ""),
-    ("duration", "duration", "s"),
-    ("request_throughput", "request throughput", "req/s"),
-    ("output_throughput", "output throughput", "tok/s"),
-    ("total_token_throughput", "total token throughput", "tok/s"),
-    ("request_goodput", "goodput", "req/s"),
-    ("total_input_tokens", "input tokens", ""),
-    ("total_output_tokens", "output tokens", ""),
-)
+# Run-wide figures shown first, in this order, when the summary has them (labels and units: the catalogue).
+HEADLINE = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
+            "request_goodput", "good_requests", "total_input_tokens", "total_output_tokens", "decode_tokens_per_s",
+            "load_time_s", "plan_memory_used_pct", "cluster_memory_used_pct")
 
 
 @dataclass(frozen=True)
@@ -76,19 +69,24 @@ def latency_table(metrics: dict[str, Any]) -> Table | None:
 
 def headline_table(metrics: dict[str, Any]) -> Table:
     """Run-wide counts and throughputs, then any other scalar the summary carries."""
-    rows = [[label, fmt(metrics[key]), unit] for key, label, unit in HEADLINE if key in metrics]
-    shown = {key for key, _, _ in HEADLINE}
+    rows = [_headline_row(key, metrics[key]) for key in HEADLINE if key in metrics]
     for key, value in sorted(metrics.items()):
-        if key in shown or _LATENCY_KEY.match(key) or isinstance(value, (dict, list)):
+        if key in HEADLINE or _LATENCY_KEY.match(key) or isinstance(value, (dict, list)):
             continue
-        rows.append([key, fmt(value), ""])
+        rows.append(_headline_row(key, value))
     return Table(["figure", "value", "unit"], rows)
 
 
-def comparison_table(runs: list[Run], keys: tuple[tuple[str, str], ...]) -> Table:
-    """One row per run, one column per (metric key, column label)."""
-    rows = [[run.name, run.strategy, run.source] + [fmt(run.metrics.get(k)) for k, _ in keys] for run in runs]
-    return Table(["run", "strategy", "source", *(label for _, label in keys)], rows, text_columns=3)
+def _headline_row(key: str, value: Any) -> list[str]:
+    """Label and unit from the catalogue; a figure it does not know keeps its key, so nothing is hidden."""
+    known = catalogue.metric(key)
+    return [known.label, fmt(value), known.unit] if known else [key, fmt(value), ""]
+
+
+def comparison_table(runs: list[Run], keys: tuple[str, ...]) -> Table:
+    """One row per run, one column per metric key, headed by the catalogue's label and unit."""
+    rows = [[run.name, run.strategy, run.source] + [fmt(run.metrics.get(k)) for k in keys] for run in runs]
+    return Table(["run", "strategy", "source", *(catalogue.heading(k) for k in keys)], rows, text_columns=3)
 
 
 def plan_table(run: Run) -> Table | None:
@@ -115,17 +113,32 @@ def _flatten(prefix: str, value: Any, rows: list[list[str]]) -> None:
         rows.append([prefix, fmt(value)])
 
 
+# Labels and units of the plan's predictions (harness.specs.PartitionPlan.predicted), all theoretical.
+PREDICTED_LABELS = {
+    "objective_ms": ("planner objective", "ms"), "tpot_ms": ("TPOT, one request", "ms"),
+    "tokens_per_s": ("decode speed, one request", "tok/s"), "bottleneck_ms": ("slowest stage per token", "ms"),
+    "pipeline_tokens_per_s": ("pipeline decode throughput", "tok/s"), "ttft_ms": ("TTFT", "ms"),
+    "ceiling_tokens_per_s": ("decode ceiling at peak bandwidth", "tok/s"), "prompt_tokens": ("prompt", "tokens"),
+    "context_tokens": ("context", "tokens"), "kv_reserve_tokens": ("KV reserve", "tokens"),
+    "memory_used_gb": ("memory used", "GB"), "memory_usable_gb": ("memory usable", "GB"),
+    "memory_utilisation": ("memory used, whole cluster", "fraction"), "nodes_used": ("nodes used", ""),
+    "load_s": ("model load time", "s"),
+}
+
+
 def predicted_table(plan: dict[str, Any]) -> Table | None:
-    """The plan's predictions (theoretical), one row each."""
+    """The plan's predictions (theoretical), one row each, labelled with units."""
     rows: list[list[str]] = []
     _flatten("", {k: v for k, v in (plan.get("predicted") or {}).items() if k != "source"}, rows)
+    rows = [[*PREDICTED_LABELS.get(key, (key, "")), value] for key, value in rows]
+    rows = [[label, value, unit] for label, unit, value in rows]
     if plan.get("bottleneck"):
-        rows.append(["bottleneck", str(plan["bottleneck"])])
-    return Table(["prediction", "value"], rows) if rows else None
+        rows.append(["bottleneck", str(plan["bottleneck"]), ""])
+    return Table(["prediction", "value", "unit"], rows) if rows else None
 
 
 # Summary sections shown elsewhere in the report (or pure bookkeeping).
-_SHOWN_ELSEWHERE = {"metrics", "targets", "predicted", "slo"}
+_SHOWN_ELSEWHERE = {"metrics", "targets", "predicted", "slo", "plan"}
 
 
 def backend_table(summary: dict[str, Any]) -> Table | None:

@@ -13,8 +13,10 @@ Without a "targets" section the DESIGN §10 defaults (DEFAULT_TARGETS) apply; an
 
 Run-level figures a target may name besides the summary metrics (first source found wins):
 - load_time_s:            summary metric, else the span of the "load" steps in steps.parquet, else the plan's prediction
-- decode_tokens_per_s:    summary metric, else 1000 / median_tpot_ms (one request's decode speed)
-- memory_utilisation_pct: summary metric, else 100 x sum(memory_used_gb) / sum(memory_available_gb) over plan stages
+- decode_tokens_per_s:    summary metric (harness.metrics defines it), else the plan's prediction
+- cluster_memory_used_pct: summary metric, else the plan's predicted memory utilisation (whole cluster)
+- plan_memory_used_pct:   summary metric, else 100 x sum(memory_used_gb) / sum(memory_available_gb) over plan stages
+Units and labels come from the metric catalogue (harness.metrics.CATALOGUE) when a target gives none.
 Every value says where it comes from: measured or simulated (from the run's rows) or theoretical (plan predictions).
 A theoretical figure is shown next to a measured/simulated one, and only decides pass/fail when nothing else exists.
 """
@@ -25,6 +27,8 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from harness import metrics as metric_catalogue
+from harness.summary import V1_RENAMED
 from reports.run import Run
 
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -38,8 +42,8 @@ DEFAULT_TARGETS: tuple[dict[str, Any], ...] = (
      "note": "at the prompt length stated beside it"},
     {"name": "Decode speed", "metric": "decode_tokens_per_s", "op": ">", "value": 10, "unit": "tokens/s",
      "note": "one request's decode speed on a 70B model"},
-    {"name": "Cluster memory utilisation", "metric": "memory_utilisation_pct", "op": ">=", "value": 80,
-     "unit": "%", "note": "memory used / memory available, all nodes"},
+    {"name": "Cluster memory utilisation", "metric": "cluster_memory_used_pct", "op": ">=", "value": 80,
+     "unit": "%", "note": "weights + peak KV in use / usable memory, all nodes"},
 )
 
 
@@ -67,8 +71,10 @@ class Target:
             value = float(raw["value"])
         except (TypeError, ValueError) as exc:
             raise TargetError(f"target {raw['metric']}: value {raw['value']!r} is not a number") from exc
-        return cls(name=str(raw.get("name") or raw["metric"]), metric=str(raw["metric"]), op=op, value=value,
-                   unit=str(raw.get("unit", "")), note=str(raw.get("note", "")))
+        metric = V1_RENAMED.get(str(raw["metric"]), str(raw["metric"]))   # targets written for schema 1
+        entry = metric_catalogue.metric(metric)
+        return cls(name=str(raw.get("name") or (entry.label if entry else metric)), metric=metric, op=op,
+                   value=value, unit=str(raw.get("unit", entry.unit if entry else "")), note=str(raw.get("note", "")))
 
     @property
     def text(self) -> str:
@@ -137,17 +143,14 @@ def _load_span(run: Run) -> Figure | None:
     return Figure(float(load["end_s"].max() - load["start_s"].min()), source, "span of the load steps")
 
 
-def _decode_speed(run: Run) -> Figure | None:
-    tpot = number(run.metrics.get("median_tpot_ms"))
-    if not tpot:
+def _cluster_memory_pct(run: Run) -> Figure | None:
+    predicted = number((run.plan.get("predicted") or {}).get("memory_utilisation"))
+    if predicted is None:      # the planner's own figure covers the whole cluster, idle nodes included
         return None
-    return Figure(1000.0 / tpot, run.source, "1000 / median_tpot_ms")
+    return Figure(100.0 * predicted, "theoretical", "plan: memory used / usable over the cluster")
 
 
 def _plan_memory_pct(run: Run) -> Figure | None:
-    predicted = number((run.plan.get("predicted") or {}).get("memory_utilisation"))
-    if predicted is not None:      # the planner's own figure covers the whole cluster, idle nodes included
-        return Figure(100.0 * predicted, "theoretical", "plan: memory used / usable over the cluster")
     stages = run.plan.get("stages") or []
     # Stage memory figures are per member node, so a tensor-parallel stage counts once per node.
     width = [len(s.get("nodes") or [None]) for s in stages]
@@ -168,10 +171,10 @@ def _plan_decode_speed(run: Run) -> Figure | None:
 
 _OBSERVED_FALLBACKS: dict[str, Callable[[Run], Figure | None]] = {
     "load_time_s": _load_span,
-    "decode_tokens_per_s": _decode_speed,
 }
 _THEORETICAL_FALLBACKS: dict[str, Callable[[Run], Figure | None]] = {
-    "memory_utilisation_pct": _plan_memory_pct,
+    "cluster_memory_used_pct": _cluster_memory_pct,
+    "plan_memory_used_pct": _plan_memory_pct,
     "decode_tokens_per_s": _plan_decode_speed,
 }
 

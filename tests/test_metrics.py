@@ -89,4 +89,6 @@ def test_itl_matches_a_plain_loop(gap_lists):
 
 def test_headline_labels_the_source():
     text = metrics.headline(metrics.compute(frame([req(0.0, [0.1, 0.2])])), "simulated")
-    assert text.startswith("metrics (simulated)") and "mean_ttft_ms" in text
+    # human labels with units from the catalogue, not raw keys
+    assert text.startswith("metrics (simulated)") and "mean TTFT" in text and "100.00 ms" in text
+    assert "mean_ttft_ms" not in text

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from harness.metrics import REQUEST_COLUMNS, STEP_COLUMNS
-from harness.runfolder import MARKER, RunWriter, environment, read_run
+from harness.runfolder import JOURNAL, MARKER, RunWriter, Terminated, environment, read_run
 from harness.specs import UserError
 
 
@@ -77,3 +77,37 @@ def test_environment_is_json_and_names_versions():
     env = environment({"backend": "sim"})
     json.dumps(env)
     assert env["backend"] == "sim" and "numpy" in env["packages"] and "python" in env
+
+
+def test_journal_keeps_rows_as_they_finish_and_the_requests_write_compacts_it(tmp_path):
+    w = RunWriter(tmp_path)
+    rows = requests_df(2).to_dict("records")
+    rows[1]["first_token_s"] = float("nan")          # a request that failed before its first token
+    for row in rows:
+        w.journal.append(row)
+    with open(w.path / JOURNAL, "a") as fh:          # the process died in the middle of a line
+        fh.write('{"request_id": "r9", "sta')
+    back = w.journal.rows()
+    assert [r["request_id"] for r in back] == ["r0", "r1"]
+    assert np.isnan(back[1]["first_token_s"]) and back[0]["chunk_times_s"] == [0.1, 0.3]
+    w.write_requests(pd.DataFrame(back))
+    assert not (w.path / JOURNAL).exists() and len(read_run(w.path, require_complete=False).requests()) == 2
+
+
+def test_a_stopped_run_gets_a_summary_that_says_so_and_stays_incomplete(tmp_path):
+    with pytest.raises(Terminated):
+        with RunWriter(tmp_path) as w:
+            w.stop("interrupted", "terminated (SIGTERM)")
+            w.finish({"completed": 1})
+            raise Terminated
+    summary = json.loads((w.path / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["stop_reason"] == "terminated (SIGTERM)"
+    assert (w.path / MARKER).read_text().strip() == "terminated (SIGTERM)"
+    assert read_run(w.path, require_complete=False).status == "terminated (SIGTERM)"
+
+
+def test_sigterm_without_a_summary_is_named_in_the_marker(tmp_path):
+    with pytest.raises(Terminated):
+        with RunWriter(tmp_path) as w:
+            raise Terminated
+    assert (w.path / MARKER).read_text().strip() == "terminated (SIGTERM)"

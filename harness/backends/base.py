@@ -1,13 +1,16 @@
-"""The one small interface both backends implement: the SimPy cluster (`sim`) and real MLX ranks (`mlx`).
+"""The one small interface every backend implements: the SimPy cluster (`sim`), real MLX ranks (`mlx`) and the
+zero-cost `instant` one.
 
-The server and the load generator only talk to a Backend. A backend is chosen with `match`, not a framework.
+The server, the load generator and the run job only talk to a Backend: everything they use is a member of the
+protocol below, never probed with getattr. A backend is built by `harness.backends.make_backend`, the one `match`
+over backend names.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
-from harness.specs import LoadReport  # noqa: F401  (part of the protocol's vocabulary)
+from harness.specs import LoadReport, PartitionPlan  # noqa: F401  (part of the protocol's vocabulary)
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,32 @@ async def drain(queue) -> AsyncIterator[TokenEvent]:
 
 
 class Backend(Protocol):
-    name: str
-    model_id: str
+    name: str                        # its name in harness.backends.BACKEND_NAMES (summary.json records it)
+    model_id: str                    # what /v1/models lists and requests must name
+    source: str                      # "simulated" | "measured": what every timing it stands behind is
+    plan: PartitionPlan | None       # the partition plan it serves, or None (instant; mlx given a bare split)
 
     def encode(self, text: str) -> list[int]: ...
-    def decode(self, token_ids: list[int]) -> str: ...
+    def chat_prompt(self, messages: list[dict]) -> str: ...
     async def load(self) -> LoadReport: ...
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]: ...
     def stats(self) -> dict: ...
+    def step_table(self, t0_monotonic: float, t0_unix: float):
+        """Its step records as a DataFrame with harness.metrics.STEP_COLUMNS, in seconds from the run's t=0;
+        t=0 comes on both clocks (time.monotonic(), time.time()) since each backend keeps its own."""
     async def close(self) -> None: ...
+
+
+def plain_chat_prompt(messages: list[dict]) -> str:
+    """A chat as plain text ("role: content" lines, then "assistant:"), for backends without a chat template."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def step_frame(rows: list[dict] = ()):
+    """A pandas DataFrame of step records with exactly harness.metrics.STEP_COLUMNS (typed even when empty)."""
+    import pandas as pd
+    from harness.metrics import STEP_COLUMNS
+    if rows:
+        return pd.DataFrame(list(rows), columns=list(STEP_COLUMNS))
+    types = {"str": "object", "float": "float64", "int": "int64", "bool": "bool"}
+    return pd.DataFrame({c: pd.Series(dtype=types[t]) for c, t in STEP_COLUMNS.items()})

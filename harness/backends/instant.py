@@ -12,7 +12,8 @@ import time
 import zlib
 from typing import AsyncIterator
 
-from harness.backends.base import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent
+from harness.backends.base import (BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent,
+                                   plain_chat_prompt, step_frame)
 
 # Common English words that most BPE vocabularies (GPT, Llama, Qwen) keep as one token with a leading space,
 # so a prompt of N of them is close to N tokens on a real model too.
@@ -34,9 +35,6 @@ class WordTokenizer:
     def encode(self, text: str) -> list[int]:
         return [self.index.get(w, zlib.crc32(w.encode()) % len(WORDS)) for w in text.split()]
 
-    def decode(self, token_ids: list[int]) -> str:
-        return "".join(self.token_text(t) for t in token_ids)
-
     def token_text(self, token_id: int) -> str:
         return "" if token_id >= len(WORDS) else " " + WORDS[token_id]
 
@@ -55,6 +53,8 @@ class InstantBackend:
     """
 
     name = "instant"
+    source = "measured"   # what a client sees is the server's own cost, measured
+    plan = None           # no model, so nothing to partition
 
     def __init__(self, model_id: str = "instant", max_running: int | None = None, token_interval_s: float = 0.0):
         self.model_id = model_id
@@ -69,8 +69,8 @@ class InstantBackend:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids)
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return plain_chat_prompt(messages)
 
     async def load(self) -> LoadReport:
         self._loaded = True
@@ -116,6 +116,9 @@ class InstantBackend:
         return {"healthy": self._loaded, "num_requests_running": self._running, "num_requests_waiting": 0,
                 "requests_served": self._served, "requests_cancelled": self._cancelled,
                 "kv_cache_usage": {"local": 0.0}}
+
+    def step_table(self, t0_monotonic: float, t0_unix: float):
+        return step_frame()   # no engine, no steps
 
     async def close(self) -> None:
         self._loaded = False

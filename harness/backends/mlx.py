@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
-from harness.backends.base import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent, drain
+from harness.backends.base import (BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent, drain,
+                                   step_frame)
 from harness.mlx import launcher
 from harness.mlx.errors import UserError
 from harness.specs import PartitionPlan
@@ -87,18 +88,23 @@ class _LineReader:
         return line.decode()
 
 
+def _plan_of(plan_or_split) -> PartitionPlan | None:
+    """The PartitionPlan among MlxBackend's accepted forms (a plan, a plan.json dict, a split list, None)."""
+    if isinstance(plan_or_split, dict) and "stages" in plan_or_split:   # a plan.json from a run folder
+        return PartitionPlan.from_dict(plan_or_split)
+    return plan_or_split if isinstance(plan_or_split, PartitionPlan) else None
+
+
 def _stages_from(plan_or_split, model_layers: int) -> tuple[list[int], list[str]]:
     """Layer counts in layer order and a node name per stage, from a PartitionPlan or a plain list."""
     if plan_or_split is None:
         return [model_layers], ["local"]
-    if isinstance(plan_or_split, dict) and "stages" in plan_or_split:   # a plan.json from a run folder
-        plan_or_split = PartitionPlan.from_dict(plan_or_split)
-    if hasattr(plan_or_split, "stages"):
-        stages = plan_or_split.stages
-        if any(getattr(s, "tp_degree", 1) > 1 for s in stages):
+    if (plan := _plan_of(plan_or_split)) is not None:
+        stages = plan.stages
+        if any(s.tp_degree > 1 for s in stages):
             raise UserError("the mlx backend runs pipeline stages only; this plan has tensor-parallel "
                             "stages (tp_degree > 1): choose a pipeline-only strategy")
-        counts = list(plan_or_split.split())
+        counts = list(plan.split())
         names = ["+".join(s.nodes) for s in stages]
     else:
         counts = [int(c) for c in plan_or_split]
@@ -115,6 +121,7 @@ def _stages_from(plan_or_split, model_layers: int) -> tuple[list[int], list[str]
 
 class MlxBackend:
     name = "mlx"
+    source = "measured"
 
     def __init__(self, model_path: str | Path, plan_or_split=None, *, model_id: str | None = None,
                  links: list[launcher.LinkShape | None] | None = None, emulate_latency: bool = False,
@@ -127,6 +134,7 @@ class MlxBackend:
         if not cfg_path.exists():
             raise UserError(f"{self.model_path}: no config.json; build one with `python -m harness model build`")
         self.config = json.loads(cfg_path.read_text())
+        self.plan = _plan_of(plan_or_split)
         self.split, self.nodes = _stages_from(plan_or_split, int(self.config["num_hidden_layers"]))
         self.model_id = model_id or self.model_path.name
         self.links, self.use_blas, self.emulate_latency = links, use_blas, emulate_latency
@@ -167,7 +175,8 @@ class MlxBackend:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(list(token_ids))
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The prompt text of a chat in the model's own chat template."""
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @property
@@ -441,6 +450,9 @@ class MlxBackend:
         if not shift:
             return [dict(r) for r in self._steps]
         return [r | {"start_s": r["start_s"] + shift, "end_s": r["end_s"] + shift} for r in self._steps]
+
+    def step_table(self, t0_monotonic: float, t0_unix: float):
+        return step_frame(self.step_records(t0_unix=t0_unix))   # rank times are time.time() values
 
     def request_records(self, t0_unix: float | None = None) -> list[dict]:
         t0 = t0_unix if t0_unix is not None else (self.run_start_epoch or 0.0)

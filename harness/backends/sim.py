@@ -28,7 +28,8 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from harness.backends.base import BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent, drain
+from harness.backends.base import (BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent, drain,
+                                   plain_chat_prompt, step_frame)
 from harness.backends.instant import WordTokenizer, output_token
 
 
@@ -39,7 +40,6 @@ class _Pending:
     emitted: int = 0
     done: bool = False
     cached: int = 0                  # prompt tokens served by the prefix cache
-    cache_keys: tuple = ()           # its prompt's blocks, remembered once the prefill is done
 
 
 @dataclass
@@ -54,14 +54,17 @@ class SimBackend:
     """Backend over `sim.Engine` paced in real time. Build with the same inputs as `sim.simulate`."""
 
     name = "sim"
+    source = "simulated"   # its latencies are the simulated cluster's, paced on the wall clock
 
     def __init__(self, cluster, model, plan, profile, engine_config=None, config: SimBackendConfig | None = None,
                  cache=None):
         """`cache`: a sim.prefix_cache.PrefixCache; its L1 share is taken out of the engine's KV pool."""
+        from sim.admission import Admission
         from sim.engine import EngineConfig
         self.cluster, self.model, self.plan, self.profile = cluster, model, plan, profile
         self.engine_config = engine_config or EngineConfig()
         self.cache = cache
+        self.admission = Admission(cache)   # the same admission process sim.simulate runs in virtual time
         if cache is not None:
             self.engine_config = cache.engine_config(self.engine_config)
         self.config = config or SimBackendConfig()
@@ -83,8 +86,8 @@ class SimBackend:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids)
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return plain_chat_prompt(messages)
 
     # ------------------------------------------------------------------ clock
 
@@ -174,13 +177,12 @@ class SimBackend:
 
     def _on_tokens(self, t: float, slots: np.ndarray, done: np.ndarray) -> None:
         when = self.wall_of(t)
+        self.admission.on_tokens(t, slots, done)
         for slot, last in zip(slots.tolist(), done.tolist()):
             p = self._pending.get(slot)
             if p is None:        # cancelled by its client, or a request of another owner
                 continue
             token = output_token(p.request, p.emitted)
-            if p.emitted == 0 and self.cache is not None:   # prefill done: its blocks are cached now
-                self.cache.remember(p.cache_keys)
             p.emitted += 1
             p.done = bool(last)
             p.queue.put_nowait(TokenEvent(token_id=token, text=self.tokenizer.token_text(token), time_s=when,
@@ -207,20 +209,19 @@ class SimBackend:
         if self.config.max_waiting is not None and len(engine.waiting) >= self.config.max_waiting:
             raise QueueFull(f"{len(engine.waiting)} requests waiting (max_waiting={self.config.max_waiting})")
         pending = _Pending(request, asyncio.Queue())
-        if self.cache is not None:
-            pending.cache_keys = tuple(self.cache.keys_from_tokens(request.prompt))
-            hit = self.cache.admit(pending.cache_keys, len(request.prompt))
-            pending.cached = hit.cached_tokens
-            if hit.load_s > 0:   # lower-tier blocks must reach unified memory before the request can start
-                await asyncio.sleep(hit.load_s / self.config.speed)
-        engine.advance(self.virtual_now())   # the engine's clock must read "now" before the request enters
-        slot = engine.submit(len(request.prompt) - pending.cached, request.max_tokens, request.request_id,
-                             cached_tokens=pending.cached)
-        self._pending[slot] = pending
+        entered = asyncio.get_running_loop().create_future()
+        engine.advance(self.virtual_now())   # the engine's clock must read "now" before the request arrives
+        self.admission.submit(engine, self._admission_request(request),
+                              on_submit=lambda s: self._entered(s, pending, entered))
+        self._kick()                         # the request (or its cache load) is new work for the pacer
+        try:
+            slot = await entered             # done already unless lower-tier blocks had to load
+        except BaseException:
+            entered.cancel()                 # its client left during the load: _entered drops it
+            raise
         if slot in engine.errors:
             del self._pending[slot]
             raise BackendUnavailable(engine.errors[slot])
-        self._kick()
         try:
             async for item in drain(pending.queue):
                 yield item
@@ -230,6 +231,20 @@ class SimBackend:
                 cancel = getattr(engine, "cancel", None)
                 if cancel is not None:   # free its batch slot and KV when the engine supports it
                     cancel(slot)
+
+    def _admission_request(self, request: GenerationRequest):
+        from sim.admission import AdmissionRequest
+        keys = self.cache.keys_from_tokens(request.prompt) if self.cache is not None else ()
+        return AdmissionRequest(len(request.prompt), request.max_tokens, request.request_id, keys)
+
+    def _entered(self, slot: int, pending: _Pending, entered: asyncio.Future) -> None:
+        """The engine has the request (now, or after a cache load): its tokens must find it from here on."""
+        if entered.cancelled():
+            self.cancelled += 1
+            return
+        pending.cached = int(self.engine.cached[slot])
+        self._pending[slot] = pending
+        entered.set_result(slot)
 
     def stats(self) -> dict:
         engine = self.engine
@@ -259,7 +274,17 @@ class SimBackend:
         return self.engine.requests_table()
 
     def steps_table(self):
+        """The engine's step records in virtual time (pyarrow); step_table() puts them on a run's clock."""
         return self.engine.steps_table()
+
+    def step_table(self, t0_monotonic: float, t0_unix: float):
+        """The engine's step records with virtual times moved onto the run's clock (virtual -> monotonic -> t=0)."""
+        if self.engine is None:
+            return step_frame()
+        df = self.engine.steps_table().to_pandas()
+        for col in ("start_s", "end_s"):
+            df[col] = self.wall_of(df[col]) - t0_monotonic   # wall_of is linear, so it maps a whole column
+        return df
 
 
 def _resolve(future: asyncio.Future) -> None:
@@ -276,10 +301,3 @@ def _next_event_time(engine) -> float:
         return t
     return min((item[0] for item in env._queue if item[0] > env.now or item[3].callbacks), default=math.inf)
 
-
-def sim_backend_from_args(args, strategy: str | None = None, config: SimBackendConfig | None = None) -> SimBackend:
-    """A SimBackend from the plan arguments of harness.planning (cluster, model, quant, strategy, profile)."""
-    from harness.costmodel import load_profile
-    from harness.planning import make_plan
-    cluster, model, plan = make_plan(args, strategy)
-    return SimBackend(cluster, model, plan, load_profile(args.profile), config=config)

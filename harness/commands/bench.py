@@ -28,10 +28,11 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from harness.commands.serve import BACKENDS, add_backend_arguments, add_limit_arguments
+    from harness.backends import BACKEND_NAMES
+    from harness.commands.serve import add_backend_arguments, add_limit_arguments
     p.add_argument("--target", default="embedded",
                    help="'embedded' (default: start the server here) or a server URL such as http://127.0.0.1:8000")
-    p.add_argument("--backend", choices=BACKENDS, default="sim", help="embedded server's backend (default %(default)s)")
+    p.add_argument("--backend", choices=BACKEND_NAMES, default="sim", help="embedded server's backend (default %(default)s)")
     p.add_argument("--workload", default="poisson,rate=0.25,n=10,prompt=128,output=64",
                    help="workload shorthand or .json/.toml file (default %(default)s)")
     lg = p.add_argument_group("load")
@@ -105,10 +106,10 @@ def _bench(args, url, workload, workload_spec, modes, slo, backend, load_report=
     rows = []
     for mode in modes:
         print(f"running {mode.label}: {len(workload)} requests to {target.base} ...", flush=True)
-        result = run_load_sync(target, workload, mode, warmup=args.warmup, seed=args.seed,
-                               max_duration_s=args.max_duration_s)
         config = _config(args, url, workload_spec, mode)
-        path, summary = record_run(args.out, f"{args.label}-{mode.label}", result, config, slo=slo,
+        measure = lambda sink, mode=mode: run_load_sync(target, workload, mode, warmup=args.warmup, seed=args.seed,
+                                                        max_duration_s=args.max_duration_s, sink=sink)
+        path, summary = record_run(args.out, f"{args.label}-{mode.label}", measure, config, slo=slo,
                                    backend=backend, load_report=load_report)
         rows.append((mode.label, summary))
         print(summary_text(summary, backend))
@@ -119,43 +120,62 @@ def _bench(args, url, workload, workload_spec, modes, slo, backend, load_report=
 
 
 def _config(args, url, workload_spec, mode) -> dict:
-    skip = {"_run", "command"}
+    skip = {"_run", "_parser", "command"}   # the CLI's own plumbing is no part of the config
     return {"command": "bench", "target": url if args.target != "embedded" else "embedded",
             "args": {k: v for k, v in vars(args).items() if k not in skip},
             "workload": workload_spec, "mode": {"kind": mode.kind, "value": mode.value, "seed": mode.seed}}
 
 
-def record_run(out_root, label, result, config, *, slo=None, backend=None, load_report=None):
-    """Write one load-generator result as a run folder (harness.runfolder); returns (path, summary).
+def record_run(out_root, label, measure, config, *, slo=None, backend=None, load_report=None):
+    """Run `measure(sink)` (the load generator, handing each finished request to `sink`) into a new run folder
+    (harness.runfolder); returns (path, summary). The folder exists before the first request: Ctrl-C, SIGTERM
+    or an exception keep the finished requests and a summary over them (harness.orchestrate.keep_finished).
 
-    With a backend that keeps step records (sim: `steps_table()`, mlx: `step_records()`), steps.parquet
-    holds them; otherwise it is empty. The plan is the backend's plan when it has one.
+    With an embedded backend, steps.parquet holds its step records (`Backend.step_table`) and plan.json its
+    plan (`Backend.plan`, when it serves one); against an outside server (backend None) both are empty.
     """
     from harness import runfolder
     from harness.recording import finish_run, start_run
-    plan = getattr(backend, "plan", None)
-    plan = plan if hasattr(plan, "to_dict") else None
+    plan = backend.plan if backend is not None else None
+    from harness.orchestrate import keep_finished
+    from harness.serving.loadgen import LoadSink
     with runfolder.RunWriter(out_root, label) as run:
         plan_dict = start_run(run, config, plan, {"load_generator": "harness.serving.loadgen", "target": config.get("target")})
-        return finish_run(run, config, plan_dict, result, backend, load_report, slo, plan)
+        finish = lambda result: finish_run(run, config, plan_dict, result, backend, load_report, slo, plan)
+        sink = LoadSink(run.journal.append)
+        try:
+            return finish(measure(sink))
+        except (KeyboardInterrupt, Exception) as exc:
+            keep_finished(run, exc, sink, finish)
+            raise
+
+
+# Figures bench prints besides the headline, and the columns of a sweep (labels from the metric catalogue).
+EXTRA_KEYS = ("median_ttft_ms", "median_tpot_ms", "p99_dispatch_delay_ms")
+SWEEP_KEYS = ("request_throughput", "output_throughput", "median_ttft_ms", "median_tpot_ms", "p99_dispatch_delay_ms")
 
 
 def summary_text(summary: dict, backend) -> str:
     from harness import metrics
     name = getattr(backend, "name", "external")
     source = "measured over HTTP" + (" (backend: simulated cluster, paced in real time)" if name == "sim" else "")
-    lines = [metrics.headline(summary, source)]
-    lines.append(f"  {'median_ttft_ms':<22} {summary['median_ttft_ms']:.1f} ms")
-    lines.append(f"  {'median_tpot_ms':<22} {summary['median_tpot_ms']:.2f} ms")
-    lines.append(f"  {'p99_dispatch_delay_ms':<22} {summary['p99_dispatch_delay_ms']:.2f} ms "
-                 f"(load generator lag behind its schedule, measured)")
+    figures = summary["metrics"]
+    lines = [metrics.headline(figures, source)]
+    for key in EXTRA_KEYS:
+        if figures.get(key) is not None:
+            entry = metrics.BY_KEY[key]
+            lines.append(f"  {entry.label:<28} {entry.text(figures[key])}")
     return "\n".join(lines)
 
 
 def sweep_table(rows) -> str:
-    head = f"{'mode':<18}{'req/s':>9}{'out tok/s':>11}{'med TTFT ms':>13}{'med TPOT ms':>13}{'p99 lag ms':>12}"
-    lines = ["sweep (measured):", head]
+    """One line per load mode of a sweep; rows are (mode label, summary)."""
+    from harness import metrics
+    from harness.cli import text_table
+    entries = [metrics.BY_KEY[k] for k in SWEEP_KEYS]
+    table = [("mode", *(m.heading for m in entries))]
     for label, s in rows:
-        lines.append(f"{label:<18}{s['request_throughput']:>9.2f}{s['output_throughput']:>11.1f}"
-                     f"{s['median_ttft_ms']:>13.1f}{s['median_tpot_ms']:>13.2f}{s['p99_dispatch_delay_ms']:>12.2f}")
-    return "\n".join(lines)
+        figures = s["metrics"]
+        table.append((label, *("-" if figures.get(m.key) is None else m.format.format(figures[m.key])
+                               for m in entries)))
+    return "sweep (measured):\n" + text_table(table)

@@ -5,7 +5,9 @@ HELP = "compare a run's metrics with a committed baseline; non-zero exit when on
 DESCRIPTION = """\
 Compare a saved run's summary metrics with a baseline JSON (format: reports/check.py).
 Prints a table; exits 0 when every metric is within tolerance, 1 when one regressed, changed or is missing,
-or the run is incomplete.
+or the run is incomplete; 2 when the run's fingerprint (model, cluster, plan, workload) differs from the
+baseline's (--allow-mismatch prints the differences and compares anyway). Directions come from the metric
+catalogue (harness/metrics.py).
 
 Write or update a baseline from a run instead of checking:
   python -m harness check --baseline runs/baselines/smoke.json --write-baseline RUN_DIR
@@ -18,6 +20,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--baseline", required=True, metavar="FILE",
                         help="baseline JSON, e.g. runs/baselines/smoke.json")
     parser.add_argument("--write-baseline", action="store_true", help="write/update the baseline from RUN_DIR")
+    parser.add_argument("--allow-mismatch", action="store_true",
+                        help="compare even when the run's model, cluster, plan or workload differs from the "
+                             "baseline's (the differences are printed)")
     parser.add_argument("--metric", action="append", metavar="NAME",
                         help="with --write-baseline: metric to include (repeat; default: every numeric metric)")
     parser.add_argument("--tolerance", type=float, metavar="REL",
@@ -51,6 +56,6 @@ def run(args) -> int:
     if args.metric or args.ratio or args.tolerance is not None:
         from harness.specs import UserError
         raise UserError("--metric, --tolerance and --ratio only apply with --write-baseline")
-    result = gate.check(args.run_dir, args.baseline)
+    result = gate.check(args.run_dir, args.baseline, allow_mismatch=args.allow_mismatch)
     print(gate.format_result(result))
     return 0 if result.ok else 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from strategies.registry import cache_policy_names, strategy_names
+
 HELP = "plan, serve the simulated (or real MLX) cluster, load-test it, and write a run folder + HTML report"
 DESCRIPTION = """Run one experiment end to end: plan the model over the cluster with the strategy, start the
 backend (the SimPy cluster paced in real time, or real MLX ranks) behind the embedded OpenAI-compatible
@@ -23,14 +25,17 @@ examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default=None, help="experiment TOML file (default runs/default.toml)")
     o = p.add_argument_group("overrides (default: the experiment's value)")
-    o.add_argument("--strategy", default=None, help="partitioning strategy, or 'all' to run and compare each")
-    o.add_argument("--backend", default=None, choices=["sim", "mlx"], help="sim (SimPy cluster) or mlx (real ranks)")
+    o.add_argument("--strategy", default=None,
+                   help=f"partitioning strategy: {', '.join(strategy_names())}; or 'all' to run and compare each")
+    from harness.backends import BACKEND_NAMES
+    o.add_argument("--backend", default=None, choices=BACKEND_NAMES,
+                   help="what serves the plan; `harness serve --help` describes each backend")
     o.add_argument("--cluster", default=None, help="cluster preset name or JSON file")
     o.add_argument("--model", default=None, help="model preset name or config.json")
     o.add_argument("--quant", type=int, default=None, help="weight bits (2-8, or 16)")
     o.add_argument("--group-size", type=int, default=None, help="quantization group size")
     o.add_argument("--objective", default=None, choices=["latency", "throughput"], help="hybrid_optimal's objective")
-    o.add_argument("--cache", default=None, help="prefix-cache policy: none, lru, tiered_lru, s3_fifo, infinite")
+    o.add_argument("--cache", default=None, help=f"prefix-cache policy: {', '.join(cache_policy_names())}")
     o.add_argument("--kv-reserve-tokens", type=int, default=None, help="KV tokens each stage keeps room for")
     o.add_argument("--requests", type=int, default=None, help="number of requests in the workload")
     o.add_argument("--rate", type=float, default=None, help="Poisson arrival rate of the workload, requests/s")
@@ -84,10 +89,11 @@ def _outcome_text(o, with_report: bool) -> str:
     s = o.summary
     from harness import metrics
     lines = [f"== {o.strategy} ({s['source']}: {s['backend']} backend) ==",
-             metrics.headline(s, s["source"])]
-    p = s.get("predicted", {})
+             metrics.headline(s["metrics"], s["source"])]
+    plan = s.get("plan") or {}
+    p = plan.get("predicted") or {}
     if p:
-        lines.append(f"  plan prediction for {s['cluster']} (theoretical): {p['tpot_ms']:.2f} ms/token, TTFT {p['ttft_ms']:.0f} ms "
+        lines.append(f"  plan prediction for {plan['cluster']} (theoretical): {p['tpot_ms']:.2f} ms/token, TTFT {p['ttft_ms']:.0f} ms "
                      f"for {p['prompt_tokens']} prompt tokens; ceiling {p['ceiling_tokens_per_s']:.1f} tokens/s "
                      f"(peak bandwidth, no overheads)")
     for t in s.get("targets", []):
@@ -99,14 +105,23 @@ def _outcome_text(o, with_report: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The figures of the strategy comparison, labelled from the metric catalogue.
+COMPARISON_KEYS = ("request_throughput", "output_throughput", "median_ttft_ms", "median_tpot_ms", "p99_e2el_ms")
+
+
 def _comparison(outcomes) -> str:
-    rows = [("strategy", "req/s", "out tok/s", "median TTFT ms", "median TPOT ms", "p99 E2EL ms", "source")]
+    from harness import metrics
+    entries = [metrics.BY_KEY[k] for k in COMPARISON_KEYS]
+    rows = [("strategy", *(m.heading for m in entries), "source")]
     for o in outcomes:
         if o.error:
-            rows.append((o.strategy, "-", "-", "-", "-", "-", "does not fit"))
+            rows.append((o.strategy, *("-" for _ in entries), "does not fit"))
             continue
-        s = o.summary
-        rows.append((o.strategy, f"{s['request_throughput']:.2f}", f"{s['output_throughput']:.1f}",
-                     f"{s['median_ttft_ms']:.0f}", f"{s['median_tpot_ms']:.1f}", f"{s['p99_e2el_ms']:.0f}", s["source"]))
+        figures = o.summary["metrics"]
+        rows.append((o.strategy, *(_cell(m, figures.get(m.key)) for m in entries), o.summary["source"]))
     from harness.cli import text_table
     return "strategy comparison (same workload):\n" + text_table(rows)
+
+
+def _cell(entry, value) -> str:
+    return "-" if value is None else entry.format.format(value)

@@ -10,7 +10,8 @@ streaming or not; /health; /metrics in Prometheus text).
 backends:
   sim      the simulated cluster, answering in real time: a client sees its TTFT and token cadence
            (simulated figures, paced on the wall clock); pick it with the plan options below
-  mlx      real mlx-lm ranks over MLX's ring (measured); --model-path is an mlx-lm model folder
+  mlx      real mlx-lm ranks over MLX's ring (measured); --model-path is an mlx-lm model folder, else
+           the plan runs on a small local twin of --model (same layers, smaller width)
   instant  zero model cost: every token is ready at once; measures the server's own overhead
 
 examples:
@@ -18,11 +19,10 @@ examples:
   python -m harness serve --backend mlx --model-path "$(python -m harness model build --size tiny)" --split 2,2
   python -m harness serve --backend instant --port 8001 --api-key secret"""
 
-BACKENDS = ("sim", "mlx", "instant")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=BACKENDS, default="sim", help="what answers requests (default %(default)s)")
+    from harness.backends import BACKEND_NAMES
+    p.add_argument("--backend", choices=BACKEND_NAMES, default="sim", help="what answers requests (default %(default)s)")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     g.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
@@ -47,7 +47,9 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-waiting", type=int, default=None,
                    help="answer 429 when this many requests wait for admission (default: unbounded)")
     m = p.add_argument_group("mlx backend")
-    m.add_argument("--model-path", default=None, help="mlx-lm model folder (python -m harness model build)")
+    m.add_argument("--model-path", default=None,
+                   help="mlx-lm model folder (python -m harness model build); default: a twin of --model, "
+                        "built here, running the --strategy plan")
     m.add_argument("--split", default=None, help="layers per rank in layer order, e.g. 12,12 (default: one rank)")
     m.add_argument("--max-running", type=int, default=16, help="largest decode batch (default %(default)s)")
     i = p.add_argument_group("instant backend")
@@ -57,30 +59,34 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_backend(args):
     """The backend the arguments describe (not loaded yet)."""
-    from harness.specs import UserError
-    match args.backend:
-        case "sim":
-            from harness.backends.sim import SimBackendConfig, sim_backend_from_args
-            if not args.speed > 0:
-                raise UserError(f"--speed must be > 0, got {args.speed}")
-            return sim_backend_from_args(args, config=SimBackendConfig(speed=args.speed, max_waiting=args.max_waiting))
-        case "mlx":
-            if not args.model_path:
-                raise UserError("--backend mlx needs --model-path (build one: python -m harness model build)")
-            from harness.backends.mlx import MlxBackend
-            return MlxBackend(args.model_path, _split(args.split), max_running=args.max_running)
-        case "instant":
-            from harness.backends.instant import InstantBackend
-            return InstantBackend(token_interval_s=args.token_interval_ms / 1000)
-    raise UserError(f"unknown backend {args.backend!r}; known: {', '.join(BACKENDS)}")
+    from harness.backends import make_backend
+    return make_backend(args.backend, backend_options(args))
 
 
-def _split(text: str | None) -> list[int] | None:
+def backend_options(args):
+    """harness.backends.BackendOptions from the backend arguments; the plan is made only if the backend needs it."""
+    from functools import partial
+    from harness.backends import BackendOptions
+    return BackendOptions(planned=partial(planned_from_args, args), speed=args.speed, max_waiting=args.max_waiting,
+                          model_path=args.model_path, split=_split(args.split), max_running=args.max_running,
+                          token_interval_s=args.token_interval_ms / 1000)
+
+
+def planned_from_args(args):
+    """The plan the plan arguments describe (harness.planning), with the profile it was made with."""
+    from harness.backends import Planned
+    from harness.costmodel import load_profile
+    from harness.planning import make_plan
+    cluster, model, plan = make_plan(args)
+    return Planned(cluster, model, plan, load_profile(args.profile), model_source=args.model)
+
+
+def _split(text: str | None) -> tuple[int, ...] | None:
     from harness.specs import UserError
     if not text:
         return None
     try:
-        return [int(x) for x in text.split(",")]
+        return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise UserError(f"--split {text!r}: give layer counts like 12,12") from None
 
@@ -95,10 +101,9 @@ def limits_from_args(args):
 
 
 def run(args) -> int:
-    from harness.recording import row_source
     from harness.serving.server import serve_forever
     backend = build_backend(args)
-    print(f"serving {args.backend} backend, model {backend.model_id!r}, on http://{args.host}:{args.port}/v1 "
-          f"({row_source(backend)} timings); Ctrl-C stops", flush=True)
+    print(f"serving {backend.name} backend, model {backend.model_id!r}, on http://{args.host}:{args.port}/v1 "
+          f"({backend.source} timings); Ctrl-C stops", flush=True)
     serve_forever(backend, host=args.host, port=args.port, api_key=args.api_key, limits=limits_from_args(args))
     return 0

@@ -5,6 +5,7 @@ import sys
 import time
 
 from harness.planning import add_plan_arguments
+from strategies.registry import cache_policy_names
 
 HELP = "simulate serving a workload on a cluster (SimPy, virtual time) and write runs/out/<run-id>/"
 DESCRIPTION = """Plan the model over the cluster with a partitioning strategy, load it (SSD or peer), then serve a
@@ -53,7 +54,7 @@ def add_arguments(p) -> None:
     e.add_argument("--kv-block-tokens", type=int, default=16, help="KV block size in tokens (default %(default)s)")
     e.add_argument("--kv-tokens", type=int, default=0, help="cap the KV pool in tokens (default: memory decides)")
     e.add_argument("--cache", default="none",
-                   help="prefix-KV cache policy: none, lru, tiered_lru, s3_fifo, infinite (default %(default)s); "
+                   help=f"prefix-KV cache policy: {', '.join(cache_policy_names())} (default %(default)s); "
                         "requests with a shared prefix (conversations, traces with prefix_id) reuse its KV")
 
 
@@ -146,8 +147,7 @@ def run_one(args) -> int:
         writer.finish(summary)
     print(f"run folder: {writer.path}")
     print(metrics.headline(summary["metrics"], "simulated"))
-    print(f"  {'load_time_s':<22} {summary['metrics']['load_time_s']:.2f} s")
-    print(f"  {'preemptions':<22} {result.stats['preemptions']}")
+    print(f"  {'preemptions':<28} {result.stats['preemptions']}")
     if args.timing:
         wall = result.stats["wall_s"]
         print(f"simulator speed (measured): {len(workload)} requests in {wall:.3f} s wall = "
@@ -162,19 +162,18 @@ def _max_rss_mib(resource) -> float:
 
 
 def summarise(result, slo: dict, config: dict, plan, cluster) -> dict:
-    """summary.json body: the metrics (simulated), run-level figures for targets, engine facts."""
-    from harness import metrics
-    requests = result.requests.to_pandas()
-    m = metrics.compute(requests, slo or None)
-    m["load_time_s"] = max(result.load.load_s_per_node.values(), default=0.0)
-    used = sum(result.load.memory_bytes_per_node.values())
-    usable = sum(cluster.node(n).usable_bytes for n in result.load.memory_bytes_per_node)
-    m["memory_utilisation_pct"] = 100.0 * used / usable if usable else None
-    body = {"source": "simulated", "metrics": m, "slo": slo or None, "sim": result.stats,
-            "load": {"load_s_per_node": result.load.load_s_per_node,
-                     "memory_bytes_per_node": result.load.memory_bytes_per_node, "source": result.load.source}}
+    """summary.json body (harness.summary, schema 2): the metrics (simulated), run-level figures for targets,
+    engine facts."""
+    from harness import metrics, summary
     from reports.targets import targets_summary
-    body["targets"] = targets_summary(config, plan.to_dict(), m, requests, None, "simulated")
+    requests = result.requests.to_pandas()
+    plan_dict = plan.to_dict()
+    body = summary.build("simulate", "simulated", "sim", metrics.compute(requests, slo or None), plan=plan_dict,
+                         cluster=cluster, load_report=result.load,
+                         kv_peak_bytes_per_node=result.stats.get("kv_peak_bytes_per_node"),
+                         workload=config["workload"], run={"preemptions": result.stats.get("preemptions")},
+                         extra={"sim": result.stats})
+    body["targets"] = targets_summary(config, plan_dict, body["metrics"], requests, None, "simulated")
     return body
 
 

@@ -96,6 +96,31 @@ class LoadResult:
                 "max_dispatch_delay_ms": float(d.max())}
 
 
+class LoadSink:
+    """Sees a load run as it happens: `start(result)` before the warm-up and again at t=0 (mode, model and
+    clocks; no rows yet), then `row(row)` as each request finishes, which hands it to `on_row` (a run folder's
+    journal). A run cut short by Ctrl-C, SIGTERM or a failure never returns its LoadResult; `partial(rows)` is
+    one over what finished."""
+
+    def __init__(self, on_row: Callable[[dict], None] | None = None):
+        self.on_row = on_row
+        self.started: LoadResult | None = None
+
+    def start(self, result: LoadResult) -> None:
+        self.started = result
+
+    def row(self, row: dict) -> None:
+        if self.on_row is not None:
+            self.on_row(row)
+
+    def partial(self, rows: list[dict]) -> LoadResult | None:
+        """None when the run stopped before any request was sent (it never started)."""
+        if self.started is None:
+            return None
+        return replace(self.started, rows=rows, duration_s=time.monotonic() - self.started.t0_monotonic,
+                       notes=[*self.started.notes, "cut short: only the requests that finished"])
+
+
 # ---------------------------------------------------------------------------------------------- prompts
 
 def prompt_text(spec: RequestSpec, index: int, seed: int = 0) -> str:
@@ -272,11 +297,12 @@ def _client(target: Target, concurrency_hint: int) -> httpx.AsyncClient:
 
 async def run_load(target: Target, workload: Workload | Sequence[RequestSpec], mode: LoadMode = LoadMode(), *,
                    warmup: int = 0, seed: int = 0, max_duration_s: float | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> LoadResult:
+                   progress: Callable[[int, int], None] | None = None, sink: LoadSink | None = None) -> LoadResult:
     """Send the workload to `target` in `mode`; returns per-request rows (the warm-up requests excluded).
 
     `max_duration_s` bounds the run: no request is sent after it, and requests still running at
-    twice that are cancelled and recorded as failed. `progress(done, total)` is called as requests end.
+    twice that are cancelled and recorded as failed. `progress(done, total)` is called as requests end, and
+    `sink` (LoadSink) gets each finished request's row at once, so an interrupted run can keep them.
     """
     specs = _as_specs(workload)
     mode = _effective_mode(mode, workload)
@@ -284,16 +310,29 @@ async def run_load(target: Target, workload: Workload | Sequence[RequestSpec], m
     async with _client(target, hint) as client:
         model = await discover_model(client, target)
         url = f"{target.base}/{'chat/completions' if target.endpoint == 'chat' else 'completions'}"
+        sink = sink or LoadSink()
+        _begin(sink, mode, model, warmup)   # a run stopped during the warm-up still gets a summary (of nothing)
         if warmup:
             await _warmup(client, url, target, model, specs, warmup, seed, hint)
         bodies = [request_body(target, model, s, i, seed) for i, s in enumerate(specs)]
-        clock = _Clock()
-        wall_start = time.time()
-        tally = _Tally(len(specs), progress)
-        rows = await _dispatch(client, url, specs, bodies, mode, clock, max_duration_s, tally)
+        clock, wall_start = _begin(sink, mode, model, warmup)
+        tally = _Tally(len(specs), progress, sink)
+        try:
+            rows = await _dispatch(client, url, specs, bodies, mode, clock, max_duration_s, tally)
+        except asyncio.CancelledError:   # Ctrl-C: the requests cut off from here on did not finish
+            tally.stopping = True
+            raise
         duration = clock.now()
     return LoadResult(mode=mode, rows=rows, wall_start_unix=wall_start, duration_s=duration,
                       t0_monotonic=clock.t0_monotonic, model=model, warmup_requests=warmup)
+
+
+def _begin(sink: LoadSink, mode: LoadMode, model: str, warmup: int) -> tuple[_Clock, float]:
+    """A new t=0 on the client's clock (and its wall time), told to the sink."""
+    clock, wall_start = _Clock(), time.time()
+    sink.start(LoadResult(mode=mode, rows=[], wall_start_unix=wall_start, duration_s=0.0,
+                          t0_monotonic=clock.t0_monotonic, model=model, warmup_requests=warmup))
+    return clock, wall_start
 
 
 async def _warmup(client, url, target, model, specs, count, seed, concurrency) -> None:
@@ -310,11 +349,15 @@ async def _warmup(client, url, target, model, specs, count, seed, concurrency) -
 
 
 class _Tally:
-    def __init__(self, total: int, progress):
-        self.total, self.progress, self.done = total, progress, 0
+    def __init__(self, total: int, progress, sink: LoadSink):
+        self.total, self.progress, self.sink, self.done = total, progress, sink, 0
+        self.stopping = False
 
     async def send(self, client, url, body, row, clock) -> None:
         await send_one(client, url, body, row, clock)
+        if self.stopping:   # its connection was closed under it by the interrupt: not a finished request
+            return
+        self.sink.row(row)
         self.done += 1
         if self.progress is not None:
             self.progress(self.done, self.total)

@@ -44,7 +44,7 @@ class ServerLimits:
     max_tokens: int = 32768            # hard bound on max_tokens a client may ask for
     default_max_tokens: int = 256      # when the client sets none
     max_prompt_tokens: int = 131072
-    retry_after_s: int = 1             # Retry-After on 429 when the backend does not say
+    retry_after_s: int = 1             # Retry-After on 429
 
 
 # ---------------------------------------------------------------------------------------------- request bodies
@@ -295,11 +295,7 @@ class _AppState:
 
 
 def _chat_prompt(backend: Backend, messages: list[_Message]) -> str:
-    template = getattr(backend, "apply_chat_template", None)
-    plain = [{"role": m.role, "content": _message_text(m)} for m in messages]
-    if template is not None:   # a real model (MLX) knows its own chat template
-        return template(plain)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"
+    return backend.chat_prompt([{"role": m.role, "content": _message_text(m)} for m in messages])
 
 
 def _message_text(m: _Message) -> str:
@@ -478,9 +474,8 @@ async def _collect(gen: _Generation) -> str:
 
 
 def _queue_full(state: _AppState, exc: Exception) -> ApiError:
-    retry = getattr(exc, "retry_after_s", None) or state.limits.retry_after_s
     return ApiError(429, f"server busy: {exc}", type_="rate_limit_error", code="queue_full",
-                    headers={"Retry-After": str(max(1, int(round(retry))))})
+                    headers={"Retry-After": str(state.limits.retry_after_s)})
 
 
 def _map_backend_error(state: _AppState, exc: BaseException) -> BaseException:

@@ -17,7 +17,9 @@ PLAN = PartitionPlan(
             Stage(("mini-1",), 40, 56, 1, memory_used_gb=40.0, memory_available_gb=48.0, decode_ms=20.0),
             # memory figures are per member node: this stage holds 2 x 30 GB of 2 x 48 GB
             Stage(("mini-2", "mini-3"), 56, 80, 2, memory_used_gb=30.0, memory_available_gb=48.0, decode_ms=25.0)),
-    predicted={"tpot_ms": 75.0, "tokens_per_s": 1000 / 75.0, "ttft_ms": 80.0, "prompt_tokens": 512, "load_s": 41.0},
+    # the plan uses every node of its cluster, so the planner's cluster-wide memory figure is the stages' 250 / 324 GB
+    predicted={"tpot_ms": 75.0, "tokens_per_s": 1000 / 75.0, "ttft_ms": 80.0, "prompt_tokens": 512, "load_s": 41.0,
+               "memory_utilisation": 250 / 324},
 ).to_dict()
 
 
@@ -50,7 +52,8 @@ def step_rows(duration_s: float, source: str = "simulated") -> pd.DataFrame:
 
 
 def write_run(root, label="run", n=60, seed=0, source="simulated", plan=PLAN, targets=None, rate=5.0,
-              ttft_s=0.05, tpot_s=0.02, finish=True, extra_metrics=None, strategy=None, nested=False):
+              ttft_s=0.05, tpot_s=0.02, finish=True, extra_metrics=None, strategy=None, nested=False,
+              fingerprint=None):
     """Write a run folder with the project's writer; finish=False leaves it interrupted."""
     requests = request_rows(n, seed, source, ttft_s, tpot_s, rate)
     plan = dict(plan, strategy=strategy or plan["strategy"])
@@ -71,7 +74,7 @@ def write_run(root, label="run", n=60, seed=0, source="simulated", plan=PLAN, ta
         # nested=True writes the other documented layout, {"metrics": {...}}.
         body = {"metrics": summary_metrics} if nested else {
             **summary_metrics, "backend": "sim", "strategy": plan["strategy"], "predicted": plan["predicted"]}
-        writer.finish({"source": source, **body})
+        writer.finish({"source": source, **body, **({"fingerprint": fingerprint} if fingerprint else {})})
     else:
         try:
             with writer:        # what Ctrl-C during a run does to its folder

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from harness.cli import main
-from reports.check import BaselineError, check, format_result, infer_direction, judge, read_baseline, write_baseline
+from reports.check import (BaselineError, FingerprintMismatch, check, format_result, gate_direction, judge,
+                           read_baseline, write_baseline)
 from report_runs import write_run
 
 
@@ -25,7 +26,7 @@ def baseline(runs, tmp_path):
 
 def test_written_baseline_has_values_tolerances_and_directions(baseline):
     data = json.loads(baseline.read_text())
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     ttft = data["metrics"]["median_ttft_ms"]
     assert ttft["value"] == pytest.approx(50.0)
     assert ttft["direction"] == "lower_is_better"
@@ -104,7 +105,7 @@ def test_incomplete_run_cannot_become_a_baseline(runs, tmp_path):
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"schema_version": 2, "metrics": {"x": {"value": 1}}}, "schema_version"),
+    ({"schema_version": 3, "metrics": {"x": {"value": 1}}}, "schema_version"),
     ({"schema_version": 1, "metrics": {}}, "no metrics"),
     ({"schema_version": 1, "metrics": {"x": {"tolerance": 0.1}}}, "numeric 'value'"),
     ({"schema_version": 1, "metrics": {"x": {"value": 1, "direction": "up"}}}, "direction"),
@@ -140,6 +141,54 @@ def test_judge(baseline, current, direction, status):
 @pytest.mark.parametrize("name, direction", [
     ("p99_itl_ms", "lower_is_better"), ("output_throughput", "higher_is_better"),
     ("request_goodput", "higher_is_better"), ("failed", "lower_is_better"), ("total_input_tokens", "two_sided"),
+    # memory in use is better neither way: the old name-pattern guess (_pct -> higher) gated it as a throughput
+    ("cluster_memory_used_pct", "two_sided"), ("plan_memory_used_pct", "two_sided"),
+    ("decode_tokens_per_s", "higher_is_better"), ("load_time_s", "lower_is_better"),
 ])
-def test_direction_inference(name, direction):
-    assert infer_direction(name) == direction
+def test_direction_comes_from_the_catalogue(name, direction):
+    assert gate_direction(name) == direction
+    # a baseline file cannot turn a catalogued latency into a figure that should rise
+    assert gate_direction(name, {"direction": "higher_is_better" if direction != "higher_is_better"
+                                 else "lower_is_better"}) == direction
+
+
+def test_figures_outside_the_catalogue_keep_the_baseline_direction():
+    assert gate_direction("sim_wall_per_reference", {"direction": "lower_is_better"}) == "lower_is_better"
+    assert gate_direction("wall.sim_s") == "two_sided"
+
+
+FINGERPRINT = {"model": "llama-3.1-70b 4-bit", "cluster": "test-cluster", "cluster_hash": "abc",
+               "plan_stages": ["studio-1[0,40)"], "workload_hash": "w1"}
+
+
+@pytest.fixture(scope="module")
+def printed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fingerprints")
+    other = dict(FINGERPRINT, model="llama-3.1-8b 4-bit", workload_hash="w2")
+    return {"base": write_run(root, "fp-base", fingerprint=FINGERPRINT),
+            "other": write_run(root, "fp-other", fingerprint=other)}
+
+
+def test_a_run_of_another_experiment_is_refused_with_what_differs(printed, tmp_path, capsys):
+    baseline = write_baseline(printed["base"], tmp_path / "fp.json")
+    assert json.loads(baseline.read_text())["fingerprint"] == FINGERPRINT
+    with pytest.raises(FingerprintMismatch, match="model: baseline 'llama-3.1-70b 4-bit', run 'llama-3.1-8b"):
+        check(printed["other"], baseline)
+    assert main(["check", "--baseline", str(baseline), str(printed["other"])]) == 2
+    err = capsys.readouterr().err
+    assert "workload_hash" in err and "--allow-mismatch" in err
+
+
+def test_allow_mismatch_prints_the_differences_and_compares(printed, tmp_path, capsys):
+    baseline = write_baseline(printed["base"], tmp_path / "fp.json")
+    assert main(["check", "--allow-mismatch", "--baseline", str(baseline), str(printed["other"])]) == 0
+    out = capsys.readouterr().out
+    assert "fingerprint differs (allowed): model" in out and "OK:" in out
+
+
+def test_a_version_1_baseline_is_read_under_todays_names(tmp_path):
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps({"schema_version": 1, "metrics": {
+        "memory_utilisation_pct": {"value": 50.0, "tolerance": 0.1, "direction": "higher_is_better"}}}))
+    entry = read_baseline(path)["metrics"]["plan_memory_used_pct"]
+    assert entry["direction"] == "two_sided"

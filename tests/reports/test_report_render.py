@@ -59,7 +59,8 @@ def test_targets_table_shows_value_source_and_status(single):
 def test_summary_tables_carry_vllm_metrics(single):
     _, html = single
     assert "TTFT (ms)" in html and "output throughput" in html and "Partition plan" in html
-    assert "Plan predictions" in html and "<td class=\"text\">tokens_per_s</td>" in html
+    assert "Plan predictions" in html and "<td class=\"text\">decode speed, one request</td>" in html
+    assert "<td class=\"text\">tokens_per_s</td>" not in html       # labels, not raw keys
 
 
 def test_nested_backend_figures_are_listed(tmp_path):
@@ -129,4 +130,4 @@ def test_default_comparison_path_is_next_to_the_runs(tmp_path):
 def test_cli_warns_about_an_incomplete_run(tmp_path, capsys):
     path = write_run(tmp_path, "stopped", finish=False)
     assert main(["report", str(path)]) == 0
-    assert "is incomplete (marked incomplete: interrupted)" in capsys.readouterr().out
+    assert "is incomplete (marked incomplete: interrupted" in capsys.readouterr().out

@@ -31,7 +31,7 @@ def test_default_targets_use_summary_steps_and_plan(run_dir):
 
 
 def test_memory_utilisation_from_plan_is_theoretical_and_decides_alone(run_dir):
-    mem = by_metric(evaluate(load_run(run_dir)))["memory_utilisation_pct"]
+    mem = by_metric(evaluate(load_run(run_dir)))["cluster_memory_used_pct"]
     assert mem.observed is None
     assert mem.theoretical.source == "theoretical"
     assert mem.theoretical.value == pytest.approx(100 * 250 / 324)
@@ -40,8 +40,18 @@ def test_memory_utilisation_from_plan_is_theoretical_and_decides_alone(run_dir):
 
 def test_planner_memory_utilisation_covers_the_whole_cluster(tmp_path):
     plan = dict(PLAN, predicted=dict(PLAN["predicted"], memory_utilisation=0.85))
-    mem = by_metric(evaluate(load_run(write_run(tmp_path, "cluster-mem", plan=plan))))["memory_utilisation_pct"]
+    mem = by_metric(evaluate(load_run(write_run(tmp_path, "cluster-mem", plan=plan))))["cluster_memory_used_pct"]
     assert mem.theoretical.value == pytest.approx(85.0) and mem.status == "pass"
+
+
+def test_plan_memory_from_stages_counts_the_plan_nodes_only(run_dir):
+    # a target on the plan's nodes, written with the version-1 name, reads the renamed figure
+    targets = [{"metric": "memory_utilisation_pct", "op": ">=", "value": 80}]
+    run = load_run(run_dir)
+    run.config = {**run.config, "targets": targets}
+    mem = evaluate(run)[0]
+    assert mem.target.metric == "plan_memory_used_pct" and mem.target.unit == "%"
+    assert mem.theoretical.value == pytest.approx(100 * 250 / 324)
 
 
 def test_configured_targets_replace_defaults(tmp_path):
@@ -49,7 +59,7 @@ def test_configured_targets_replace_defaults(tmp_path):
                {"metric": "output_throughput", "op": ">", "value": 1}, {"metric": "no_such_metric", "value": 1}]
     results = evaluate(load_run(write_run(tmp_path, "custom", targets=targets)))
     assert [r.status for r in results] == ["fail", "pass", "no data"]
-    assert results[1].target.name == "output_throughput"
+    assert results[1].target.name == "output throughput" and results[1].target.unit == "tok/s"   # catalogue
 
 
 def test_empty_targets_list_means_no_targets(tmp_path):
@@ -57,10 +67,10 @@ def test_empty_targets_list_means_no_targets(tmp_path):
 
 
 def test_summary_metric_wins_over_fallbacks(tmp_path):
-    path = write_run(tmp_path, "measured-mem", extra_metrics={"memory_utilisation_pct": 91.0, "load_time_s": 75.0})
+    path = write_run(tmp_path, "measured-mem", extra_metrics={"cluster_memory_used_pct": 91.0, "load_time_s": 75.0})
     results = by_metric(evaluate(load_run(path)))
-    assert results["memory_utilisation_pct"].observed.value == 91.0
-    assert results["memory_utilisation_pct"].status == "pass"
+    assert results["cluster_memory_used_pct"].observed.value == 91.0
+    assert results["cluster_memory_used_pct"].status == "pass"
     assert results["load_time_s"].status == "fail"
 
 
@@ -81,8 +91,9 @@ def test_targets_must_be_a_list(tmp_path):
 
 
 def test_plan_without_stages_gives_no_theoretical_memory(tmp_path):
-    run = load_run(write_run(tmp_path, "noplan", plan=dict(PLAN, stages=[])))
-    assert by_metric(evaluate(run))["memory_utilisation_pct"].status == "no data"
+    predicted = {k: v for k, v in PLAN["predicted"].items() if k != "memory_utilisation"}
+    run = load_run(write_run(tmp_path, "noplan", plan=dict(PLAN, stages=[], predicted=predicted)))
+    assert by_metric(evaluate(run))["cluster_memory_used_pct"].status == "no data"
 
 
 def test_targets_summary_before_the_folder_exists_matches_the_report(run_dir):
@@ -90,7 +101,7 @@ def test_targets_summary_before_the_folder_exists_matches_the_report(run_dir):
     section = targets_summary(run.config, run.plan, run.metrics, run.requests, run.steps)
     assert [(t["metric"], t["status"], t["source"]) for t in section] == [
         ("load_time_s", "pass", "simulated"), ("median_ttft_ms", "pass", "simulated"),
-        ("decode_tokens_per_s", "pass", "simulated"), ("memory_utilisation_pct", "fail", "theoretical")]
+        ("decode_tokens_per_s", "pass", "simulated"), ("cluster_memory_used_pct", "fail", "theoretical")]
     assert section == as_summary(evaluate(run))
 
 

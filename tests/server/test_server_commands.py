@@ -33,7 +33,7 @@ def test_bench_embedded_instant_writes_a_complete_run_folder(tmp_path, capsys):
         run = read_run(path)
         df = run.requests()
         assert len(df) == 20 and df["success"].all() and (df["output_tokens"] == 8).all()
-        assert run.summary["completed"] == 20 and run.summary["source"] == "measured"
+        assert run.summary["metrics"]["completed"] == 20 and run.summary["source"] == "measured"
         assert run.config["mode"]["kind"] == "concurrent"
     assert "sweep (measured)" in out and "concurrent=4" in out
 

@@ -57,9 +57,7 @@ def new_run_id(label: str = "run") -> str:
 
 
 def _json_default(obj):
-    if hasattr(obj, "item"):        # numpy scalars
-        return obj.item()
-    if hasattr(obj, "tolist"):
+    if hasattr(obj, "tolist"):      # numpy arrays and scalars (an array's .item() fails for size > 1)
         return obj.tolist()
     if isinstance(obj, (set, frozenset, tuple)):
         return list(obj)

@@ -158,6 +158,8 @@ OBJECTIVES = {
     "latency": "time per output token of one stream: every stage's decode step plus every hop, in ring order (ms)",
     "throughput": "pipeline bottleneck: the slowest stage's decode step plus its outgoing hop (ms); "
                   "its inverse is the steady token rate with one micro-batch per stage in flight",
+    "goodput": "pipeline time per request at the workload's lengths: its prefill on every stage plus its "
+               "batched decode steps at the bottleneck (ms); its inverse is the plan's sustainable request rate",
 }
 
 
@@ -170,13 +172,28 @@ class PlanOptions:
     context_tokens: int = 1024      # mean context assumed when predicting a decode step
     prompt_tokens: int = 512        # reference prompt for the predicted TTFT
     output_tokens: int = 128        # reference output, to weigh prefill against decode
+    arrival_rate_rps: float = 0.0   # the workload's arrival rate (requests/s) the plan is judged against; 0 = unknown
+    max_num_seqs: int = 128         # the engine's sequences per micro-batch (sim.engine.EngineConfig)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise UserError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        for name in ("kv_reserve_tokens", "context_tokens", "prompt_tokens", "output_tokens"):
+        for name in ("kv_reserve_tokens", "context_tokens", "prompt_tokens", "output_tokens", "arrival_rate_rps"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_num_seqs < 1 or self.output_tokens < 1:
+            raise UserError(f"max_num_seqs and output_tokens must be >= 1, got {self.max_num_seqs} and "
+                            f"{self.output_tokens}")
+
+    @property
+    def request_tokens(self) -> int:
+        """KV tokens one request holds at its end: its prompt plus its output."""
+        return self.prompt_tokens + self.output_tokens
+
+    @property
+    def mean_decode_context(self) -> float:
+        """Mean context a request's decode steps read: from its prompt to prompt + output."""
+        return self.prompt_tokens + self.output_tokens / 2
 
 
 # ----------------------------------------------------------------------------------------------- links of a plan
@@ -336,3 +353,47 @@ def stage_models(cluster: Cluster, model: ModelSpec, plan: PartitionPlan) -> tup
     k = len(plan.stages)
     return tuple(stage_model(cluster, model, st.nodes, st.layer_start, st.layer_end, i == k - 1, i)
                  for i, st in enumerate(plan.stages))
+
+
+# ----------------------------------------------------------------------------------------------- capacity
+def kv_room_tokens(cluster: Cluster, stage: StageModel) -> float:
+    """KV tokens a stage can cache beside its weights: its slowest-to-fill member decides (sim.costs agrees)."""
+    usable = min(cluster.node(n).usable_bytes for n in stage.nodes)
+    return max(usable - stage.weight_bytes_node, 0.0) / stage.kv_bytes_per_token_node
+
+
+def batch_bound(kv_tokens: float, stages: int, options: PlanOptions) -> int:
+    """Largest micro-batch the plan can run: one micro-batch per stage is in flight and every stage caches all
+    of them, each sequence up to its full prompt + output; never above the engine's max_num_seqs."""
+    return int(min(options.max_num_seqs, kv_tokens // (stages * options.request_tokens)))
+
+
+def step_hops_s(cluster: Cluster, model: ModelSpec, stages, batch: int, profile: Profile) -> list[float]:
+    """Each stage's outgoing hop for a micro-batch of `batch` sequences: activations forward, token ids back."""
+    fwd, back = hop_links(cluster, stages)
+    hops = [link_time(link, model.activation_bytes(batch), profile) for link in fwd]
+    return hops + [link_time(back, TOKEN_ID_BYTES * batch, profile) if back else 0.0]
+
+
+def request_pipeline_s(cluster: Cluster, model: ModelSpec, stages, options: PlanOptions, batch: int) -> float:
+    """Seconds of pipeline time one request costs at micro-batch `batch` (theoretical):
+
+    * its prompt's prefill on every stage, summed: the prompt's chunk crosses the stages one after another and
+      each stage serves its micro-batches in order, so the decodes of every other micro-batch queue behind it
+      stage after stage; while prompts arrive one at a time, prefills do not overlap (the simulator agrees);
+    * its output_tokens decode steps at the bottleneck: decode micro-batches do overlap, one per stage in
+      flight, so `batch` sequences get a token per slowest stage step plus its outgoing hop.
+    """
+    hops = step_hops_s(cluster, model, stages, batch, options.profile)
+    prefill = sum(st.prefill_s(model, options.profile, options.prompt_tokens, 0) for st in stages)
+    ctx_sum = batch * options.mean_decode_context
+    step = max(st.decode_s(model, options.profile, batch, ctx_sum) + h for st, h in zip(stages, hops))
+    return prefill + options.output_tokens * step / batch
+
+
+def sustainable_rate_rps(cluster: Cluster, model: ModelSpec, stages, options: PlanOptions) -> float:
+    """Requests/s at which the plan saturates (theoretical): 1 / request_pipeline_s at the best micro-batch the
+    KV memory allows. 0 when not even one sequence per stage fits beside the weights."""
+    bound = batch_bound(min(kv_room_tokens(cluster, st) for st in stages), len(stages), options)
+    costs = [request_pipeline_s(cluster, model, stages, options, b) for b in range(1, bound + 1)]
+    return 1.0 / min(costs) if costs else 0.0

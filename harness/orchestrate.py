@@ -26,13 +26,27 @@ class Outcome:
 
 
 def load_inputs(exp: dict):
-    """The experiment's cluster, model and plan options (with the cost-model profile), read once per run."""
+    """The experiment's cluster, model and plan options (with the cost-model profile), read once per run; the
+    plan is judged at the experiment's workload: its mean prompt and output lengths and its arrival rate."""
     from harness.costmodel import PlanOptions
+    from harness.workloads import build_workload
     cluster = catalog.load_cluster(exp["cluster"])
     model = catalog.load_model(exp["model"], exp["quant"], exp["group_size"])
     options = PlanOptions(profile=load_profile(exp.get("profile")), objective=exp["objective"],
-                          kv_reserve_tokens=exp["kv_reserve_tokens"])
+                          kv_reserve_tokens=exp["kv_reserve_tokens"], **workload_shape(build_workload(exp["workload"])))
     return cluster, model, options
+
+
+def workload_shape(workload) -> dict:
+    """PlanOptions' view of a workload: mean prompt and output tokens and its arrival rate (requests/s): the
+    declared rate when the spec has one (a short sample's mean is noisy), else the mean over its arrivals;
+    0 when every request arrives at once or the load is closed-loop, where no rate applies."""
+    n, span = len(workload), float(workload.arrival_s[-1] - workload.arrival_s[0]) if len(workload) else 0.0
+    declared = (workload.spec.get("arrival") or {}).get("rate") if isinstance(workload.spec, dict) else None
+    rate = 0.0 if workload.closed_loop else float(declared) if declared else (n - 1) / span if span > 0 else 0.0
+    return {"prompt_tokens": max(round(float(workload.prompt_tokens.mean())), 1) if n else 512,
+            "output_tokens": max(round(float(workload.output_tokens.mean())), 1) if n else 128,
+            "arrival_rate_rps": rate}
 
 
 def build_backend(exp: dict, cluster, model, profile, plan):

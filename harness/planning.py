@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from harness import catalog
-from harness.costmodel import PlanOptions, load_profile
+from harness.costmodel import OBJECTIVES, PlanOptions, load_profile
 from harness.specs import Cluster, ModelSpec, PartitionPlan
 from strategies.registry import strategy_names
 
@@ -25,15 +25,19 @@ def add_plan_arguments(p: argparse.ArgumentParser, strategy_default: str = "hybr
     g.add_argument("--strategy", default=strategy_default,
                    help=f"partitioning strategy: {', '.join(strategy_names())}; or 'all' to compare them "
                         "(default %(default)s)")
-    g.add_argument("--objective", default="latency", choices=["latency", "throughput"],
-                   help="what hybrid_optimal minimises: latency = time per token of one stream; "
-                        "throughput = pipeline bottleneck stage (default %(default)s)")
+    g.add_argument("--objective", default="latency", choices=list(OBJECTIVES),
+                   help="what hybrid_optimal minimises: " + "; ".join(f"{k} = {v}" for k, v in OBJECTIVES.items())
+                        + " (default %(default)s)")
     g.add_argument("--kv-reserve-tokens", type=int, default=8192,
                    help="KV-cache tokens each stage must keep room for (default %(default)s)")
     g.add_argument("--context-tokens", type=int, default=1024,
                    help="context length assumed when predicting a decode step (default %(default)s)")
     g.add_argument("--prompt-tokens", type=int, default=512,
                    help="prompt length of the predicted time to first token (default %(default)s)")
+    g.add_argument("--output-tokens", type=int, default=128,
+                   help="output length per request, for the sustainable rate and goodput (default %(default)s)")
+    g.add_argument("--arrival-rate", type=float, default=0.0, metavar="RPS",
+                   help="the workload's arrival rate, requests/s, shown against the sustainable rate (default: none)")
     g.add_argument("--profile", default=None,
                    help="cost-model profile: a JSON file or a name in harness/profiles/ (default: fitted, from `harness calibrate`)")
 
@@ -45,7 +49,8 @@ def load_inputs(args) -> tuple[Cluster, ModelSpec]:
 def plan_options(args):
     return PlanOptions(profile=load_profile(args.profile), objective=args.objective,
                        kv_reserve_tokens=args.kv_reserve_tokens, context_tokens=args.context_tokens,
-                       prompt_tokens=args.prompt_tokens)
+                       prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
+                       arrival_rate_rps=args.arrival_rate)
 
 
 def strategies_for(name: str) -> list[str]:

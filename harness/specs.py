@@ -396,6 +396,19 @@ def model_from_config(config: dict, name: str, quant_bits: int = 16, group_size:
 
 # ----------------------------------------------------------------------------------------------- plans
 @dataclass(frozen=True)
+class NodeMemory:
+    """One node's memory in a plan: what its share of a stage needs and what its own GPU may use."""
+
+    node: str
+    used_gb: float                    # weights + embeddings/head + KV reserve held on this node
+    usable_gb: float                  # this node's usable GPU memory (its own, not its group's smallest)
+
+    @property
+    def fits(self) -> bool:
+        return self.used_gb <= self.usable_gb * (1 + 1e-9)
+
+
+@dataclass(frozen=True)
 class Stage:
     """One pipeline stage: a node, or a tensor-parallel group of nodes, running layers [layer_start, layer_end)."""
 
@@ -403,15 +416,23 @@ class Stage:
     layer_start: int
     layer_end: int
     tp_degree: int = 1
-    memory_used_gb: float = 0.0       # per member node: weights + embeddings/head + KV reserve
-    memory_available_gb: float = 0.0  # per member node: usable GPU memory (smallest member)
+    memory_used_gb: float = 0.0       # per member node: weights + embeddings/head + KV reserve (same on all)
+    memory_available_gb: float = 0.0  # the smallest member's usable GPU memory; each member's own: memory_per_node
     decode_ms: float = 0.0            # predicted time of one decode step (batch 1) on this stage
     prefill_ms: float = 0.0           # predicted prefill of the reference prompt on this stage
     link_ms: float = 0.0              # sending this stage's output on (token ids back, for the last stage)
+    memory_per_node: tuple[NodeMemory, ...] = ()  # each member's own figures, in the order of nodes
 
     @property
     def layers(self) -> int:
         return self.layer_end - self.layer_start
+
+    def member_memory(self) -> tuple[NodeMemory, ...]:
+        """Each member's memory; a stage built without per-node figures (an older plan.json) gives every
+        member the stage's single figures, which were the smallest member's."""
+        if self.memory_per_node:
+            return self.memory_per_node
+        return tuple(NodeMemory(n, self.memory_used_gb, self.memory_available_gb) for n in self.nodes)
 
     @property
     def label(self) -> str:
@@ -429,7 +450,8 @@ class PartitionPlan:
     stages: tuple[Stage, ...]                      # in layer order; the ring follows this order
     predicted: dict = field(default_factory=dict)  # tpot_ms, tokens_per_s, ttft_ms, bottleneck_ms, ... (theoretical)
     bottleneck: str = ""
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()                 # something to act on: a node nearly full, a link that bottlenecks
+    notes: tuple[str, ...] = ()                    # information only: how the strategy searched, idle nodes
 
     def split(self) -> list[int]:
         """Layer counts per stage in layer order (mlx-lm wants them reversed: rank 0 runs the LAST layers)."""
@@ -450,8 +472,8 @@ class PartitionPlan:
                 out.append(f"stage {i} has no layers ({s.layer_start}..{s.layer_end})")
             if s.tp_degree != len(s.nodes):
                 out.append(f"stage {i} tp_degree {s.tp_degree} != {len(s.nodes)} nodes")
-            if s.memory_used_gb > s.memory_available_gb * (1 + 1e-9):
-                out.append(f"stage {i} ({s.label}) needs {s.memory_used_gb:.1f} GB, has {s.memory_available_gb:.1f} GB")
+            out += [f"stage {i} ({s.label}): {m.node} needs {m.used_gb:.1f} GB, has {m.usable_gb:.1f} GB"
+                    for m in s.member_memory() if not m.fits]
             expect = s.layer_end
         if expect != self.num_layers:
             out.append(f"stages end at layer {expect}, model has {self.num_layers}")
@@ -475,11 +497,17 @@ class PartitionPlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PartitionPlan":
-        stages = tuple(Stage(**{k: (tuple(v) if k == "nodes" else v) for k, v in s.items() if k != "layers"})
-                       for s in d["stages"])
+        stages = tuple(_stage_from_dict(s) for s in d["stages"])
         keep = {k: d[k] for k in ("strategy", "objective", "cluster", "model", "quant_bits", "num_layers",
                                   "predicted", "bottleneck")}
-        return cls(stages=stages, warnings=tuple(d.get("warnings", ())), **keep)
+        return cls(stages=stages, warnings=tuple(d.get("warnings", ())), notes=tuple(d.get("notes", ())), **keep)
+
+
+def _stage_from_dict(d: dict) -> Stage:
+    """A Stage from plan.json; "layers" is derived, and plans written before per-node memory lack it."""
+    fields = {k: v for k, v in d.items() if k not in ("layers", "nodes", "memory_per_node")}
+    members = tuple(NodeMemory(**m) for m in d.get("memory_per_node", ()))
+    return Stage(nodes=tuple(d["nodes"]), memory_per_node=members, **fields)
 
 
 # ----------------------------------------------------------------------------------------------- loading

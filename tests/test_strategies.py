@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from harness import catalog
 from harness.cli import main
-from harness.costmodel import load_profile
+from harness.costmodel import OBJECTIVES, load_profile
 from harness.specs import DoesNotFit, model_from_config
 from strategies.partitioning._plans import PlanOptions, proportional_counts
 from strategies.partitioning.ring_memory_weighted import memory_weighted_counts
@@ -126,7 +126,7 @@ def models(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cluster=clusters(), model=models(), objective=st.sampled_from(["latency", "throughput"]),
+@given(cluster=clusters(), model=models(), objective=st.sampled_from(list(OBJECTIVES)),
        reserve=st.sampled_from([0, 4096, 32768]))
 def test_every_strategy_covers_layers_in_order_within_memory_and_hybrid_is_never_worse(cluster, model, objective, reserve):
     options = PlanOptions(PROFILE, objective=objective, kv_reserve_tokens=reserve)

@@ -80,7 +80,7 @@ def plan_table(plan: PartitionPlan) -> str:
     for i, s in enumerate(plan.stages):
         tp = f" x{s.tp_degree} TP" if s.tp_degree > 1 else ""
         rows.append((str(i), s.label + tp, f"{s.layer_start}-{s.layer_end - 1} ({s.layers})",
-                     f"{s.memory_used_gb:.1f} / {s.memory_available_gb:.1f}", f"{s.decode_ms:.2f}",
+                     stage_memory_cell(s), f"{s.decode_ms:.2f}",
                      f"{s.prefill_ms:.1f}", f"{s.link_ms:.3f}"))
     p = plan.predicted
     lines = [f"strategy {plan.strategy}", text_table(rows), "",
@@ -91,26 +91,46 @@ def plan_table(plan: PartitionPlan) -> str:
              f"pipeline bottleneck {p['bottleneck_ms']:.2f} ms = {p['pipeline_tokens_per_s']:.1f} tokens/s with a "
              f"micro-batch per stage in flight: {plan.bottleneck}",
              f"memory: {p['memory_used_gb']:.1f} GB used of {p['memory_usable_gb']:.1f} GB usable on the nodes in the plan "
-             f"({100 * p['memory_utilisation']:.0f} %)"]
-    lines += [f"note: {w}" for w in plan.warnings]
+             f"({100 * p['memory_utilisation']:.0f} %)",
+             sustainable_line(p)]
+    lines += [f"warning: {w}" for w in plan.warnings] + [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def sustainable_line(p: dict) -> str:
+    """The request rate the plan can serve before it saturates (costmodel.sustainable_rate_rps), and how much of
+    it the workload's arrival rate takes when one is known."""
+    rate, offered = p["sustainable_rate_rps"], p.get("arrival_rate_rps")
+    load = f"; the workload's {offered:g} requests/s would load it {100 * offered / rate:.0f} %" if offered and rate else ""
+    return (f"sustainable rate (theoretical): {rate:.2f} requests/s of {p['prompt_tokens']}+"
+            f"{p['output_tokens']} tokens: prefill on every stage, batched decode at the bottleneck{load}")
+
+
+def stage_memory_cell(stage) -> str:
+    """A stage's memory used / usable; a tensor-parallel stage names each member with its own usable memory."""
+    members = stage.member_memory()
+    if len(members) == 1:
+        return f"{members[0].used_gb:.1f} / {members[0].usable_gb:.1f}"
+    return ", ".join(f"{m.node} {m.used_gb:.1f} / {m.usable_gb:.1f}" for m in members)
 
 
 def comparison_table(results: dict) -> str:
     rows = [("strategy", "stages (layers)", "ms/token", "tok/s", "TTFT ms", "bottleneck ms", "memory GB per node used/usable")]
-    notes = []
+    footer = []   # why a strategy does not fit, and the warnings of those that do
     for name, r in results.items():
         if isinstance(r, str):
             rows.append((name, "does not fit", "-", "-", "-", "-", "-"))
-            notes.append(f"{name}: {r}")
+            footer.append(f"{name}: {r}")
             continue
         p = r.predicted
         stages = " | ".join(f"{s.label}{'(tp' + str(s.tp_degree) + ')' if s.tp_degree > 1 else ''}:{s.layers}"
                             for s in r.stages)
-        mem = " ".join(f"{s.memory_used_gb:.0f}/{s.memory_available_gb:.0f}" for s in r.stages)
+        # one figure per node in ring order, so a tensor-parallel pair shows two, each with its own usable memory
+        mem = " ".join(f"{m.used_gb:.0f}/{m.usable_gb:.0f}" for s in r.stages for m in s.member_memory())
         rows.append((name, stages, f"{p['tpot_ms']:.2f}", f"{p['tokens_per_s']:.1f}", f"{p['ttft_ms']:.0f}",
                      f"{p['bottleneck_ms']:.2f}", mem))
+        footer += [f"{name} warning: {w}" for w in r.warnings]
     out = [text_table(rows), "", "all figures predicted (theoretical) by the cost model; ms/token and tok/s are for one "
            "stream; bottleneck = slowest stage + its hop"]
-    out += notes
+    out += footer
     return "\n".join(out)

@@ -9,9 +9,12 @@ from __future__ import annotations
 from harness import costmodel
 # PlanOptions and OBJECTIVES live in harness.costmodel; imported here too, since older callers import them from here
 from harness.costmodel import OBJECTIVES, TOKEN_ID_BYTES, PlanOptions, Profile, StageModel  # noqa: F401
-from harness.specs import GB, Cluster, DoesNotFit, ModelSpec, PartitionPlan, Stage
+from harness.specs import GB, Cluster, DoesNotFit, ModelSpec, NodeMemory, PartitionPlan, Stage
 
 Unit = tuple[str, ...]
+# Above this share of its usable memory a node has little room beyond the KV reserve (longer contexts, other
+# apps, macOS itself), so the plan warns; it is advice, not a fit limit.
+NEARLY_FULL = 0.9
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -21,7 +24,13 @@ def stage_memory_bytes(model: ModelSpec, options: PlanOptions, start: int, end: 
 
 
 def unit_available_bytes(cluster: Cluster, unit: Unit) -> float:
+    """What bounds a unit: every member holds the same share, so the smallest member decides what fits."""
     return min(cluster.node(n).usable_bytes for n in unit)
+
+
+def unit_memory(cluster: Cluster, unit: Unit, used_bytes: float) -> tuple[NodeMemory, ...]:
+    """Each member's own figures: the same share of the stage (used_bytes each) against its own usable memory."""
+    return tuple(NodeMemory(n, used_bytes / GB, cluster.node(n).usable_bytes / GB) for n in unit)
 
 
 def max_layers(model: ModelSpec, options: PlanOptions, available: float, tp: int = 1) -> int:
@@ -88,8 +97,11 @@ def hop_s(cluster, options, src: Unit, dst: Unit, nbytes: float) -> float:
 
 # ----------------------------------------------------------------------------------------------- plans
 def build_plan(strategy: str, cluster: Cluster, model: ModelSpec, options: PlanOptions,
-               units: list[Unit], counts: list[int], warnings: tuple[str, ...] = ()) -> PartitionPlan:
-    """Turn (units in ring order, layer counts) into a plan with every predicted figure filled in."""
+               units: list[Unit], counts: list[int], notes: tuple[str, ...] = ()) -> PartitionPlan:
+    """Turn (units in ring order, layer counts) into a plan with every predicted figure filled in.
+
+    `notes` are the strategy's information (how it searched, idle nodes); the warnings, things to act on,
+    follow from the plan's own figures."""
     if len(units) != len(counts) or sum(counts) != model.num_layers or min(counts) < 1:
         raise ValueError(f"{strategy}: counts {counts} do not cover {model.num_layers} layers over {len(units)} stages")
     stages, start, k = [], 0, len(units)
@@ -101,19 +113,40 @@ def build_plan(strategy: str, cluster: Cluster, model: ModelSpec, options: PlanO
             link = hop_s(cluster, options, unit, units[0], TOKEN_ID_BYTES)
         else:
             link = hop_s(cluster, options, unit, units[i + 1], model.activation_bytes(1))
+        used = stage_memory_bytes(model, options, start, end, len(unit))
         stages.append(Stage(
             nodes=tuple(unit), layer_start=start, layer_end=end, tp_degree=len(unit),
-            memory_used_gb=stage_memory_bytes(model, options, start, end, len(unit)) / GB,
+            memory_used_gb=used / GB,
             memory_available_gb=unit_available_bytes(cluster, unit) / GB,
             decode_ms=stage_decode_s(cluster, model, options, unit, start, end, last) * 1e3,
             prefill_ms=stage_prefill_s(cluster, model, options, unit, start, end, last) * 1e3,
             link_ms=link * 1e3,
+            memory_per_node=unit_memory(cluster, unit, used),
         ))
         start = end
+    warnings = tuple(memory_warnings(stages, options) + link_warnings(cluster, stages))
     return PartitionPlan(strategy=strategy, objective=options.objective, cluster=cluster.name, model=model.name,
                          quant_bits=model.quant_bits, num_layers=model.num_layers, stages=tuple(stages),
                          predicted=_predict(cluster, model, options, stages, units),
-                         bottleneck=_bottleneck(stages), warnings=warnings)
+                         bottleneck=_bottleneck(stages), warnings=warnings, notes=tuple(notes))
+
+
+def memory_warnings(stages: list[Stage], options: PlanOptions) -> list[str]:
+    """Nodes that fit but are nearly full: each member is judged against its own usable memory."""
+    return [f"{m.node} is {100 * m.used_gb / m.usable_gb:.0f} % full ({m.used_gb:.1f} of {m.usable_gb:.1f} GB "
+            f"usable): little room beyond the {options.kv_reserve_tokens}-token KV reserve"
+            for s in stages for m in s.member_memory() if NEARLY_FULL * m.usable_gb < m.used_gb <= m.usable_gb]
+
+
+def link_warnings(cluster: Cluster, stages: list[Stage]) -> list[str]:
+    """The pipeline's bottleneck when it is a hop rather than a stage's step: a faster link would lift it."""
+    i, worst = max(enumerate(stages), key=lambda e: e[1].decode_ms + e[1].link_ms)
+    if worst.link_ms <= worst.decode_ms:
+        return []
+    after = stages[(i + 1) % len(stages)]
+    link = costmodel.hop_link(cluster, worst.nodes, after.nodes)
+    return [f"the hop from stage {i} ({worst.label}) to {after.label} over {link.kind} takes {worst.link_ms:.2f} ms, "
+            f"more than the stage's own step ({worst.decode_ms:.2f} ms): it is the pipeline's bottleneck"]
 
 
 def _predict(cluster, model, options, stages: list[Stage], units: list[Unit]) -> dict:
@@ -124,9 +157,13 @@ def _predict(cluster, model, options, stages: list[Stage], units: list[Unit]) ->
     # the first token is out when the last stage has sampled it (the server sits beside it, as in the simulator);
     # the token id's way back to the first stage delays the next step, so it is in tpot, not in ttft
     ttft = sum(s.prefill_ms for s in stages) + prompt_hops
-    used = sum(s.memory_used_gb * s.tp_degree for s in stages)
-    usable = sum(cluster.node(n).usable_bytes for s in stages for n in s.nodes) / GB
-    objective = tpot if options.objective == "latency" else bottleneck
+    members = [m for s in stages for m in s.member_memory()]
+    used = sum(m.used_gb for m in members)
+    usable = sum(m.usable_gb for m in members)
+    models = [unit_stage(cluster, model, u, s.layer_start, s.layer_end, i == len(units) - 1)
+              for i, (u, s) in enumerate(zip(units, stages))]
+    rate = costmodel.sustainable_rate_rps(cluster, model, models, options)
+    objective = {"latency": tpot, "throughput": bottleneck, "goodput": 1e3 / rate if rate else float("inf")}[options.objective]
     floor_s = sum(max(costmodel.decode_floor_s(cluster.node(n).chip, model, s.layer_start, s.layer_end,
                                                s.tp_degree, i == len(stages) - 1) for n in s.nodes)
                   for i, s in enumerate(stages))
@@ -138,6 +175,9 @@ def _predict(cluster, model, options, stages: list[Stage], units: list[Unit]) ->
         "pipeline_tokens_per_s": 1e3 / bottleneck,
         "ttft_ms": ttft,
         "ceiling_tokens_per_s": 1.0 / floor_s,   # peak bandwidth only, no hops or overheads
+        "sustainable_rate_rps": rate,              # requests/s that saturate the bottleneck stage (costmodel)
+        "arrival_rate_rps": options.arrival_rate_rps,
+        "output_tokens": options.output_tokens,
         "prompt_tokens": options.prompt_tokens,
         "context_tokens": options.context_tokens,
         "kv_reserve_tokens": options.kv_reserve_tokens,
@@ -156,14 +196,15 @@ def _bottleneck(stages: list[Stage]) -> str:
 
 
 def require_fit(plan: PartitionPlan) -> PartitionPlan:
-    """Raise DoesNotFit naming the first overfull stage; a plan that fits is returned as it is."""
+    """Raise DoesNotFit naming the first overfull stage and node; a plan that fits is returned as it is."""
     for i, s in enumerate(plan.stages):
-        if s.memory_used_gb > s.memory_available_gb * (1 + 1e-9):
-            raise DoesNotFit(
-                f"stage {i} on {s.label} needs {s.memory_used_gb:.1f} GB for layers "
-                f"{s.layer_start}-{s.layer_end - 1} (with KV reserve and embeddings/head) but has "
-                f"{s.memory_available_gb:.1f} GB usable; try {_memory_aware_besides(plan.strategy)}, fewer bits, "
-                f"or a smaller --kv-reserve-tokens")
+        for m in s.member_memory():   # every member against its own usable memory, so the refusal names the node
+            if not m.fits:
+                raise DoesNotFit(
+                    f"stage {i} on {s.label}: {m.node} needs {m.used_gb:.1f} GB for its share of layers "
+                    f"{s.layer_start}-{s.layer_end - 1} (with KV reserve and embeddings/head) but has "
+                    f"{m.usable_gb:.1f} GB usable; try {_memory_aware_besides(plan.strategy)}, fewer bits, "
+                    f"or a smaller --kv-reserve-tokens")
     return plan.validate()
 
 

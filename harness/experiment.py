@@ -65,6 +65,8 @@ def _check_tables(data: dict, origin: str) -> None:
     reject_unknown(data.get("load", {}), LOAD_KEYS, origin, "[load]")
     for i, target in enumerate(data.get("targets", [])):
         reject_unknown(target, TARGET_KEYS, origin, f"[[targets]][{i}]")
+    from reports.targets import validate_targets   # lazily: reports pulls in pandas, which most commands never need
+    validate_targets(data.get("targets", []), origin)
     if "workload" in data:
         check_workload(data["workload"], origin, "[workload]")
 

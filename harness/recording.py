@@ -39,7 +39,7 @@ def summarize(requests, result, backend, load_report=None, slo=None, plan=None, 
                          plan=plan.to_dict() if plan is not None else None, cluster=getattr(backend, "cluster", None),
                          load_report=load_report, kv_peak_bytes_per_node=_kv_peak(backend),
                          workload={"workload": (config or {}).get("workload"), "mode": (config or {}).get("mode")},
-                         model=result.model, run=run,
+                         model=result.model, run=run, requests=requests,
                          extra={"cache": stats["cache"]} if stats.get("cache") is not None else None)
 
 

@@ -12,7 +12,10 @@ Shape (every command, every backend):
     fingerprint  model, cluster, cluster_hash, plan_stages, workload_hash: what `check` compares with a baseline
     run          command-specific bookkeeping (load mode, warm-up, model name, engine counters)
     sim, cache   simulator facts and prefix-cache statistics, when there are any
-    targets      the target verdicts of reports.targets
+    saturation   harness.saturation's overload verdict (saturated, reasons, offered / service / sustainable rates,
+                 queue growth, preemptions, cancelled_at_bound); absent from summaries written before it
+    targets      the target verdicts of reports.targets: status pass | fail | no data | n/a (does not apply to
+                 this run, with its reason), the note described from the run's model, nodes and workload
 """
 from __future__ import annotations
 
@@ -97,8 +100,10 @@ def _clean(value):
 
 def build(command: str, source: str, backend: str, metrics: dict, *, plan: dict | None = None, cluster=None,
           load_report=None, kv_peak_bytes_per_node: dict | None = None, workload: dict | None = None,
-          model: str | None = None, run: dict | None = None, extra: dict | None = None) -> dict:
-    """The summary.json body (without targets, which need the body's metrics first)."""
+          model: str | None = None, run: dict | None = None, extra: dict | None = None,
+          requests=None) -> dict:
+    """The summary.json body (without targets, which need the body's metrics first); with the request rows it
+    carries the saturation verdict too."""
     figures = {k: _clean(v) for k, v in metrics.items() if not isinstance(v, (dict, list))}
     load = load_section(load_report, kv_peak_bytes_per_node)
     if load is not None:
@@ -109,7 +114,18 @@ def build(command: str, source: str, backend: str, metrics: dict, *, plan: dict 
             "plan": _plan_section(plan), "load": load,
             "fingerprint": fingerprint(plan, cluster, workload, model), "run": run or {}}
     body.update(extra or {})
+    if requests is not None:
+        body["saturation"] = saturation_section(requests, body, workload)
     return body
+
+
+def saturation_section(requests, body: dict, workload: dict | None) -> dict:
+    """harness.saturation's verdict, fed the engine's preemption count from the run or sim section."""
+    from harness.saturation import assess, is_closed_loop
+    preemptions = (body.get("run") or {}).get("preemptions")
+    if preemptions is None:
+        preemptions = (body.get("sim") or {}).get("preemptions")
+    return assess(requests, preemptions, closed_loop=is_closed_loop(workload))
 
 
 def _plan_section(plan: dict | None) -> dict | None:

@@ -30,7 +30,7 @@ class TargetRow:
 
     @property
     def status_class(self) -> str:
-        return self.status.split(" (")[0].replace(" ", "")
+        return self.status.split(" (")[0].replace(" ", "").replace("/", "")   # pass | fail | nodata | na
 
 
 @dataclass
@@ -74,13 +74,15 @@ def targets_view(run: Run) -> TargetsView:
     for r in results:
         fig = r.deciding
         theory = f"theoretical: {r.theoretical.how}" if r.theoretical and r.theoretical is not fig else ""
-        notes = "; ".join(x for x in (r.conditions, r.target.note, fig.how if fig else "", theory) if x)
-        status = r.status if r.observed or r.status == "no data" else f"{r.status} (theoretical)"
+        notes = "; ".join(x for x in (r.conditions, r.note, fig.how if fig else "", theory) if x)
+        status = r.verdict if r.observed or fig is None else f"{r.status} (theoretical)"
         rows.append(TargetRow(r.target.name, r.target.metric, r.target.text, _figure_text(fig, r.target.unit),
                               fig.source if fig else "", _figure_text(r.theoretical, r.target.unit), status, notes))
-    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "no data")}
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "no data", "n/a")}
+    # a target that does not apply is neither a pass nor a fail, so it is counted apart
     verdict = (f"{counts['pass']} of {len(results)} targets pass, {counts['fail']} fail"
-               + (f", {counts['no data']} without data" if counts["no data"] else "") + ".")
+               + (f", {counts['no data']} without data" if counts["no data"] else "")
+               + (f", {counts['n/a']} not applicable" if counts["n/a"] else "") + ".")
     return TargetsView(rows, verdict)
 
 
@@ -146,7 +148,7 @@ def targets_matrix(runs: list[Run]) -> tables.Table | None:
             key = (r.target.name, r.target.text)
             columns.setdefault(key)
             fig = r.deciding
-            row[key] = r.status if fig is None else f"{r.status}: {_figure_text(fig, r.target.unit)} ({fig.source})"
+            row[key] = r.verdict if fig is None else f"{r.status}: {_figure_text(fig, r.target.unit)} ({fig.source})"
         cells.append(row)
     if not columns:
         return None
@@ -184,11 +186,26 @@ def _predicted_tpot(run: Run) -> float | None:
     return None if fig is None else fig.value
 
 
+def run_labels(runs: list[Run]) -> list[str]:
+    """Short names for bars: the strategy, with the offered load (or run number) where a strategy repeats."""
+    strategies = [r.strategy for r in runs]
+    labels = []
+    for i, run in enumerate(runs, start=1):
+        if strategies.count(run.strategy) == 1:
+            labels.append(run.strategy)
+            continue
+        value, unit = offered_load(run)
+        labels.append(f"{run.strategy} @ {tables.fmt(value)} {unit.split(' (')[-1].rstrip(')')}" if value
+                      else f"{run.strategy} (run {i})")
+    # two runs of one strategy at one load still need telling apart: fall back to the run number
+    return [f"{label} (run {i})" if labels.count(label) > 1 else label for i, label in enumerate(labels, start=1)]
+
+
 def comparison_plots(runs: list[Run]) -> list[plots.Plot]:
     made = []
     # One request's predicted speed bounds per-request speed, not batched throughput: it is drawn next to TPOT.
     predicted = {"median_tpot_ms": [_predicted_tpot(r) for r in runs]}
-    for plot in (plots.strategy_comparison(runs, predicted), _sweep(runs)):
+    for plot in (plots.strategy_comparison(runs, predicted, run_labels(runs)), _sweep(runs)):
         if plot is not None:
             made.append(plot)
     return made
@@ -216,7 +233,25 @@ def render_html(runs: list[Run], with_plots: bool = True) -> str:
     title = f"Run report: {runs[0].name}" if len(runs) == 1 else f"Comparison report: {len(runs)} runs"
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return env.from_string(PAGE).render(title=title, runs=views, comparison=comparison, rendered=stamp)
+    page = env.from_string(PAGE).render(title=title, runs=views, comparison=comparison, rendered=stamp)
+    return with_overload_banners(page, runs)
+
+
+def with_overload_banners(page: str, runs: list[Run]) -> str:
+    """The page with a banner under its title for every run whose summary.json says it was saturated; runs
+    written before the verdict existed (no "saturation" section) get none."""
+    from html import escape
+    banners = []
+    for i, run in enumerate(runs, start=1):
+        verdict = run.summary.get("saturation") or {}
+        if verdict.get("saturated"):
+            rate = verdict.get("sustainable_rate_rps")
+            sustained = "" if rate is None else f" The run sustained {tables.fmt(rate)} req/s."
+            banners.append(f'<div class="banner" id="overloaded-{i}"><strong>OVERLOADED: {escape(run.name)}</strong>'
+                           f"<br>{escape('; '.join(verdict.get('reasons') or []))}.{sustained} Its latencies measure "
+                           f"the queue, not the cluster.</div>\n")
+    # under the title, above everything else: an overloaded run's figures must not be read without it
+    return page.replace("</h1>\n", "</h1>\n" + "".join(banners), 1)
 
 
 def default_output(run_dirs: list[Path]) -> Path:

@@ -99,10 +99,17 @@ def plan_table(run: Run) -> Table | None:
         start, end = stage.get("layer_start"), stage.get("layer_end")
         rows.append([str(i), " + ".join(map(str, nodes)), f"[{start}, {end})",
                      fmt(None if start is None or end is None else end - start), fmt(stage.get("tp_degree", 1)),
-                     fmt(stage.get("memory_used_gb")), fmt(stage.get("memory_available_gb")),
-                     fmt(stage.get("decode_ms"))])
+                     *_member_memory(stage), fmt(stage.get("decode_ms"))])
     return Table(["stage", "nodes", "layers", "count", "TP", "memory used per node (GB)",
                   "available per node (GB)", "decode (ms, predicted)"], rows, text_columns=2)
+
+
+def _member_memory(stage: dict) -> list[str]:
+    """Used and usable GB of each member node (a TP stage's nodes differ); older plans give one figure."""
+    members = stage.get("memory_per_node")
+    if not members:
+        return [fmt(stage.get("memory_used_gb")), fmt(stage.get("memory_available_gb"))]
+    return [" / ".join(fmt(m.get("used_gb")) for m in members), " / ".join(fmt(m.get("usable_gb")) for m in members)]
 
 
 def _flatten(prefix: str, value: Any, rows: list[list[str]]) -> None:

@@ -8,8 +8,17 @@ Format. A run's config.json may carry a "targets" list; each entry is an object
 - op:     one of <, <=, >, >=
 - value:  the threshold, in the metric's own unit
 - unit:   shown next to numbers (optional)
-- note:   free text shown in the table (optional)
+- note:   free text shown in the table (optional; without it the note is generated from the run: the model,
+          the nodes it was placed on, the workload's prompt lengths)
 Without a "targets" section the DESIGN §10 defaults (DEFAULT_TARGETS) apply; an empty list means no targets.
+DESIGN §10 states the load and decode figures for a 70B model. They are applied unchanged to a model of another
+size (scaling them would invent a rule nobody asked for), and the note then says that the figure is the design's
+70B one applied to this model, so a lenient pass on an 8B model is not read as a 70B result.
+
+Status: pass | fail | no data (no figure) | n/a (the target does not apply to this run, with the reason):
+model load on a backend that loads nothing (instant) or a run that did not simulate loading (--no-load); memory
+on a backend that places no model on a cluster (instant, an outside server) or a run without a plan.
+validate_targets checks a [[targets]] list when an experiment file is read, before anything runs.
 
 Run-level figures a target may name besides the summary metrics (first source found wins):
 - load_time_s:            summary metric, else the span of the "load" steps in steps.parquet, else the plan's prediction
@@ -24,10 +33,12 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from harness import metrics as metric_catalogue
+from harness.specs import UserError, did_you_mean
 from harness.summary import V1_RENAMED
 from reports.run import Run
 
@@ -35,16 +46,20 @@ OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
 }
 
-DEFAULT_TARGETS: tuple[dict[str, Any], ...] = (
-    {"name": "Model load", "metric": "load_time_s", "op": "<", "value": 60, "unit": "s",
-     "note": "70B model loaded on every node"},
-    {"name": "Time to first token", "metric": "median_ttft_ms", "op": "<", "value": 100, "unit": "ms",
-     "note": "at the prompt length stated beside it"},
-    {"name": "Decode speed", "metric": "decode_tokens_per_s", "op": ">", "value": 10, "unit": "tokens/s",
-     "note": "one request's decode speed on a 70B model"},
-    {"name": "Cluster memory utilisation", "metric": "cluster_memory_used_pct", "op": ">=", "value": 80,
-     "unit": "%", "note": "weights + peak KV in use / usable memory, all nodes"},
+DEFAULT_TARGETS: tuple[dict[str, Any], ...] = (   # notes are generated from the run (describe)
+    {"name": "Model load", "metric": "load_time_s", "op": "<", "value": 60, "unit": "s"},
+    {"name": "Time to first token", "metric": "median_ttft_ms", "op": "<", "value": 100, "unit": "ms"},
+    {"name": "Decode speed", "metric": "decode_tokens_per_s", "op": ">", "value": 10, "unit": "tokens/s"},
+    {"name": "Cluster memory utilisation", "metric": "cluster_memory_used_pct", "op": ">=", "value": 80, "unit": "%"},
 )
+# The DESIGN §10 figures stated for a 70B model: (metric, op, value).
+DESIGN_70B_FIGURES = {("load_time_s", "<", 60.0), ("decode_tokens_per_s", ">", 10.0)}
+DESIGN_MODEL_BILLIONS = 70.0
+NEAR_DESIGN_SIZE = 0.2     # within 20 % of 70B (Qwen 2.5 72B, Llama 3.1 70B) counts as the design's size
+
+LOAD_METRICS = frozenset({"load_time_s"})
+MEMORY_METRICS = frozenset({"cluster_memory_used_pct", "plan_memory_used_pct"})
+LATENCY_WORDS = ("ttft", "itl", "tpot", "e2el")
 
 
 class TargetError(ValueError):
@@ -95,6 +110,8 @@ class TargetResult:
     observed: Figure | None      # measured or simulated
     theoretical: Figure | None   # plan prediction, shown beside
     conditions: str
+    note: str = ""                     # the target's own note, or one generated from the run
+    not_applicable: str | None = None  # why the target does not apply to this run; None when it does
 
     @property
     def deciding(self) -> Figure | None:
@@ -102,11 +119,18 @@ class TargetResult:
 
     @property
     def status(self) -> str:
-        """pass | fail | no data."""
+        """pass | fail | no data | n/a."""
+        if self.not_applicable:
+            return "n/a"
         fig = self.deciding
         if fig is None or not math.isfinite(fig.value):
             return "no data"
         return "pass" if OPS[self.target.op](fig.value, self.target.value) else "fail"
+
+    @property
+    def verdict(self) -> str:
+        """The status as shown to a reader: a n/a target says why."""
+        return f"n/a ({self.not_applicable})" if self.not_applicable else self.status
 
 
 def targets_of(run: Run) -> list[Target]:
@@ -116,6 +140,40 @@ def targets_of(run: Run) -> list[Target]:
     if not isinstance(raw, (list, tuple)):
         raise TargetError(f"{run.path}/config.json: 'targets' must be a list of objects")
     return [Target.from_dict(entry) for entry in raw]
+
+
+def known_metrics() -> tuple[str, ...]:
+    """What a target may name: the catalogue's figures, and the version-1 names that migrate onto them."""
+    return tuple(metric_catalogue.BY_KEY) + tuple(V1_RENAMED)
+
+
+def validate_targets(raw: Any, origin: str) -> None:
+    """Refuse a [[targets]] list that could not be checked, before any run: one line naming the file (origin),
+    the target's index, the field, what was found and what is allowed (DESIGN §12)."""
+    if not isinstance(raw, (list, tuple)):
+        raise UserError(f"{origin}: targets must be a list of tables, got {raw!r}")
+    for index, entry in enumerate(raw):
+        problem = _target_problem(entry)
+        if problem:
+            raise UserError(f"{origin}: [[targets]][{index}] {problem}")
+
+
+def _target_problem(entry: Any) -> str:
+    """What is wrong with one target entry, or "" when nothing is."""
+    if not isinstance(entry, dict):
+        return f"must be a table, got {entry!r}"
+    for key in ("metric", "value"):
+        if key not in entry:
+            return f"{key}: missing (a target needs metric and value)"
+    metric, op, value = entry["metric"], entry.get("op", "<"), entry["value"]
+    if metric not in known_metrics():
+        return (f"metric: found {metric!r}{did_you_mean(str(metric), known_metrics())}; allowed: a figure of "
+                f"harness.metrics CATALOGUE ({', '.join(metric_catalogue.BY_KEY)})")
+    if op not in OPS:
+        return f"op: found {op!r}; allowed: {', '.join(OPS)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"value: found {value!r}; allowed: a finite number, in the metric's unit"
+    return ""
 
 
 def number(value: Any) -> float | None:
@@ -222,17 +280,177 @@ def _conditions(run: Run, target: Target) -> str:
     parts = []
     if any(key in target.metric for key in ("ttft", "itl", "tpot", "e2el")):
         parts.append(prompt_conditions(run))
-    model = run.plan.get("model") or run.config.get("model")
-    if isinstance(model, dict):
-        model = model.get("name")
-    if model:
+    model = model_name(run)
+    if model and backend_name(run) != "instant":   # instant serves no model, whatever the experiment names
         parts.append(f"model {model}")
     return "; ".join(parts)
 
 
+# ------------------------------------------------------------------ notes described from the run
+
+def model_name(run: Run) -> str:
+    """The run's model id as its plan (else its config) names it, "" when neither does."""
+    model = run.plan.get("model") or run.config.get("model") or ""
+    return str(model.get("name", "") if isinstance(model, dict) else model)
+
+
+def model_billions(name: str) -> float | None:
+    """Parameters in billions, read from a name such as llama-3.1-8b or qwen3-235b-a22b (total, not active)."""
+    found = re.search(r"(?:^|[-_/ ])(\d+(?:\.\d+)?)[bB](?:$|[-_ ])", name)
+    return float(found.group(1)) if found else None
+
+
+def model_text(run: Run) -> str:
+    """"Llama 3.1 8B (4-bit)" from llama-3.1-8b at 4 bits; "the served model" when the run names none."""
+    name = model_name(run)
+    if not name:
+        return "the served model"
+    words = [w.upper() if re.fullmatch(r"[a-z]?\d+(\.\d+)?[bm]", w) else w[:1].upper() + w[1:]
+             for w in re.split(r"[-_]", name) if w]
+    bits = run.plan.get("quant_bits") or run.config.get("quant_bits") or run.config.get("quant")
+    precision = "" if not bits else " (16-bit)" if int(bits) >= 16 else f" ({bits}-bit)"
+    return " ".join(words) + precision
+
+
+def plan_nodes(run: Run) -> list[str]:
+    """The distinct nodes of the plan's stages, in stage order."""
+    nodes = [n for stage in run.plan.get("stages") or [] for n in stage.get("nodes") or []]
+    return list(dict.fromkeys(nodes))
+
+
+def placement_text(run: Run) -> str:
+    """"4 nodes of m2ultra-4x-tb4": where the plan put the model."""
+    nodes = plan_nodes(run)
+    cluster = run.plan.get("cluster") or run.config.get("cluster") or ""
+    counted = f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}" if nodes else ""
+    return " of ".join(x for x in (counted, str(cluster)) if x) or "an unplanned backend"
+
+
+def length_text(spec: Any, noun: str) -> str:
+    """A workload length distribution (harness.workloads) in words: "512-token prompts", "prompts of about
+    192 tokens (lognormal)"; "" when the spec does not say."""
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        return f"{spec:g}-token {noun}"
+    if not isinstance(spec, dict):
+        return ""
+    dist = spec.get("dist", "fixed")
+    if dist == "fixed" and "value" in spec:
+        return f"{spec['value']:g}-token {noun}"
+    if dist == "uniform" and {"low", "high"} <= set(spec):
+        return f"{noun} of {spec['low']:g}–{spec['high']:g} tokens (uniform)"
+    return f"{noun} of about {spec['mean']:g} tokens ({dist})" if "mean" in spec else ""
+
+
+def workload_prompt_text(run: Run) -> str:
+    """The prompt lengths the experiment asked for, from its workload spec; "" when the spec does not say."""
+    workload = run.config.get("workload") or {}
+    if not isinstance(workload, dict):
+        return ""
+    if workload.get("kind") == "conversations":
+        turns, system = length_text(workload.get("user"), "turns"), workload.get("system_prompt_tokens")
+        return f"conversations of a {system:g}-token system prompt and {turns}" if system and turns else ""
+    return length_text(workload.get("prompt"), "prompts")
+
+
+def _prompt_text(run: Run) -> str:
+    # a trace or an unknown workload states no lengths; the conditions beside the note give the measured ones
+    return workload_prompt_text(run) or "the run's prompts (lengths under conditions)"
+
+
+def _generated_note(run: Run, target: Target) -> str:
+    """What the target measures on this run, in words."""
+    metric, model, where = target.metric, model_text(run), placement_text(run)
+    if metric in LOAD_METRICS | MEMORY_METRICS and _no_model_reason(run):
+        return ""       # nothing was placed anywhere: the n/a reason says all there is
+    if backend_name(run) == "instant":   # it serves tokens without a model, whatever the experiment names
+        model, where = "the instant backend (no model)", "this host"
+    if metric in LOAD_METRICS:
+        return f"{model} loaded on {where}"
+    if metric == "cluster_memory_used_pct":
+        used = f"; the plan uses {len(plan_nodes(run))} of them" if plan_nodes(run) else ""
+        return f"weights + peak KV in use / usable memory of every node of {run.plan.get('cluster') or where}{used}"
+    if metric == "plan_memory_used_pct":
+        return f"weights + peak KV in use / usable memory of the plan's {where}"
+    if metric == "decode_tokens_per_s":
+        return f"one request's decode speed, {model} on {where}"
+    if any(word in metric for word in LATENCY_WORDS):
+        entry = metric_catalogue.metric(metric)
+        return f"{entry.label if entry else metric} for {_prompt_text(run)}, {model}"
+    return f"{model} on {where}"
+
+
+def design_caveat(run: Run, target: Target) -> str:
+    """For a DESIGN §10 70B figure on a model of another size: a sentence saying the figure was applied as is."""
+    if (target.metric, target.op, target.value) not in DESIGN_70B_FIGURES or _no_model_reason(run):
+        return ""
+    size = model_billions(model_name(run))
+    if size is not None and abs(size - DESIGN_MODEL_BILLIONS) <= NEAR_DESIGN_SIZE * DESIGN_MODEL_BILLIONS:
+        return ""
+    model = f"this {size:g}B model" if size is not None else "this model (its name gives no size)"
+    return f"DESIGN §10 states {target.text} for a 70B model; applied unchanged to {model}"
+
+
+def describe(run: Run, target: Target) -> str:
+    """The note shown with a target: its own note or one generated from the run, plus the 70B caveat."""
+    return "; ".join(x for x in (target.note or _generated_note(run, target), design_caveat(run, target)) if x)
+
+
+# ------------------------------------------------------------------ targets that do not apply
+
+def backend_name(run: Run) -> str:
+    """sim | mlx | instant | external (an outside server) | "" when the folder does not say."""
+    target = run.config.get("target")
+    if target not in (None, "embedded"):
+        return "external"      # `bench --target URL`: someone else's server
+    args = run.config.get("args") if isinstance(run.config.get("args"), dict) else {}
+    return str(run.summary.get("backend") or run.config.get("backend") or args.get("backend") or "")
+
+
+def _no_model_reason(run: Run) -> str | None:
+    """Why the run placed no model on a cluster the harness knows, or None when it did."""
+    backend = backend_name(run)
+    if backend == "instant":
+        return "the instant backend loads no model"
+    if backend == "external":
+        return "an outside server: the harness sees neither its model load nor its memory"
+    return None
+
+
+def _load_not_applicable(run: Run) -> str | None:
+    if run.config.get("include_load") is False:
+        return "model loading not simulated (--no-load)"
+    if _no_model_reason(run):
+        return _no_model_reason(run)
+    # a real or simulated load always takes time: exactly 0 s on every node means nothing was loaded
+    return "no model was loaded (0 s on every node)" if number(run.metrics.get("load_time_s")) == 0.0 else None
+
+
+def _memory_not_applicable(run: Run, metric: str) -> str | None:
+    if _no_model_reason(run):
+        return _no_model_reason(run)
+    # a plan without stages is a broken plan (no data); no plan at all means nothing was placed
+    return None if run.plan or _from_summary(run, metric) else "no plan: nothing was placed on a cluster"
+
+
+def not_applicable(run: Run, target: Target) -> str | None:
+    """The reason a target does not apply to this run, or None when it does."""
+    if target.metric in LOAD_METRICS:
+        return _load_not_applicable(run)
+    if target.metric in MEMORY_METRICS:
+        return _memory_not_applicable(run, target.metric)
+    return None
+
+
+def _result(run: Run, target: Target) -> TargetResult:
+    reason = not_applicable(run, target)
+    if reason:   # a figure of a target that does not apply (a 0 s load, a plan never served) would mislead
+        return TargetResult(target, None, None, _conditions(run, target), describe(run, target), reason)
+    return TargetResult(target, observed(run, target.metric), theoretical(run, target.metric),
+                        _conditions(run, target), describe(run, target))
+
+
 def evaluate(run: Run) -> list[TargetResult]:
-    return [TargetResult(t, observed(run, t.metric), theoretical(run, t.metric), _conditions(run, t))
-            for t in targets_of(run)]
+    return [_result(run, t) for t in targets_of(run)]
 
 
 def as_summary(results: list[TargetResult]) -> list[dict[str, Any]]:
@@ -242,7 +460,7 @@ def as_summary(results: list[TargetResult]) -> list[dict[str, Any]]:
         "unit": r.target.unit, "status": r.status,
         "observed": None if r.deciding is None else r.deciding.value,
         "source": None if r.deciding is None else r.deciding.source,
-        "conditions": r.conditions,
+        "conditions": r.conditions, "note": r.note, "reason": r.not_applicable,
     } for r in results]
 
 

@@ -28,6 +28,7 @@ PAGE = r"""<!DOCTYPE html>
   .status.pass { background: #dff3e4; color: #17692c; }
   .status.fail { background: #f9d6d5; color: #a4161a; }
   .status.nodata { background: #eceff3; color: #5b6673; }
+  .status.na { background: #eef0fb; color: #3d4a8a; }
   .badge { display: inline-block; font-size: 0.75em; font-weight: 600; padding: 1px 8px; border-radius: 10px;
            vertical-align: middle; margin-left: 6px; text-transform: uppercase; letter-spacing: 0.03em; }
   .badge.measured { background: #d9ecff; color: #0b4f8a; }
@@ -44,6 +45,9 @@ PAGE = r"""<!DOCTYPE html>
   .verdict { font-size: 1.05em; margin: 6px 0 12px; }
   details { margin: 10px 0; }
   summary { cursor: pointer; font-weight: 600; }
+  details.run { border: 1px solid #dde2e8; border-radius: 6px; padding: 8px 14px; margin: 8px 0; }
+  details.run > summary { font-size: 1.05em; }
+  details.run[open] > summary { border-bottom: 1px solid #e3e7ec; padding-bottom: 6px; }
   code { background: #f0f3f6; padding: 0 4px; border-radius: 3px; }
 </style>
 </head>
@@ -97,12 +101,18 @@ Every figure and number says where it comes from:
 
 {% if comparison %}
 <h2 id="comparison">Comparison of {{ runs | length }} runs</h2>
+<p class="meta">Runs: {% for run in runs %}<a href="#fold-{{ loop.index }}">{{ loop.index }} {{ run.strategy }}</a>{% if not loop.last %} · {% endif %}{% endfor %} (each folded below).</p>
 {{ table(comparison.table) }}
 {% if comparison.targets %}<h3>Targets across runs</h3>{{ table(comparison.targets) }}{% endif %}
 {% for p in comparison.plots %}{{ figure(p) }}{% endfor %}
 {% endif %}
 
+{% set folded = runs | length > 1 %}
+{% if folded %}<h2 id="runs">Each run's own report</h2>
+<p class="meta">Folded so the comparison stays one screen long: open a run to read its targets, tables and figures.</p>{% endif %}
 {% for run in runs %}
+{% if folded %}<details class="run" id="fold-{{ loop.index }}"><summary>Run {{ loop.index }}: {{ run.strategy }} · {{ run.name }} {{ badge(run.source) }}{% if run.incomplete %} <span class="status fail">incomplete</span>{% endif %}
+<span class="meta">· {{ run.targets.verdict }}</span></summary>{% endif %}
 <section id="run-{{ loop.index }}">
 <h2>{% if runs | length > 1 %}Run {{ loop.index }}: {% endif %}{{ run.name }} {{ badge(run.source) }}</h2>
 <p class="meta">strategy <strong>{{ run.strategy }}</strong>{% if run.model %} · model <strong>{{ run.model }}</strong>{% endif %}
@@ -128,6 +138,7 @@ Every figure and number says where it comes from:
 
 <details><summary>Environment</summary>{{ table(run.environment) }}</details>
 </section>
+{% if folded %}</details>{% endif %}
 {% endfor %}
 </main>
 </body>

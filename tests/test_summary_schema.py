@@ -2,7 +2,6 @@
 has one definition, and version-1 folders written by the code before schema 2 are still read."""
 import json
 import shutil
-from types import SimpleNamespace
 from pathlib import Path
 
 import jsonschema
@@ -104,12 +103,13 @@ def test_load_report_bytes_mean_weights_only_in_simulate_and_the_sim_backend(tmp
                  "--workload", "poisson,rate=2,n=4,prompt=64,output=8", "--seed", "1", "--quiet",
                  "--out", str(tmp_path), "--run-id", "w"]) == 0
     load = json.loads((tmp_path / "w" / "summary.json").read_text())["load"]
-    from harness.planning import make_plan
+    import argparse
+    from harness.planning import add_plan_arguments, make_plan
     from sim.costs import stage_models
-    args = SimpleNamespace(cluster="m2ultra-4x-tb4", model="llama-3.1-8b", quant=4, group_size=64,
-                           strategy="uniform", objective="latency", kv_reserve_tokens=8192, context_tokens=1024,
-                           prompt_tokens=512, profile=None, split=None)
-    cluster, model, plan = make_plan(args)
+    parser = argparse.ArgumentParser()
+    add_plan_arguments(parser)
+    cluster, model, plan = make_plan(parser.parse_args(["--cluster", "m2ultra-4x-tb4", "--model", "llama-3.1-8b",
+                                                        "--strategy", "uniform"]))
     weights = {n: int(st.weight_bytes_node) for st in stage_models(cluster, model, plan) for n in st.nodes}
     assert load["memory_bytes_per_node"] == weights
     assert all(v > 0 for v in load["kv_peak_bytes_per_node"].values())

@@ -165,7 +165,8 @@ def summary_text(summary: dict, backend) -> str:
         if figures.get(key) is not None:
             entry = metrics.BY_KEY[key]
             lines.append(f"  {entry.label:<28} {entry.text(figures[key])}")
-    return "\n".join(lines)
+    from harness.saturation import overload_lines
+    return "\n".join(lines + overload_lines(summary))
 
 
 def sweep_table(rows) -> str:

@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--model", default=None, help="model preset name or config.json")
     o.add_argument("--quant", type=int, default=None, help="weight bits (2-8, or 16)")
     o.add_argument("--group-size", type=int, default=None, help="quantization group size")
-    o.add_argument("--objective", default=None, choices=["latency", "throughput"], help="hybrid_optimal's objective")
+    from harness.costmodel import OBJECTIVES
+    o.add_argument("--objective", default=None, choices=list(OBJECTIVES), help="hybrid_optimal's objective")
     o.add_argument("--cache", default=None, help=f"prefix-cache policy: {', '.join(cache_policy_names())}")
     o.add_argument("--kv-reserve-tokens", type=int, default=None, help="KV tokens each stage keeps room for")
     o.add_argument("--requests", type=int, default=None, help="number of requests in the workload")
@@ -96,13 +97,23 @@ def _outcome_text(o, with_report: bool) -> str:
         lines.append(f"  plan prediction for {plan['cluster']} (theoretical): {p['tpot_ms']:.2f} ms/token, TTFT {p['ttft_ms']:.0f} ms "
                      f"for {p['prompt_tokens']} prompt tokens; ceiling {p['ceiling_tokens_per_s']:.1f} tokens/s "
                      f"(peak bandwidth, no overheads)")
-    for t in s.get("targets", []):
-        seen = "no value" if t["observed"] is None else f"{t['observed']:.4g} {t['unit']} ({t['source']})"
-        lines.append(f"  target {t['name']} {t['op']} {t['value']:g} {t['unit']}: {str(t['status']).upper()}, {seen}")
+    lines += [_target_line(t) for t in s.get("targets", [])]
+    from harness.saturation import overload_lines
+    lines += overload_lines(s)
     lines.append(f"run folder: {o.path}")
     if with_report:
         lines.append(f"report: {o.path / 'report.html'}")
     return "\n".join(lines) + "\n"
+
+
+def _target_line(t: dict) -> str:
+    """One target verdict: PASS/FAIL with the deciding figure, or n/a with the reason it does not apply."""
+    head = f"  target {t['name']} {t['op']} {t['value']:g} {t['unit']}".rstrip()
+    note = f" — {t['note']}" if t.get("note") else ""
+    if t["status"] == "n/a":
+        return f"{head}: n/a ({t.get('reason') or 'does not apply'})"
+    seen = "no value" if t["observed"] is None else f"{t['observed']:.4g} {t['unit']} ({t['source']})"
+    return f"{head}: {str(t['status']).upper()}, {seen}{note}"
 
 
 # The figures of the strategy comparison, labelled from the metric catalogue.

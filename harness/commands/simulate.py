@@ -148,6 +148,9 @@ def run_one(args) -> int:
     print(f"run folder: {writer.path}")
     print(metrics.headline(summary["metrics"], "simulated"))
     print(f"  {'preemptions':<28} {result.stats['preemptions']}")
+    from harness.saturation import overload_lines
+    for line in overload_lines(summary):
+        print(line)
     if args.timing:
         wall = result.stats["wall_s"]
         print(f"simulator speed (measured): {len(workload)} requests in {wall:.3f} s wall = "
@@ -172,7 +175,7 @@ def summarise(result, slo: dict, config: dict, plan, cluster) -> dict:
                          cluster=cluster, load_report=result.load,
                          kv_peak_bytes_per_node=result.stats.get("kv_peak_bytes_per_node"),
                          workload=config["workload"], run={"preemptions": result.stats.get("preemptions")},
-                         extra={"sim": result.stats})
+                         extra={"sim": result.stats}, requests=requests)
     body["targets"] = targets_summary(config, plan_dict, body["metrics"], requests, None, "simulated")
     return body
 

@@ -20,6 +20,9 @@ def test_run_smoke_writes_a_complete_folder_with_report_and_targets(tmp_path, ca
     config = json.loads((folder / "config.json").read_text())
     assert config["model"] == "llama-3.1-8b" and config["workload"]["num_requests"] == 8
     assert "report:" in out and "target Time to first token" in out
+    rate = summary["plan"]["predicted"]["sustainable_rate_rps"]
+    assert f"plan's sustainable rate (theoretical): {rate:.3g} requests/s of 256+32 tokens" in out
+    assert f"the workload offers 4 requests/s ({100 * 4 / rate:.0f} % of it)" in out
 
 
 def test_run_all_strategies_compares_them(tmp_path, capsys):

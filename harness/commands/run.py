@@ -97,6 +97,9 @@ def _outcome_text(o, with_report: bool) -> str:
         lines.append(f"  plan prediction for {plan['cluster']} (theoretical): {p['tpot_ms']:.2f} ms/token, TTFT {p['ttft_ms']:.0f} ms "
                      f"for {p['prompt_tokens']} prompt tokens; ceiling {p['ceiling_tokens_per_s']:.1f} tokens/s "
                      f"(peak bandwidth, no overheads)")
+        if p.get("sustainable_rate_rps") is not None:
+            lines.append(f"  plan's sustainable rate (theoretical): {p['sustainable_rate_rps']:.3g} requests/s of "
+                         f"{p['prompt_tokens']}+{p.get('output_tokens', '?')} tokens{_offered(p)}")
     lines += [_target_line(t) for t in s.get("targets", [])]
     from harness.saturation import overload_lines
     lines += overload_lines(s)
@@ -118,6 +121,11 @@ def _target_line(t: dict) -> str:
 
 # The figures of the strategy comparison, labelled from the metric catalogue.
 COMPARISON_KEYS = ("request_throughput", "output_throughput", "median_ttft_ms", "median_tpot_ms", "p99_e2el_ms")
+
+
+def _offered(predicted: dict) -> str:
+    rate, cap = predicted.get("arrival_rate_rps"), predicted["sustainable_rate_rps"]
+    return f"; the workload offers {rate:.3g} requests/s ({100 * rate / cap:.0f} % of it)" if rate and cap else ""
 
 
 def _comparison(outcomes) -> str:

@@ -115,11 +115,12 @@ def stage_memory_cell(stage) -> str:
 
 
 def comparison_table(results: dict) -> str:
-    rows = [("strategy", "stages (layers)", "ms/token", "tok/s", "TTFT ms", "bottleneck ms", "memory GB per node used/usable")]
+    rows = [("strategy", "stages (layers)", "ms/token", "tok/s", "TTFT ms", "bottleneck ms", "sustainable req/s",
+             "memory GB per node used/usable")]
     footer = []   # why a strategy does not fit, and the warnings of those that do
     for name, r in results.items():
         if isinstance(r, str):
-            rows.append((name, "does not fit", "-", "-", "-", "-", "-"))
+            rows.append((name, "does not fit", "-", "-", "-", "-", "-", "-"))
             footer.append(f"{name}: {r}")
             continue
         p = r.predicted
@@ -128,9 +129,10 @@ def comparison_table(results: dict) -> str:
         # one figure per node in ring order, so a tensor-parallel pair shows two, each with its own usable memory
         mem = " ".join(f"{m.used_gb:.0f}/{m.usable_gb:.0f}" for s in r.stages for m in s.member_memory())
         rows.append((name, stages, f"{p['tpot_ms']:.2f}", f"{p['tokens_per_s']:.1f}", f"{p['ttft_ms']:.0f}",
-                     f"{p['bottleneck_ms']:.2f}", mem))
+                     f"{p['bottleneck_ms']:.2f}", f"{p['sustainable_rate_rps']:.3g}", mem))
         footer += [f"{name} warning: {w}" for w in r.warnings]
     out = [text_table(rows), "", "all figures predicted (theoretical) by the cost model; ms/token and tok/s are for one "
-           "stream; bottleneck = slowest stage + its hop"]
+           "stream; bottleneck = slowest stage + its hop; sustainable req/s = requests per second the plan serves "
+           "at the reference lengths with batched decode (the goodput objective's figure)"]
     out += footer
     return "\n".join(out)

@@ -76,7 +76,7 @@ def targets_view(run: Run) -> TargetsView:
         theory = f"theoretical: {r.theoretical.how}" if r.theoretical and r.theoretical is not fig else ""
         notes = "; ".join(x for x in (r.conditions, r.note, fig.how if fig else "", theory) if x)
         status = r.verdict if r.observed or fig is None else f"{r.status} (theoretical)"
-        rows.append(TargetRow(r.target.name, r.target.metric, r.target.text, _figure_text(fig, r.target.unit),
+        rows.append(TargetRow(r.target.name, catalogue_label(r.target.metric), r.target.text, _figure_text(fig, r.target.unit),
                               fig.source if fig else "", _figure_text(r.theoretical, r.target.unit), status, notes))
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "no data", "n/a")}
     # a target that does not apply is neither a pass nor a fail, so it is counted apart
@@ -84,6 +84,13 @@ def targets_view(run: Run) -> TargetsView:
                + (f", {counts['no data']} without data" if counts["no data"] else "")
                + (f", {counts['n/a']} not applicable" if counts["n/a"] else "") + ".")
     return TargetsView(rows, verdict)
+
+
+def catalogue_label(key: str) -> str:
+    """The metric's human label from the catalogue (its key when the catalogue does not know it)."""
+    from harness import metrics
+    found = metrics.metric(key)
+    return found.label if found else key
 
 
 def _model_name(run: Run) -> str:

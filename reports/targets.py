@@ -259,7 +259,7 @@ def theoretical(run: Run, metric: str) -> Figure | None:
     if value is not None:
         prompt = predicted.get("prompt_tokens")
         at = f" at a {prompt}-token prompt" if "ttft" in key and prompt else ""
-        return Figure(value, "theoretical", f"plan prediction {key}{at}")
+        return Figure(value, "theoretical", f"plan prediction for one stream{at}")
     fallback = _THEORETICAL_FALLBACKS.get(metric)
     return fallback(run) if fallback else None
 
@@ -280,10 +280,7 @@ def _conditions(run: Run, target: Target) -> str:
     parts = []
     if any(key in target.metric for key in ("ttft", "itl", "tpot", "e2el")):
         parts.append(prompt_conditions(run))
-    model = model_name(run)
-    if model and backend_name(run) != "instant":   # instant serves no model, whatever the experiment names
-        parts.append(f"model {model}")
-    return "; ".join(parts)
+    return "; ".join(parts)   # the model is named by the note (describe), once
 
 
 # ------------------------------------------------------------------ notes described from the run

@@ -90,7 +90,7 @@ Every figure and number says where it comes from:
 <thead><tr><th>target</th><th>metric</th><th>threshold</th><th>value</th><th>source</th><th>theoretical (plan)</th><th>status</th><th>conditions / note</th></tr></thead>
 <tbody>
 {% for r in view.rows %}
-<tr class="{{ r.status_class }}"><td class="text">{{ r.name }}</td><td class="text"><code>{{ r.metric }}</code></td>
+<tr class="{{ r.status_class }}"><td class="text">{{ r.name }}</td><td class="text">{{ r.metric }}</td>
 <td>{{ r.threshold }}</td><td>{{ r.value }}</td><td class="text">{{ badge(r.source) if r.source else '–' }}</td>
 <td>{{ r.theoretical }}</td>
 <td class="status-cell"><span class="status {{ r.status_class }}">{{ r.status }}</span></td><td class="text">{{ r.notes }}</td></tr>

@@ -50,8 +50,8 @@ def test_targets_table_shows_value_source_and_status(single):
     table = html[html.index('<table class="targets">'):]
     table = table[:table.index("</table>")]
     assert table.count("<tr class=") == 4
-    assert "median_ttft_ms" in table and "50 ms" in table and "prompt 512 tokens" in table
-    assert "theoretical: plan prediction ttft_ms at a 512-token prompt" in table
+    assert "median TTFT" in table and "median_ttft_ms" not in table and "50 ms" in table and "prompt 512 tokens" in table
+    assert "theoretical: plan prediction for one stream at a 512-token prompt" in table
     assert '<span class="status fail">fail (theoretical)</span>' in table   # memory 77 % < 80 %
     assert "3 of 4 targets pass, 1 fail." in html
 

@@ -51,7 +51,7 @@ def test_an_8b_run_is_described_as_8b_with_its_prompt_length(tmp_path):
 
 def test_a_70b_run_carries_no_caveat_and_the_report_shows_the_note(run_dir):
     view = targets_view(load_run(run_dir))        # the fixture's plan: Llama 3.1 70B over 4 nodes
-    load = next(row for row in view.rows if row.metric == "load_time_s")
+    load = next(row for row in view.rows if row.metric == "model load time")   # the catalogue label
     assert "Llama 3.1 70B (4-bit) loaded on 4 nodes of test-cluster" in load.notes
     assert "applied unchanged" not in load.notes
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import metrics as catalogue
-from harness.specs import UserError
+from harness.specs import UserError, reject_unknown
 from harness.summary import V1_RENAMED
 from reports import targets
 from reports.run import Run, load_run
@@ -49,6 +49,12 @@ GATE_DIRECTION = {"lower": "lower_is_better", "higher": "higher_is_better", "nei
 # Default relative tolerances when a baseline is first written: seeded simulations repeat exactly (the slack
 # absorbs float differences between library versions); measurements and wall-clock ratios are noisy.
 DEFAULT_TOLERANCE = {"simulated": 0.001, "measured": 0.2, "ratio": 0.5}
+
+
+# Keys a baseline file may hold: a typo (say "tolerence") must not silently fall back to a default.
+BASELINE_KEYS = ("schema_version", "run", "source", "fingerprint", "metrics")
+FINGERPRINT_KEYS = ("model", "cluster", "cluster_hash", "plan_stages", "workload_hash")
+ENTRY_KEYS = ("value", "tolerance", "direction", "ratio")
 
 
 class BaselineError(UserError):
@@ -165,6 +171,11 @@ def read_baseline(path: str | Path) -> dict:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise BaselineError(f"baseline {path}: not valid JSON ({exc})") from exc
+    reject_unknown(data, BASELINE_KEYS, f"baseline {path}")
+    reject_unknown(data.get("fingerprint") or {}, FINGERPRINT_KEYS, f"baseline {path}", "fingerprint")
+    for name, entry in (data.get("metrics") or {}).items():
+        if isinstance(entry, dict):
+            reject_unknown(entry, ENTRY_KEYS, f"baseline {path}", f"metrics.{name}")
     if data.get("schema_version") not in READABLE_VERSIONS:
         raise BaselineError(f"baseline {path}: schema_version {data.get('schema_version')!r}, "
                             f"expected one of {READABLE_VERSIONS}")

@@ -192,3 +192,18 @@ def test_a_version_1_baseline_is_read_under_todays_names(tmp_path):
         "memory_utilisation_pct": {"value": 50.0, "tolerance": 0.1, "direction": "higher_is_better"}}}))
     entry = read_baseline(path)["metrics"]["plan_memory_used_pct"]
     assert entry["direction"] == "two_sided"
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"schema_version": 2, "metrics": {"x": {"value": 1, "tolerence": 0.5}}},
+     "'metrics.x.tolerence', did you mean 'tolerance'"),
+    ({"schema_version": 2, "metric": {"x": {"value": 1}}}, "'metric', did you mean 'metrics'"),
+    ({"schema_version": 2, "fingerprint": {"modle": "m"}, "metrics": {"x": {"value": 1}}},
+     "'fingerprint.modle', did you mean 'model'"),
+])
+def test_a_typo_in_a_baseline_is_named_not_ignored(tmp_path, body, message):
+    from harness.specs import UserError
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(body))
+    with pytest.raises(UserError, match=message):
+        read_baseline(path)

@@ -59,6 +59,7 @@ class RunView:
     predicted: tables.Table | None
     backend_stats: tables.Table | None
     warnings: list[str]
+    plan_notes: list[str]
     environment: tables.Table
     plots: list[plots.Plot] = field(default_factory=list)
     plot_notes: list[str] = field(default_factory=list)
@@ -141,6 +142,7 @@ def run_view(run: Run, with_plots: bool = True) -> RunView:
         targets=targets_view(run), latency=tables.latency_table(run.metrics), headline=headline,
         plan_table=tables.plan_table(run), predicted=tables.predicted_table(run.plan),
         backend_stats=tables.backend_table(run.summary), warnings=[str(w) for w in run.plan.get("warnings") or []],
+        plan_notes=[str(n) for n in run.plan.get("notes") or []],
         environment=_environment_table(run), plots=made, plot_notes=notes,
     )
 

@@ -134,6 +134,7 @@ Every figure and number says where it comes from:
 {% if run.plan_table %}<h3>Partition plan {{ badge('theoretical') }}</h3>{{ table(run.plan_table) }}{% endif %}
 {% if run.predicted %}<h3>Plan predictions {{ badge('theoretical') }}</h3>{{ table(run.predicted) }}{% endif %}
 {% if run.warnings %}<p class="note">Plan warnings: {{ run.warnings | join('; ') }}</p>{% endif %}
+{% if run.plan_notes %}<p class="note">Plan notes: {{ run.plan_notes | join('; ') }}</p>{% endif %}
 {% if run.backend_stats %}<details><summary>Backend statistics ({{ run.source }})</summary>{{ table(run.backend_stats) }}</details>{% endif %}
 
 <details><summary>Environment</summary>{{ table(run.environment) }}</details>

@@ -6,7 +6,7 @@ import pytest
 
 from harness import catalog
 from harness.costmodel import load_profile
-from strategies.partitioning._plans import PlanOptions
+from harness.costmodel import PlanOptions
 from strategies.registry import get_strategy
 
 CASES = [("mixed", "llama-3.1-70b"), ("m4pro-8x-mini", "llama-3.1-405b"), ("m2ultra-4x-tb4", "deepseek-v3")]

@@ -136,7 +136,7 @@ def test_model_folder_with_config_json_loads(tmp_path):
 def test_a_measured_host_can_be_a_cluster_node(tmp_path):
     """profile-host output describes this machine as a chip: a cluster of it can be planned and simulated."""
     from harness.costmodel import load_profile
-    from strategies.partitioning._plans import PlanOptions
+    from harness.costmodel import PlanOptions
     from strategies.registry import get_strategy
     host = {"chip": {"name": "host-cpu", "gpu_bin": "cpu", "gpu_cores": 0, "mem_bw_gbs": 6.0, "fp16_tflops": 0.1,
                      "max_mem_gb": 24, "thunderbolt": "none", "ssd_gbs": 3.0},

@@ -8,7 +8,8 @@ from harness import catalog
 from harness.cli import main
 from harness.costmodel import OBJECTIVES, load_profile
 from harness.specs import DoesNotFit, model_from_config
-from strategies.partitioning._plans import PlanOptions, proportional_counts
+from harness.costmodel import PlanOptions
+from strategies.partitioning._plans import proportional_counts
 from strategies.partitioning.ring_memory_weighted import memory_weighted_counts
 from strategies.partitioning.uniform import even_counts
 from strategies.registry import (PREFERRED_ORDER, get_strategy, partitioner, strategy_names,

@@ -262,13 +262,6 @@ class SimBackend:
                 "requests_cancelled": self.cancelled, "source": "simulated",
                 **({"cache": self.cache.stats()} if self.cache is not None else {})}
 
-    def memory_utilisation_pct(self) -> float:
-        """Weights plus the peak KV cache on each node of the plan, over their usable memory (simulated)."""
-        peak = self.engine.kv_peak_bytes()
-        nodes = [(st, n) for st in self.engine.stages for n in st.nodes]
-        used = sum(st.weight_bytes_node + peak.get(n, 0) for st, n in nodes)
-        return 100.0 * used / sum(self.cluster.node(n).usable_bytes for _, n in nodes)
-
     def requests_table(self):
         """The engine's own records of what it served (virtual time, source="simulated")."""
         return self.engine.requests_table()

@@ -7,8 +7,7 @@ All predicted figures are theoretical (cost model), and every strategy's plan is
 from __future__ import annotations
 
 from harness import costmodel
-# PlanOptions and OBJECTIVES live in harness.costmodel; imported here too, since older callers import them from here
-from harness.costmodel import OBJECTIVES, TOKEN_ID_BYTES, PlanOptions, Profile, StageModel  # noqa: F401
+from harness.costmodel import TOKEN_ID_BYTES, PlanOptions, Profile, StageModel
 from harness.specs import GB, Cluster, DoesNotFit, ModelSpec, NodeMemory, PartitionPlan, Stage
 
 Unit = tuple[str, ...]

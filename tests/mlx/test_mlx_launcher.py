@@ -78,7 +78,7 @@ def test_a_strategy_plan_gives_the_split_and_node_names():
     from harness import catalog
     from harness.costmodel import load_profile
     from harness.backends.mlx import _stages_from, links_for_plan
-    from strategies.partitioning._plans import PlanOptions
+    from harness.costmodel import PlanOptions
     from strategies.registry import get_strategy
 
     cluster = catalog.load_cluster("mixed")

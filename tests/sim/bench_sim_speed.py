@@ -28,7 +28,7 @@ def setup(n: int, rate: float):
     from harness.catalog import load_cluster, load_model
     from harness.costmodel import load_profile
     from harness.workloads import build_workload
-    from strategies.partitioning._plans import PlanOptions
+    from harness.costmodel import PlanOptions
     from strategies.registry import get_strategy
     cluster, model, profile = load_cluster("m2ultra-4x-tb4"), load_model("llama-3.1-70b", 4), load_profile()
     plan = get_strategy("uniform")(cluster, model, PlanOptions(profile=profile))

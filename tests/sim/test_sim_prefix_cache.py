@@ -7,7 +7,7 @@ from harness.costmodel import load_profile
 from harness.workloads import build_workload
 from sim import simulate
 from sim.prefix_cache import make_prefix_cache
-from strategies.partitioning._plans import PlanOptions
+from harness.costmodel import PlanOptions
 from strategies.registry import get_strategy
 
 CHATS = {"kind": "conversations", "conversations": 6, "turns": 3, "system_prompt_tokens": 1024,

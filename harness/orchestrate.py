@@ -6,14 +6,12 @@ folder, never from memory.
 """
 from __future__ import annotations
 
-import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness import catalog
 from harness.costmodel import load_profile
+from harness.serving.progress import LoadProgress
 from harness.specs import DoesNotFit
 
 
@@ -122,10 +120,10 @@ def _serve_and_measure(writer, exp, strategy, plan, backend, workload):
                 _say(f"  serving at {server.url}; sending {len(workload)} requests "
                      f"(warm-up {load.get('warmup', 0)}) ...")
                 with _Progress(backend, len(workload)) as progress:
+                    progress.follow(sink)
                     result = run_load_sync(Target(server.url, send_prefix_id=True), workload, LoadMode(),
                                            warmup=int(load.get("warmup", 0)), seed=int(exp["workload"].get("seed", 0)),
-                                           max_duration_s=load.get("max_duration_s"), progress=progress.update,
-                                           sink=sink)
+                                           max_duration_s=load.get("max_duration_s"), sink=sink)
                 stop_if_backend_failed(writer, backend)
                 return finish_run(writer, config, plan_dict, result, backend, server.load_report, plan=plan)
         except (KeyboardInterrupt, Exception) as exc:
@@ -164,37 +162,8 @@ def keep_finished(writer, exc: BaseException, sink, finish) -> None:
          f"with a summary over them; it is marked incomplete")
 
 
-class _Progress:
-    """A status line on stderr while the load runs: elapsed, finished, running, waiting."""
-
-    def __init__(self, backend, total: int):
-        self.backend, self.total, self.done = backend, total, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def update(self, done: int, total: int) -> None:
-        self.done = done
-
-    def __enter__(self):
-        self._t0 = time.monotonic()
-        self._thread.start()
-        return self
-
-    def _loop(self):
-        tty = sys.stderr.isatty()
-        every = 1.0 if tty else 10.0   # a terminal gets a live line, a log file a line every 10 s
-        while not self._stop.wait(every):
-            s = _stats(self.backend)
-            line = (f"  {time.monotonic() - self._t0:6.1f} s  finished {self.done}/{self.total}"
-                    f"  running {s.get('num_requests_running', 0)}  waiting {s.get('num_requests_waiting', 0)}")
-            sys.stderr.write(f"\r{line}   " if tty else line + "\n")
-            sys.stderr.flush()
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        if sys.stderr.isatty():
-            sys.stderr.write("\n")
+# The status line is shared with `bench` (harness.serving.progress).
+_Progress = LoadProgress
 
 
 def _stats(backend) -> dict:

@@ -16,6 +16,8 @@ Shape (every command, every backend):
                  queue growth, preemptions, cancelled_at_bound); absent from summaries written before it
     targets      the target verdicts of reports.targets: status pass | fail | no data | n/a (does not apply to
                  this run, with its reason), the note described from the run's model, nodes and workload
+    sweep        `bench --sweep` only: the load kind and unit, and each point's load, label, run folder (under
+                 points/) and metrics; the top-level metrics are then over every point's requests together
 """
 from __future__ import annotations
 
@@ -159,3 +161,19 @@ def migrate(summary: dict) -> dict:
 def _is_figure(key: str, value) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool) and key not in _V1_BOOKKEEPING) \
         or key == "slo"
+
+
+# ------------------------------------------------------------------ sweeps
+
+# What a sweep point's load is, by load-mode kind (harness.serving.loadgen.LoadMode).
+SWEEP_LOAD_UNITS = {"concurrent": "concurrency (requests in flight)", "constant": "offered request rate (req/s)",
+                    "poisson": "offered request rate (req/s)"}
+
+
+def sweep_section(kind: str, points) -> dict:
+    """summary.json's "sweep" section of `bench --sweep`: points are (load, label, run folder relative to the
+    sweep's, that point's metrics); the top-level metrics are over every point's requests together."""
+    return {"kind": kind, "load_unit": SWEEP_LOAD_UNITS.get(kind, kind),
+            "points": [{"point": k, "label": label, "load": float(load), "run": run,
+                        "metrics": {key: _clean(v) for key, v in figures.items() if not isinstance(v, (dict, list))}}
+                       for k, (load, label, run, figures) in enumerate(points, 1)]}

@@ -3,6 +3,7 @@ workload, write a run folder and print the vLLM-style summary."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 HELP = "load-test an OpenAI-compatible server (embedded or --target URL) and write a run folder"
 DESCRIPTION = """Send a workload to an OpenAI-compatible server and record every request's client-side timestamps
@@ -19,7 +20,9 @@ load modes (override the workload's own arrival times):
   --mode concurrent -c N      keep N requests in flight
   --mode constant --rate R    R requests/s, evenly spaced
   --mode poisson --rate R     Poisson arrivals at R requests/s
-  --sweep 1,2,4         one run per value (rates for constant/poisson, concurrencies for concurrent)
+  --sweep 1,2,4         one point per value (rates for constant/poisson, concurrencies for concurrent), written
+                        as ONE run folder: points/<k>-.../ per point, the whole sweep's requests on one clock,
+                        summary.json with a "sweep" section and one report with the load-sweep plot
 
 examples:
   python -m harness bench --backend sim --cluster mixed --model llama-3.1-8b --workload poisson,rate=0.5,n=20,prompt=256,output=64
@@ -40,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="how requests are sent (default %(default)s)")
     lg.add_argument("--rate", type=float, default=None, help="requests/s for constant and poisson modes")
     lg.add_argument("-c", "--concurrency", type=int, default=None, help="requests in flight for concurrent mode")
-    lg.add_argument("--sweep", default=None, help="comma-separated rates or concurrencies: one run each")
+    lg.add_argument("--sweep", default=None,
+                    help="comma-separated rates or concurrencies: one point each, all in one run folder")
     lg.add_argument("--warmup", type=int, default=1, help="warm-up requests before each run, not recorded (default 1)")
     lg.add_argument("--seed", type=int, default=0, help="seed of prompts and Poisson arrivals (default 0)")
     lg.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
@@ -55,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--out", default="runs/out", help="where run folders go (default %(default)s)")
     out.add_argument("--label", default="bench", help="run-id label (default %(default)s)")
+    out.add_argument("--no-report", action="store_true", help="skip the HTML report (render later with `harness report`)")
+    out.add_argument("--progress-every", type=float, default=None, metavar="S",
+                     help="seconds between status lines on stderr (default: 1 on a terminal, 10 otherwise)")
     srv = p.add_argument_group("embedded server")
     add_limit_arguments(srv)
     add_backend_arguments(p)
@@ -100,33 +107,139 @@ def _bench_embedded(args, workload, workload_spec, modes, slo) -> int:
 
 
 def _bench(args, url, workload, workload_spec, modes, slo, backend, load_report=None) -> int:
-    from harness.serving.loadgen import Target, run_load_sync
+    from harness.serving.loadgen import Target
     target = Target(url, model=args.served_model, api_key=args.target_api_key, endpoint=args.endpoint,
                     pin_output=not args.no_pin_output, send_prefix_id=backend is not None)
-    rows = []
-    for mode in modes:
-        print(f"running {mode.label}: {len(workload)} requests to {target.base} ...", flush=True)
-        config = _config(args, url, workload_spec, mode)
-        measure = lambda sink, mode=mode: run_load_sync(target, workload, mode, warmup=args.warmup, seed=args.seed,
-                                                        max_duration_s=args.max_duration_s, sink=sink)
-        path, summary = record_run(args.out, f"{args.label}-{mode.label}", measure, config, slo=slo,
-                                   backend=backend, load_report=load_report)
-        rows.append((mode.label, summary))
-        print(summary_text(summary, backend))
-        print(f"run folder: {path}\n", flush=True)
-    if len(rows) > 1:
-        print(sweep_table(rows))
+    bench = _Bench(args, target, url, workload, workload_spec, slo, backend, load_report)
+    if len(modes) > 1:
+        return _sweep(bench, modes)
+    path, _, _ = bench.measure(modes[0], args.out, f"{args.label}-{modes[0].label}")
+    _report(args, [path], path / "report.html")
     return 0
 
 
-def _config(args, url, workload_spec, mode) -> dict:
+@dataclass
+class _Bench:
+    """One bench invocation's fixed inputs, shared by every point of a sweep."""
+    args: argparse.Namespace
+    target: object
+    url: str
+    workload: object
+    workload_spec: dict
+    slo: dict | None
+    backend: object = None
+    load_report: object = None
+
+    def measure(self, mode, out_root, label, run_id=None):
+        """Drive the workload at the target in `mode` into a new run folder, with the status line on stderr;
+        returns (path, summary, LoadResult)."""
+        from harness.serving.loadgen import run_load_sync
+        from harness.serving.progress import LoadProgress
+        print(f"running {mode.label}: {len(self.workload)} requests to {self.target.base} ...", flush=True)
+        results = []
+
+        def measure(sink):
+            with LoadProgress(self.backend, len(self.workload), every_s=self.args.progress_every) as progress:
+                progress.follow(sink)
+                results.append(run_load_sync(self.target, self.workload, mode, warmup=self.args.warmup,
+                                             seed=self.args.seed, max_duration_s=self.args.max_duration_s, sink=sink))
+            return results[-1]
+        config = _config(self.args, self.url, self.workload_spec, self.backend,
+                         {"kind": mode.kind, "value": mode.value, "seed": mode.seed})
+        path, summary = record_run(out_root, label, measure, config, slo=self.slo, backend=self.backend,
+                                   load_report=self.load_report, run_id=run_id)
+        print(summary_text(summary, self.backend))
+        print(f"run folder: {path}\n", flush=True)
+        return path, summary, results[-1]
+
+
+def _sweep(bench: _Bench, modes) -> int:
+    """Every load mode as one point of ONE run folder: points/<k>-<mode>/ each a complete run folder, and at
+    the top the whole sweep's requests on one clock, a summary with a "sweep" section and one report."""
+    from harness import runfolder
+    from harness.recording import start_run
+    args, plan = bench.args, getattr(bench.backend, "plan", None)
+    points = []
+    with runfolder.RunWriter(args.out, f"{args.label}-sweep-{modes[0].kind}") as top:
+        mode = {"kind": modes[0].kind, "values": [m.value for m in modes], "seed": modes[0].seed}
+        config = {**_config(args, bench.url, bench.workload_spec, bench.backend, mode), "run_id": top.run_id}
+        plan_dict = start_run(top, config, plan, {"load_generator": "harness.serving.loadgen", "target": config["target"]})
+        for k, m in enumerate(modes, 1):
+            points.append((m, *bench.measure(m, top.path / "points", m.label, run_id=f"{k}-{m.kind}-{m.value:g}")))
+        _finish_sweep(top, config, plan_dict, points, bench)
+    print(sweep_table([(m.label, s) for m, _, s, _ in points]))
+    print(f"sweep folder: {top.path} ({len(points)} points under points/)", flush=True)
+    _report(args, [path for _, path, _, _ in points], top.path / "report.html")
+    return 0
+
+
+def _finish_sweep(top, config, plan_dict, points, bench: _Bench) -> dict:
+    """requests.parquet and steps.parquet of the whole sweep, and its summary.json: the metrics over every
+    point's requests together, plus the "sweep" section (each point's load and metrics)."""
+    from harness.recording import requests_frame, steps_frame, summarize
+    from harness.summary import sweep_section
+    from reports.targets import targets_summary
+    backend, plan = bench.backend, getattr(bench.backend, "plan", None)
+    whole = whole_sweep([result for _, _, _, result in points])
+    requests, steps = requests_frame(whole, backend), steps_frame(backend, whole)
+    summary = summarize(requests, whole, backend, bench.load_report, bench.slo, plan, config)
+    summary["run"]["load_mode"] = "sweep " + ",".join(m.label for m, _, _, _ in points)
+    summary["sweep"] = sweep_section(config["mode"]["kind"], [
+        (m.value, m.label, f"points/{path.name}", s["metrics"]) for m, path, s, _ in points])
+    top.write_requests(requests)
+    top.write_steps(steps)
+    summary["targets"] = targets_summary(config, plan_dict, summary["metrics"], requests, steps, summary["source"])
+    top.finish(summary)
+    return summary
+
+
+# The request-row columns that are times on the load generator's clock (t=0 = the point's start).
+TIME_COLUMNS = ("scheduled_s", "start_s", "first_token_s", "end_s")
+
+
+def whole_sweep(results):
+    """The points' LoadResults as one, on the first point's clock (the points ran one after another, so
+    shifting by each point's start keeps their true order); request ids are prefixed "p<k>/" to name the
+    point they belong to."""
+    from dataclasses import replace
+    first, last = results[0], results[-1]
+    rows = [_shifted(row, r.t0_monotonic - first.t0_monotonic, f"p{k}/")
+            for k, r in enumerate(results, 1) for row in r.rows]
+    return replace(first, rows=rows, duration_s=last.t0_monotonic + last.duration_s - first.t0_monotonic,
+                   notes=[*first.notes, f"sweep of {len(results)} points"])
+
+
+def _shifted(row: dict, offset_s: float, prefix: str) -> dict:
+    moved = {k: row[k] + offset_s for k in TIME_COLUMNS if row.get(k) is not None}
+    chunks = [t + offset_s for t in row.get("chunk_times_s") or []]
+    return {**row, **moved, "chunk_times_s": chunks, "request_id": prefix + str(row["request_id"])}
+
+
+def _report(args, run_dirs, out) -> None:
+    """report.html (a comparison of the points for a sweep), unless --no-report."""
+    if args.no_report:
+        return
+    from reports import render
+    print(f"report: {render(run_dirs, out=out)}", flush=True)
+
+
+def _config(args, url, workload_spec, backend, mode: dict) -> dict:
     skip = {"_run", "_parser", "command"}   # the CLI's own plumbing is no part of the config
     return {"command": "bench", "target": url if args.target != "embedded" else "embedded",
             "args": {k: v for k, v in vars(args).items() if k not in skip},
-            "workload": workload_spec, "mode": {"kind": mode.kind, "value": mode.value, "seed": mode.seed}}
+            "workload": workload_spec, "mode": mode, "strategy": strategy_name(backend)}
 
 
-def record_run(out_root, label, measure, config, *, slo=None, backend=None, load_report=None):
+def strategy_name(backend) -> str:
+    """What reports call the run: the plan's strategy, else the backend's name, or "external" for an outside
+    server (no backend here)."""
+    if backend is None:
+        return "external"
+    plan = getattr(backend, "plan", None)
+    return getattr(plan, "strategy", None) or backend.name
+
+
+def record_run(out_root, label, measure, config, *, slo=None, backend=None, load_report=None, run_id=None):
     """Run `measure(sink)` (the load generator, handing each finished request to `sink`) into a new run folder
     (harness.runfolder); returns (path, summary). The folder exists before the first request: Ctrl-C, SIGTERM
     or an exception keep the finished requests and a summary over them (harness.orchestrate.keep_finished).
@@ -139,7 +252,7 @@ def record_run(out_root, label, measure, config, *, slo=None, backend=None, load
     plan = backend.plan if backend is not None else None
     from harness.orchestrate import keep_finished
     from harness.serving.loadgen import LoadSink
-    with runfolder.RunWriter(out_root, label) as run:
+    with runfolder.RunWriter(out_root, label, run_id=run_id) as run:
         plan_dict = start_run(run, config, plan, {"load_generator": "harness.serving.loadgen", "target": config.get("target")})
         finish = lambda result: finish_run(run, config, plan_dict, result, backend, load_report, slo, plan)
         sink = LoadSink(run.journal.append)

@@ -27,7 +27,8 @@ def test_bench_embedded_instant_writes_a_complete_run_folder(tmp_path, capsys):
                "--workload", "all_at_once,n=20,prompt=16,output=8", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0
-    runs = sorted(tmp_path.iterdir())
+    (sweep,) = tmp_path.iterdir()   # a sweep is one run folder; each point is a run folder under points/
+    runs = sorted((sweep / "points").iterdir())
     assert len(runs) == 2
     for path in runs:
         run = read_run(path)

@@ -9,6 +9,7 @@ from pathlib import Path
 import jinja2
 
 from reports import plots, tables, targets
+from reports.breakdown import TpotView, tpot_view
 from reports.run import Run, per_request_latencies
 from reports.template import PAGE
 
@@ -63,6 +64,7 @@ class RunView:
     environment: tables.Table
     plots: list[plots.Plot] = field(default_factory=list)
     plot_notes: list[str] = field(default_factory=list)
+    tpot: TpotView | None = None     # "Why TPOT differs from the plan" (issue 9)
 
 
 def _figure_text(fig: targets.Figure | None, unit: str) -> str:
@@ -143,7 +145,7 @@ def run_view(run: Run, with_plots: bool = True) -> RunView:
         plan_table=tables.plan_table(run), predicted=tables.predicted_table(run.plan),
         backend_stats=tables.backend_table(run.summary), warnings=[str(w) for w in run.plan.get("warnings") or []],
         plan_notes=[str(n) for n in run.plan.get("notes") or []],
-        environment=_environment_table(run), plots=made, plot_notes=notes,
+        environment=_environment_table(run), plots=made, plot_notes=notes, tpot=tpot_view(run),
     )
 
 

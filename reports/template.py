@@ -49,6 +49,9 @@ PAGE = r"""<!DOCTYPE html>
   details.run > summary { font-size: 1.05em; }
   details.run[open] > summary { border-bottom: 1px solid #e3e7ec; padding-bottom: 6px; }
   code { background: #f0f3f6; padding: 0 4px; border-radius: 3px; }
+  .stack { display: flex; height: 22px; background: #f6f7f9; border: 1px solid #dde2e8; margin: 2px 0 8px; }
+  .stack span { display: block; height: 100%; }
+  .stack-label { font-size: 0.88em; color: #45505c; }
 </style>
 </head>
 <body>
@@ -135,6 +138,14 @@ Every figure and number says where it comes from:
 {% if run.predicted %}<h3>Plan predictions {{ badge('theoretical') }}</h3>{{ table(run.predicted) }}{% endif %}
 {% if run.warnings %}<p class="note">Plan warnings: {{ run.warnings | join('; ') }}</p>{% endif %}
 {% if run.plan_notes %}<p class="note">Plan notes: {{ run.plan_notes | join('; ') }}</p>{% endif %}
+{% if run.tpot %}<h3 id="tpot-breakdown-{{ loop.index }}">Why TPOT differs from the plan {{ badge(run.tpot.source) }} {{ badge('theoretical') }}</h3>
+{% if run.tpot.table %}<p class="meta">The plan predicts one stream; the run serves many. Its mean TPOT, split into parts that add up to it (from steps.parquet; see reports/breakdown.py for the attribution).</p>
+{{ table(run.tpot.table) }}
+{% for bar in run.tpot.bars %}<div class="stack-label">{{ bar.label }} {{ badge(bar.source) }}</div>
+<div class="stack" role="img" aria-label="{{ bar.label }}">{% for s in bar.segments %}<span style="width: {{ '%.3f' % s.width_pct }}%; background: {{ s.colour }}" title="{{ s.label }}: {{ '%.1f' % s.ms }} ms"></span>{% endfor %}</div>
+{% endfor %}<p class="stack-label">{% for s in run.tpot.bars[-1].segments %}<span style="color: {{ s.colour }}">&#9632;</span> {{ s.label }}{% if not loop.last %} · {% endif %}{% endfor %}</p>{% endif %}
+{% for msg in run.tpot.notes %}<p class="note">{{ msg }}</p>{% endfor %}
+{% endif %}
 {% if run.backend_stats %}<details><summary>Backend statistics ({{ run.source }})</summary>{{ table(run.backend_stats) }}</details>{% endif %}
 
 <details><summary>Environment</summary>{{ table(run.environment) }}</details>

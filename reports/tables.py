@@ -129,7 +129,9 @@ PREDICTED_LABELS = {
     "context_tokens": ("context", "tokens"), "kv_reserve_tokens": ("KV reserve", "tokens"),
     "memory_used_gb": ("memory used", "GB"), "memory_usable_gb": ("memory usable", "GB"),
     "memory_utilisation": ("memory used, whole cluster", "fraction"), "nodes_used": ("nodes used", ""),
-    "load_s": ("model load time", "s"),
+    "load_s": ("model load time", "s"), "output_tokens": ("output", "tokens"),
+    "sustainable_rate_rps": ("sustainable request rate", "req/s"),
+    "arrival_rate_rps": ("workload arrival rate", "req/s"),
 }
 
 

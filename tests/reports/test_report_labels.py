@@ -41,3 +41,15 @@ def test_catalogue_entries_are_well_formed():
     # every figure compute() produces has an entry (SLO dict aside)
     produced = metrics.compute(request_rows(5), "ttft:100")
     assert {k for k, v in produced.items() if not isinstance(v, dict)} <= set(keys)
+
+
+def test_every_prediction_a_planner_makes_has_a_label():
+    """Plan predictions are shown with labels, never raw keys (issue 9): each key the planner writes is labelled."""
+    from harness import catalog
+    from harness.costmodel import PlanOptions, load_profile
+    from reports.tables import PREDICTED_LABELS
+    from strategies.registry import get_strategy, strategy_names
+    cluster, model = catalog.load_cluster("mixed"), catalog.load_model("llama-3.1-70b", 4)
+    for name in strategy_names():
+        predicted = get_strategy(name)(cluster, model, PlanOptions(load_profile(), arrival_rate_rps=0.5)).predicted
+        assert set(predicted) - {"source"} <= set(PREDICTED_LABELS), name

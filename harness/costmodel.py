@@ -384,16 +384,28 @@ def request_pipeline_s(cluster: Cluster, model: ModelSpec, stages, options: Plan
     * its output_tokens decode steps at the bottleneck: decode micro-batches do overlap, one per stage in
       flight, so `batch` sequences get a token per slowest stage step plus its outgoing hop.
     """
+    return _prefill_sum_s(model, stages, options) + _decode_share_s(cluster, model, stages, options, batch)
+
+
+def _prefill_sum_s(model: ModelSpec, stages, options: PlanOptions) -> float:
+    """The reference prompt's prefill on every stage, summed (the same at every micro-batch size)."""
+    return sum(st.prefill_s(model, options.profile, options.prompt_tokens, 0) for st in stages)
+
+
+def _decode_share_s(cluster: Cluster, model: ModelSpec, stages, options: PlanOptions, batch: int) -> float:
+    """One request's share of output_tokens bottleneck decode steps (with hop) at micro-batch `batch`."""
     hops = step_hops_s(cluster, model, stages, batch, options.profile)
-    prefill = sum(st.prefill_s(model, options.profile, options.prompt_tokens, 0) for st in stages)
     ctx_sum = batch * options.mean_decode_context
     step = max(st.decode_s(model, options.profile, batch, ctx_sum) + h for st, h in zip(stages, hops))
-    return prefill + options.output_tokens * step / batch
+    return options.output_tokens * step / batch
 
 
 def sustainable_rate_rps(cluster: Cluster, model: ModelSpec, stages, options: PlanOptions) -> float:
     """Requests/s at which the plan saturates (theoretical): 1 / request_pipeline_s at the best micro-batch the
     KV memory allows. 0 when not even one sequence per stage fits beside the weights."""
     bound = batch_bound(min(kv_room_tokens(cluster, st) for st in stages), len(stages), options)
-    costs = [request_pipeline_s(cluster, model, stages, options, b) for b in range(1, bound + 1)]
-    return 1.0 / min(costs) if costs else 0.0
+    if bound < 1:
+        return 0.0
+    # the prefill sum does not depend on the batch: computed once, not once per candidate size
+    shares = [_decode_share_s(cluster, model, stages, options, b) for b in range(1, bound + 1)]
+    return 1.0 / (_prefill_sum_s(model, stages, options) + min(shares))

@@ -19,7 +19,6 @@ DEFAULT_FILE = Path(__file__).resolve().parent.parent / "runs" / "default.toml"
 SCALARS = {"name": str, "backend": str, "cluster": str, "model": str, "quant": int, "group_size": int,
            "strategy": str, "objective": str, "cache": str, "kv_reserve_tokens": int, "profile": str}
 TABLES = {"workload": dict, "load": dict, "targets": list, "mlx": dict}
-BACKENDS = BACKEND_NAMES   # every backend runs an experiment (instant ignores the plan)
 MLX_OPTIONS = ("head_dim", "seed", "max_running", "emulate_links", "emulate_latency")
 LOAD_KEYS = ("warmup", "max_duration_s")     # what harness.orchestrate reads from [load]
 TARGET_KEYS = ("name", "metric", "op", "value", "unit", "note")   # the fields of reports.targets.Target
@@ -56,8 +55,8 @@ def check_experiment(data: dict, origin: str) -> None:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise UserError(f"{origin}: {key} must be {kind.__name__}, got {value!r}")
     _check_tables(data, origin)
-    if data.get("backend", "sim") not in BACKENDS:
-        raise UserError(f"{origin}: backend must be one of {', '.join(BACKENDS)}, got {data['backend']!r}")
+    if data.get("backend", "sim") not in BACKEND_NAMES:   # every backend runs an experiment (instant ignores the plan)
+        raise UserError(f"{origin}: backend must be one of {', '.join(BACKEND_NAMES)}, got {data['backend']!r}")
 
 
 def _check_tables(data: dict, origin: str) -> None:
@@ -78,6 +77,6 @@ def apply_overrides(exp: dict, args) -> dict:
         value = getattr(args, key, None)
         if value is not None:
             out[key] = value
-    if out["backend"] not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {out['backend']!r}")
+    if out["backend"] not in BACKEND_NAMES:
+        raise UserError(f"--backend must be one of {', '.join(BACKEND_NAMES)}, got {out['backend']!r}")
     return out

@@ -135,8 +135,9 @@ VLLM_HEADLINE = ("duration", "completed", "failed", "total_input_tokens", "total
 def vllm_result(run: ExportedRun) -> dict:
     figures = metrics.compute(run.requests, run.slo)
     backend = run.summary.get("backend") or run.config.get("backend")
+    model = _model_id(run)
     head = {"date": _vllm_date(run.created_utc), "endpoint_type": backend, "backend": backend,
-            "label": run.run_id, "model_id": _model_id(run), "tokenizer_id": _model_id(run),
+            "label": run.run_id, "model_id": model, "tokenizer_id": model,
             "num_prompts": len(run.requests), "run_id": run.run_id, "source": run.source, **traffic(run.config)}
     body = {key: figures.get(key) for key in VLLM_HEADLINE}
     latency = {f"{stat}_{name}_ms": figures[f"{stat}_{name}_ms"]

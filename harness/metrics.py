@@ -142,11 +142,6 @@ def heading(key: str) -> str:
     return found.heading if found else key
 
 
-def direction(key: str) -> str:
-    found = metric(key)
-    return found.direction if found else "neither"
-
-
 def parse_slo(text: str | dict | None) -> dict[str, float]:
     """`"ttft:500 tpot:50 e2el:2000"` -> {"ttft": 500.0, ...} (milliseconds). A dict passes through checked."""
     if not text:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from harness import catalog
 from harness.costmodel import load_profile
-from harness.serving.progress import LoadProgress
+from harness.serving.progress import LoadProgress, backend_stats
 from harness.specs import DoesNotFit
 
 
@@ -23,15 +23,17 @@ class Outcome:
     error: str | None = None
 
 
-def load_inputs(exp: dict):
+def load_inputs(exp: dict, workload=None):
     """The experiment's cluster, model and plan options (with the cost-model profile), read once per run; the
-    plan is judged at the experiment's workload: its mean prompt and output lengths and its arrival rate."""
+    plan is judged at the experiment's workload (`workload`, built from exp when not given): its mean prompt and
+    output lengths and its arrival rate."""
     from harness.costmodel import PlanOptions
     from harness.workloads import build_workload
+    workload = workload if workload is not None else build_workload(exp["workload"])
     cluster = catalog.load_cluster(exp["cluster"])
     model = catalog.load_model(exp["model"], exp["quant"], exp["group_size"])
     options = PlanOptions(profile=load_profile(exp.get("profile")), objective=exp["objective"],
-                          kv_reserve_tokens=exp["kv_reserve_tokens"], **workload_shape(build_workload(exp["workload"])))
+                          kv_reserve_tokens=exp["kv_reserve_tokens"], **workload_shape(workload))
     return cluster, model, options
 
 
@@ -39,12 +41,21 @@ def workload_shape(workload) -> dict:
     """PlanOptions' view of a workload: mean prompt and output tokens and its arrival rate (requests/s): the
     declared rate when the spec has one (a short sample's mean is noisy), else the mean over its arrivals;
     0 when every request arrives at once or the load is closed-loop, where no rate applies."""
-    n, span = len(workload), float(workload.arrival_s[-1] - workload.arrival_s[0]) if len(workload) else 0.0
+    if not len(workload):   # nothing to average: the cost model's reference request
+        return {"prompt_tokens": 512, "output_tokens": 128, "arrival_rate_rps": _arrival_rate(workload)}
+    return {"prompt_tokens": max(round(float(workload.prompt_tokens.mean())), 1),
+            "output_tokens": max(round(float(workload.output_tokens.mean())), 1),
+            "arrival_rate_rps": _arrival_rate(workload)}
+
+
+def _arrival_rate(workload) -> float:
+    if workload.closed_loop:
+        return 0.0
     declared = (workload.spec.get("arrival") or {}).get("rate") if isinstance(workload.spec, dict) else None
-    rate = 0.0 if workload.closed_loop else float(declared) if declared else (n - 1) / span if span > 0 else 0.0
-    return {"prompt_tokens": max(round(float(workload.prompt_tokens.mean())), 1) if n else 512,
-            "output_tokens": max(round(float(workload.output_tokens.mean())), 1) if n else 128,
-            "arrival_rate_rps": rate}
+    if declared:
+        return float(declared)
+    span = float(workload.arrival_s[-1] - workload.arrival_s[0]) if len(workload) else 0.0
+    return (len(workload) - 1) / span if span > 0 else 0.0
 
 
 def build_backend(exp: dict, cluster, model, profile, plan):
@@ -65,7 +76,7 @@ def run_experiment(exp: dict, strategies: list[str], out_root: Path, report: boo
     from harness.workloads import build_workload
     from harness.planning import plan_with
     workload = build_workload(exp["workload"])
-    cluster, model, options = load_inputs(exp)
+    cluster, model, options = load_inputs(exp, workload)
     profile = options.profile
     outcomes = []
     for i, strategy in enumerate(strategies, 1):
@@ -106,7 +117,7 @@ def run_once(exp, strategy, plan, backend, workload, out_root: Path, report: boo
 
 def _serve_and_measure(writer, exp, strategy, plan, backend, workload):
     from harness.serving.loadgen import LoadMode, LoadSink, Target, run_load_sync
-    from harness.recording import finish_run, start_run
+    from harness.recording import finish_run, keep_finished, start_run
     from harness.serving.server import EmbeddedServer
     load = exp.get("load", {})
     with writer:
@@ -119,7 +130,7 @@ def _serve_and_measure(writer, exp, strategy, plan, backend, workload):
                 served["load_report"] = server.load_report
                 _say(f"  serving at {server.url}; sending {len(workload)} requests "
                      f"(warm-up {load.get('warmup', 0)}) ...")
-                with _Progress(backend, len(workload)) as progress:
+                with LoadProgress(backend, len(workload)) as progress:
                     progress.follow(sink)
                     result = run_load_sync(Target(server.url, send_prefix_id=True), workload, LoadMode(),
                                            warmup=int(load.get("warmup", 0)), seed=int(exp["workload"].get("seed", 0)),
@@ -135,43 +146,10 @@ def _serve_and_measure(writer, exp, strategy, plan, backend, workload):
 def stop_if_backend_failed(writer, backend) -> None:
     """A backend that died during the load (its requests failed from then on) makes the run "failed", not
     complete: its figures describe a broken server."""
-    stats = _stats(backend)
+    stats = backend_stats(backend)   # a failing stats() must not stop the run
     if stats.get("healthy", True) is False:
         writer.stop("failed", f"failed: backend unhealthy after the load ({stats.get('error') or 'no detail'})")
         _say(f"  {writer.stopped[1]}: the run folder is marked incomplete")
-
-
-def keep_finished(writer, exc: BaseException, sink, finish) -> None:
-    """After Ctrl-C, SIGTERM or an exception: save the requests that finished (the journal) and a summary over
-    them through `finish(partial_result)` (harness.recording.finish_run); the folder stays marked incomplete with
-    the reason. Best effort: when that fails too, the journal keeps the finished requests on disk."""
-    from harness import runfolder
-    writer.stop(*runfolder.stop_reason(exc))
-    rows = writer.journal.rows()
-    partial = sink.partial(rows)
-    if partial is None or (writer.path / "requests.parquet").exists():   # nothing sent yet, or already saved
-        _say(f"\n{writer.stopped[1]}: {writer.path} is marked incomplete")
-        return
-    try:
-        finish(partial)
-    except Exception as err:
-        _say(f"\n{writer.stopped[1]}: could not summarise it ({type(err).__name__}: {err}); "
-             f"{writer.path / runfolder.JOURNAL} keeps its {len(rows)} finished requests")
-        return
-    _say(f"\n{writer.stopped[1]}: {writer.path} keeps the {len(rows)} requests that finished, "
-         f"with a summary over them; it is marked incomplete")
-
-
-# The status line is shared with `bench` (harness.serving.progress).
-_Progress = LoadProgress
-
-
-def _stats(backend) -> dict:
-    """The backend's stats, or {} when asking fails: a progress line or a health check must not stop the run."""
-    try:
-        return backend.stats()
-    except Exception:
-        return {}
 
 
 def _say(text: str) -> None:

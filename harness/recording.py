@@ -30,15 +30,16 @@ def summarize(requests, result, backend, load_report=None, slo=None, plan=None, 
     """summary.json body (harness.summary, schema 2): vLLM-named metrics of the request rows plus what the
     run-level targets need (load time, memory in use), labelled with their source."""
     from harness import metrics, summary
+    config = config or {}
     figures = {**metrics.compute(requests, slo), **result.dispatch_summary()}
     stats = backend.stats() if backend is not None else {}
     run = {"load_mode": result.mode.label, "warmup_requests": result.warmup_requests, "model": result.model,
            **{k: stats[k] for k in ("preemptions", "error") if stats.get(k) is not None}}
-    return summary.build((config or {}).get("command", "bench"), row_source(backend),
+    return summary.build(config.get("command", "bench"), row_source(backend),
                          getattr(backend, "name", "external"), figures,
                          plan=plan.to_dict() if plan is not None else None, cluster=getattr(backend, "cluster", None),
                          load_report=load_report, kv_peak_bytes_per_node=_kv_peak(backend),
-                         workload={"workload": (config or {}).get("workload"), "mode": (config or {}).get("mode")},
+                         workload={"workload": config.get("workload"), "mode": config.get("mode")},
                          model=result.model, run=run, requests=requests,
                          extra={"cache": stats["cache"]} if stats.get("cache") is not None else None)
 
@@ -60,12 +61,41 @@ def start_run(writer, config: dict, plan, environment_extra: dict) -> dict:
     return plan_dict
 
 
-def finish_run(writer, config: dict, plan_dict: dict, result, backend, load_report=None, slo=None, plan=None):
-    """Write requests, steps and summary (with target verdicts) into an open RunWriter; returns (path, summary)."""
+def finish_run(writer, config: dict, plan_dict: dict, result, backend, load_report=None, slo=None, plan=None,
+               amend=None):
+    """Write requests, steps and summary (with target verdicts) into an open RunWriter; returns (path, summary).
+    `amend(summary)`, when given, adds to the summary before it is written (a sweep's own section)."""
     from reports.targets import targets_summary
     requests, steps = requests_frame(result, backend), steps_frame(backend, result)
     summary = summarize(requests, result, backend, load_report, slo, plan, config)
+    if amend is not None:
+        amend(summary)
     writer.write_requests(requests)
     writer.write_steps(steps)
     summary["targets"] = targets_summary(config, plan_dict, summary["metrics"], requests, steps, summary["source"])
     return writer.finish(summary), summary
+
+
+def keep_finished(writer, exc: BaseException, sink, finish) -> None:
+    """After Ctrl-C, SIGTERM or an exception: save the requests that finished (the journal) and a summary over
+    them through `finish(partial_result)` (finish_run above); the folder stays marked incomplete with
+    the reason. Best effort: when that fails too, the journal keeps the finished requests on disk."""
+    from harness import runfolder
+    writer.stop(*runfolder.stop_reason(exc))
+    rows = writer.journal.rows()
+    partial = sink.partial(rows)
+    if partial is None or (writer.path / "requests.parquet").exists():   # nothing sent yet, or already saved
+        _say(f"\n{writer.stopped[1]}: {writer.path} is marked incomplete")
+        return
+    try:
+        finish(partial)
+    except Exception as err:
+        _say(f"\n{writer.stopped[1]}: could not summarise it ({type(err).__name__}: {err}); "
+             f"{writer.path / runfolder.JOURNAL} keeps its {len(rows)} finished requests")
+        return
+    _say(f"\n{writer.stopped[1]}: {writer.path} keeps the {len(rows)} requests that finished, "
+         f"with a summary over them; it is marked incomplete")
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)

@@ -107,15 +107,16 @@ def is_closed_loop(workload: dict | None) -> bool:
 def assess(requests: pd.DataFrame, preemptions: int | None = None, closed_loop: bool = False) -> dict:
     """The saturation verdict of one run: saturated, reasons (short sentences with numbers) and the figures."""
     df = requests.astype({"success": bool})
+    preemptions = preemptions or 0     # an engine that does not count them reported None
     if df.empty:
-        return _verdict([], None, None, None, None, preemptions or 0, 0)
+        return _verdict([], None, None, None, None, preemptions, 0)
     offered = offered_rate(df["scheduled_s"])
     busy_s = union_length(df["start_s"], df["end_s"])
     service = int(df["success"].sum()) / busy_s if busy_s > 0 else None
     sustainable = sustainable_rate(df, offered, service)
     growth, cancelled = queue_growth(df), cancelled_at_bound(df)
-    reasons = _reasons(None if closed_loop else offered, sustainable, growth, preemptions or 0, cancelled)
-    return _verdict(reasons, offered, service, sustainable, growth, preemptions or 0, cancelled)
+    reasons = _reasons(None if closed_loop else offered, sustainable, growth, preemptions, cancelled)
+    return _verdict(reasons, offered, service, sustainable, growth, preemptions, cancelled)
 
 
 def _reasons(offered, sustainable, growth, preemptions: int, cancelled: int) -> list[str]:

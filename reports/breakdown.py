@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from harness import metrics
+from reports.tables import Table, fmt
 
 WORK_KINDS = ("decode", "prefill", "mixed")
 PREFILL_KINDS = ("prefill", "mixed")
@@ -197,7 +198,7 @@ class Bar:
 @dataclass(frozen=True)
 class TpotView:
     source: str
-    table: object | None = None          # reports.tables.Table
+    table: Table | None = None
     bars: tuple[Bar, ...] = ()
     notes: tuple[str, ...] = ()
 
@@ -212,8 +213,7 @@ def tpot_view(run) -> TpotView:
     return TpotView(found.source, parts_table(found), plan_vs_run_bars(found), breakdown_notes(found))
 
 
-def parts_table(found: Breakdown):
-    from reports.tables import Table, fmt
+def parts_table(found: Breakdown) -> Table:
     rows = [[p.label, fmt(p.ms), f"{100 * found.share(p):.1f} %", p.source] for p in found.parts]
     rows.append([f"mean TPOT ({found.source})", fmt(found.mean_tpot_ms), "100.0 %", found.source])
     if found.planned_tpot_ms is not None:

@@ -247,7 +247,8 @@ def write_baseline(run_dir: str | Path, path: str | Path, names: list[str] | Non
     if run.incomplete:
         raise BaselineError(f"{run.path}: an incomplete run cannot be a baseline ({run.incomplete_reason})")
     path = Path(path)
-    old = read_baseline(path)["metrics"] if path.exists() else {}
+    prior_file = read_baseline(path) if path.exists() else {}
+    old = prior_file.get("metrics", {})
     source = "measured" if "measured" in run.source else "simulated"
     chosen = list(old) + [n for n in names or [] if n not in old] if old else names or _default_names(run)
     wanted = {n: old.get(n, {}) for n in chosen}
@@ -265,17 +266,13 @@ def write_baseline(run_dir: str | Path, path: str | Path, names: list[str] | Non
         entries[name] = entry
     body = {"schema_version": SCHEMA_VERSION, "run": run.name, "source": run.source,
             "fingerprint": run.summary.get("fingerprint") or {}, "metrics": entries}
-    if "_about" in (prior_file := _raw(path)):
+    if "_about" in prior_file:
         body["_about"] = prior_file["_about"]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(body, indent=2) + "\n")
     tmp.replace(path)
     return path
-
-
-def _raw(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _metric_name(key: str) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass, field
+from html import escape
 from pathlib import Path
 
 
@@ -79,8 +80,9 @@ def targets_view(run: Run) -> TargetsView:
         theory = f"theoretical: {r.theoretical.how}" if r.theoretical and r.theoretical is not fig else ""
         notes = "; ".join(x for x in (r.conditions, r.note, fig.how if fig else "", theory) if x)
         status = r.verdict if r.observed or fig is None else f"{r.status} (theoretical)"
-        rows.append(TargetRow(r.target.name, catalogue_label(r.target.metric), r.target.text, _figure_text(fig, r.target.unit),
-                              fig.source if fig else "", _figure_text(r.theoretical, r.target.unit), status, notes))
+        rows.append(TargetRow(r.target.name, targets.metric_label(r.target.metric), r.target.text,
+                              _figure_text(fig, r.target.unit), fig.source if fig else "",
+                              _figure_text(r.theoretical, r.target.unit), status, notes))
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "no data", "n/a")}
     # a target that does not apply is neither a pass nor a fail, so it is counted apart
     verdict = (f"{counts['pass']} of {len(results)} targets pass, {counts['fail']} fail"
@@ -89,17 +91,8 @@ def targets_view(run: Run) -> TargetsView:
     return TargetsView(rows, verdict)
 
 
-def catalogue_label(key: str) -> str:
-    """The metric's human label from the catalogue (its key when the catalogue does not know it)."""
-    from harness import metrics
-    found = metrics.metric(key)
-    return found.label if found else key
-
-
 def _model_name(run: Run) -> str:
-    model = run.plan.get("model") or run.config.get("model") or ""
-    if isinstance(model, dict):
-        model = model.get("name", "")
+    model = targets.model_name(run)
     bits = run.plan.get("quant_bits") or run.config.get("quant_bits")
     quant = f"{bits}-bit" if bits else run.plan.get("quant") or run.config.get("quantization") or ""
     return f"{model} ({quant})" if model and quant else str(model)
@@ -251,7 +244,6 @@ def render_html(runs: list[Run], with_plots: bool = True) -> str:
 def with_overload_banners(page: str, runs: list[Run]) -> str:
     """The page with a banner under its title for every run whose summary.json says it was saturated; runs
     written before the verdict existed (no "saturation" section) get none."""
-    from html import escape
     banners = []
     for i, run in enumerate(runs, start=1):
         verdict = run.summary.get("saturation") or {}

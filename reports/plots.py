@@ -168,7 +168,7 @@ def _series_order(label: str) -> tuple:
 
 
 def _lines(fig: Figure, data: Timelines) -> list:
-    ax_mem, ax_busy = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2, sharex=None)
+    ax_mem, ax_busy = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
     centres = (data.edges[:-1] + data.edges[1:]) / 2
     for label, kv, busy in zip(data.labels, data.kv_gb, data.busy):
         if np.isfinite(kv).any():
@@ -185,10 +185,11 @@ def _heatmaps(fig: Figure, data: Timelines) -> list:
     """One row per series: at 4+ nodes, overlaid lines hide each other; a heatmap row per node stays legible."""
     rows = np.arange(len(data.labels) + 1)
     axes = [fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)]
-    for ax, values, label, cmap in ((axes[0], data.kv_gb, "KV cache in use (GB)", "Blues"),
-                                    (axes[1], data.busy, "busy share (compute steps)", "Oranges")):
-        mesh = ax.pcolormesh(data.edges, rows, np.nan_to_num(values), cmap=cmap, shading="flat",
-                             vmin=0, vmax=max(1.0, float(np.nanmax(values))) if label.startswith("busy") else None)
+    # a busy share lives on 0..1, so its colours keep that scale; KV memory scales to its own peak
+    busy_top = max(1.0, float(np.nanmax(data.busy)))
+    for ax, values, label, cmap, top in ((axes[0], data.kv_gb, "KV cache in use (GB)", "Blues", None),
+                                         (axes[1], data.busy, "busy share (compute steps)", "Oranges", busy_top)):
+        mesh = ax.pcolormesh(data.edges, rows, np.nan_to_num(values), cmap=cmap, shading="flat", vmin=0, vmax=top)
         ax.set_yticks(rows[:-1] + 0.5, data.labels, fontsize=8)
         ax.invert_yaxis()                      # first stage on top, as in the plan table
         fig.colorbar(mesh, ax=ax, label=label, pad=0.01)

@@ -135,12 +135,16 @@ PREDICTED_LABELS = {
 }
 
 
+def _predicted_row(key: str, value: str) -> list[str]:
+    label, unit = PREDICTED_LABELS.get(key, (key, ""))
+    return [label, value, unit]
+
+
 def predicted_table(plan: dict[str, Any]) -> Table | None:
     """The plan's predictions (theoretical), one row each, labelled with units."""
     rows: list[list[str]] = []
     _flatten("", {k: v for k, v in (plan.get("predicted") or {}).items() if k != "source"}, rows)
-    rows = [[*PREDICTED_LABELS.get(key, (key, "")), value] for key, value in rows]
-    rows = [[label, value, unit] for label, unit, value in rows]
+    rows = [_predicted_row(key, value) for key, value in rows]
     if plan.get("bottleneck"):
         rows.append(["bottleneck", str(plan["bottleneck"]), ""])
     return Table(["prediction", "value", "unit"], rows) if rows else None

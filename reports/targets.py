@@ -277,13 +277,17 @@ def prompt_conditions(run: Run) -> str:
 
 
 def _conditions(run: Run, target: Target) -> str:
-    parts = []
-    if any(key in target.metric for key in ("ttft", "itl", "tpot", "e2el")):
-        parts.append(prompt_conditions(run))
-    return "; ".join(parts)   # the model is named by the note (describe), once
+    # only latencies depend on prompt length; the model is named by the note (describe), once
+    return prompt_conditions(run) if any(word in target.metric for word in LATENCY_WORDS) else ""
 
 
 # ------------------------------------------------------------------ notes described from the run
+
+def metric_label(key: str) -> str:
+    """The metric's human label from the catalogue (its key when the catalogue does not know it)."""
+    entry = metric_catalogue.metric(key)
+    return entry.label if entry else key
+
 
 def model_name(run: Run) -> str:
     """The run's model id as its plan (else its config) names it, "" when neither does."""
@@ -371,8 +375,7 @@ def _generated_note(run: Run, target: Target) -> str:
     if metric == "decode_tokens_per_s":
         return f"one request's decode speed, {model} on {where}"
     if any(word in metric for word in LATENCY_WORDS):
-        entry = metric_catalogue.metric(metric)
-        return f"{entry.label if entry else metric} for {_prompt_text(run)}, {model}"
+        return f"{metric_label(metric)} for {_prompt_text(run)}, {model}"
     return f"{model} on {where}"
 
 
@@ -416,15 +419,15 @@ def _no_model_reason(run: Run) -> str | None:
 def _load_not_applicable(run: Run) -> str | None:
     if run.config.get("include_load") is False:
         return "model loading not simulated (--no-load)"
-    if _no_model_reason(run):
-        return _no_model_reason(run)
+    if reason := _no_model_reason(run):
+        return reason
     # a real or simulated load always takes time: exactly 0 s on every node means nothing was loaded
     return "no model was loaded (0 s on every node)" if number(run.metrics.get("load_time_s")) == 0.0 else None
 
 
 def _memory_not_applicable(run: Run, metric: str) -> str | None:
-    if _no_model_reason(run):
-        return _no_model_reason(run)
+    if reason := _no_model_reason(run):
+        return reason
     # a plan without stages is a broken plan (no data); no plan at all means nothing was placed
     return None if run.plan or _from_summary(run, metric) else "no plan: nothing was placed on a cluster"
 

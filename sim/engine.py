@@ -30,10 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
-from harness.costmodel import Profile
+from harness.costmodel import TOKEN_ID_BYTES, DecodeTerms, Profile, hop_links, stage_models
 from harness.specs import Cluster, ModelSpec, PartitionPlan, UserError
-from harness.costmodel import TOKEN_ID_BYTES
-from harness.costmodel import DecodeTerms, hop_links, stage_models
 from sim.costs import kv_pool_tokens
 
 WAITING, RUNNING, DONE, FAILED = 1, 2, 3, 4
@@ -645,8 +643,7 @@ class Engine:
         step sink took earlier ones): per micro-batch one row per stage, then one per link send (kind "send",
         stage = the sender), micro-batches in the order they were formed."""
         import pyarrow as pa
-        from harness.metrics import STEP_COLUMNS
-        from harness.metrics import arrow_schema
+        from harness.metrics import STEP_COLUMNS, arrow_schema
         m = 0 if self._rec_times is None else self._step - self._rec_base
         if m == 0:
             return arrow_schema(STEP_COLUMNS).empty_table()

@@ -176,20 +176,16 @@ def _sweep(bench: _Bench, modes) -> int:
 def _finish_sweep(top, config, plan_dict, points, bench: _Bench) -> dict:
     """requests.parquet and steps.parquet of the whole sweep, and its summary.json: the metrics over every
     point's requests together, plus the "sweep" section (each point's load and metrics)."""
-    from harness.recording import requests_frame, steps_frame, summarize
+    from harness.recording import finish_run
     from harness.summary import sweep_section
-    from reports.targets import targets_summary
-    backend, plan = bench.backend, getattr(bench.backend, "plan", None)
+
+    def add_sweep(summary: dict) -> None:
+        summary["run"]["load_mode"] = "sweep " + ",".join(m.label for m, _, _, _ in points)
+        summary["sweep"] = sweep_section(config["mode"]["kind"], [
+            (m.value, m.label, f"points/{path.name}", s["metrics"]) for m, path, s, _ in points])
     whole = whole_sweep([result for _, _, _, result in points])
-    requests, steps = requests_frame(whole, backend), steps_frame(backend, whole)
-    summary = summarize(requests, whole, backend, bench.load_report, bench.slo, plan, config)
-    summary["run"]["load_mode"] = "sweep " + ",".join(m.label for m, _, _, _ in points)
-    summary["sweep"] = sweep_section(config["mode"]["kind"], [
-        (m.value, m.label, f"points/{path.name}", s["metrics"]) for m, path, s, _ in points])
-    top.write_requests(requests)
-    top.write_steps(steps)
-    summary["targets"] = targets_summary(config, plan_dict, summary["metrics"], requests, steps, summary["source"])
-    top.finish(summary)
+    _, summary = finish_run(top, config, plan_dict, whole, bench.backend, bench.load_report, bench.slo,
+                            getattr(bench.backend, "plan", None), amend=add_sweep)
     return summary
 
 
@@ -242,16 +238,15 @@ def strategy_name(backend) -> str:
 def record_run(out_root, label, measure, config, *, slo=None, backend=None, load_report=None, run_id=None):
     """Run `measure(sink)` (the load generator, handing each finished request to `sink`) into a new run folder
     (harness.runfolder); returns (path, summary). The folder exists before the first request: Ctrl-C, SIGTERM
-    or an exception keep the finished requests and a summary over them (harness.orchestrate.keep_finished).
+    or an exception keep the finished requests and a summary over them (harness.recording.keep_finished).
 
     With an embedded backend, steps.parquet holds its step records (`Backend.step_table`) and plan.json its
     plan (`Backend.plan`, when it serves one); against an outside server (backend None) both are empty.
     """
     from harness import runfolder
-    from harness.recording import finish_run, start_run
-    plan = backend.plan if backend is not None else None
-    from harness.orchestrate import keep_finished
+    from harness.recording import finish_run, keep_finished, start_run
     from harness.serving.loadgen import LoadSink
+    plan = backend.plan if backend is not None else None
     with runfolder.RunWriter(out_root, label, run_id=run_id) as run:
         plan_dict = start_run(run, config, plan, {"load_generator": "harness.serving.loadgen", "target": config.get("target")})
         finish = lambda result: finish_run(run, config, plan_dict, result, backend, load_report, slo, plan)

@@ -12,7 +12,7 @@ import time
 from collections import deque
 
 
-def _stats(backend) -> dict:
+def backend_stats(backend) -> dict:
     """The backend's stats, or {} when there is none or asking fails: a status line must not stop the run."""
     try:
         return backend.stats() if backend is not None else {}
@@ -70,7 +70,7 @@ class LoadProgress:
         """Sent and in flight come from the embedded backend's queue; an outside server does not say them."""
         if self.backend is None:
             return ""
-        stats = _stats(self.backend)
+        stats = backend_stats(self.backend)
         running, waiting = stats.get("num_requests_running", 0), stats.get("num_requests_waiting", 0)
         return (f"  sent {self.done + running + waiting}  in flight {running + waiting}"
                 f" (running {running}, waiting {waiting})")

@@ -77,7 +77,11 @@ def unit_stage(cluster: Cluster, model: ModelSpec, unit: Unit, start: int, end: 
 
 def stage_decode_s(cluster, model, options, unit: Unit, start: int, end: int, last: bool) -> float:
     """One decode step (batch 1, options.context_tokens of context) on a unit."""
-    return unit_stage(cluster, model, unit, start, end, last).decode_s(model, options.profile, 1, options.context_tokens)
+    return _reference_decode_s(unit_stage(cluster, model, unit, start, end, last), model, options)
+
+
+def _reference_decode_s(stage: StageModel, model: ModelSpec, options: PlanOptions) -> float:
+    return stage.decode_s(model, options.profile, 1, options.context_tokens)
 
 
 def allreduce_per_layer_s(cluster, model, options, unit: Unit) -> float:
@@ -87,7 +91,11 @@ def allreduce_per_layer_s(cluster, model, options, unit: Unit) -> float:
 
 def stage_prefill_s(cluster, model, options, unit: Unit, start: int, end: int, last: bool) -> float:
     """Prefilling the reference prompt (options.prompt_tokens, nothing cached) on a unit."""
-    return unit_stage(cluster, model, unit, start, end, last).prefill_s(model, options.profile, options.prompt_tokens, 0)
+    return _reference_prefill_s(unit_stage(cluster, model, unit, start, end, last), model, options)
+
+
+def _reference_prefill_s(stage: StageModel, model: ModelSpec, options: PlanOptions) -> float:
+    return stage.prefill_s(model, options.profile, options.prompt_tokens, 0)
 
 
 def hop_s(cluster, options, src: Unit, dst: Unit, nbytes: float) -> float:
@@ -103,9 +111,10 @@ def build_plan(strategy: str, cluster: Cluster, model: ModelSpec, options: PlanO
     follow from the plan's own figures."""
     if len(units) != len(counts) or sum(counts) != model.num_layers or min(counts) < 1:
         raise ValueError(f"{strategy}: counts {counts} do not cover {model.num_layers} layers over {len(units)} stages")
-    stages, start, k = [], 0, len(units)
+    stages, models, start, k = [], [], 0, len(units)
     for i, (unit, n) in enumerate(zip(units, counts)):
         end, last = start + n, i == k - 1
+        models.append(unit_stage(cluster, model, unit, start, end, last))   # built once: times and the rate
         if k == 1:
             link = 0.0
         elif last:  # only the sampled token ids travel back to the first stage
@@ -117,8 +126,8 @@ def build_plan(strategy: str, cluster: Cluster, model: ModelSpec, options: PlanO
             nodes=tuple(unit), layer_start=start, layer_end=end, tp_degree=len(unit),
             memory_used_gb=used / GB,
             memory_available_gb=unit_available_bytes(cluster, unit) / GB,
-            decode_ms=stage_decode_s(cluster, model, options, unit, start, end, last) * 1e3,
-            prefill_ms=stage_prefill_s(cluster, model, options, unit, start, end, last) * 1e3,
+            decode_ms=_reference_decode_s(models[-1], model, options) * 1e3,
+            prefill_ms=_reference_prefill_s(models[-1], model, options) * 1e3,
             link_ms=link * 1e3,
             memory_per_node=unit_memory(cluster, unit, used),
         ))
@@ -126,7 +135,7 @@ def build_plan(strategy: str, cluster: Cluster, model: ModelSpec, options: PlanO
     warnings = tuple(memory_warnings(stages, options) + link_warnings(cluster, stages))
     return PartitionPlan(strategy=strategy, objective=options.objective, cluster=cluster.name, model=model.name,
                          quant_bits=model.quant_bits, num_layers=model.num_layers, stages=tuple(stages),
-                         predicted=_predict(cluster, model, options, stages, units),
+                         predicted=_predict(cluster, model, options, stages, units, models),
                          bottleneck=_bottleneck(stages), warnings=warnings, notes=tuple(notes))
 
 
@@ -148,7 +157,7 @@ def link_warnings(cluster: Cluster, stages: list[Stage]) -> list[str]:
             f"more than the stage's own step ({worst.decode_ms:.2f} ms): it is the pipeline's bottleneck"]
 
 
-def _predict(cluster, model, options, stages: list[Stage], units: list[Unit]) -> dict:
+def _predict(cluster, model, options, stages: list[Stage], units: list[Unit], models: list[StageModel]) -> dict:
     tpot = sum(s.decode_ms + s.link_ms for s in stages)
     bottleneck = max(s.decode_ms + s.link_ms for s in stages)
     prompt_hops = sum(hop_s(cluster, options, units[i], units[i + 1], model.activation_bytes(options.prompt_tokens))
@@ -159,8 +168,6 @@ def _predict(cluster, model, options, stages: list[Stage], units: list[Unit]) ->
     members = [m for s in stages for m in s.member_memory()]
     used = sum(m.used_gb for m in members)
     usable = sum(m.usable_gb for m in members)
-    models = [unit_stage(cluster, model, u, s.layer_start, s.layer_end, i == len(units) - 1)
-              for i, (u, s) in enumerate(zip(units, stages))]
     rate = costmodel.sustainable_rate_rps(cluster, model, models, options)
     objective = {"latency": tpot, "throughput": bottleneck, "goodput": 1e3 / rate if rate else float("inf")}[options.objective]
     floor_s = sum(max(costmodel.decode_floor_s(cluster.node(n).chip, model, s.layer_start, s.layer_end,

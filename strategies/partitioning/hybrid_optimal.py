@@ -165,8 +165,7 @@ class _Search:
         last = np.full(L + 1, -np.inf)
         for name in unit:
             chip = self.cluster.node(name).chip
-            bw, fl = p.bandwidth(chip), p.flops(chip)
-            ovh = p.overhead(chip, 0) + (idx[None, :] - idx[:, None]) * (p.overhead(chip, 1) - p.overhead(chip, 0))
+            bw, fl, ovh = p.bandwidth(chip), p.flops(chip), self._overhead(chip)
             step = np.maximum(step, np.maximum(d_read / bw, d_flops / fl) + ovh)
             last = np.maximum(last, np.maximum((d_read[:, L] + m.head_bytes()) / bw,
                                                (d_flops[:, L] + m.head_flops(1)) / fl) + ovh[:, L])
@@ -296,10 +295,10 @@ class _Search:
         """Per ring position: output_tokens decode steps at `batch`, with the outgoing hop, over `batch`
         (the stage's decode seconds per request), for every layer range; inf where the range does not fit."""
         hops = self._goodput_hops(order)
+        share = self.options.output_tokens / batch
         out = []
         for s, unit in enumerate(order):
             step, last = self._batched_steps(unit)
-            share = self.options.output_tokens / batch
             out.append((step[batch - 1] * share + hops[s][batch - 1], last[batch - 1] * share + hops[s][batch - 1]))
         return out
 

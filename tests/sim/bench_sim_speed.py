@@ -43,8 +43,7 @@ def one(n: int, rate: float, record_steps: bool) -> dict:
 
     import pyarrow.parquet as pq
 
-    from harness.metrics import STEP_COLUMNS
-    from harness.metrics import arrow_schema
+    from harness.metrics import STEP_COLUMNS, arrow_schema
     from sim import EngineConfig, simulate
     args = setup(n, rate)
     with tempfile.TemporaryDirectory() as tmp:

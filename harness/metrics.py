@@ -48,6 +48,7 @@ STEP_COLUMNS = {
     "batch_size": "int",
     "tokens": "int",
     "kv_bytes": "int",            # KV cache in use on this node after the step
+    "compute_s": "float",         # the step's compute alone (its network waits taken out); NaN for send/recv/load
     "source": "str",
 }
 

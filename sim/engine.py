@@ -666,5 +666,6 @@ class Engine:
             "start_s": times[:, 0::2].ravel(), "end_s": times[:, 1::2].ravel(),
             "batch_size": np.repeat(ints[:, 1], per), "tokens": np.repeat(ints[:, 2], per),
             "kv_bytes": (np.repeat(ints[:, 3], per) * kv_node[stage]).astype(np.int64),
+            "compute_s": np.where(kind == 3, np.nan, times[:, 1::2].ravel() - times[:, 0::2].ravel()),
             "source": dict_col(np.zeros(n), pa.array([source])),
         })

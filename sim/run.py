@@ -149,7 +149,8 @@ def _with_load_rows(steps, load_rows):
                       "node": [r[1] for r in load_rows], "kind": ["load"] * len(load_rows),
                       "start_s": [float(r[2]) for r in load_rows], "end_s": [float(r[3]) for r in load_rows],
                       "batch_size": [0] * len(load_rows), "tokens": [0] * len(load_rows),
-                      "kv_bytes": [0] * len(load_rows), "source": ["simulated"] * len(load_rows)})
+                      "kv_bytes": [0] * len(load_rows),
+                      "compute_s": [float("nan")] * len(load_rows), "source": ["simulated"] * len(load_rows)})
     return pa.concat_tables([extra.cast(steps.schema), steps])
 
 

@@ -19,7 +19,7 @@ def requests_df(n=3):
 
 def steps_df():
     return pd.DataFrame({"step": [0], "stage": [0], "node": ["a"], "kind": ["decode"], "start_s": [0.0],
-                         "end_s": [0.1], "batch_size": [1], "tokens": [1], "kv_bytes": [10], "source": ["simulated"]})
+                         "end_s": [0.1], "batch_size": [1], "tokens": [1], "kv_bytes": [10], "compute_s": [0.1], "source": ["simulated"]})
 
 
 def test_complete_run_reads_back(tmp_path):

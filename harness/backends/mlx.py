@@ -378,7 +378,8 @@ class MlxBackend:
     def _row(self, step, stage, node, kind, start, end, batch, tokens, kv) -> dict:
         t0 = self.run_start_epoch or 0.0
         return {"step": step, "stage": stage, "node": node, "kind": kind, "start_s": start - t0,
-                "end_s": end - t0, "batch_size": batch, "tokens": tokens, "kv_bytes": kv, "source": "measured"}
+                "end_s": end - t0, "batch_size": batch, "tokens": tokens, "kv_bytes": kv, "compute_s": float("nan"),
+                "source": "measured"}
 
     def _fail(self, exc: BackendUnavailable) -> None:
         with self._cv:

@@ -24,7 +24,7 @@ def steps_table(n: int, end_s: float) -> pd.DataFrame:
     return pd.DataFrame({"step": np.arange(n), "stage": np.arange(n) % 3,
                          "node": np.array(["studio-1", "mini-1", "mini-2"])[np.arange(n) % 3], "kind": "decode",
                          "start_s": start, "end_s": start + 0.01, "batch_size": 8, "tokens": 8,
-                         "kv_bytes": rng.integers(0, 10**10, n), "source": "simulated"})
+                         "kv_bytes": rng.integers(0, 10**10, n), "compute_s": 0.01, "source": "simulated"})
 
 
 @pytest.fixture(scope="module")

@@ -42,13 +42,13 @@ def request_rows(n: int, seed: int = 0, source: str = "simulated", ttft_s: float
 def step_rows(duration_s: float, source: str = "simulated") -> pd.DataFrame:
     rows = []
     for stage, node in enumerate(["studio-1", "mini-1", "mini-2"]):
-        rows.append((0, stage, node, "load", 0.0, 2.0 + stage, 0, 0, 0, source))
+        rows.append((0, stage, node, "load", 0.0, 2.0 + stage, 0, 0, 0, float("nan"), source))
         t = 3.0 + stage * 0.01
         for step in range(1, int(duration_s / 0.05)):
-            rows.append((step, stage, node, "decode", t, t + 0.03, 4, 4, step * 1_000_000 % 9_000_000_000, source))
+            rows.append((step, stage, node, "decode", t, t + 0.03, 4, 4, step * 1_000_000 % 9_000_000_000, 0.03, source))
             t += 0.05
     return pd.DataFrame(rows, columns=["step", "stage", "node", "kind", "start_s", "end_s", "batch_size", "tokens",
-                                       "kv_bytes", "source"])
+                                       "kv_bytes", "compute_s", "source"])
 
 
 def write_run(root, label="run", n=60, seed=0, source="simulated", plan=PLAN, targets=None, rate=5.0,

@@ -32,11 +32,11 @@ def steps_of(nodes: list[str], load_from: float, until: float) -> pd.DataFrame:
     """A load step per node from `load_from` to 0, then decode steps of 30 ms every 50 ms up to `until`."""
     rows = []
     for stage, node in enumerate(nodes):
-        rows.append((0, stage, node, "load", load_from, 0.0, 0, 0, 0, "measured"))
+        rows.append((0, stage, node, "load", load_from, 0.0, 0, 0, 0, float("nan"), "measured"))
         for step, t in enumerate(np.arange(0.1, until, 0.05), start=1):
-            rows.append((step, stage, node, "decode", t, t + 0.03, 4, 4, step * 1_000_000, "measured"))
+            rows.append((step, stage, node, "decode", t, t + 0.03, 4, 4, step * 1_000_000, 0.03, "measured"))
     return pd.DataFrame(rows, columns=["step", "stage", "node", "kind", "start_s", "end_s", "batch_size",
-                                       "tokens", "kv_bytes", "source"])
+                                       "tokens", "kv_bytes", "compute_s", "source"])
 
 
 @pytest.fixture

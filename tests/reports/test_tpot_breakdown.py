@@ -16,7 +16,7 @@ PROMPT = 11          # a prefill chunk of one whole prompt adds PROMPT tokens an
 
 def two_stage_step(step, kind, batch, tokens, stage0, send, stage1):
     """The rows the engine writes for one micro-batch through two stages: stage 0, its send, stage 1."""
-    base = dict(step=step, kind=kind, batch_size=batch, tokens=tokens, kv_bytes=0, source="simulated")
+    base = dict(step=step, kind=kind, batch_size=batch, tokens=tokens, kv_bytes=0, compute_s=float("nan"), source="simulated")
     return [dict(base, stage=0, node="a", start_s=stage0[0], end_s=stage0[1]),
             dict(base, stage=1, node="b", start_s=stage1[0], end_s=stage1[1]),
             dict(base, stage=0, node="a", kind="send", start_s=send[0], end_s=send[1])]

@@ -35,6 +35,13 @@ from harness.specs import Cluster, ModelSpec, PartitionPlan, UserError
 from sim.costs import kv_pool_tokens
 
 WAITING, RUNNING, DONE, FAILED = 1, 2, 3, 4
+# "mlx-lm" reproduces mlx_lm.generate.BatchGenerator, which the real backend runs in lockstep on every rank.
+# One iteration: a decode forward over the generation batch; admission into the prompt batch (at most
+# prefill_batch prompts, generation + prompt batch at most max_num_seqs); a one-token forward of the prompts whose
+# all-but-last tokens were prefilled in an EARLIER iteration (they join the generation batch); one prefill forward of
+# up to prefill_step_tokens per remaining prompt. Each forward reads the weights itself; with several stages exactly
+# one iteration is in flight (the ranks run it together), so there are no micro-batches.
+SCHEDULERS = ("continuous", "mlx-lm")
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,23 @@ class EngineConfig:
     kv_tokens: int = 0                 # cap the KV pool (tokens); 0 = what memory allows
     record_steps: bool = True
     fast_forward: bool = True          # batch runs of identical decode steps into one event (see _fast_forward)
+    scheduler: str = "continuous"      # "continuous" (vLLM-like, above) or "mlx-lm" (BatchGenerator, below)
+    prefill_batch: int = 8             # mlx-lm: prompts prefilled together in one forward (prefill_batch_size)
+    prefill_step_tokens: int = 512     # mlx-lm: tokens of each prompt per prefill forward (prefill_step_size)
+
+    def __post_init__(self):
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        for name in ("max_num_seqs", "prefill_batch", "prefill_step_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"engine {name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def hidden_tokens(self) -> int:
+        """Tokens a sequence generates before its first visible one: mlx-lm samples the token after the prompt's
+        last token asynchronously and hands it out with the NEXT decode step, so each request holds its decode
+        slot one step longer than it emits tokens."""
+        return 1 if self.scheduler == "mlx-lm" else 0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -87,7 +111,8 @@ class Engine:
         self._init_links(cluster)
         self._init_kv(cluster)
         self._init_state()
-        n = config.micro_batches or len(self.stages)
+        n = 1 if config.scheduler == "mlx-lm" else (config.micro_batches or len(self.stages))
+        self._join_count = 0               # mlx-lm: how many of the formed iteration's chunks are one-token joins
         self.scheds = [_Sched() for _ in range(n)]
         self._wake = env.event()
         self._idle = 0
@@ -173,6 +198,7 @@ class Engine:
         s = self.n
         self.n += 1
         now = self.env.now
+        output_tokens += self.cfg.hidden_tokens   # requests_table drops the hidden ones again
         self.prompt[s], self.target[s] = prompt_tokens, output_tokens
         self.sched_t[s] = now if scheduled_s is None else scheduled_s
         self.start_t[s] = now if arrived_s is None else arrived_s
@@ -371,6 +397,8 @@ class Engine:
     # ------------------------------------------------------------------ forming a micro-batch
 
     def _form(self, sc: _Sched):
+        if self.cfg.scheduler == "mlx-lm":
+            return self._form_batchgen(sc)
         running = self._grow_running(sc)
         budget = self.cfg.max_batched_tokens - running.size
         slots_left = self.cfg.max_num_seqs - running.size - len(sc.prefilling)
@@ -387,6 +415,39 @@ class Engine:
             return None
         self.peak_blocks = max(self.peak_blocks, self.total_blocks - self.free_blocks)
         return running, chunks, float(sc.ctx)
+
+    def _form_batchgen(self, sc: _Sched):
+        """One BatchGenerator iteration: (generation batch, prompt chunks then one-token joins, KV read)."""
+        running = self._grow_running(sc)
+        if running.size >= self.cfg.max_num_seqs:     # mlx-lm: hands full with decoding, no prompt work
+            self._join_count = 0
+            return (running, [], float(sc.ctx)) if running.size else None
+        room = min(self.cfg.prefill_batch - len(sc.prefilling), self.cfg.max_num_seqs - running.size)
+        self._admit(sc, [], 1 << 62, room, running.size)      # the chunks it proposes are recomputed below
+        # mlx-lm splits off, after admission, the prompts left with only their last token (a 1-token prompt at once)
+        joins = [s for s in sc.prefilling if self._to_prefill(s) == 1]
+        chunks = [(s, min(self._to_prefill(s) - 1, self.cfg.prefill_step_tokens), int(self.computed[s]))
+                  for s in sc.prefilling if s not in joins and self._to_prefill(s) > 1]
+        chunks += [(s, 1, int(self.computed[s])) for s in joins]
+        self._join_count = len(joins)
+        if running.size == 0 and not chunks:
+            return None
+        self.peak_blocks = max(self.peak_blocks, self.total_blocks - self.free_blocks)
+        return running, chunks, float(sc.ctx)
+
+    def _to_prefill(self, s: int) -> int:
+        """Tokens of a sequence's prompt (or recompute) not in its KV cache yet."""
+        return int(self.prompt[s] + self.generated[s] - self.computed[s])
+
+    def _batchgen_durs(self, n_dec: int, ctx_sum: float, chunks: list) -> list[float]:
+        """Every stage's time in one mlx-lm iteration: its decode, prefill and join forwards one after another."""
+        k = self._join_count
+        durs = self._decode_durs(n_dec, ctx_sum) if n_dec else [0.0] * len(self.stages)
+        for group in (chunks[:len(chunks) - k], chunks[len(chunks) - k:]):
+            if group:
+                pairs = [(t, c) for _, t, c in group]
+                durs = [d + st.mixed_s(self.model, self.profile, 0, 0.0, pairs) for d, st in zip(durs, self.stages)]
+        return durs
 
     def _grow_running(self, sc: _Sched) -> np.ndarray:
         """Reserve one more KV slot for every decode; preempt the newest sequences when the pool is short."""
@@ -455,7 +516,10 @@ class Engine:
         """Lindley recursion through stages and links; returns (tokens ready, token ids back at stage 0)."""
         running, chunks, ctx_sum = mb          # ctx_sum: KV the decodes read, each including its new token
         n_dec = int(running.size)
-        if chunks:
+        if self.cfg.scheduler == "mlx-lm":
+            tokens = n_dec + sum(t for _, t, _ in chunks)
+            durs = self._batchgen_durs(n_dec, ctx_sum, chunks)
+        elif chunks:
             pairs = [(t, c) for _, t, c in chunks]
             tokens = n_dec + sum(t for t, _ in pairs)
             durs = [st.mixed_s(self.model, self.profile, n_dec, ctx_sum, pairs) for st in self.stages]
@@ -488,7 +552,9 @@ class Engine:
         if rec is not None:
             row = self._reserve_rows(1)
             self._rec_times[row] = sv + lv
-            kind = 0 if not chunks else (1 if n_dec == 0 else 2)
+            prompt_work = len(chunks) - (self._join_count if self.cfg.scheduler == "mlx-lm" else 0)
+            # as the real backend labels an iteration: one-token joins are decode-like forwards
+            kind = 0 if not prompt_work else (1 if n_dec == 0 and prompt_work == len(chunks) else 2)
             self._rec_ints[row] = (kind, n_dec + len(chunks), tokens, self.total_blocks - self.free_blocks)
         self._step += 1
         return t_emit, t
@@ -617,20 +683,21 @@ class Engine:
         import pyarrow as pa
         for sc in self.scheds:
             self._sync(sc)
-        n = self.n
-        gen = self.generated[:n]
+        n, hidden = self.n, self.cfg.hidden_tokens
+        gen = np.maximum(self.generated[:n] - hidden, 0)      # what the client sees (mlx-lm: one token fewer)
         offsets = np.zeros(n + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(gen)
-        # tokens of request k sit at tok_t[tok_off[k] : tok_off[k] + generated[k]]; gather them contiguously
-        idx = np.repeat(self.tok_off[:n] - offsets[:-1], gen) + np.arange(offsets[-1])
+        # visible tokens of request k sit at tok_t[tok_off[k] + hidden : tok_off[k] + generated[k]]; gather them
+        idx = np.repeat(self.tok_off[:n] + hidden - offsets[:-1], gen) + np.arange(offsets[-1])
         chunks = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(self.tok_t[idx]))
+        first = self.first_t[:n] if not hidden else np.where(gen > 0, self.tok_t[self.tok_off[:n] + hidden], np.nan)
         ok = self.status[:n] == DONE
         errors = [self.errors.get(i, "" if ok[i] else "unfinished") for i in range(n)] if self.errors or not ok.all() \
             else [""] * n
         return pa.table({
             "request_id": pa.array(self.request_ids, pa.string()),
             "source": pa.array([source] * n, pa.string()),
-            "scheduled_s": self.sched_t[:n], "start_s": self.start_t[:n], "first_token_s": self.first_t[:n],
+            "scheduled_s": self.sched_t[:n], "start_s": self.start_t[:n], "first_token_s": first,
             "end_s": self.end_t[:n], "prompt_tokens": self.prompt[:n], "output_tokens": gen,
             "cached_tokens": self.cached[:n], "chunk_times_s": chunks.cast(pa.list_(pa.float64())),
             "success": ok, "error": pa.array(errors, pa.string()),

@@ -175,6 +175,8 @@ def run_child(mode: str, env_extra: dict, args: list[str] = (), timeout: float =
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     mode = argv[0] if argv else "compute"
+    from harness.mlx.worker import pin_core
+    pin_core()   # before mlx is imported, exactly as a rank does (HARNESS_CPU_CORE, when the caller set it)
     if mode == "compute":
         print(json.dumps(measure_compute(argv[1] if len(argv) > 1 else None)))
     elif mode == "gemm":

@@ -232,7 +232,7 @@ def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None]
     workdir.mkdir(parents=True, exist_ok=True)
     blas_path = blas.find_openblas() if use_blas is True else (use_blas or None)
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(ncpu))
+    cores = host_cores()
     netns = Netns(n, links) if links is not None and n > 1 else None
     group = RankGroup([], workdir, None, netns, blas_path)
     with _LOCK:
@@ -299,17 +299,30 @@ def _rank_env(rank: int, n: int, hostfile: Path | None, blas_path: str | None, c
               ncpu: int) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    # one BLAS thread per rank when ranks share the cores; all cores for a single process
-    env.update(blas.blas_env(threads=1 if n > 1 else ncpu, preload=blas_path))
+    env.update(compute_env(rank, n, blas_path, cores, ncpu))
     if hostfile is not None:
         env["MLX_RANK"] = str(rank)
         env["MLX_HOSTFILE"] = str(hostfile)
     else:
         env.pop("MLX_HOSTFILE", None)
         env.pop("MLX_RANK", None)
+    if cores is None or n <= 1:
+        env.pop("HARNESS_CPU_CORE", None)
+    return env
+
+
+def compute_env(rank: int, n: int, blas_path: str | None, cores: list[int] | None, ncpu: int) -> dict[str, str]:
+    """What decides a rank's compute speed: its BLAS threads and the core it is pinned to. `profile-host --ranks N`
+    measures with exactly this, so the simulator's per-rank chip is the rank the backend starts."""
+    # one BLAS thread per rank when ranks share the cores; all cores for a single process
+    env = blas.blas_env(threads=1 if n > 1 else ncpu, preload=blas_path)
     if cores is not None and n > 1:
         env["HARNESS_CPU_CORE"] = str(cores[rank % len(cores)])
     return env
+
+
+def host_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
 def _close_all() -> None:

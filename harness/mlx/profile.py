@@ -35,12 +35,20 @@ def ring_link(use_blas: bool, timeout_s: float = 120, links=None, emulate_latenc
         group.close(grace_s=1.0)
 
 
-def profile_host(ring: bool = True, use_blas: bool = True, cache_dir=None) -> dict:
+def profile_host(ring: bool = True, use_blas: bool = True, cache_dir=None, ranks: int = 1) -> dict:
+    """This host measured as ONE of `ranks` ranks: the compute child gets exactly the BLAS threads and core
+    pinning rank 0 of such a group gets from the launcher (all cores for one rank, one pinned core each for more)."""
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
     blas_path = blas.find_openblas() if use_blas else None
-    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = launcher.host_cores()
+    ncpu = len(cores)
     tiny = modelbuild.build(modelbuild.qwen2_config("tiny"), cache_dir=cache_dir).path
-    env = blas.blas_env(threads=ncpu, preload=blas_path)
+    env = launcher.compute_env(0, ranks, blas_path, cores, ncpu)
     compute = hostbench.run_child("compute", env, [str(tiny)])
+    rank_info = {"ranks": ranks, "blas_threads": int(env["OPENBLAS_NUM_THREADS"]),
+                 "pinned_core": int(env["HARNESS_CPU_CORE"]) if "HARNESS_CPU_CORE" in env else None,
+                 "cores": ncpu, "ranks_per_core": -(-ranks // ncpu)}
     ssd = hostbench.ssd_read_gbs()
     link = ring_link(use_blas) if ring else {"latency_us": None, "bandwidth_gbps": None}
     return {
@@ -54,10 +62,13 @@ def profile_host(ring: bool = True, use_blas: bool = True, cache_dir=None) -> di
         "link": {"kind": "loopback", **link},
         "source": "measured",
         "measurements": compute,
+        "rank": rank_info,
         "host": {"cpu": _cpu_name(), "cpus": ncpu, "machine": platform.machine(), "system": platform.system(),
                  "blas": blas_path or "bundled reference BLAS", "loadavg": os.getloadavg(),
                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-        "notes": ["mem_bw_gbs is fp32 GEMV bandwidth; fp16_tflops holds the fp32 GEMM rate (the CPU's fast "
+        "notes": [f"measured as one of {ranks} rank(s): {rank_info['blas_threads']} BLAS thread(s)"
+                  + (f", pinned to core {rank_info['pinned_core']}" if rank_info["pinned_core"] is not None else ", not pinned"),
+                  "mem_bw_gbs is fp32 GEMV bandwidth; fp16_tflops holds the fp32 GEMM rate (the CPU's fast "
                   "path; fp16 GEMM is in measurements.gemm_fp16_gflops)",
                   "step_overhead_s: tiny-model decode step minus its weight-streaming time at mem_bw_gbs",
                   "link: 2 ring ranks on loopback; latency_us = half the fastest 64-byte RTT (median_latency_us: the median)"],

@@ -44,7 +44,7 @@ def layer_range(layer_counts: list[int], stage: int) -> tuple[int, int]:
     return start, start + layer_counts[stage]
 
 
-def _pin_core() -> None:
+def pin_core() -> None:
     # Must run before mlx is imported: MLX's worker threads inherit the affinity of the thread that
     # creates them, and one rank per core avoids ranks stealing each other's cores.
     core = os.environ.get("HARNESS_CPU_CORE")
@@ -226,7 +226,7 @@ def serve(engine: Engine, timer: StageTimer | None, rank: int, inp, out) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    _pin_core()
+    pin_core()
     _exit_with_parent()
     p = argparse.ArgumentParser(prog="python -m harness.mlx.worker")
     p.add_argument("--model", required=True)

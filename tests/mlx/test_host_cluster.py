@@ -1,0 +1,43 @@
+"""This host as N ranks: one description of the cluster that the simulator reads and the real ranks match."""
+import json
+
+import pytest
+
+from harness.catalog import load_cluster
+from harness.mlx import launcher
+from harness.mlx.hostcluster import host_cluster, host_plan, write_host_files
+from harness.specs import UserError
+
+PROFILE = {"chip": {"name": "host-cpu", "gpu_bin": "cpu", "gpu_cores": 0, "mem_bw_gbs": 9.0, "fp16_tflops": 0.2,
+                    "max_mem_gb": 24.0, "thunderbolt": "none", "ssd_gbs": 2.0},
+           "profile": {"name": "host-cpu", "eta_bw": 1.0, "mu_compute": 1.0, "step_overhead_s": 0.004,
+                       "layer_overhead_s": 0.0, "link_overhead_us": 0.0, "ssd_gbs": 2.0, "per_chip": {}},
+           "link": {"kind": "loopback", "latency_us": 42.0, "bandwidth_gbps": 7.5},
+           "rank": {"ranks": 2, "blas_threads": 1, "pinned_core": 0, "cores": 2, "ranks_per_core": 1}}
+
+
+def test_written_cluster_parses_with_measured_chip_and_link(tmp_path):
+    path = write_host_files(PROFILE, tmp_path, 3)
+    cluster = load_cluster(str(path))
+    assert [n.name for n in cluster.nodes] == ["rank-stage0", "rank-stage1", "rank-stage2"]
+    assert all(n.chip.mem_bw_gbs == 9.0 and n.chip.fp16_tflops == 0.2 for n in cluster.nodes)
+    assert all(n.memory_gb <= 8.0 for n in cluster.nodes)            # the host's memory shared by 3 ranks
+    link = cluster.link("rank-stage0", "rank-stage2")
+    assert (link.latency_us, link.bandwidth_gbps) == (42.0, 7.5)
+
+
+def test_plan_puts_stage_i_on_rank_i(tmp_path):
+    data = json.loads(write_host_files(PROFILE, tmp_path, 2).read_text())
+    plan = host_plan(data, [5, 3])
+    assert [(s.nodes, s.layer_start, s.layer_end) for s in plan.stages] == [(("rank-stage0",), 0, 5),
+                                                                           (("rank-stage1",), 5, 8)]
+    with pytest.raises(UserError, match="3 stages"):
+        host_plan(data, [2, 2, 4])
+
+
+def test_rank_compute_env_is_what_profile_host_measures():
+    one = launcher.compute_env(0, 1, None, [0, 1], 2)
+    two = launcher.compute_env(0, 2, None, [0, 1], 2)
+    assert one["OPENBLAS_NUM_THREADS"] == "2" and "HARNESS_CPU_CORE" not in one
+    assert two["OPENBLAS_NUM_THREADS"] == "1" and two["HARNESS_CPU_CORE"] == "0"
+    assert launcher.compute_env(2, 3, None, [0, 1], 2)["HARNESS_CPU_CORE"] == "0"   # 3 ranks: two share core 0

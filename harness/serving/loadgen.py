@@ -60,6 +60,11 @@ class Target:
     pin_output: bool = True                 # send min_tokens + ignore_eos
     send_prefix_id: bool = False            # harness extension, understood by the embedded server
     timeout_s: float = 600.0
+    prompt_vocab: int = 0                   # > 0: send exact token ids below this (completions only), not words
+
+    def __post_init__(self):
+        if self.prompt_vocab and self.endpoint != "completions":
+            raise UserError("exact token prompts (prompt_vocab) need the completions endpoint: chat prompts are text")
 
     @property
     def base(self) -> str:
@@ -138,10 +143,21 @@ def prompt_text(spec: RequestSpec, index: int, seed: int = 0) -> str:
     return " ".join(words)
 
 
+def prompt_token_ids(spec: RequestSpec, index: int, seed: int, vocab: int) -> list[int]:
+    """Exactly `prompt_tokens` token ids in [lo, vocab), seeded like prompt_text (shared prefixes included): the
+    model sees the very lengths the workload states, as the simulator does. Low ids are skipped because
+    tokenizers put special tokens there."""
+    lo = min(16, vocab - 1)
+    shared = min(spec.prefix_tokens, spec.prompt_tokens) if spec.prefix_id is not None else 0
+    ids = random.Random(f"prefix:{spec.prefix_id}:{seed}").choices(range(lo, vocab), k=shared) if shared else []
+    return ids + random.Random(f"req:{index}:{seed}").choices(range(lo, vocab), k=spec.prompt_tokens - shared)
+
+
 def request_body(target: Target, model: str, spec: RequestSpec, index: int, seed: int) -> dict:
     body: dict = {"model": model, "max_tokens": spec.output_tokens, "stream": True,
                   "stream_options": {"include_usage": True}, "temperature": 0.0, "seed": seed + index}
-    text = prompt_text(spec, index, seed)
+    text = (prompt_token_ids(spec, index, seed, target.prompt_vocab) if target.prompt_vocab
+            else prompt_text(spec, index, seed))
     if target.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": text}]
     else:

@@ -37,6 +37,9 @@ SIZES: dict[str, dict] = {
     # about 0.26M parameters: fast enough for tests that start several ranks
     "tiny": dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=512),
+    # about 27M parameters (0.11 GB fp32): a real-sized decode step (~10 ms here) that CI can afford
+    "40m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                intermediate_size=1408, vocab_size=8192),
     # about 143M parameters (0.57 GB fp32)
     "150m": dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4,
                  intermediate_size=2816, vocab_size=8192),

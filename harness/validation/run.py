@@ -1,0 +1,290 @@
+"""`harness validate`: the same requests on real MLX ranks and in the simulator, from ONE description of the
+cluster (this host as N ranks, measured by `profile-host --ranks N`), and the error between them.
+
+Per topology: start the real ranks behind the embedded server; measure the saturation rate (closed loop at
+max_running); send Poisson loads at fractions of it and one overload point. Each real point is a run folder
+(points/<topology>-<level>/); the simulator then replays that point's requests (the measured send times, the
+same token counts, the same plan, batch limit and prefill chunk, mlx-lm's schedule) and the comparison lands in
+validation.json at the top. `resimulate` repeats only the simulator side with another profile.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.specs import UserError
+from harness.validation import compare
+from harness.validation.spec import Topology, ValidationSpec
+
+SCHEMA = "harness.validation/1"
+
+
+# ----------------------------------------------------------------------------------------------- model
+def resolve_model(name: str, cache_dir=None) -> Path:
+    """A local mlx-lm model folder: a path as given, or a modelbuild size built (once) into the model cache."""
+    from harness.mlx import modelbuild
+    path = Path(name).expanduser()
+    if (path / "config.json").exists():
+        return path
+    if name in modelbuild.SIZES:
+        return modelbuild.build(modelbuild.qwen2_config(name), cache_dir=cache_dir).path
+    raise UserError(f"model {name!r}: not a folder with config.json nor a size ({', '.join(modelbuild.SIZES)})")
+
+
+def model_bits(config: dict) -> int:
+    """Bits per weight the cost model should price: the quantization's, else the stored dtype's."""
+    q = config.get("quantization") or {}
+    if q.get("bits"):
+        return int(q["bits"])
+    return 32 if str(config.get("torch_dtype", "float16")) == "float32" else 16
+
+
+def model_spec(config: dict, name: str):
+    from harness.specs import model_from_config
+    group = int((config.get("quantization") or {}).get("group_size", 64))
+    return model_from_config(config, name, quant_bits=model_bits(config), group_size=group)
+
+
+# ----------------------------------------------------------------------------------------------- host
+def host_files(hosts_dir: Path, ranks: int, reuse: Path | None = None) -> Path:
+    """The cluster file of this host as `ranks` ranks (with its per-rank profile beside it): measured now,
+    or taken from `reuse` (a folder holding cluster-<N>ranks.json from an earlier validate)."""
+    name = f"cluster-{ranks}ranks.json"
+    if reuse is not None and (Path(reuse) / name).exists():
+        return Path(reuse) / name
+    from harness.mlx import hostcluster, profile
+    print(f"measuring this host as {ranks} rank(s) (profile-host --ranks {ranks}, about a minute) ...", flush=True)
+    return hostcluster.write_host_files(profile.profile_host(ranks=ranks), hosts_dir, ranks)
+
+
+def load_host(cluster_path: Path, split) -> tuple:
+    """(Cluster, cluster dict, PartitionPlan, profile path) of a host cluster file and a split."""
+    from harness.catalog import load_cluster
+    from harness.mlx import hostcluster
+    data = json.loads(Path(cluster_path).read_text())
+    return load_cluster(str(cluster_path)), data, hostcluster.host_plan(data, list(split)), _profile_path(cluster_path, data)
+
+
+def _profile_path(cluster_path: Path, data: dict) -> Path:
+    ref = data["nodes"][0].get("host_profile")
+    if not ref:
+        raise UserError(f"{cluster_path}: its nodes name no host_profile; re-measure with `profile-host --cluster-out`")
+    return (Path(cluster_path).parent / ref).resolve()
+
+
+# ----------------------------------------------------------------------------------------------- real side
+def level_label(level) -> str:
+    return "saturation" if level == "saturation" else f"{float(level):g}"
+
+
+def _workload(spec: ValidationSpec, n: int, rate: float, seed: int):
+    from harness.workloads import build_workload
+    arrival = {"process": "poisson", "rate": rate} if rate > 0 else {"process": "poisson", "rate": 1.0}
+    return build_workload({"kind": "synthetic", "num_requests": n, "seed": seed, "arrival": arrival,
+                           "prompt": {"dist": "fixed", "value": spec.prompt_tokens},
+                           "output": {"dist": "fixed", "value": spec.output_tokens}})
+
+
+def run_topology(spec: ValidationSpec, topo: Topology, model_path: Path, cluster_path: Path, points_dir: Path) -> list[Path]:
+    """Every load point of one topology on real ranks; returns the point folders in the order they ran."""
+    from harness.backends.mlx import MlxBackend
+    from harness.serving.server import EmbeddedServer
+    _, cluster_data, plan, _ = load_host(cluster_path, topo.split)
+    backend = MlxBackend(model_path, plan, max_running=spec.max_running, prefill_step_size=spec.prefill_step_size,
+                         model_id=model_path.name)
+    vocab = int(backend.config["vocab_size"])
+    context = {"topology": topo.name, "cluster": cluster_data, "model_config": backend.config,
+               "model_name": model_path.name, "quant_bits": model_bits(backend.config)}
+    with EmbeddedServer(backend) as server:
+        print(f"{topo.name}: {topo.ranks} real rank(s), split {list(topo.split)}, server {server.url}", flush=True)
+        sat_dir, sat_rate = _saturation(spec, topo, server, vocab, context, points_dir)
+        dirs = [sat_dir]
+        for k, level in enumerate([*spec.levels, *([spec.overload] if spec.overload else [])]):
+            wl = _workload(spec, spec.requests_per_level, level * sat_rate, spec.seed + 1 + k)
+            dirs.append(_point(spec, topo, server, vocab, context, points_dir, level, wl, "workload", 0.0, sat_rate))
+    return dirs
+
+
+def _saturation(spec, topo, server, vocab, context, points_dir) -> tuple[Path, float]:
+    """The closed-loop point at max_running in flight: its measured request rate is the saturation rate."""
+    wl = _workload(spec, spec.saturation_requests, 0.0, spec.seed)
+    path = _point(spec, topo, server, vocab, context, points_dir, "saturation", wl, "concurrent",
+                  float(spec.max_running), None, warmup=2)
+    rate = json.loads((path / "summary.json").read_text())["metrics"]["request_throughput"]
+    if not rate or not rate > 0:
+        raise UserError(f"{topo.name}: the saturation point completed no request; see {path}")
+    print(f"{topo.name}: measured saturation rate {rate:.3f} requests/s (closed loop, {spec.max_running} in flight)",
+          flush=True)
+    return path, float(rate)
+
+
+def _point(spec, topo, server, vocab, context, points_dir, level, workload, kind, value, sat_rate, warmup=1) -> Path:
+    from harness.commands.bench import record_run
+    from harness.serving.loadgen import LoadMode, Target, run_load_sync
+    target = Target(server.url, prompt_vocab=vocab)
+    mode = LoadMode(kind, value, spec.seed)
+    rate = None if sat_rate is None else float(level) * sat_rate
+    config = {"command": "validate", "target": "embedded", "strategy": "manual", "mode": {"kind": kind, "value": value},
+              "workload": workload.spec,
+              "validation": {**context, "level": level_label(level), "rate_rps": rate, "max_running": spec.max_running,
+                             "prefill_step_size": spec.prefill_step_size, "split": list(topo.split)}}
+    label = f"{topo.name}-{level_label(level)}"
+    print(f"  {label}: {len(workload)} requests" + (f" at {rate:.3f}/s (Poisson)" if rate else f", {value:g} in flight"),
+          flush=True)
+    path, _ = record_run(points_dir, label, lambda sink: run_load_sync(target, workload, mode, warmup=warmup,
+                                                                       seed=spec.seed, sink=sink),
+                         config, backend=server_backend(server), load_report=server.load_report, run_id=label)
+    return path
+
+
+def server_backend(server):
+    return server.app.state.harness.backend
+
+
+# ----------------------------------------------------------------------------------------------- simulated side
+def simulate_point(point_dir: Path, profile_path: Path | None = None) -> tuple[pd.DataFrame, str]:
+    """Replay a real point in the simulator: the same requests (measured send times, token counts), the same
+    plan, batch limit and prefill chunk, on the host cluster the point recorded. Returns (requests, profile name)."""
+    from harness.catalog import parse_cluster
+    from harness.costmodel import load_profile
+    from harness.specs import PartitionPlan
+    from sim.engine import EngineConfig
+    from sim.run import simulate
+    cfg = json.loads((point_dir / "config.json").read_text())
+    v = cfg["validation"]
+    cluster = parse_cluster(_absolute_profiles(v["cluster"], point_dir), origin=f"{point_dir}/config.json")
+    plan = PartitionPlan.from_dict(json.loads((point_dir / "plan.json").read_text()))
+    profile = load_profile(profile_path or _node_profile(v["cluster"], point_dir))
+    engine = EngineConfig(scheduler="mlx-lm", max_num_seqs=v["max_running"], prefill_step_tokens=v["prefill_step_size"],
+                          prefill_batch=8, micro_batches=1)
+    real = pd.read_parquet(point_dir / "requests.parquet")
+    result = simulate(cluster, model_spec(v["model_config"], v["model_name"]), plan, profile,
+                      replay_workload(real, cfg["mode"]), engine, include_load=False)
+    return _sim_frame(result.requests), profile.name
+
+
+def _node_profile(cluster: dict, point_dir: Path) -> Path:
+    return Path(_absolute_profiles(cluster, point_dir)["nodes"][0]["host_profile"])
+
+
+def _absolute_profiles(cluster: dict, point_dir: Path) -> dict:
+    """The cluster with host_profile paths made absolute (they are relative to the validate folder's hosts/)."""
+    hosts = point_dir.parent.parent / "hosts"
+    nodes = [{**n, "host_profile": str((hosts / Path(n["host_profile"]).name).resolve())} if n.get("host_profile")
+             else n for n in cluster["nodes"]]
+    return {**cluster, "nodes": nodes}
+
+
+def replay_workload(real: pd.DataFrame, mode: dict):
+    """The real point's requests as a simulator workload, in request-id order: open loop at the measured send
+    times, or closed loop at the same concurrency."""
+    from harness.workloads import Workload
+    real = real.sort_values("request_id")
+    start = np.maximum.accumulate(real["start_s"].to_numpy(float))   # send jitter may reorder by microseconds
+    closed = mode.get("kind") == "concurrent"
+    return Workload(spec={"kind": "replay"}, arrival_s=start - (start[0] if len(start) else 0.0),
+                    prompt_tokens=real["prompt_tokens"].to_numpy(np.int64).clip(min=1),
+                    output_tokens=np.maximum(real["output_tokens"].to_numpy(np.int64), 1),
+                    closed_loop=closed, concurrency=int(mode.get("value") or 0) if closed else 0)
+
+
+def _sim_frame(table) -> pd.DataFrame:
+    return table.to_pandas() if hasattr(table, "to_pandas") else table
+
+
+# ----------------------------------------------------------------------------------------------- comparison
+def compare_point(point_dir: Path, profile_path: Path | None = None) -> dict:
+    real = pd.read_parquet(point_dir / "requests.parquet")
+    sim, profile_name = simulate_point(point_dir, profile_path)
+    sim.to_parquet(point_dir / "sim-requests.parquet")
+    v = json.loads((point_dir / "config.json").read_text())["validation"]
+    return {"point": point_dir.name, "topology": v["topology"], "level": v["level"], "rate_rps": v.get("rate_rps"),
+            "profile": profile_name, **compare.compare(real, sim)}
+
+
+def point_dirs(top: Path) -> list[Path]:
+    dirs = sorted((p for p in (Path(top) / "points").glob("*") if (p / "config.json").exists()),
+                  key=lambda p: p.stat().st_mtime)
+    if not dirs:
+        raise UserError(f"{top}: no validation points under points/; run `python -m harness validate` first")
+    return dirs
+
+
+def gate(result_points: list[dict], spec_gate: dict, ttft_abs_ms: float) -> list[str]:
+    """Failures of the fidelity gate: below-saturation points whose |error| exceeds a limit."""
+    failures = []
+    for p in result_points:
+        if p["level"] == "saturation" or float(p["level"]) >= 1:
+            continue
+        for key, limit in spec_gate.items():
+            e = p["errors"][key]
+            if math.isnan(e["error_pct"] if e["error_pct"] is not None else math.nan):
+                failures.append(f"{p['point']}: {key} has no value on one side")
+            elif abs(e["error_pct"]) > limit and not _ttft_close(key, e, ttft_abs_ms):
+                failures.append(f"{p['point']}: {key} error {e['error_pct']:+.1f} % (limit ±{limit:g} %; measured "
+                                f"{e['measured']:.2f}, simulated {e['simulated']:.2f})")
+    return failures
+
+
+def _ttft_close(key: str, e: dict, abs_ms: float) -> bool:
+    return "ttft" in key and e["measured"] < 50 and abs(e["simulated"] - e["measured"]) <= abs_ms
+
+
+def write_validation(top: Path, spec_dict: dict, points: list[dict], failures: list[str], started: float) -> Path:
+    doc = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "wall_s": time.time() - started, "spec": spec_dict, "points": points,
+           "gate": {"limits": spec_dict.get("gate"), "failures": failures, "passed": not failures},
+           "sources": {"measured": "real mlx-lm ranks on this host, timed at the HTTP client",
+                       "simulated": "sim.run.simulate replaying the same requests"}}
+    path = top / "validation.json"
+    if path.exists():
+        path.replace(top / "validation.previous.json")   # the figures before a re-simulation stay readable
+    tmp = top / ".validation.json.tmp"
+    tmp.write_text(json.dumps(_finite(doc), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def console_table(points: list[dict]) -> str:
+    from harness.cli import text_table
+    keys = ("median_ttft_ms", "mean_tpot_ms", "mean_e2el_ms", "p99_e2el_ms", "output_throughput")
+    head = ("point", "rate/s", *(f"{k} real|sim|err" for k in keys), "MAPE e2e")
+    rows = [head]
+    for p in points:
+        cells = []
+        for k in keys:
+            e = p["errors"][k]
+            cells.append(_cell(e))
+        rate = "-" if p.get("rate_rps") is None else f"{p['rate_rps']:.3f}"
+        rows.append((p["point"], rate, *cells, _pct(p["per_request"]["e2el"]["mape_pct"])))
+    return "measured (real MLX ranks) vs simulated (same requests); err = (sim - real) / real\n" + text_table(rows)
+
+
+def _cell(e: dict) -> str:
+    m, s = e.get("measured"), e.get("simulated")
+    fmt = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
+    return f"{fmt(m)}|{fmt(s)}|{_pct(e.get('error_pct'))}"
+
+
+def _pct(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.1f}%"
+
+
+def echo(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

@@ -19,8 +19,13 @@ from harness.specs import Chip, Cluster, Link, ModelSpec, PartitionPlan, UserErr
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 REQUIRED = ("eta_bw", "mu_compute", "step_overhead_s", "layer_overhead_s", "link_overhead_us", "ssd_gbs")
+# Terms a profile may add; their defaults are the plain roofline, so a profile without them prices as before.
+OPTIONAL = {"overlap": 1.0, "seq_layer_overhead_s": 0.0, "prefill_ramp_tokens": 0.0, "iteration_gap_s": 0.0}
+OPTIONAL_RANGES = {"overlap": (0.0, 1.0), "seq_layer_overhead_s": (0.0, np.inf), "prefill_ramp_tokens": (0.0, np.inf),
+                   "iteration_gap_s": (0.0, np.inf)}
+FACTOR_KEYS = (*REQUIRED, *OPTIONAL)   # what a per_chip entry may override
 # A profile file's keys: the factors, their provenance, and the notes `harness calibrate` writes beside them.
-PROFILE_KEYS = ("name", "source", *REQUIRED, "per_chip", "ssd_basis", "link_basis", "fit")
+PROFILE_KEYS = ("name", "source", *FACTOR_KEYS, "per_chip", "ssd_basis", "link_basis", "fit")
 
 
 @dataclass(frozen=True)
@@ -34,9 +39,32 @@ class Profile:
     ssd_gbs: float             # default SSD read rate for model loading
     per_chip: dict = field(default_factory=dict)   # {"M2 Ultra": {"eta_bw": 0.45, ...}} overrides
     source: str = ""
+    # share of the smaller of memory and compute time hidden under the larger (1: GPU-like full overlap; a CPU
+    # core that streams weights cannot multiply at the same time, so less)
+    overlap: float = 1.0
+    seq_layer_overhead_s: float = 0.0   # cost per sequence per layer per forward (cache bookkeeping, masks)
+    prefill_ramp_tokens: float = 0.0    # tokens at which a forward reaches half of mu_compute (small GEMMs)
+    # idle time between two engine iterations outside every stage: the serving loop handing out the tokens and
+    # sending the next command to the ranks (the real backend's driver round trip)
+    iteration_gap_s: float = 0.0
+
+    def __post_init__(self):
+        check_optional_terms(self.__dict__, f"profile {self.name}", partial=False)
+        for chip, factors in self.per_chip.items():
+            check_optional_terms(factors, f"profile {self.name}: per_chip.{chip}")
 
     def _get(self, chip: Chip, key: str) -> float:
         return self.per_chip.get(chip.name, {}).get(key, getattr(self, key))
+
+    def exposed(self, chip: Chip) -> float:
+        """Share of the smaller roofline side that is NOT hidden under the larger: 1 - overlap."""
+        return 1.0 - self._get(chip, "overlap")
+
+    def ramp(self, chip: Chip, tokens: float) -> float:
+        """Compute-time multiplier of a forward of `tokens` tokens: mu_compute / mu_eff(tokens) = 1 + ramp/tokens
+        (0 tokens: no ramp, the plain compute rate)."""
+        r = self._get(chip, "prefill_ramp_tokens")
+        return 1.0 + r / tokens if r and tokens else 1.0
 
     def bandwidth(self, chip: Chip) -> float:
         """Effective bytes/s a decode step streams on this chip."""
@@ -46,10 +74,21 @@ class Profile:
         """Effective FLOP/s a prefill achieves on this chip."""
         return self._get(chip, "mu_compute") * chip.fp16_tflops * 1e12
 
-    def overhead(self, chip: Chip, layers: int) -> float:
-        """Time a step of `layers` layers costs beyond the roofline: it grows with the layers a stage runs,
-        so splitting a model over more stages does not multiply it."""
-        return self._get(chip, "step_overhead_s") + layers * self._get(chip, "layer_overhead_s")
+    def overhead(self, chip: Chip, layers: int, seqs: int = 1) -> float:
+        """Time a step of `layers` layers over `seqs` sequences costs beyond the roofline: it grows with the
+        layers a stage runs, so splitting a model over more stages does not multiply it."""
+        per_layer = self._get(chip, "layer_overhead_s") + seqs * self._get(chip, "seq_layer_overhead_s")
+        return self._get(chip, "step_overhead_s") + layers * per_layer
+
+
+def check_optional_terms(values: dict, origin: str, partial: bool = True) -> None:
+    """The optional terms present in `values` are numbers inside their physical range."""
+    for key, (low, high) in OPTIONAL_RANGES.items():
+        if partial and key not in values:
+            continue
+        v = values[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+            raise UserError(f"{origin}: {key} must be a number in [{low:g}, {high:g}], got {v!r}")
 
 
 DEFAULT_PROFILE = "fitted"   # written by `python -m harness calibrate` from the public single-device data
@@ -69,8 +108,9 @@ def load_profile(path: str | Path | None = None) -> Profile:
     missing = [k for k in REQUIRED if not isinstance(data.get(k), (int, float))]
     if missing:
         raise UserError(f"cost-model profile {p}: missing or non-numeric {', '.join(missing)}")
+    check_optional_terms(data, f"cost-model profile {p}")
     return Profile(name=data.get("name", p.stem), per_chip=data.get("per_chip", {}), source=data.get("source", ""),
-                   **{k: float(data[k]) for k in REQUIRED})
+                   **{k: float(data[k]) for k in REQUIRED}, **{k: float(data[k]) for k in OPTIONAL if k in data})
 
 
 def _reject_unknown_profile_keys(data: dict, origin: str) -> None:
@@ -79,11 +119,20 @@ def _reject_unknown_profile_keys(data: dict, origin: str) -> None:
     if not isinstance(per_chip, dict):
         raise UserError(f"{origin}: per_chip must be an object mapping chip names to factors, got {per_chip!r}")
     for chip, factors in per_chip.items():
-        reject_unknown(factors, REQUIRED, origin, f"per_chip.{chip}")
+        reject_unknown(factors, FACTOR_KEYS, origin, f"per_chip.{chip}")
 
 
-def roofline(chip: Chip, profile: Profile, nbytes: float, flops: float) -> float:
-    return max(nbytes / profile.bandwidth(chip), flops / profile.flops(chip))
+def overlapped(memory_s: float, compute_s: float, exposed: float) -> float:
+    """Memory and compute time of one forward with `exposed` (1 - overlap) of the smaller one not hidden."""
+    if memory_s >= compute_s:
+        return memory_s + exposed * compute_s
+    return compute_s + exposed * memory_s
+
+
+def roofline(chip: Chip, profile: Profile, nbytes: float, flops: float, tokens: float = 0) -> float:
+    """The forward's roofline; `tokens` (its tokens, for prefill and mixed forwards) applies the compute ramp."""
+    compute_s = flops / profile.flops(chip) * profile.ramp(chip, tokens)
+    return overlapped(nbytes / profile.bandwidth(chip), compute_s, profile.exposed(chip))
 
 
 def decode_time(chip: Chip, profile: Profile, model: ModelSpec, start: int, end: int, batch: int = 1,
@@ -94,7 +143,7 @@ def decode_time(chip: Chip, profile: Profile, model: ModelSpec, start: int, end:
     with_head adds the final norm + output projection (the last stage's extra work).
     """
     nbytes, flops = decode_work(model, start, end, batch, context_tokens, tp, with_head)
-    return roofline(chip, profile, nbytes, flops) + profile.overhead(chip, end - start)
+    return roofline(chip, profile, nbytes, flops) + profile.overhead(chip, end - start, batch)
 
 
 def decode_work(model: ModelSpec, start: int, end: int, batch: int = 1, context_tokens: float = 0, tp: int = 1,
@@ -112,7 +161,7 @@ def prefill_time(chip: Chip, profile: Profile, model: ModelSpec, start: int, end
                  context_before: int = 0, tp: int = 1, with_head: bool = False) -> float:
     """Prefill `tokens` new tokens after `context_before` cached ones over layers [start, end)."""
     nbytes, flops = prefill_work(model, start, end, tokens, context_before, tp, with_head)
-    return roofline(chip, profile, nbytes, flops) + profile.overhead(chip, end - start)
+    return roofline(chip, profile, nbytes, flops, tokens) + profile.overhead(chip, end - start)
 
 
 def prefill_work(model: ModelSpec, start: int, end: int, tokens: int, context_before: int = 0, tp: int = 1,
@@ -239,25 +288,33 @@ def stage_memory_bytes(model: ModelSpec, start: int, end: int, tp: int = 1, kv_t
 @dataclass(frozen=True)
 class DecodeTerms:
     """One stage's decode step for one batch size, affine in the batch's summed context inside the roofline:
-    t = max over members of max((nbytes + ctx x kv_bytes) / bw, (flops + ctx x attn_flops) / fl) + fixed."""
+    t = max over members of overlapped((nbytes + ctx x kv_bytes) / bw, (flops + ctx x attn_flops) / fl) + fixed,
+    overlapped(m, c) = max(m, c) + exposed x min(m, c) with exposed = 1 - the member's overlap."""
     nbytes: float
     flops: float
     kv_bytes: float                                   # bytes read per token of context, per member
     attn_flops: float                                 # FLOPs per token of context, per member
-    members: tuple[tuple[float, float, float], ...]   # per member: (bytes/s, FLOP/s, overhead + all-reduce s)
+    # per member: (bytes/s, FLOP/s, exposed share 1 - overlap, overhead + all-reduce s)
+    members: tuple[tuple[float, float, float, float], ...]
 
     def at(self, ctx_sum: float) -> float:
         b, f = self.nbytes + ctx_sum * self.kv_bytes, self.flops + ctx_sum * self.attn_flops
-        bw, fl, fixed = self.members[0]   # no max() over a generator: this runs per stage per engine step
-        t = max(b / bw, f / fl) + fixed
-        for bw, fl, fixed in self.members[1:]:
-            t = max(t, max(b / bw, f / fl) + fixed)
+        bw, fl, exposed, fixed = self.members[0]   # no max() over a generator: this runs per stage per engine step
+        t = overlapped(b / bw, f / fl, exposed) + fixed
+        for bw, fl, exposed, fixed in self.members[1:]:
+            t = max(t, overlapped(b / bw, f / fl, exposed) + fixed)
         return t
 
     def vector(self, ctx_sums: np.ndarray) -> np.ndarray:
         """`at` for many summed contexts at once (fast-forwarding steady decode)."""
         b, f = self.nbytes + ctx_sums * self.kv_bytes, self.flops + ctx_sums * self.attn_flops
-        return np.max([np.maximum(b / bw, f / fl) + fixed for bw, fl, fixed in self.members], axis=0)
+        return np.max([_overlapped_vector(b / bw, f / fl, exposed) + fixed for bw, fl, exposed, fixed in self.members],
+                      axis=0)
+
+
+def _overlapped_vector(memory_s: np.ndarray, compute_s: np.ndarray, exposed: float) -> np.ndarray:
+    roof = np.maximum(memory_s, compute_s)
+    return roof + exposed * np.minimum(memory_s, compute_s) if exposed else roof
 
 
 @dataclass(frozen=True)
@@ -278,9 +335,11 @@ class StageModel:
     def tp(self) -> int:
         return len(self.nodes)
 
-    def _slowest(self, profile: Profile, nbytes: float, flops: float) -> float:
-        """The lockstep step: the slowest member's roofline plus its overhead."""
-        return max(roofline(c, profile, nbytes, flops) + profile.overhead(c, self.end - self.start) for c in self.chips)
+    def _slowest(self, profile: Profile, nbytes: float, flops: float, tokens: float = 0, seqs: int = 1) -> float:
+        """The lockstep step: the slowest member's roofline (compute ramp at `tokens`) plus its overhead for
+        `seqs` sequences."""
+        layers = self.end - self.start
+        return max(roofline(c, profile, nbytes, flops, tokens) + profile.overhead(c, layers, seqs) for c in self.chips)
 
     def decode_s(self, model: ModelSpec, profile: Profile, batch: int, ctx_sum: float) -> float:
         """One decode step of `batch` sequences whose KV reads sum to `ctx_sum` tokens."""
@@ -292,13 +351,23 @@ class StageModel:
         s, e, tp = self.start, self.end, self.tp
         nbytes, flops = decode_work(model, s, e, batch, 0, tp, self.last)
         fixed = self.allreduce_s(model, profile, batch)
-        members = tuple((profile.bandwidth(c), profile.flops(c), profile.overhead(c, e - s) + fixed) for c in self.chips)
+        members = tuple((profile.bandwidth(c), profile.flops(c), profile.exposed(c), profile.overhead(c, e - s, batch) + fixed)
+                        for c in self.chips)
         return DecodeTerms(nbytes, flops, model.kv_bytes_per_token(s, e) / tp,
                            (e - s) * model._attn_flops_per_position() / tp, members)
 
-    def prefill_s(self, model: ModelSpec, profile: Profile, tokens: int, ctx_before: int) -> float:
+    def prefill_s(self, model: ModelSpec, profile: Profile, tokens: int, ctx_before: int, seqs: int = 1) -> float:
+        """A prefill forward of `tokens` new tokens (over `seqs` sequences, e.g. a padded prompt batch) after
+        `ctx_before` cached ones."""
+        nbytes, flops = self.prefill_work(model, tokens, ctx_before, seqs)
+        return self._slowest(profile, nbytes, flops, tokens, seqs) + self.allreduce_s(model, profile, tokens)
+
+    def prefill_work(self, model: ModelSpec, tokens: int, ctx_before: int, seqs: int = 1) -> tuple[float, float]:
+        """(bytes, FLOPs) per member of the prefill forward prefill_s prices."""
         nbytes, flops = prefill_work(model, self.start, self.end, tokens, ctx_before, self.tp, self.last)
-        return self._slowest(profile, nbytes, flops) + self.allreduce_s(model, profile, tokens)
+        if self.last and seqs > 1:   # every sequence's last position gets its logits
+            flops += model.head_flops(seqs) - model.head_flops(1)
+        return nbytes, flops
 
     def mixed_s(self, model: ModelSpec, profile: Profile, n_dec: int, dec_ctx_sum: float,
                 chunks: list[tuple[int, int]]) -> float:
@@ -317,7 +386,7 @@ class StageModel:
         if self.last:
             nbytes += model.head_bytes()
             flops += model.head_flops(n_dec + len(chunks))
-        return self._slowest(profile, nbytes, flops) + self.allreduce_s(model, profile, tokens)
+        return self._slowest(profile, nbytes, flops, tokens, n_dec + len(chunks)) + self.allreduce_s(model, profile, tokens)
 
     def allreduce_s(self, model: ModelSpec, profile: Profile, tokens: int) -> float:
         """Every layer's all-reduces for `tokens` tokens' hidden states."""

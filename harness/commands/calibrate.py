@@ -10,8 +10,15 @@ efficiency mu_compute, per-step and per-layer overheads, and per-chip overrides)
 harness/catalog/calibration/, then print predicted vs published tokens/s for every usable row with the error.
 Published figures are measured (by their sources); predictions are theoretical (the fitted cost model).
 
+With --from it fits THIS host's profile instead, from the measured step records of real runs (the points of a
+`harness validate` folder): decode bandwidth and prefill compute efficiency, the per-step, per-layer and
+per-sequence overheads, the memory/compute overlap and the prefill ramp, globally and per host chip. Points matching
+--hold-out stay out of the fit; their error is reported apart, and `validate --from DIR --profile FILE` gates on
+them only.
+
 examples:
   python -m harness calibrate                      # writes harness/profiles/fitted.json
+  python -m harness calibrate --from runs/out/<id>-validate --hold-out level=0.7 --out host-fitted.json
   python -m harness calibrate --no-per-chip --out /tmp/global.json
   python -m harness calibrate --dry-run --json"""
 
@@ -23,6 +30,10 @@ def add_arguments(p) -> None:
     p.add_argument("--dry-run", action="store_true", help="fit and report, write nothing")
     p.add_argument("--json", action="store_true", help="print the per-row table and fit as JSON")
     p.add_argument("--show-skipped", action="store_true", help="list rows that could not be used and why")
+    p.add_argument("--from", dest="from_dirs", nargs="+", default=None, metavar="RUN_DIR",
+                   help="fit this host's profile to real runs (validate folders or their points)")
+    p.add_argument("--hold-out", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="with --from: leave points out of the fit, e.g. level=0.7 or topology=2-rank")
 
 
 def run(args) -> int:
@@ -30,6 +41,8 @@ def run(args) -> int:
 
     from harness import calibrate as cal
     from harness.costmodel import PROFILE_DIR
+    if args.from_dirs:
+        return _from_runs(args)
 
     obs, skipped = cal.load_observations(args.data or cal.DATA)
     profile = cal.fit_profile(obs, per_chip=not args.no_per_chip)
@@ -72,3 +85,32 @@ def render(table: list[dict], data: dict, skipped: list[str] | None) -> str:
     if skipped:
         lines.extend(f"  {s}" for s in skipped)
     return "\n".join(lines)
+
+
+def _from_runs(args) -> int:
+    from pathlib import Path
+
+    from harness import calibrate as cal
+    from harness.costmodel import load_profile
+    from harness.validation import components, fit
+    points = fit.expand_point_dirs(args.from_dirs)
+    base = load_profile(_host_profile(points[0]))
+    profile, report = fit.fit_per_chip(args.from_dirs, base, fit.parse_hold_out(args.hold_out))
+    print("measured: real step compute times; predicted: the fitted cost model (theoretical)")
+    print(components.format_components(report["in_sample"], "in-sample (points used by the fit):"))
+    if report["held_out"]:
+        print(components.format_components(report["held_out"], "held out (not used by the fit):"))
+    terms = " ".join(f"{k}={getattr(profile, k)}" for k in fit.FITTED_KEYS)
+    print(f"fitted: {terms}\nper chip: {json.dumps(profile.per_chip)}\nrms relative step error "
+          f"{report['rms_relative_error_pct']:.1f} % over {report['rows']} steps")
+    if not args.dry_run:
+        out = Path(args.out) if args.out else Path(args.from_dirs[0]) / "fitted-profile.json"
+        print(f"wrote {cal.write_profile(fit.profile_json(profile, report), out)}", file=sys.stderr)
+    return 0
+
+
+def _host_profile(point_dir):
+    """The measured profile the fit starts from: the first node's host profile of a real point."""
+    from harness.validation import fit
+    v, _ = fit.load_point(point_dir)
+    return fit.resolve_host_profiles(v["cluster"], point_dir)["nodes"][0]["host_profile"]

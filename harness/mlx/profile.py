@@ -35,6 +35,11 @@ def ring_link(use_blas: bool, timeout_s: float = 120, links=None, emulate_latenc
         group.close(grace_s=1.0)
 
 
+def chip_name(ranks: int) -> str:
+    """host-cpu for one process on every core; host-cpu-1core for a rank pinned to one core (N > 1 ranks)."""
+    return "host-cpu" if ranks == 1 else "host-cpu-1core"
+
+
 def profile_host(ring: bool = True, use_blas: bool = True, cache_dir=None, ranks: int = 1) -> dict:
     """This host measured as ONE of `ranks` ranks: the compute child gets exactly the BLAS threads and core
     pinning rank 0 of such a group gets from the launcher (all cores for one rank, one pinned core each for more)."""
@@ -52,7 +57,8 @@ def profile_host(ring: bool = True, use_blas: bool = True, cache_dir=None, ranks
     ssd = hostbench.ssd_read_gbs()
     link = ring_link(use_blas) if ring else {"latency_us": None, "bandwidth_gbps": None}
     return {
-        "chip": {"name": "host-cpu", "gpu_bin": "cpu", "gpu_cores": 0, "mem_bw_gbs": compute["gemv_fp32_gbs"],
+        # the name says how the rank runs: per-chip factors fitted for one rank must not apply to a pinned rank
+        "chip": {"name": chip_name(ranks), "gpu_bin": "cpu", "gpu_cores": 0, "mem_bw_gbs": compute["gemv_fp32_gbs"],
                  "fp16_tflops": compute["gemm_fp32_gflops"] / 1e3, "max_mem_gb": hostbench.total_memory_gb(),
                  "thunderbolt": "none", "ssd_gbs": ssd},
         "profile": {"name": "host-cpu", "eta_bw": 1.0, "mu_compute": 1.0,

@@ -24,6 +24,9 @@ def render(run_dirs, out: str | Path | None = None, with_plots: bool = True) -> 
     paths = [Path(p) for p in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
     if not paths:
         raise RunFolderError("no run folder given")
+    if len(paths) == 1 and (paths[0] / "validation.json").exists() and out is None:   # a `harness validate` folder
+        from reports.validation import render_validation
+        return render_validation(paths[0])
     return render_runs([load_run(p) for p in paths], out, with_plots)
 
 

@@ -34,7 +34,24 @@ def load_validation(top: Path) -> dict:
         raise RunFolderError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("points"), list):
         raise RunFolderError(f"{path}: expected an object with a \"points\" list (schema harness.validation/1)")
+    for i, point in enumerate(doc["points"]):
+        _check_point(path, i, point)
     return doc
+
+
+def _check_point(path: Path, i: int, point) -> None:
+    """The fields the page is laid out by; a point without them cannot be placed, so say which is wrong."""
+    if not isinstance(point, dict) or not all(k in point for k in ("point", "topology", "level")):
+        raise RunFolderError(f"{path}: points[{i}] needs \"point\", \"topology\" and \"level\"")
+    if point["level"] != "saturation" and _level(point) is None:
+        raise RunFolderError(f"{path}: points[{i}] level {point['level']!r} is neither \"saturation\" nor a number")
+
+
+def _level(p: dict) -> float | None:
+    try:
+        return float(p["level"])
+    except (TypeError, ValueError):
+        return None
 
 
 def render_validation(top: str | Path) -> Path:
@@ -88,7 +105,8 @@ def _table(doc: dict) -> str:
             cells.append(f"<td>{_num(e.get('measured'))}</td><td>{_num(e.get('simulated'))}</td>"
                          f"<td{mark}>{_num(err, '{:+.1f} %')}</td>")
         mape = ((p.get("per_request") or {}).get("e2el") or {}).get("mape_pct")
-        rows.append(f"<tr><td>{html.escape(str(p.get('point')))}</td><td>{_num(p.get('rate_rps'), '{:.3f}')}</td>"
+        name = str(p.get("point")) + (" (in fit)" if p.get("in_fit") else "")
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{_num(p.get('rate_rps'), '{:.3f}')}</td>"
                     f"{''.join(cells)}<td>{_num(mape, '{:.1f} %')}</td></tr>")
     return ("<h2>Measured vs simulated, per load point</h2><div class=\"scroll\"><table><tr><th rowspan=2>point</th>"
             f"<th rowspan=2>rate (req/s)</th>{head}<th rowspan=2>per-request E2E MAPE</th></tr><tr>{sub}</tr>"
@@ -96,14 +114,11 @@ def _table(doc: dict) -> str:
 
 
 def _below_saturation(p: dict) -> bool:
-    try:
-        return float(p.get("level")) < 1
-    except (TypeError, ValueError):
-        return False
+    return p["level"] != "saturation" and _level(p) < 1
 
 
 def _x(p: dict) -> float:
-    return 1.0 if p.get("level") == "saturation" else float(p.get("level"))
+    return 1.0 if p["level"] == "saturation" else _level(p)
 
 
 def _error_plot(doc: dict) -> str:
@@ -117,6 +132,8 @@ def _error_plot(doc: dict) -> str:
             y = [np.nan if v is None else v for v in y]
             ax.plot([_x(p) for p in pts], y, styles[i % len(styles)], color=f"C{j}", label=f"{topo}: {key}")
     ax.axhline(0, color="#888", lw=0.8)
+    ax.axvline(1.0, color="#bbb", lw=0.8, ls=":")
+    ax.annotate("saturation", (1.0, 1.0), xycoords=("data", "axes fraction"), ha="right", va="top", fontsize=8)
     ax.set_xlabel("load (fraction of the measured saturation rate; 1.0 = the closed-loop saturation point)")
     ax.set_ylabel("signed error (%)")
     ax.legend(fontsize=7, ncol=2)
@@ -125,31 +142,49 @@ def _error_plot(doc: dict) -> str:
 
 
 def _cdfs(top: Path, doc: dict) -> str:
-    parts = ["<h2>Latency distributions, measured vs simulated</h2>"]
+    parts = ["<h2>Latency distributions, measured vs simulated</h2>"
+             "<p class=\"meta\">solid = measured, dashed = simulated; up to three load levels per topology</p>"]
     for topo in sorted({p["topology"] for p in doc["points"]}):
-        fig = Figure(figsize=(9, 3.2))
-        axes = fig.subplots(1, 2)
-        drawn = False
-        for k, p in enumerate(p for p in doc["points"] if p["topology"] == topo):
-            for side, name, style in (("measured", "requests.parquet", "-"), ("simulated", "sim-requests.parquet", "--")):
-                lat = _latencies(top / "points" / str(p["point"]) / name)
-                if lat is None:
-                    continue
-                for ax, col in zip(axes, ("ttft_ms", "e2el_ms")):
-                    v = np.sort(lat[col].dropna().to_numpy())
-                    if v.size:
-                        drawn = True
-                        ax.plot(v, np.linspace(0, 1, v.size), style, color=f"C{k}", label=f"{p['level']} {side}")
-        if not drawn:
-            parts.append(f"<p>{html.escape(topo)}: n/a (no request files)</p>")
-            continue
-        for ax, title in zip(axes, ("TTFT (ms)", "E2E latency (ms)")):
-            ax.set_xlabel(title)
-            ax.set_ylabel("share of requests")
-        axes[1].legend(fontsize=6)
-        parts.append(f"<h3>{html.escape(topo)}</h3><img alt=\"CDFs {html.escape(topo)}\" "
-                     f"src=\"data:image/png;base64,{_png(fig)}\">")
+        parts.append(_topology_cdfs(top, topo, _cdf_points(doc, topo)))
     return "\n".join(parts)
+
+
+def _cdf_points(doc: dict, topo: str) -> list[dict]:
+    """The lowest, a middle and the highest load: more lines than three per panel stop being readable."""
+    pts = sorted((p for p in doc["points"] if p["topology"] == topo), key=_x)
+    return pts if len(pts) <= 3 else [pts[0], pts[len(pts) // 2], pts[-1]]
+
+
+def _topology_cdfs(top: Path, topo: str, pts: list[dict]) -> str:
+    fig = Figure(figsize=(9, 3.2))
+    axes = fig.subplots(1, 2)
+    missing, drawn = [], False
+    for k, p in enumerate(pts):
+        for side, name, style in (("measured", "requests.parquet", "-"), ("simulated", "sim-requests.parquet", "--")):
+            lat = _latencies(top / "points" / str(p["point"]) / name)
+            if lat is None:
+                missing.append(f"{p['point']} {side}: n/a (no {name})")
+                continue
+            drawn = _plot_cdf(axes, lat, style, f"C{k}", f"{p['level']} {side}") or drawn
+    notes = "".join(f"<p class=\"note\">{html.escape(m)}</p>" for m in missing)
+    if not drawn:
+        return f"<h3>{html.escape(topo)}</h3><p>n/a (no request latencies)</p>{notes}"
+    for ax, title in zip(axes, ("TTFT (ms)", "E2E latency (ms)")):
+        ax.set_xlabel(title)
+        ax.set_ylabel("share of requests")
+    axes[1].legend(fontsize=6)
+    return (f"<h3>{html.escape(topo)}</h3><img alt=\"CDFs {html.escape(topo)}\" "
+            f"src=\"data:image/png;base64,{_png(fig)}\">{notes}")
+
+
+def _plot_cdf(axes, lat: pd.DataFrame, style: str, colour: str, label: str) -> bool:
+    drawn = False
+    for ax, col in zip(axes, ("ttft_ms", "e2el_ms")):
+        v = np.sort(lat[col].dropna().to_numpy())
+        if v.size:
+            ax.plot(v, np.linspace(0, 1, v.size), style, color=colour, label=label)
+            drawn = True
+    return drawn
 
 
 def _latencies(path: Path) -> pd.DataFrame | None:

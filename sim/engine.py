@@ -312,7 +312,7 @@ class Engine:
         links = [nbytes / rate + lat for (_, lat, rate), nbytes in
                  zip(self._hops, [n * self._act_bytes] * len(self._hops))]
         back = 0.0 if self._back is None else TOKEN_ID_BYTES * n / self._back[2] + self._back[1]
-        trip = sum(durs) + (sum(links) + back)
+        trip = sum(durs) + (sum(links) + back) + self.profile.iteration_gap_s
         starts = self.env.now + np.concatenate([[0.0], np.cumsum(trip[:-1])])
         k = min(k, int(np.count_nonzero(starts < self.env.peek())))     # stop at the next outside event
         if k < 2:
@@ -360,7 +360,7 @@ class Engine:
         sc.min_left -= k
         self.free_blocks -= int(used_new[-1])
         self.peak_blocks = max(self.peak_blocks, self.total_blocks - self.free_blocks)
-        return float(t_emit[-1]), float(t_emit[-1] + back)
+        return float(t_emit[-1]), float(t_emit[-1] + back + self.profile.iteration_gap_s)
 
     def _finish_fast_forward(self, sc: _Sched, t_emit: float) -> None:
         if sc.min_left == 0:
@@ -557,7 +557,7 @@ class Engine:
             kind = 0 if not prompt_work else (1 if n_dec == 0 and prompt_work == len(chunks) else 2)
             self._rec_ints[row] = (kind, n_dec + len(chunks), tokens, self.total_blocks - self.free_blocks)
         self._step += 1
-        return t_emit, t
+        return t_emit, t + self.profile.iteration_gap_s
 
     def _decode_durs(self, n: int, ctx: float) -> list[float]:
         """Every stage's decode step time for n sequences reading ctx tokens of KV in all."""

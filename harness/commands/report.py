@@ -15,8 +15,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import reports
+    from pathlib import Path
 
+    import reports
+    if len(args.run_dirs) == 1 and (Path(args.run_dirs[0]) / "validation.json").exists() and not args.out:
+        print(f"report: {reports.render(args.run_dirs[0])}")     # a `harness validate` folder
+        return 0
     runs = [reports.load_run(p) for p in args.run_dirs]
     path = reports.render_runs(runs, args.out)
     for r in runs:

@@ -51,8 +51,13 @@ def run(args) -> int:
         spec = read_spec(args.experiment)
         top = _measure(spec, args)
     spec_dict = _spec_dict(dataclasses.asdict(spec))
-    points = [vr.compare_point(d, Path(args.profile) if args.profile else None) for d in vr.point_dirs(top)]
-    failures = vr.gate(points, spec.gate, spec.ttft_abs_ms)
+    trained = vr.trained_points(args.profile)
+    points = [{**vr.compare_point(d, Path(args.profile) if args.profile else None), "in_fit": d.name in trained}
+              for d in vr.point_dirs(top)]
+    failures = vr.gate([p for p in points if not p["in_fit"]], spec.gate, spec.ttft_abs_ms)
+    if trained:
+        print(f"profile {args.profile} was fitted on {len(trained)} of these points: the gate judges the others "
+              "(held out) only")
     path = vr.write_validation(top, spec_dict, points, failures, started)
     print(vr.console_table(points))
     _report(args, top)

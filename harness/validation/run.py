@@ -205,7 +205,28 @@ def compare_point(point_dir: Path, profile_path: Path | None = None) -> dict:
     sim.to_parquet(point_dir / "sim-requests.parquet")
     v = json.loads((point_dir / "config.json").read_text())["validation"]
     return {"point": point_dir.name, "topology": v["topology"], "level": v["level"], "rate_rps": v.get("rate_rps"),
-            "profile": profile_name, **compare.compare(real, sim)}
+            "profile": profile_name, **compare.compare(real, sim), "components": _components(point_dir, profile_path)}
+
+
+def _components(point_dir: Path, profile_path: Path | None) -> list[dict]:
+    """Per-step compute time, measured vs the cost model, by kind and batch size or chunk size."""
+    from harness.costmodel import load_profile
+    from harness.validation import components, fit
+    v, (steps, plan, model, cluster) = fit.load_point(point_dir)
+    profile = load_profile(profile_path or _node_profile(v["cluster"], point_dir))
+    return components.component_errors(steps, plan, model, cluster, profile)
+
+
+def trained_points(profile_path) -> set[str]:
+    """The points a `calibrate --from` profile was fitted on (its fit.trained_points): judging the simulator on
+    them would be in-sample."""
+    if not profile_path:
+        return set()
+    try:
+        data = json.loads(Path(profile_path).read_text())
+    except (OSError, ValueError):
+        return set()      # load_profile reports an unreadable profile with the right message
+    return set(((data.get("fit") or {}).get("trained_points")) or [])
 
 
 def point_dirs(top: Path) -> list[Path]:
@@ -272,8 +293,11 @@ def console_table(points: list[dict]) -> str:
             e = p["errors"][k]
             cells.append(_cell(e))
         rate = "-" if p.get("rate_rps") is None else f"{p['rate_rps']:.3f}"
-        rows.append((p["point"], rate, *cells, _pct(p["per_request"]["e2el"]["mape_pct"])))
-    return "measured (real MLX ranks) vs simulated (same requests); err = (sim - real) / real\n" + text_table(rows)
+        name = p["point"] + (" (fit)" if p.get("in_fit") else "")
+        rows.append((name, rate, *cells, _pct(p["per_request"]["e2el"]["mape_pct"])))
+    note = "; (fit) = a point the profile was fitted on (in-sample)" if any(p.get("in_fit") for p in points) else ""
+    return ("measured (real MLX ranks) vs simulated (same requests); err = (sim - real) / real" + note + "\n"
+            + text_table(rows))
 
 
 def _cell(e: dict) -> str:

@@ -112,5 +112,6 @@ def _from_runs(args) -> int:
 def _host_profile(point_dir):
     """The measured profile the fit starts from: the first node's host profile of a real point."""
     from harness.validation import fit
+    from harness.validation.run import node_profile
     v, _ = fit.load_point(point_dir)
-    return fit.resolve_host_profiles(v["cluster"], point_dir)["nodes"][0]["host_profile"]
+    return node_profile(v, point_dir)

@@ -45,12 +45,6 @@ def model_bits(config: dict) -> int:
     return 32 if str(config.get("torch_dtype", "float16")) == "float32" else 16
 
 
-def model_spec(config: dict, name: str):
-    from harness.specs import model_from_config
-    group = int((config.get("quantization") or {}).get("group_size", 64))
-    return model_from_config(config, name, quant_bits=model_bits(config), group_size=group)
-
-
 # ----------------------------------------------------------------------------------------------- host
 def host_files(hosts_dir: Path, ranks: int, reuse: Path | None = None) -> Path:
     """The cluster file of this host as `ranks` ranks (with its per-rank profile beside it): measured now,
@@ -151,34 +145,24 @@ def server_backend(server):
 def simulate_point(point_dir: Path, profile_path: Path | None = None) -> tuple[pd.DataFrame, str]:
     """Replay a real point in the simulator: the same requests (measured send times, token counts), the same
     plan, batch limit and prefill chunk, on the host cluster the point recorded. Returns (requests, profile name)."""
-    from harness.catalog import parse_cluster
     from harness.costmodel import load_profile
-    from harness.specs import PartitionPlan
+    from harness.validation import fit
     from sim.engine import EngineConfig
     from sim.run import simulate
     cfg = json.loads((point_dir / "config.json").read_text())
-    v = cfg["validation"]
-    cluster = parse_cluster(_absolute_profiles(v["cluster"], point_dir), origin=f"{point_dir}/config.json")
-    plan = PartitionPlan.from_dict(json.loads((point_dir / "plan.json").read_text()))
-    profile = load_profile(profile_path or _node_profile(v["cluster"], point_dir))
+    v, (_, plan, model, cluster) = fit.load_point(point_dir)
+    profile = load_profile(profile_path or node_profile(v, point_dir))
     engine = EngineConfig(scheduler="mlx-lm", max_num_seqs=v["max_running"], prefill_step_tokens=v["prefill_step_size"],
                           prefill_batch=8, micro_batches=1)
     real = pd.read_parquet(point_dir / "requests.parquet")
-    result = simulate(cluster, model_spec(v["model_config"], v["model_name"]), plan, profile,
-                      replay_workload(real, cfg["mode"]), engine, include_load=False)
+    result = simulate(cluster, model, plan, profile, replay_workload(real, cfg["mode"]), engine, include_load=False)
     return _sim_frame(result.requests), profile.name
 
 
-def _node_profile(cluster: dict, point_dir: Path) -> Path:
-    return Path(_absolute_profiles(cluster, point_dir)["nodes"][0]["host_profile"])
-
-
-def _absolute_profiles(cluster: dict, point_dir: Path) -> dict:
-    """The cluster with host_profile paths made absolute (they are relative to the validate folder's hosts/)."""
-    hosts = point_dir.parent.parent / "hosts"
-    nodes = [{**n, "host_profile": str((hosts / Path(n["host_profile"]).name).resolve())} if n.get("host_profile")
-             else n for n in cluster["nodes"]]
-    return {**cluster, "nodes": nodes}
+def node_profile(v: dict, point_dir: Path) -> Path:
+    """The measured host profile of the point's first node: the simulator's default profile."""
+    from harness.validation import fit
+    return Path(fit.resolve_host_profiles(v["cluster"], point_dir)["nodes"][0]["host_profile"])
 
 
 def replay_workload(real: pd.DataFrame, mode: dict):
@@ -213,7 +197,7 @@ def _components(point_dir: Path, profile_path: Path | None) -> list[dict]:
     from harness.costmodel import load_profile
     from harness.validation import components, fit
     v, (steps, plan, model, cluster) = fit.load_point(point_dir)
-    profile = load_profile(profile_path or _node_profile(v["cluster"], point_dir))
+    profile = load_profile(profile_path or node_profile(v, point_dir))
     return components.component_errors(steps, plan, model, cluster, profile)
 
 

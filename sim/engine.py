@@ -555,9 +555,17 @@ class Engine:
             prompt_work = len(chunks) - (self._join_count if self.cfg.scheduler == "mlx-lm" else 0)
             # as the real backend labels an iteration: one-token joins are decode-like forwards
             kind = 0 if not prompt_work else (1 if n_dec == 0 and prompt_work == len(chunks) else 2)
-            self._rec_ints[row] = (kind, n_dec + len(chunks), tokens, self.total_blocks - self.free_blocks)
+            self._rec_ints[row] = (kind, self._row_batch(n_dec, len(chunks)), tokens,
+                                   self.total_blocks - self.free_blocks)
         self._step += 1
         return t_emit, t + self.profile.iteration_gap_s
+
+    def _row_batch(self, n_dec: int, n_chunks: int) -> int:
+        """A step row's batch_size: continuous runs one forward of everything; mlx-lm runs a forward each for
+        the decodes, the prompts and the joins, and the real backend records the largest one."""
+        if self.cfg.scheduler != "mlx-lm":
+            return n_dec + n_chunks
+        return max(n_dec, n_chunks - self._join_count, self._join_count)
 
     def _decode_durs(self, n: int, ctx: float) -> list[float]:
         """Every stage's decode step time for n sequences reading ctx tokens of KV in all."""

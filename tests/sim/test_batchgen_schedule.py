@@ -72,3 +72,13 @@ def test_bad_engine_settings_are_refused():
         EngineConfig(scheduler="vllm")
     with pytest.raises(UserError, match="prefill_batch"):
         EngineConfig(scheduler="mlx-lm", prefill_batch=0)
+
+
+def test_step_batch_size_is_the_largest_forward_as_the_real_backend_records(llama7b, profile):
+    cl = make_cluster(1)
+    res = run(cl, llama7b, make_plan(llama7b, [("n0",)], [32]), profile, one_request(L, OUT, n=3),
+              **mlx(prefill_batch=1))
+    steps = res.steps.to_pandas()
+    # while the third prompt prefills, two sequences decode: forwards of 2 and 1 sequences, the row says 2
+    mixed = steps[steps.kind == "mixed"]
+    assert len(mixed) and (mixed.batch_size <= 2).all() and (mixed.batch_size == 2).any()

@@ -1,5 +1,8 @@
 """This host as N ranks: one description of the cluster that the simulator reads and the real ranks match."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +44,32 @@ def test_rank_compute_env_is_what_profile_host_measures():
     assert one["OPENBLAS_NUM_THREADS"] == "2" and "HARNESS_CPU_CORE" not in one
     assert two["OPENBLAS_NUM_THREADS"] == "1" and two["HARNESS_CPU_CORE"] == "0"
     assert launcher.compute_env(2, 3, None, [0, 1], 2)["HARNESS_CPU_CORE"] == "0"   # 3 ranks: two share core 0
+
+
+@pytest.fixture(scope="module")
+def two_rank_files(tmp_path_factory):
+    """One real `profile-host --ranks 2 --cluster-out` run (~1 min) shared by the checks below."""
+    out = tmp_path_factory.mktemp("host")
+    run = subprocess.run([sys.executable, "-m", "harness", "profile-host", "--ranks", "2",
+                          "--out", str(out / "profile-2ranks.json"), "--cluster-out", str(out / "cluster-2ranks.json"),
+                          "--cache-dir", str(out / "models")], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], timeout=600)
+    assert run.returncode == 0, run.stderr
+    return json.loads((out / "profile-2ranks.json").read_text()), out / "cluster-2ranks.json"
+
+
+@pytest.mark.slow
+def test_real_two_rank_profile_is_one_pinned_thread(two_rank_files):
+    prof, _ = two_rank_files
+    assert prof["rank"]["ranks"] == 2 and prof["rank"]["blas_threads"] == 1
+    assert prof["rank"]["pinned_core"] in launcher.host_cores()
+    assert prof["chip"]["mem_bw_gbs"] > 0 and prof["link"]["latency_us"] > 0
+
+
+@pytest.mark.slow
+def test_real_two_rank_cluster_carries_the_measured_chip_and_link(two_rank_files):
+    prof, cluster_path = two_rank_files
+    cluster = load_cluster(str(cluster_path))
+    assert [n.name for n in cluster.nodes] == ["rank-stage0", "rank-stage1"]
+    assert all(n.chip.mem_bw_gbs == prof["chip"]["mem_bw_gbs"] for n in cluster.nodes)
+    assert cluster.link("rank-stage0", "rank-stage1").latency_us == prof["link"]["latency_us"]

@@ -66,6 +66,15 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def write_json_atomic(path: str | Path, obj) -> Path:
+    """A JSON file written through a temporary name (NaN/inf as null), so a half-written file never appears."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def _clean(obj):
     """NaN/inf are not JSON; store them as null so other tools can read the file."""
     if isinstance(obj, float) and not math.isfinite(obj):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
+from harness.runfolder import write_json_atomic
 from harness.specs import PartitionPlan, Stage, UserError
 
 
@@ -67,12 +67,5 @@ def write_host_files(profile: dict, out_dir: str | Path, ranks: int) -> Path:
     """profile-<N>ranks.json and cluster-<N>ranks.json side by side in out_dir (atomically); returns the cluster."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prof_path = _write(out_dir / f"profile-{ranks}ranks.json", profile)
-    return _write(out_dir / f"cluster-{ranks}ranks.json", host_cluster(prof_path, ranks))
-
-
-def _write(path: Path, obj: dict) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    prof_path = write_json_atomic(out_dir / f"profile-{ranks}ranks.json", profile)
+    return write_json_atomic(out_dir / f"cluster-{ranks}ranks.json", host_cluster(prof_path, ranks))

@@ -70,12 +70,3 @@ def compare(real: pd.DataFrame, sim: pd.DataFrame) -> dict:
 
 def _plain(figures: dict) -> dict:
     return {k: v for k, v in figures.items() if isinstance(v, (int, float))}
-
-
-def cdf_points(values_ms: np.ndarray, points: int = 50) -> list[list[float]]:
-    """(value, cumulative share) pairs of a latency's distribution, for overlaid CDF plots."""
-    v = np.sort(np.asarray(values_ms, float)[~np.isnan(np.asarray(values_ms, float))])
-    if not v.size:
-        return []
-    q = np.linspace(0, 1, min(points, v.size))
-    return [[float(x), float(p)] for x, p in zip(np.quantile(v, q), q)]

@@ -83,19 +83,6 @@ def component_errors(steps: pd.DataFrame, plan: PartitionPlan, model: ModelSpec,
     return group_errors(step_predictions(steps, plan, model, cluster, profile))
 
 
-def summary(rows: list[dict]) -> dict:
-    """Row-weighted mean |error| per kind over component rows."""
-    out = {}
-    for kind in COMPONENT_KINDS:
-        mine = [r for r in rows if r["kind"] == kind]
-        if mine:
-            n = np.array([r["n"] for r in mine], float)
-            err = np.abs([r["error_pct"] for r in mine])
-            out[kind] = {"rows": int(n.sum()), "mean_abs_error_pct": float(np.sum(n * err) / n.sum()),
-                         "max_abs_error_pct": float(err.max())}
-    return out
-
-
 def _bucket_label(r: dict) -> str:
     if r["kind"] == "decode":
         return f"batch {r['bucket']}"

@@ -342,9 +342,14 @@ def _same(have, want) -> bool:
         return str(have) == str(want)
 
 
-def fit_from_points(point_dirs, base: Profile, hold_out: dict | None = None) -> tuple[Profile, dict]:
+def load_points(point_dirs) -> list[tuple]:
+    """(folder, validation object, sample) of every real point under the given folders."""
+    return [(p, *load_point(p)) for p in expand_point_dirs(point_dirs)]
+
+
+def fit_from_points(point_dirs, base: Profile, hold_out: dict | None = None, loaded=None) -> tuple[Profile, dict]:
     """Fit on the real points not held out; report the held-out points' component errors separately."""
-    loaded = [(p, *load_point(p)) for p in expand_point_dirs(point_dirs)]
+    loaded = loaded if loaded is not None else load_points(point_dirs)
     fit_on = [(p, s) for p, v, s in loaded if not held_out(v, hold_out)]
     kept = [(p, s) for p, v, s in loaded if held_out(v, hold_out)]
     if not fit_on:
@@ -363,8 +368,8 @@ FITTED_KEYS = ("eta_bw", "mu_compute", "step_overhead_s", "layer_overhead_s", "s
 def fit_per_chip(point_dirs, base: Profile, hold_out: dict | None = None) -> tuple[Profile, dict]:
     """fit_from_points over every point for the global factors, then once per host chip (a single process on all
     cores and a rank pinned to one core are different chips) for per_chip overrides."""
-    profile, report = fit_from_points(point_dirs, base, hold_out)
-    loaded = [(p, *load_point(p)) for p in expand_point_dirs(point_dirs)]
+    loaded = load_points(point_dirs)       # read once: the global and the per-chip fits share it
+    profile, report = fit_from_points(point_dirs, base, hold_out, loaded)
     by_chip: dict[str, list] = {}
     for p, v, sample in loaded:
         if not held_out(v, hold_out):

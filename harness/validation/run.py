@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -57,21 +56,6 @@ def host_files(hosts_dir: Path, ranks: int, reuse: Path | None = None) -> Path:
     return hostcluster.write_host_files(profile.profile_host(ranks=ranks), hosts_dir, ranks)
 
 
-def load_host(cluster_path: Path, split) -> tuple:
-    """(Cluster, cluster dict, PartitionPlan, profile path) of a host cluster file and a split."""
-    from harness.catalog import load_cluster
-    from harness.mlx import hostcluster
-    data = json.loads(Path(cluster_path).read_text())
-    return load_cluster(str(cluster_path)), data, hostcluster.host_plan(data, list(split)), _profile_path(cluster_path, data)
-
-
-def _profile_path(cluster_path: Path, data: dict) -> Path:
-    ref = data["nodes"][0].get("host_profile")
-    if not ref:
-        raise UserError(f"{cluster_path}: its nodes name no host_profile; re-measure with `profile-host --cluster-out`")
-    return (Path(cluster_path).parent / ref).resolve()
-
-
 # ----------------------------------------------------------------------------------------------- real side
 def level_label(level) -> str:
     return "saturation" if level == "saturation" else f"{float(level):g}"
@@ -89,7 +73,9 @@ def run_topology(spec: ValidationSpec, topo: Topology, model_path: Path, cluster
     """Every load point of one topology on real ranks; returns the point folders in the order they ran."""
     from harness.backends.mlx import MlxBackend
     from harness.serving.server import EmbeddedServer
-    _, cluster_data, plan, _ = load_host(cluster_path, topo.split)
+    from harness.mlx.hostcluster import host_plan
+    cluster_data = json.loads(Path(cluster_path).read_text())
+    plan = host_plan(cluster_data, list(topo.split))
     backend = MlxBackend(model_path, plan, max_running=spec.max_running, prefill_step_size=spec.prefill_step_size,
                          model_id=model_path.name)
     vocab = int(backend.config["vocab_size"])
@@ -142,21 +128,16 @@ def server_backend(server):
 
 
 # ----------------------------------------------------------------------------------------------- simulated side
-def simulate_point(point_dir: Path, profile_path: Path | None = None) -> tuple[pd.DataFrame, str]:
+def simulate_point(real: pd.DataFrame, mode: dict, v: dict, sample: tuple, profile) -> pd.DataFrame:
     """Replay a real point in the simulator: the same requests (measured send times, token counts), the same
-    plan, batch limit and prefill chunk, on the host cluster the point recorded. Returns (requests, profile name)."""
-    from harness.costmodel import load_profile
-    from harness.validation import fit
+    plan, batch limit and prefill chunk, on the host cluster the point recorded (`sample` from fit.load_point)."""
     from sim.engine import EngineConfig
     from sim.run import simulate
-    cfg = json.loads((point_dir / "config.json").read_text())
-    v, (_, plan, model, cluster) = fit.load_point(point_dir)
-    profile = load_profile(profile_path or node_profile(v, point_dir))
+    _, plan, model, cluster = sample
     engine = EngineConfig(scheduler="mlx-lm", max_num_seqs=v["max_running"], prefill_step_tokens=v["prefill_step_size"],
                           prefill_batch=8, micro_batches=1)
-    real = pd.read_parquet(point_dir / "requests.parquet")
-    result = simulate(cluster, model, plan, profile, replay_workload(real, cfg["mode"]), engine, include_load=False)
-    return _sim_frame(result.requests), profile.name
+    result = simulate(cluster, model, plan, profile, replay_workload(real, mode), engine, include_load=False)
+    return result.requests.to_pandas()
 
 
 def node_profile(v: dict, point_dir: Path) -> Path:
@@ -178,27 +159,21 @@ def replay_workload(real: pd.DataFrame, mode: dict):
                     closed_loop=closed, concurrency=int(mode.get("value") or 0) if closed else 0)
 
 
-def _sim_frame(table) -> pd.DataFrame:
-    return table.to_pandas() if hasattr(table, "to_pandas") else table
-
-
 # ----------------------------------------------------------------------------------------------- comparison
 def compare_point(point_dir: Path, profile_path: Path | None = None) -> dict:
-    real = pd.read_parquet(point_dir / "requests.parquet")
-    sim, profile_name = simulate_point(point_dir, profile_path)
-    sim.to_parquet(point_dir / "sim-requests.parquet")
-    v = json.loads((point_dir / "config.json").read_text())["validation"]
-    return {"point": point_dir.name, "topology": v["topology"], "level": v["level"], "rate_rps": v.get("rate_rps"),
-            "profile": profile_name, **compare.compare(real, sim), "components": _components(point_dir, profile_path)}
-
-
-def _components(point_dir: Path, profile_path: Path | None) -> list[dict]:
-    """Per-step compute time, measured vs the cost model, by kind and batch size or chunk size."""
+    """One real point against its replay, plus its per-step components (stage compute, measured vs the cost
+    model); the point is read once for both."""
     from harness.costmodel import load_profile
     from harness.validation import components, fit
-    v, (steps, plan, model, cluster) = fit.load_point(point_dir)
+    v, sample = fit.load_point(point_dir)
     profile = load_profile(profile_path or node_profile(v, point_dir))
-    return components.component_errors(steps, plan, model, cluster, profile)
+    real = pd.read_parquet(point_dir / "requests.parquet")
+    mode = json.loads((point_dir / "config.json").read_text())["mode"]
+    sim = simulate_point(real, mode, v, sample, profile)
+    sim.to_parquet(point_dir / "sim-requests.parquet")
+    return {"point": point_dir.name, "topology": v["topology"], "level": v["level"], "rate_rps": v.get("rate_rps"),
+            "profile": profile.name, **compare.compare(real, sim),
+            "components": components.component_errors(*sample, profile)}
 
 
 def trained_points(profile_path) -> set[str]:
@@ -247,23 +222,11 @@ def write_validation(top: Path, spec_dict: dict, points: list[dict], failures: l
            "gate": {"limits": spec_dict.get("gate"), "failures": failures, "passed": not failures},
            "sources": {"measured": "real mlx-lm ranks on this host, timed at the HTTP client",
                        "simulated": "sim.run.simulate replaying the same requests"}}
+    from harness.runfolder import write_json_atomic
     path = top / "validation.json"
     if path.exists():
         path.replace(top / "validation.previous.json")   # the figures before a re-simulation stay readable
-    tmp = top / ".validation.json.tmp"
-    tmp.write_text(json.dumps(_finite(doc), indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def _finite(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+    return write_json_atomic(path, doc)
 
 
 def console_table(points: list[dict]) -> str:
@@ -293,6 +256,3 @@ def _cell(e: dict) -> str:
 def _pct(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.1f}%"
 
-
-def echo(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)

@@ -12,7 +12,8 @@ import tomllib
 from pathlib import Path
 
 from harness.backends import BACKEND_NAMES
-from harness.specs import UserError, reject_unknown
+from harness.specs import (MAX_HEADS, VALID_BITS, UserError, integer_in, number_in, of_type, read_text,
+                           reject_unknown)
 from harness.workloads import check_workload
 
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "runs" / "default.toml"
@@ -21,6 +22,9 @@ SCALARS = {"name": str, "backend": str, "cluster": str, "model": str, "quant": i
 TABLES = {"workload": dict, "load": dict, "targets": list, "mlx": dict}
 MLX_OPTIONS = ("head_dim", "seed", "max_running", "emulate_links", "emulate_latency")
 LOAD_KEYS = ("warmup", "max_duration_s")     # what harness.orchestrate reads from [load]
+MAX_KV_RESERVE_TOKENS = 1 << 24
+MAX_WARMUP = 10_000
+MAX_DURATION_S = 7 * 24 * 3600.0             # a week: anything longer is a typo, not an experiment
 TARGET_KEYS = ("name", "metric", "op", "value", "unit", "note")   # the fields of reports.targets.Target
 
 
@@ -37,14 +41,22 @@ def load_experiment(path: str | Path | None = None) -> dict:
 
 
 def _read(path: Path) -> dict:
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"experiment file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"experiment file {path}: not valid TOML: {exc}") from None
+    data = read_toml(path, "experiment")
     check_experiment(data, f"experiment file {path}")
     return data
+
+
+def read_toml(path: Path, what: str) -> dict:
+    """A TOML file as a dict; UserError (one line) for a missing, huge, non-UTF-8, invalid or too deep file."""
+    text = read_text(path, what)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{what} file {path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise UserError(f"{what} file {path}: nested too deeply to read; allowed: a few levels of tables") from None
+    except ValueError as exc:    # e.g. an integer of more than 4300 digits
+        raise UserError(f"{what} file {path}: not valid TOML: {exc}") from None
 
 
 def check_experiment(data: dict, origin: str) -> None:
@@ -54,14 +66,44 @@ def check_experiment(data: dict, origin: str) -> None:
         kind = SCALARS.get(key) or TABLES[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise UserError(f"{origin}: {key} must be {kind.__name__}, got {value!r}")
+    _check_scalar_ranges(data, origin)
     _check_tables(data, origin)
     if data.get("backend", "sim") not in BACKEND_NAMES:   # every backend runs an experiment (instant ignores the plan)
         raise UserError(f"{origin}: backend must be one of {', '.join(BACKEND_NAMES)}, got {data['backend']!r}")
 
 
+def _check_scalar_ranges(data: dict, origin: str) -> None:
+    if "quant" in data and data["quant"] not in VALID_BITS:
+        raise UserError(f"{origin}: quant: found {data['quant']}; allowed: one of {', '.join(map(str, VALID_BITS))}")
+    if "group_size" in data and data["group_size"] not in (32, 64, 128):
+        raise UserError(f"{origin}: group_size: found {data['group_size']}; allowed: 32, 64 or 128")
+    if "kv_reserve_tokens" in data:
+        integer_in(data["kv_reserve_tokens"], f"{origin}: kv_reserve_tokens", 0, MAX_KV_RESERVE_TOKENS)
+
+
+def _check_load(load: dict, origin: str) -> None:
+    """A negative or zero duration would send nothing and still report the run complete: refuse it here."""
+    reject_unknown(load, LOAD_KEYS, origin, "[load]")
+    if "warmup" in load:
+        integer_in(load["warmup"], f"{origin}: [load].warmup", 0, MAX_WARMUP)
+    if "max_duration_s" in load:
+        number_in(load["max_duration_s"], f"{origin}: [load].max_duration_s", 0.0, MAX_DURATION_S)
+
+
+def _check_mlx(mlx: dict, origin: str) -> None:
+    reject_unknown(mlx, MLX_OPTIONS, origin, "[mlx]")
+    ranges = {"head_dim": (1, MAX_HEADS), "seed": (0, 2**32 - 1), "max_running": (1, 4096)}
+    for key, (low, high) in ranges.items():
+        if key in mlx:
+            integer_in(mlx[key], f"{origin}: [mlx].{key}", low, high)
+    for key in ("emulate_links", "emulate_latency"):
+        if key in mlx:
+            of_type(mlx[key], bool, f"{origin}: [mlx].{key}", "true or false")
+
+
 def _check_tables(data: dict, origin: str) -> None:
-    reject_unknown(data.get("mlx", {}), MLX_OPTIONS, origin, "[mlx]")
-    reject_unknown(data.get("load", {}), LOAD_KEYS, origin, "[load]")
+    _check_mlx(data.get("mlx", {}), origin)
+    _check_load(data.get("load", {}), origin)
     for i, target in enumerate(data.get("targets", [])):
         reject_unknown(target, TARGET_KEYS, origin, f"[[targets]][{i}]")
     from reports.targets import validate_targets   # lazily: reports pulls in pandas, which most commands never need

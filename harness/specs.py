@@ -52,6 +52,51 @@ def did_you_mean(word: str, choices) -> str:
 GIB = 1024**3
 GB = 1e9
 
+# Bounds on what an input file may ask for, so an absurd value is refused before any table is built
+# (a per-layer table of 10**9 layers is 7 GB). Each is far above any real model or cluster of Macs.
+MAX_LAYERS = 1024              # the largest released models have about 130
+MAX_HIDDEN = 1 << 20
+MAX_HEADS = 1 << 14
+MAX_WIDTH = 1 << 24            # MLP widths and vocabularies
+MAX_EXPERTS = 1 << 14
+MAX_NODES = 256                # a cluster file's nodes; links are a full mesh, so this bounds them too
+MAX_FILE_BYTES = 64 << 20      # any JSON or TOML input file
+
+
+def shown(value) -> str:
+    """A found value as an error message quotes it: repr, cut short so a huge list still gives one line."""
+    try:
+        text = repr(value)
+    except ValueError:          # an int too long for repr (Python refuses > 4300 digits)
+        text = "an integer of thousands of digits"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def integer_in(value, where: str, low: int, high: int, why: str = "") -> int:
+    """`value` when it is an int (not a bool) within [low, high], else UserError naming where, found, allowed."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UserError(f"{where}: found {shown(value)}; allowed: an integer from {low} to {high}{why}")
+    return value
+
+
+def number_in(value, where: str, low: float = 0.0, high: float = math.inf, low_open: bool = True) -> float:
+    """`value` as a float when it is a finite number (not a bool) above low (or at it, low_open=False) and at
+    most high, else UserError."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and value <= high)
+    if not ok:
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        top = f" and <= {high:g}" if math.isfinite(high) else ""
+        raise UserError(f"{where}: found {shown(value)}; allowed: a finite number {bound}{top}")
+    return float(value)
+
+
+def of_type(value, kind: type, where: str, allowed: str):
+    """`value` when it is an instance of `kind` (a bool is not an int), else UserError naming what is allowed."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"{where}: found {shown(value)}; allowed: {allowed}")
+    return value
+
 
 # ----------------------------------------------------------------------------------------------- hardware
 @dataclass(frozen=True)
@@ -343,6 +388,9 @@ def model_from_config(config: dict, name: str, quant_bits: int = 16, group_size:
     if group_size not in (32, 64, 128):
         raise UserError(f"group size {group_size} is not supported; choose 32, 64 or 128")
     cfg = config.get("text_config", config)
+    if not isinstance(cfg, dict):
+        raise UserError(f"{origin}: text_config: found {shown(cfg)}; allowed: an object of model fields")
+    check_model_config(cfg, origin)
 
     def need(key: str, *alts: str) -> int:
         for k in (key, *alts):
@@ -388,10 +436,56 @@ def model_from_config(config: dict, name: str, quant_bits: int = 16, group_size:
         group_size=group_size,
         kv_bytes_per_value=4 if quant_bits == 32 else 2,   # MLX keeps the KV cache in the weights' float type
     )
-    for fname in ("num_layers", "hidden", "heads", "ffn", "vocab"):
-        if getattr(spec, fname) <= 0:
-            raise UserError(f"{origin}: {fname} must be positive, got {getattr(spec, fname)}")
+    _check_derived(spec, origin)
     return spec
+
+
+# Each numeric field model_from_config reads: (smallest, largest) allowed. A field that is absent or null
+# takes its default; the required ones are reported missing by model_from_config.
+MODEL_INT_FIELDS = {
+    "num_hidden_layers": (1, MAX_LAYERS), "hidden_size": (1, MAX_HIDDEN), "num_attention_heads": (1, MAX_HEADS),
+    "num_key_value_heads": (1, MAX_HEADS), "head_dim": (1, MAX_HIDDEN), "intermediate_size": (1, MAX_WIDTH),
+    "vocab_size": (1, MAX_WIDTH),
+    "n_routed_experts": (0, MAX_EXPERTS), "num_experts": (0, MAX_EXPERTS), "num_local_experts": (0, MAX_EXPERTS),
+    "num_experts_per_tok": (0, MAX_EXPERTS), "n_shared_experts": (0, MAX_EXPERTS),
+    "moe_intermediate_size": (0, MAX_WIDTH), "shared_expert_intermediate_size": (0, MAX_WIDTH),
+    "first_k_dense_replace": (0, MAX_LAYERS), "decoder_sparse_step": (0, MAX_LAYERS),
+    "q_lora_rank": (0, MAX_HIDDEN), "kv_lora_rank": (0, MAX_HIDDEN), "qk_nope_head_dim": (0, MAX_HIDDEN),
+    "qk_rope_head_dim": (0, MAX_HIDDEN), "v_head_dim": (0, MAX_HIDDEN),
+}
+MODEL_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias")
+
+
+def check_model_config(cfg: dict, origin: str) -> None:
+    """Type and range of every field model_from_config reads, before anything is built from them."""
+    for key, (low, high) in MODEL_INT_FIELDS.items():
+        if cfg.get(key) is not None:
+            integer_in(cfg[key], f"{origin}: {key}", low, high)
+    for key in MODEL_BOOL_FIELDS:
+        if cfg.get(key) is not None:
+            of_type(cfg[key], bool, f"{origin}: {key}", "true or false")
+    if cfg.get("model_type") is not None:
+        of_type(cfg["model_type"], str, f"{origin}: model_type", "a string such as \"llama\"")
+    mlp_only = cfg.get("mlp_only_layers")
+    if mlp_only is not None:
+        of_type(mlp_only, list, f"{origin}: mlp_only_layers", "a list of layer indices")
+        if len(mlp_only) > MAX_LAYERS:
+            raise UserError(f"{origin}: mlp_only_layers: found {len(mlp_only)} entries; allowed: at most {MAX_LAYERS}")
+        for i, layer in enumerate(mlp_only):
+            integer_in(layer, f"{origin}: mlp_only_layers[{i}]", 0, MAX_LAYERS)
+
+
+def _check_derived(spec: ModelSpec, origin: str) -> None:
+    """Relations between fields that each passed on its own (a head width of 0 would divide by zero later)."""
+    if spec.kv_heads > spec.heads:
+        raise UserError(f"{origin}: num_key_value_heads: found {spec.kv_heads}; allowed: at most "
+                        f"num_attention_heads ({spec.heads})")
+    if spec.head_dim < 1:
+        raise UserError(f"{origin}: head_dim: hidden_size {spec.hidden} / num_attention_heads {spec.heads} is 0; "
+                        "allowed: give head_dim, or at most hidden_size heads")
+    if spec.active_experts > spec.experts:
+        raise UserError(f"{origin}: num_experts_per_tok: found {spec.active_experts}; allowed: at most the "
+                        f"{spec.experts} routed experts")
 
 
 # ----------------------------------------------------------------------------------------------- plans
@@ -511,17 +605,35 @@ def _stage_from_dict(d: dict) -> Stage:
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def read_json(path: Path, what: str) -> dict:
+def read_text(path: Path, what: str) -> str:
+    """A whole input file as UTF-8 text, bounded in size; UserError for a missing, unreadable, huge or
+    non-UTF-8 file."""
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise UserError(f"{what} file {path} does not exist") from None
     except OSError as exc:
         raise UserError(f"{what} file {path} cannot be read: {exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise UserError(f"{what} file {path}: larger than the {MAX_FILE_BYTES >> 20} MiB an input file may be")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} file {path}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); "
+                        "allowed: a UTF-8 text file") from None
+
+
+def read_json(path: Path, what: str) -> dict:
+    text = read_text(path, what)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{what} file {path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise UserError(f"{what} file {path}: nested too deeply to read; allowed: a few levels of objects and lists") from None
+    except ValueError as exc:    # e.g. an integer of more than 4300 digits
+        raise UserError(f"{what} file {path}: not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"{what} file {path}: expected a JSON object at the top, got {type(data).__name__}")
     return data

@@ -28,7 +28,8 @@ from typing import Iterator
 
 import numpy as np
 
-from harness.specs import UserError, join_key, read_json, reject_unknown
+from harness.specs import (UserError, integer_in, join_key, number_in, of_type, read_json, read_text,
+                           reject_unknown, shown)
 
 ARRIVAL_PROCESSES = ("all_at_once", "constant", "poisson", "bursts")
 LENGTH_DISTS = ("fixed", "uniform", "normal", "lognormal")
@@ -47,6 +48,13 @@ LENGTH_KEYS = {"fixed": ("value",), "uniform": ("low", "high"), "normal": ("mean
 LENGTH_BOUNDS = ("min", "max")
 LENGTH_FIELDS = ("prompt", "output", "user")
 TRACE_ROW_KEYS = ("arrival_s", "prompt_tokens", "output_tokens", "prefix_id", "prefix_tokens")
+MAX_TOKENS = 1 << 30              # one request's prompt or output; also the default upper clip of a length
+MAX_REQUESTS = 10_000_000         # requests in one workload (its columns stay under a GB)
+MAX_SEED = 2**64 - 1              # numpy's generators take a seed in [0, 2**64)
+# The integer fields of a workload dict and their ranges; the float fields and theirs (low, open at low).
+WORKLOAD_INTS = {"num_requests": (1, MAX_REQUESTS), "seed": (0, MAX_SEED), "conversations": (1, MAX_REQUESTS),
+                 "turns": (1, 10_000), "system_prompt_tokens": (0, MAX_TOKENS)}
+WORKLOAD_FLOATS = {"think_time_s": (0.0, False), "time_scale": (0.0, True)}
 
 
 @dataclass(frozen=True)
@@ -157,31 +165,85 @@ def _positive(spec: dict, key: str) -> float:
 # ---------------------------------------------------------------- strict keys
 
 def check_workload(spec, origin: str = "workload", path: str = "") -> None:
-    """Unknown keys at any depth of a workload dict are errors naming `origin` (the file) and the key path."""
+    """Unknown keys, wrong types and out-of-range values at any depth of a workload dict are errors naming
+    `origin` (the file), the key path, what was found and what is allowed."""
     kind = spec.get("kind", "synthetic") if isinstance(spec, dict) else "synthetic"
     _check_choice(kind, KINDS, origin, join_key(path, "kind"))
     reject_unknown(spec, WORKLOAD_KEYS[kind], origin, path)
+    _check_scalars(spec, origin, path)
     if "arrival" in spec:
         _check_arrival(spec["arrival"], origin, join_key(path, "arrival"))
     for key in LENGTH_FIELDS:
         if key in spec:
             _check_length(spec[key], origin, join_key(path, key))
-    if isinstance(spec.get("closed_loop"), dict):
-        reject_unknown(spec["closed_loop"], ("concurrency",), origin, join_key(path, "closed_loop"))
+    if "closed_loop" in spec:
+        _check_closed_loop(spec["closed_loop"], origin, join_key(path, "closed_loop"))
+
+
+def _check_scalars(spec: dict, origin: str, path: str) -> None:
+    for key, (low, high) in WORKLOAD_INTS.items():
+        if key in spec:
+            integer_in(spec[key], f"{origin}: {join_key(path, key)}", low, high)
+    for key, (low, low_open) in WORKLOAD_FLOATS.items():
+        if key in spec:
+            number_in(spec[key], f"{origin}: {join_key(path, key)}", low, low_open=low_open)
+    if "path" in spec:
+        of_type(spec["path"], str, f"{origin}: {join_key(path, 'path')}", "a trace file path")
+    total = spec.get("conversations", 10) * spec.get("turns", 3)
+    if spec.get("kind") == "conversations" and total > MAX_REQUESTS:
+        raise UserError(f"{origin}: {join_key(path, 'conversations')} x turns: found {total} requests; "
+                        f"allowed: at most {MAX_REQUESTS}")
 
 
 def _check_arrival(spec, origin: str, path: str) -> None:
     process = spec.get("process", "poisson") if isinstance(spec, dict) else "poisson"
     _check_choice(process, ARRIVAL_PROCESSES, origin, join_key(path, "process"))
     reject_unknown(spec, ("process", *ARRIVAL_KEYS[process]), origin, path)
+    _require(spec, ARRIVAL_KEYS[process], origin, path)
+    for key in ("rate", "interval_s"):
+        if key in spec:
+            number_in(spec[key], f"{origin}: {join_key(path, key)}")
+    if "burst_size" in spec:
+        integer_in(spec["burst_size"], f"{origin}: {join_key(path, 'burst_size')}", 1, MAX_REQUESTS)
 
 
 def _check_length(spec, origin: str, path: str) -> None:
-    if isinstance(spec, int) and not isinstance(spec, bool):
+    """A length is a token count >= 1 (0 or -5 used to become 1 silently) or a distribution of them."""
+    if not isinstance(spec, dict):
+        integer_in(spec, f"{origin}: {path}", 1, MAX_TOKENS, " (a token count) or a table with dist")
         return
-    dist = spec.get("dist", "fixed") if isinstance(spec, dict) else "fixed"
+    dist = spec.get("dist", "fixed")
     _check_choice(dist, LENGTH_DISTS, origin, join_key(path, "dist"))
     reject_unknown(spec, ("dist", *LENGTH_KEYS[dist], *LENGTH_BOUNDS), origin, path)
+    _require(spec, LENGTH_KEYS[dist], origin, path)
+    where = lambda key: f"{origin}: {join_key(path, key)}"   # noqa: E731 (a one-line label maker)
+    for key in ("value", "low", "high", "min", "max"):
+        if key in spec:
+            integer_in(spec[key], where(key), 1, MAX_TOKENS)
+    if "mean" in spec:
+        number_in(spec["mean"], where("mean"), 0.0, float(MAX_TOKENS))
+    for key in ("std", "sigma"):
+        if key in spec:
+            number_in(spec[key], where(key), 0.0, float(MAX_TOKENS), low_open=False)
+    for low, high in (("low", "high"), ("min", "max")):
+        if spec.get(low, 1) > spec.get(high, MAX_TOKENS):
+            raise UserError(f"{where(low)}: found {spec[low]} above {high} {spec.get(high, MAX_TOKENS)}; "
+                            f"allowed: {low} <= {high}")
+
+
+def _check_closed_loop(value, origin: str, path: str) -> None:
+    if isinstance(value, dict):
+        reject_unknown(value, ("concurrency",), origin, path)
+        integer_in(value.get("concurrency", 0), f"{origin}: {join_key(path, 'concurrency')}", 1, MAX_REQUESTS)
+    elif value is not False:    # `closed_loop = false` means open loop
+        integer_in(value, f"{origin}: {path}", 1, MAX_REQUESTS, " (the concurrency) or {concurrency = N}")
+
+
+def _require(spec: dict, keys: tuple, origin: str, path: str) -> None:
+    missing = [k for k in keys if k not in spec]
+    if missing:
+        raise UserError(f"{origin}: {join_key(path, missing[0])}: missing; {spec.get('dist') or spec.get('process')} "
+                        f"needs {', '.join(keys)}")
 
 
 def _check_choice(value, choices: tuple, origin: str, path: str) -> None:
@@ -254,7 +316,7 @@ def _trace(spec: dict, base_dir: str | Path | None) -> Workload:
     if not path.is_file():
         raise UserError(f"trace file not found: {path}")
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "trace").splitlines(), 1):
         if line.strip():
             rows.append(_trace_row(line, path, lineno))
     if not rows:
@@ -277,9 +339,10 @@ def _trace_row(line: str, path: Path, lineno: int) -> tuple:
             reject_unknown(obj, TRACE_ROW_KEYS, f"{path}:{lineno}")
         row = (float(obj["arrival_s"]), int(obj["prompt_tokens"]), int(obj["output_tokens"]),
                None if obj.get("prefix_id") is None else str(obj["prefix_id"]), int(obj.get("prefix_tokens", 0)))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path}:{lineno}: bad trace line ({exc}); need arrival_s, prompt_tokens, output_tokens")
-    if row[1] < 1 or row[2] < 1 or row[0] < 0:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise UserError(f"{path}:{lineno}: bad trace line ({shown(exc)}); need arrival_s, prompt_tokens, "
+                        "output_tokens") from None
+    if not math.isfinite(row[0]) or row[1] < 1 or row[2] < 1 or row[0] < 0:
         raise UserError(f"{path}:{lineno}: token counts must be >= 1 and arrival_s >= 0")
     return row
 
@@ -342,46 +405,75 @@ def parse_workload(text: str) -> dict:
         kv[k.strip()] = v.strip()
     if head in SHORTHAND_KEYS:   # an unknown head is reported by _shorthand_to_dict, with the choices
         reject_unknown(kv, SHORTHAND_KEYS[head], f"workload {text!r}")
-    return _shorthand_to_dict(head, kv)
+    origin = f"workload {text!r}"
+    spec = _shorthand_to_dict(head, _Options(kv, origin))
+    check_workload(spec, origin)    # the same ranges as a file: a length of 0 or -5 is refused, not made 1
+    return spec
 
 
-def _shorthand_to_dict(head: str, kv: dict) -> dict:
+class _Options:
+    """The key=value options of a shorthand, each taken once and converted, or refused naming the shorthand."""
+
+    def __init__(self, kv: dict, origin: str):
+        self.kv, self.origin = kv, origin
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.kv
+
+    def take(self, key: str, convert, default=None):
+        if key not in self.kv:
+            return default
+        text = self.kv.pop(key)
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            kind = "an integer" if convert is int else "a finite number"
+            raise UserError(f"{self.origin}: {key}: found {text!r}; allowed: {kind}")
+        return value
+
+    def length(self, key: str):
+        return _short_length(self.kv.pop(key), f"{self.origin}: {key}")
+
+
+def _shorthand_to_dict(head: str, kv: _Options) -> dict:
     spec: dict = {}
     if head == "trace":
-        spec = {"kind": "trace", "path": kv.pop("path", "")}
+        spec = {"kind": "trace", "path": kv.take("path", str, "")}
         if "time_scale" in kv:
-            spec["time_scale"] = float(kv.pop("time_scale"))
+            spec["time_scale"] = kv.take("time_scale", float)
     elif head == "conversations":
-        spec = {"kind": "conversations", "arrival": {"process": kv.pop("process", "poisson"),
-                                                      "rate": float(kv.pop("rate", 1.0))}}
+        spec = {"kind": "conversations", "arrival": {"process": kv.take("process", str, "poisson"),
+                                                      "rate": kv.take("rate", float, 1.0)}}
         for key in ("conversations", "turns", "system_prompt_tokens"):
             if key in kv:
-                spec[key] = int(kv.pop(key))
+                spec[key] = kv.take(key, int)
         if "think_time_s" in kv:
-            spec["think_time_s"] = float(kv.pop("think_time_s"))
+            spec["think_time_s"] = kv.take("think_time_s", float)
         if "user" in kv:
-            spec["user"] = _short_length(kv.pop("user"))
+            spec["user"] = kv.length("user")
     elif head == "closed":
-        spec = {"kind": "synthetic", "closed_loop": {"concurrency": int(kv.pop("concurrency", 1))}}
+        spec = {"kind": "synthetic", "closed_loop": {"concurrency": kv.take("concurrency", int, 1)}}
     elif head in ARRIVAL_PROCESSES:
         arrival: dict = {"process": head}
-        for key in ("rate", "burst_size", "interval_s"):
+        for key, convert in (("rate", float), ("burst_size", int), ("interval_s", float)):
             if key in kv:
-                arrival[key] = float(kv.pop(key))
+                arrival[key] = kv.take(key, convert)
         spec = {"kind": "synthetic", "arrival": arrival}
     else:
         raise UserError(f"unknown workload {head!r}; start with one of "
                         f"{', '.join(ARRIVAL_PROCESSES + ('closed', 'trace', 'conversations'))}")
     for key in ("prompt", "output"):
         if key in kv:
-            spec[key] = _short_length(kv.pop(key))
+            spec[key] = kv.length(key)
     for short, key in _SHORT_KEYS.items():
         if short in kv:
-            spec[key] = int(kv.pop(short))
+            spec[key] = kv.take(short, int)
     return spec
 
 
-def _short_length(text: str) -> dict:
+def _short_length(text: str, where: str = "length") -> dict:
     """`512` | `uniform:LOW:HIGH` | `normal:MEAN:STD` | `lognormal:MEAN:SIGMA`."""
     parts = text.split(":")
     try:
@@ -396,7 +488,7 @@ def _short_length(text: str) -> dict:
                 return {"dist": "lognormal", "mean": float(mean), "sigma": float(sigma)}
     except ValueError:
         pass
-    raise UserError(f"bad length {text!r}: use N, uniform:LOW:HIGH, normal:MEAN:STD or lognormal:MEAN:SIGMA")
+    raise UserError(f"{where}: found {text!r}; allowed: N, uniform:LOW:HIGH, normal:MEAN:STD or lognormal:MEAN:SIGMA")
 
 
 def _load_workload_file(path: Path) -> dict:
@@ -415,11 +507,8 @@ def _read_workload_file(path: Path) -> dict:
     if path.suffix == ".json":
         data = read_json(path, "workload")
     else:
-        import tomllib
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"workload file {path}: not valid TOML: {exc}") from None
+        from harness.experiment import read_toml   # lazily: experiment imports this module
+        data = read_toml(path, "workload")
     if not isinstance(data, dict):
         raise UserError(f"workload file {path}: expected an object describing a workload, got {type(data).__name__}")
     return data

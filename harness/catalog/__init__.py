@@ -23,8 +23,8 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from harness.specs import (Chip, Cluster, Link, ModelSpec, Node, UserError, did_you_mean, finite_positive,
-                           model_from_config, read_json, reject_unknown)
+from harness.specs import (MAX_NODES, Chip, Cluster, Link, ModelSpec, Node, UserError, did_you_mean,
+                           finite_positive, model_from_config, of_type, read_json, reject_unknown, shown)
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -166,6 +166,13 @@ def parse_cluster(data: dict, default_name: str = "cluster", origin: str = "clus
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise UserError(f"{origin}: field 'nodes' must be a non-empty list of node objects")
+    if len(raw_nodes) > MAX_NODES:   # links are a full mesh: n nodes make n(n-1)/2 of them
+        raise UserError(f"{origin}: nodes: found {len(raw_nodes)} nodes; allowed: 1 to {MAX_NODES}")
+    for key in ("name", "default_link", "ethernet", "backend", "network_interface"):
+        if data.get(key) is not None:
+            of_type(data[key], str, f"{origin}: {key}", "a string")
+    if data.get("use_thunderbolt") is not None:
+        of_type(data["use_thunderbolt"], bool, f"{origin}: use_thunderbolt", "true or false")
     nodes = tuple(_parse_node(n, i, origin) for i, n in enumerate(raw_nodes))
     names = [n.name for n in nodes]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -183,7 +190,12 @@ def _parse_node(raw, i: int, origin: str) -> Node:
     reject_unknown(raw, NODE_KEYS, origin, f"nodes[{i}]")
     name = raw.get("name") or raw.get("ip") or f"node{i}"
     if not isinstance(name, str):
-        raise UserError(f"{where}.name: expected a string, got {name!r}")
+        raise UserError(f"{where}.name: expected a string, got {shown(name)}")
+    for key in ("host", "ip", "role", "host_profile"):
+        if raw.get(key) is not None:
+            of_type(raw[key], str, f"{where}.{key}", "a string")
+    if raw.get("chip") is not None and not isinstance(raw["chip"], (str, dict)):
+        raise UserError(f"{where}.chip: found {shown(raw['chip'])}; allowed: a chip name or an object")
     if "memory_gb" not in raw:
         raise UserError(f"{where}.memory_gb: missing; expected the node's RAM in GB, e.g. 64")
     memory = finite_positive(raw["memory_gb"], f"{where}.memory_gb")
@@ -263,6 +275,8 @@ def _parse_links(raw_links, nodes, default_kind: str, origin: str) -> tuple[Link
         if not isinstance(raw, dict) or not {"a", "b", "kind"} <= raw.keys():
             raise UserError(f"{where}: expected an object with a, b and kind")
         a, b = raw["a"], raw["b"]
+        for key in ("a", "b", "kind"):
+            of_type(raw[key], str, f"{where}.{key}", "a string")
         for end in (a, b):
             if end not in names:
                 raise UserError(f"{where}: node {end!r} is not in the cluster ({', '.join(sorted(names))})")

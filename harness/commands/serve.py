@@ -26,7 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     g.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health")
+    g.add_argument("--metrics-open", action="store_true",
+                   help="with --api-key, leave /metrics open too (for a Prometheus scraper)")
     add_limit_arguments(g)
     add_backend_arguments(p)
 
@@ -105,5 +108,6 @@ def run(args) -> int:
     backend = build_backend(args)
     print(f"serving {backend.name} backend, model {backend.model_id!r}, on http://{args.host}:{args.port}/v1 "
           f"({backend.source} timings); Ctrl-C stops", flush=True)
-    serve_forever(backend, host=args.host, port=args.port, api_key=args.api_key, limits=limits_from_args(args))
+    serve_forever(backend, host=args.host, port=args.port, api_key=args.api_key, limits=limits_from_args(args),
+                  metrics_open=args.metrics_open)
     return 0

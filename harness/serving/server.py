@@ -11,6 +11,12 @@ then `data: [DONE]`.
 Start it in-process with `EmbeddedServer(backend).start()` (returns the URL, serves from a background
 thread on 127.0.0.1) or standalone with `python -m harness serve`.
 
+Hostile input: every error, the server's own (400 for any malformed body, never 422) and Starlette's or h11's
+(404, 405, unparsable body or request head) alike, is `{"error": {"message", "type", "param", "code"}}`, and an
+unforeseen exception is an OpenAI-shaped 500 that keeps the connection usable. ServerLimits bounds what a request
+may cost before work starts (body, prompt characters before tokenizing, stop lists) and how long a connection
+may take (request head, body, idle keep-alive). `api_key` guards every route but /health.
+
 A backend's `stats()` may report `num_requests_running`, `num_requests_waiting` (ints), `kv_cache_usage`
 ({node: fraction 0..1}), `kv_cache_bytes` ({node: bytes}) and `healthy` (bool, for /health); /metrics
 exports them, falling back to the server's own request counts.
@@ -18,24 +24,32 @@ exports them, falling back to the server's own request counts.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hmac
 import json
+import logging
 import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, AsyncIterator, Literal
 
 import anyio
+import h11
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, CONTENT_TYPE_LATEST
 from prometheus_client.core import GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from harness.backends.base import Backend, BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,41 +58,71 @@ class ServerLimits:
     max_tokens: int = 32768            # hard bound on max_tokens a client may ask for
     default_max_tokens: int = 256      # when the client sets none
     max_prompt_tokens: int = 131072
+    # Checked before tokenizing, so an absurd prompt costs no tokenizer time: 8 characters per allowed token is
+    # twice what English text takes with a BPE vocabulary.
+    max_prompt_chars: int = 8 * 131072
+    max_stop_strings: int = 64         # each one is searched for after every token
+    max_stop_chars: int = 8192         # all stop strings together
+    max_stop_token_ids: int = 1024
     retry_after_s: int = 1             # Retry-After on 429
+    header_timeout_s: float = 10.0     # a connection must send a whole request head within this
+    keep_alive_s: float = 5.0          # idle time allowed between requests on one connection
+    body_timeout_s: float = 30.0       # a request body must arrive within this
+    max_header_bytes: int = 16 * 1024  # h11's bound on a request head
+
+
+# Prompts longer than this are tokenized in a worker thread, so /health and the streams of other requests keep
+# their cadence; shorter ones stay on the loop, where a thread hop would cost more than the tokenizing.
+_TOKENIZE_INLINE_CHARS = 32 * 1024
+_TOKEN_ID = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 # ---------------------------------------------------------------------------------------------- request bodies
 
 class _Body(BaseModel):
     # Clients (openai SDK, vLLM bench, GuideLLM) send fields we do not use (top_p, logprobs, user...): accept them.
-    model_config = ConfigDict(extra="allow")
+    # Strict: the OpenAPI document says integer, so `true` or "5" for max_tokens is a 400, not a silent 1 or 5.
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, lt=2**64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: "_StreamOptions | None" = None
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[_TOKEN_ID] | None = None
     n: int = Field(default=1, ge=1, le=1)
 
 
 class _StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
 class CompletionBody(_Body):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[_TOKEN_ID] | list[str] | list[list[_TOKEN_ID]]
+
+
+class _ContentPart(BaseModel):
+    # Parts of other types (image_url, input_audio...) are accepted and ignored: only text reaches the model.
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_part_has_text(self) -> "_ContentPart":
+        if self.type == "text" and self.text is None:
+            raise ValueError("a part of type 'text' needs a string 'text'")
+        return self
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[_ContentPart] | None = None
 
 
 class ChatBody(_Body):
@@ -104,6 +148,18 @@ class ApiError(Exception):
 
 def _error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+class _ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """What every error answer carries (the OpenAI shape)."""
+    error: _ErrorDetail
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -301,10 +357,33 @@ def _chat_prompt(backend: Backend, messages: list[_Message]) -> str:
 def _message_text(m: _Message) -> str:
     if m.content is None or isinstance(m.content, str):
         return m.content or ""
-    return "".join(part.get("text", "") for part in m.content if part.get("type") == "text")
+    return "".join(part.text for part in m.content if part.type == "text")
 
 
-def _prompt_ids(backend: Backend, body: CompletionBody | ChatBody) -> tuple[int, ...]:
+def _prompt_chars(body: CompletionBody | ChatBody) -> int:
+    """The prompt's size in characters, known before any tokenizing (token-id prompts need none)."""
+    if isinstance(body, ChatBody):
+        return sum(len(_message_text(m)) for m in body.messages)
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(p) for p in prompt if isinstance(p, str))
+
+
+async def _prompt_ids(state: _AppState, body: CompletionBody | ChatBody) -> tuple[int, ...]:
+    chars, limit = _prompt_chars(body), state.limits.max_prompt_chars
+    if chars > limit:
+        raise ApiError(400, f"prompt has {chars} characters, at most {limit}", _prompt_param(body))
+    if chars > _TOKENIZE_INLINE_CHARS:
+        return await anyio.to_thread.run_sync(_tokenize, state.backend, body)
+    return _tokenize(state.backend, body)
+
+
+def _prompt_param(body: CompletionBody | ChatBody) -> str:
+    return "messages" if isinstance(body, ChatBody) else "prompt"
+
+
+def _tokenize(backend: Backend, body: CompletionBody | ChatBody) -> tuple[int, ...]:
     if isinstance(body, ChatBody):
         return tuple(backend.encode(_chat_prompt(backend, body.messages)))
     prompt = body.prompt
@@ -318,7 +397,7 @@ def _prompt_ids(backend: Backend, body: CompletionBody | ChatBody) -> tuple[int,
     return tuple(prompt)
 
 
-def _generation_request(state: _AppState, body: CompletionBody | ChatBody) -> GenerationRequest:
+async def _generation_request(state: _AppState, body: CompletionBody | ChatBody) -> GenerationRequest:
     limits = state.limits
     if body.model is not None and body.model != state.backend.model_id:
         raise ApiError(404, f"The model `{body.model}` does not exist.", "model", code="model_not_found")
@@ -330,25 +409,37 @@ def _generation_request(state: _AppState, body: CompletionBody | ChatBody) -> Ge
         raise ApiError(400, f"max_tokens must be at most {limits.max_tokens}", "max_tokens")
     if body.min_tokens > max_tokens:
         raise ApiError(400, "min_tokens must not exceed max_tokens", "min_tokens")
-    prompt = _prompt_ids(state.backend, body)
+    stop_ids = body.stop_token_ids or ()
+    if len(stop_ids) > limits.max_stop_token_ids:
+        raise ApiError(400, f"stop_token_ids has {len(stop_ids)} ids, at most {limits.max_stop_token_ids}",
+                       "stop_token_ids")
+    prompt = await _prompt_ids(state, body)
     if not prompt:
-        raise ApiError(400, "the prompt is empty", "messages" if isinstance(body, ChatBody) else "prompt")
+        raise ApiError(400, "the prompt is empty", _prompt_param(body))
     if len(prompt) > limits.max_prompt_tokens:
-        raise ApiError(400, f"prompt has {len(prompt)} tokens, at most {limits.max_prompt_tokens}", "prompt")
+        raise ApiError(400, f"prompt has {len(prompt)} tokens, at most {limits.max_prompt_tokens}",
+                       _prompt_param(body))
     extra = body.model_extra or {}
     prefix = extra.get("prefix_id")
     return GenerationRequest(
         request_id=uuid.uuid4().hex, prompt=prompt, max_tokens=max_tokens, min_tokens=body.min_tokens,
         ignore_eos=body.ignore_eos, temperature=body.temperature, seed=body.seed,
-        stop_token_ids=tuple(body.stop_token_ids or ()), prefix_id=str(prefix) if prefix is not None else None)
+        stop_token_ids=tuple(stop_ids), prefix_id=str(prefix) if prefix is not None else None)
 
 
-def _stop_list(stop: str | list[str] | None) -> list[str]:
+def _stop_list(stop: str | list[str] | None, limits: ServerLimits) -> list[str]:
+    """The stop strings, bounded: each one is searched for after every token."""
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else stop
     if any(not s for s in stops):
         raise ApiError(400, "stop strings must not be empty", "stop")
+    if len(stops) > limits.max_stop_strings:
+        raise ApiError(400, f"stop has {len(stops)} strings, at most {limits.max_stop_strings}", "stop")
+    chars = sum(map(len, stops))
+    if chars > limits.max_stop_chars:
+        raise ApiError(400, f"stop strings have {chars} characters together, at most {limits.max_stop_chars}",
+                       "stop")
     return stops
 
 
@@ -444,8 +535,8 @@ class _GenerationResponse(StreamingResponse):
 
 async def _complete(state: _AppState, request: Request, body: CompletionBody | ChatBody) -> Response:
     arrived = time.monotonic()
-    gen_request = _generation_request(state, body)
-    stop = _stop_list(body.stop)
+    stop = _stop_list(body.stop, state.limits)   # cheap checks first: a bad body costs no tokenizing
+    gen_request = await _generation_request(state, body)
     try:
         stream = state.backend.generate(gen_request)
         gen = _Generation(state, stream, len(gen_request.prompt), stop, arrived)
@@ -493,29 +584,54 @@ def _map_backend_error(state: _AppState, exc: BaseException) -> BaseException:
 # ---------------------------------------------------------------------------------------------- the app
 
 class _Guard:
-    """Pure ASGI middleware: API key on /v1/*, and a bound on the request body read before the app parses it."""
+    """Pure ASGI middleware: the API key, a bound on the request body (size and time) read before the app parses
+    it, and the last word on anything unexpected: an OpenAI-shaped 500 that leaves the connection usable (an
+    exception reaching uvicorn after the response started makes it drop the connection)."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+    def __init__(self, app, api_key: str | None, open_paths: frozenset[str], limits: ServerLimits):
+        self.app, self.open_paths, self.limits = app, open_paths, limits
+        self.expected = b"Bearer " + api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.api_key and scope["path"].startswith("/v1/") and not self._authorized(scope):
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self._guarded(scope, receive, tracked)
+        except Exception as exc:
+            if started:   # headers are gone: nothing left to say in HTTP
+                raise
+            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            err = ApiError(500, f"internal server error ({type(exc).__name__})", type_="server_error")
+            await _error_response(err)(scope, receive, send)
+
+    async def _guarded(self, scope, receive, send):
+        if self.expected is not None and scope["path"] not in self.open_paths and not self._authorized(scope):
             err = ApiError(401, "Incorrect API key provided.", type_="invalid_request_error",
                            code="invalid_api_key")
             return await _error_response(err)(scope, receive, send)
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        body, too_big = await self._read_body(receive)
+        try:
+            with anyio.fail_after(self.limits.body_timeout_s):
+                body, too_big = await self._read_body(receive)
+        except TimeoutError:
+            err = ApiError(408, f"request body not received within {self.limits.body_timeout_s:g} s",
+                           code="body_timeout")
+            return await _error_response(err)(scope, receive, send)
         if too_big:
-            err = ApiError(413, f"request body larger than {self.max_body} bytes", code="body_too_large")
+            err = ApiError(413, f"request body larger than {self.limits.max_body_bytes} bytes", code="body_too_large")
             return await _error_response(err)(scope, receive, send)
         return await self.app(scope, _replay(body, receive), send)
 
     def _authorized(self, scope) -> bool:
-        headers = dict(scope["headers"])
-        return headers.get(b"authorization", b"") == b"Bearer " + self.api_key.encode()
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(given, self.expected)   # constant time: no key prefix leaks through timing
 
     async def _read_body(self, receive) -> tuple[bytes, bool]:
         parts, size = [], 0
@@ -525,7 +641,7 @@ class _Guard:
                 return b"", False
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body:
+            if size > self.limits.max_body_bytes:
                 return b"", True
             parts.append(chunk)
             if not message.get("more_body", False):
@@ -545,19 +661,46 @@ def _replay(body: bytes, receive):
 
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid":
-        err = ApiError(400, "request body is not valid JSON", None)
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return _error_response(ApiError(400, "request body is not valid JSON", None))
+    # A union field (prompt, content) reports one error per alternative: the deepest one says the most.
+    located = [([str(p) for p in e.get("loc", ()) if not _is_union_tag(p)], e) for e in errors] or [([], {})]
+    loc, first = max(located, key=lambda pair: len(pair[0]))
+    loc = [p for p in loc if p != "body"] if loc[:1] == ["body"] else loc
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    return _error_response(ApiError(400, f"{param or 'body'}: {message}", param))
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic names the union alternative in an error's loc ('str', 'list[int]', 'constrained-int',
+    '_ContentPart'); field names never look like that."""
+    if not isinstance(part, str):
+        return False
+    return ("[" in part or "-" in part or part[:1].isupper() or part[:1] == "_"
+            or part in ("str", "int", "float", "bool", "dict", "list", "none"))
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (no route, wrong method, unparsable body) in the OpenAI shape."""
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        err = ApiError(404, f"no route {where}", code="not_found")
+    elif exc.status_code == 405:
+        err = ApiError(405, f"method not allowed: {where}", code="method_not_allowed")
+    elif exc.status_code == 400:
+        err = ApiError(400, "request body could not be parsed: it must be UTF-8 JSON", code="invalid_body")
     else:
-        param = ".".join(loc) or None
-        err = ApiError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param)
-    return _error_response(err)
+        err = ApiError(exc.status_code, str(exc.detail))
+    return JSONResponse(err.body(), status_code=err.status, headers=dict(exc.headers or {}))
 
 
 def create_app(backend: Backend, *, api_key: str | None = None, limits: ServerLimits | None = None,
-               load_backend: bool = True) -> FastAPI:
-    """The ASGI app. With load_backend, the app's startup awaits backend.load() and shutdown closes it."""
+               load_backend: bool = True, metrics_open: bool = False) -> FastAPI:
+    """The ASGI app. With load_backend, the app's startup awaits backend.load() and shutdown closes it.
+
+    `api_key` protects every route but /health (and /metrics too unless `metrics_open`, for a scraper)."""
     limits = limits or ServerLimits()
     state = _AppState(backend, limits, _Metrics(backend))
 
@@ -582,12 +725,37 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: ServerLi
         failed.labels("400").inc()
         return _validation_error(exc)
 
+    def http_error(request, exc: StarletteHTTPException) -> JSONResponse:
+        failed.labels(str(exc.status_code)).inc()
+        return _http_error(request, exc)
+
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(_ClientGone, lambda _r, _e: Response(status_code=499))
     _routes(app, state)
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    open_paths = frozenset({"/health", "/metrics"} if metrics_open else {"/health"})
+    app.add_middleware(_Guard, api_key=api_key, open_paths=open_paths, limits=limits)
     return app
+
+
+def _error_doc(description: str) -> dict:
+    return {"model": ErrorBody, "description": description}
+
+
+# What the OpenAPI document lists: the statuses the server answers (400, never FastAPI's 422), the SSE stream.
+_ERRORS = {401: _error_doc("missing or wrong API key (with --api-key)"),
+           404: _error_doc("unknown model"), 408: _error_doc("request body too slow"),
+           413: _error_doc("request body too large"), 429: _error_doc("queue full (Retry-After says when)"),
+           503: _error_doc("backend unavailable"), "default": _error_doc("any other error, same shape")}
+# One server-sent event (what schemathesis checks each event against): a JSON chunk, or `[DONE]` at the end.
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE]"},
+                             "event": {"type": "string"}}}
+_GENERATION_DOC = {
+    200: {"description": "the completion; with `stream: true` a text/event-stream of chunks, then `data: [DONE]`",
+          "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
+    400: _error_doc("invalid request body (the param field names the field)"), **_ERRORS}
 
 
 def _routes(app: FastAPI, state: _AppState) -> None:
@@ -596,25 +764,88 @@ def _routes(app: FastAPI, state: _AppState) -> None:
         healthy = bool(state.backend.stats().get("healthy", True))
         return JSONResponse({"status": "ok" if healthy else "unavailable"}, status_code=200 if healthy else 503)
 
-    @app.get("/metrics")
+    # the error keeps its JSON media type (a "model" entry would take the route's text/plain)
+    unauthorized = {"description": _ERRORS[401]["description"],
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses={401: unauthorized},
+             description="Prometheus text exposition")
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={401: _ERRORS[401]})
     async def models():
         return {"object": "list", "data": [{"id": state.backend.model_id, "object": "model",
                                             "created": 0, "owned_by": "harness"}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_GENERATION_DOC)
     async def completions(body: CompletionBody, request: Request):
         return await _complete(state, request, body)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_GENERATION_DOC)
     async def chat(body: ChatBody, request: Request):
         return await _complete(state, request, body)
 
 
 # ---------------------------------------------------------------------------------------------- running it
+
+class _HeadTimeoutH11(H11Protocol):
+    """uvicorn's h11 protocol plus a header-read timeout, which uvicorn lacks: its keep-alive timer only runs
+    after a response, and any byte stops it, so a client that connects and trickles (or sends nothing) would
+    hold its connection forever. The clock starts when the connection opens, or when bytes of a next request
+    arrive, and stops once h11 has the whole request head."""
+
+    def __init__(self, *args, header_timeout_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:   # still no complete request head
+            self._arm_head_timer()
+        else:
+            self._disarm_head_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse (a malformed or oversized head): uvicorn's plain-text 400, in the OpenAI
+        shape like every other error. The connection closes after it, as uvicorn's does."""
+        body = json.dumps(ApiError(400, f"malformed HTTP request: {msg}", code="bad_http_request").body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                   (b"content-length", str(len(body)).encode())]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+def _uvicorn_options(limits: ServerLimits) -> dict:
+    """The connection-level bounds of ServerLimits, as uvicorn.Config arguments."""
+    return {"http": functools.partial(_HeadTimeoutH11, header_timeout_s=limits.header_timeout_s),
+            "timeout_keep_alive": limits.keep_alive_s, "h11_max_incomplete_event_size": limits.max_header_bytes}
+
 
 class EmbeddedServer:
     """uvicorn serving `create_app(backend)` from a background thread on 127.0.0.1 and a free port.
@@ -624,11 +855,14 @@ class EmbeddedServer:
     """
 
     def __init__(self, backend: Backend, *, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                 limits: ServerLimits | None = None, load_backend: bool = True, log_level: str = "warning"):
+                 limits: ServerLimits | None = None, load_backend: bool = True, log_level: str = "warning",
+                 metrics_open: bool = False):
         self.backend, self.host, self.port = backend, host, port
-        self.app = create_app(backend, api_key=api_key, limits=limits, load_backend=load_backend)
+        limits = limits or ServerLimits()
+        self.app = create_app(backend, api_key=api_key, limits=limits, load_backend=load_backend,
+                              metrics_open=metrics_open)
         self._config = uvicorn.Config(self.app, log_level=log_level, lifespan="on", access_log=False,
-                                      timeout_graceful_shutdown=5)
+                                      timeout_graceful_shutdown=5, **_uvicorn_options(limits))
         self._server = uvicorn.Server(self._config)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -685,7 +919,9 @@ class EmbeddedServer:
 
 
 def serve_forever(backend: Backend, *, host: str, port: int, api_key: str | None = None,
-                  limits: ServerLimits | None = None, log_level: str = "info") -> None:
+                  limits: ServerLimits | None = None, log_level: str = "info", metrics_open: bool = False) -> None:
     """Blocking: what `python -m harness serve` runs."""
-    app = create_app(backend, api_key=api_key, limits=limits)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    limits = limits or ServerLimits()
+    app = create_app(backend, api_key=api_key, limits=limits, metrics_open=metrics_open)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                **_uvicorn_options(limits))

@@ -65,6 +65,23 @@ def main(argv: list[str] | None = None) -> int:
             return 143 if terminated else 130
 
 
+def exit_process(code: int):
+    """Leave `python -m harness` with `code`. A process that loaded MLX (the mlx backend's tokenizer comes through
+    mlx_lm, which imports mlx.core) skips the interpreter's teardown: MLX's C++ threads, destroyed there, aborted
+    `bench --backend mlx` in 2 runs of 7 ("terminate called without an active exception", exit 134) after its
+    run folder was written, and an exit code that lies cannot be scripted. Nothing is lost by skipping it: the
+    command has returned, its run folder is on disk (every file moved into place whole), the atexit handlers
+    (the launcher's rank clean-up, logging) still run and the console is flushed."""
+    if "mlx.core" not in sys.modules:
+        sys.exit(code)
+    import atexit
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 class _PipeSafe:
     """A console stream that a closed pipe (`| head -1`) cannot break: once the reader is gone, output is
     dropped and the command carries on writing its run folder, exactly as it would on a terminal."""

@@ -10,6 +10,11 @@ Nothing finished is lost: each request row is appended to `requests.journal.json
 as it completes; writing requests.parquet compacts the journal away. A run stopped by Ctrl-C, SIGTERM or an
 exception still writes requests.parquet from the journal and a summary.json whose status says why it stopped
 (`RunWriter.stop`), and keeps the marker, so readers never take it for a complete run.
+
+A writer killed outright (SIGKILL, power loss) cannot say so: its marker still reads "running". The marker's
+second line names the writer (pid, host, process start time), so `read_run`, the one reader every command
+opens a folder with, notices a writer that is gone, marks the folder interrupted and removes its temporary
+files; the journal keeps the requests that finished.
 """
 from __future__ import annotations
 
@@ -98,7 +103,7 @@ class RunWriter:
             raise UserError(f"run folder {self.path} already exists") from None
         except OSError as exc:
             raise UserError(f"cannot create run folder {self.path}: {exc}") from None
-        self._write_bytes(MARKER, b"running\n")
+        self._write_bytes(MARKER, f"running\n{json.dumps(writer_identity())}\n".encode())
         self.finished = False
         self.stopped: tuple[str, str] | None = None   # (status, reason) once the run was cut short
         self.journal = RequestJournal(self.path / JOURNAL)
@@ -107,9 +112,12 @@ class RunWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if self.stopped is None and not self.finished:
-            self.stop(*stop_reason(exc))
-        self.journal.close()
+        try:
+            if self.stopped is None and not self.finished:
+                self.stop(*stop_reason(exc))
+            self.journal.close()
+        finally:   # a signal in the middle of a write leaves its temporary file; none may outlive the writer
+            remove_temporary_files(self.path, os.getpid())
         return False
 
     def stop(self, status: str, reason: str) -> None:
@@ -267,6 +275,79 @@ def _git() -> dict:
     return {"git_commit": commit or None, "git_dirty": dirty if commit else None}
 
 
+def remove_temporary_files(folder: Path, pid: int) -> None:
+    """The `.<name>.tmp-<pid>` files that process `pid` left in `folder` (its writes are atomic, so none holds
+    anything a reader needs)."""
+    for tmp in folder.glob(f".*.tmp-{pid}"):
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------ writer liveness
+
+def writer_identity() -> dict:
+    """What tells this process from any other, later or elsewhere: pid, host and the process's start time
+    (a pid alone is reused)."""
+    pid = os.getpid()
+    return {"pid": pid, "host": platform.node(), "started": process_start(pid)}
+
+
+def process_start(pid: int) -> str | None:
+    """An opaque stamp of when process `pid` started, or None when no such (live) process exists here."""
+    if Path("/proc/self/stat").exists():   # Linux: field 22 of /proc/PID/stat, clock ticks since boot
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return None if fields[0] in ("Z", "X") else fields[19]   # a zombie has already exited
+    try:                                   # macOS and other systems without /proc
+        out = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"                   # cannot look: never take a live writer for a dead one
+    return out.stdout.strip() or None
+
+
+def writer_gone(identity: dict) -> bool:
+    """True only when the writer surely no longer runs: same host, and its pid is free or now another
+    process. A writer on another host (a shared disk) cannot be checked from here."""
+    if identity.get("host") != platform.node() or not isinstance(identity.get("pid"), int):
+        return False
+    now, then = process_start(identity["pid"]), identity.get("started")
+    if now is None:
+        return True
+    known = "unknown" not in (now, then) and then is not None   # else only a free pid proves it gone
+    return known and now != then
+
+
+def _marker_status(folder: Path) -> str:
+    """The marker's first line; a "running" folder whose writer is gone is marked interrupted on the way."""
+    lines = (folder / MARKER).read_text(encoding="utf-8", errors="replace").splitlines() or [""]
+    status = lines[0].strip()
+    if status != "running" or len(lines) < 2:
+        return status
+    try:
+        identity = json.loads(lines[1])
+    except ValueError:
+        return status
+    if not isinstance(identity, dict) or not writer_gone(identity):
+        return status
+    return mark_abandoned(folder, identity)
+
+
+def mark_abandoned(folder: Path, identity: dict) -> str:
+    """A folder whose writer died without a word: the marker says interrupted, its temporary files go, and the
+    journal (the requests that finished) stays. Returns the new status; a folder that cannot be written to
+    (read-only disk) is only reported."""
+    status = f"interrupted (writer pid {identity['pid']} on {identity['host']} is gone: killed before it finished)"
+    try:
+        remove_temporary_files(folder, identity["pid"])
+        tmp = folder / f".{MARKER}.tmp-{os.getpid()}"
+        tmp.write_text(status + "\n")
+        os.replace(tmp, folder / MARKER)
+    except OSError as exc:
+        return f"{status}; could not mark the folder: {exc.strerror or exc}"
+    return status
+
+
 # ------------------------------------------------------------------------------------------ reading
 
 @dataclass(frozen=True)
@@ -312,14 +393,15 @@ class RunFolder:
 
 
 def read_run(path: str | Path, require_complete: bool = True) -> RunFolder:
-    """Open a run folder; an incomplete one raises UserError unless require_complete is False."""
+    """Open a run folder; an incomplete one raises UserError unless require_complete is False. A folder left
+    "running" by a writer that is gone is marked interrupted here (`_marker_status`)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"run folder {path} does not exist")
     marker = path / MARKER
     summary = path / "summary.json"
     if marker.exists() or not summary.exists():
-        reason = marker.read_text().strip() if marker.exists() else "no summary.json"
+        reason = _marker_status(path) if marker.exists() else "no summary.json"
         if require_complete:
             raise UserError(f"run {path} is incomplete ({reason})")
         return RunFolder(path, False, reason)

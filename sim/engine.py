@@ -219,6 +219,31 @@ class Engine:
             self._notify()
         return s
 
+    def cancel(self, s: int) -> None:
+        """The client went away: a waiting request leaves the queue (failed, "cancelled by the client"); a
+        running one ends at its next token, which frees its batch slot and KV blocks the normal way. A prefill
+        chunk already in flight is not taken back."""
+        if self.status[s] == WAITING:
+            self.waiting.remove(s)
+            self._fail(s, "cancelled by the client")
+        elif self.status[s] == RUNNING:
+            for sc in self.scheds:
+                if s in sc.prefilling:
+                    self.target[s] = self.generated[s] + 1
+                    return
+                hit = np.flatnonzero(sc.running == s)
+                if hit.size:
+                    i = int(hit[0])
+                    self.target[s] -= int(sc.left[i]) - 1   # generated = target - left stays what it is
+                    sc.left[i] = 1
+                    sc.min_left = min(sc.min_left, 1)
+                    return
+
+    def free_sequence_slots(self) -> int:
+        """Batch places not taken by a running request: a waiting request that fits one is admitted next step."""
+        running = int(np.count_nonzero(self.status[:self.n] == RUNNING))
+        return max(0, self.cfg.max_num_seqs * len(self.scheds) - running)
+
     def advance(self, until: float) -> None:
         """Run the simulation up to virtual time `until`, including the events due at exactly `until`."""
         env = self.env

@@ -82,11 +82,18 @@ def test_mlx_backend_keeps_a_plan_given_as_plan_json_and_none_for_a_bare_split(o
     assert bare.plan is None and bare.split == planned.plan.split()
 
 
-def test_mlx_refuses_a_plan_its_ranks_cannot_run_before_building_a_twin(tmp_path, monkeypatch, capsys):
+def test_mlx_refuses_a_plan_its_ranks_cannot_run_before_building_a_twin(tmp_path, monkeypatch):
+    from dataclasses import replace
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
-    # the default plan of `serve` puts two Macs in one tensor-parallel stage
-    assert main(["serve", "--backend", "mlx", "--cluster", "mixed", "--model", "llama-3.1-70b"]) == 2
-    assert "tensor-parallel" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    cluster, model = catalog.load_cluster("mixed"), catalog.load_model("qwen2.5-0.5b", 16, 64)
+    plan = get_strategy("uniform")(cluster, model, PlanOptions(profile=load_profile()))
+    # qwen2.5-0.5b has 2 KV heads: a TP-3 stage cannot shard them
+    trio = tuple(n.name for n in cluster.nodes[:3])
+    stage = replace(plan.stages[0], nodes=trio, layer_start=0, layer_end=model.num_layers, tp_degree=3)
+    planned = Planned(cluster, model, replace(plan, stages=(stage,)), load_profile(), "qwen2.5-0.5b")
+    with pytest.raises(UserError, match="num_key_value_heads = 2"):
+        make_backend("mlx", BackendOptions(planned=lambda: planned))
+    assert not any(tmp_path.iterdir())            # refused before any twin was built
     with pytest.raises(UserError, match="needs a model folder"):
         make_backend("mlx", BackendOptions(split=(12, 12)))
 

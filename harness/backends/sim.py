@@ -13,7 +13,8 @@ Known gaps against the simulator run in virtual time:
   client one return hop (link latency) after their emit time; the event's `time_s` is the emit time;
 - asyncio timers wake up to ~1 ms late; every token of a step is late by the same amount, so TPOT keeps
   its value and TTFT gains about a millisecond;
-- a cancelled request keeps running in the engine (it has no cancel call yet); its tokens are dropped.
+- a cancelled request leaves the engine: from the queue at once, from the batch at its next token
+  (`Engine.cancel`), so a client that times out creates no invisible load.
 
 The sim generates exactly `max_tokens` tokens (it has no EOS), the same token ids as the instant backend
 for a given seed, and counts prompts with the same word tokenizer.
@@ -206,8 +207,12 @@ class SimBackend:
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         engine = self.engine
-        if self.config.max_waiting is not None and len(engine.waiting) >= self.config.max_waiting:
-            raise QueueFull(f"{len(engine.waiting)} requests waiting (max_waiting={self.config.max_waiting})")
+        # only requests the batch cannot take count as waiting: every request sits in the queue until the
+        # engine's next step, however much room the batch has
+        unadmitted = len(engine.waiting) - engine.free_sequence_slots()
+        if self.config.max_waiting is not None and unadmitted >= self.config.max_waiting:
+            raise QueueFull(f"{unadmitted} requests waiting beyond the batch's free places "
+                            f"(max_waiting={self.config.max_waiting})")
         pending = _Pending(request, asyncio.Queue())
         entered = asyncio.get_running_loop().create_future()
         engine.advance(self.virtual_now())   # the engine's clock must read "now" before the request arrives

@@ -6,7 +6,9 @@
 - per-step overhead: one decode step of the tiny local model minus its weight-streaming time;
 - SSD read rate: a freshly written file read back after asking the kernel to drop its pages;
 - ring link: ping-pong between 2 ranks over message sizes (latency = half the small-message RTT,
-  bandwidth from the large messages).
+  bandwidth from the large messages);
+- collectives: all_sum time by message size on rings of 2 and 3 ranks (what a tensor-parallel layer waits
+  for twice), beside the cost model's ring all-reduce for the measured link.
 
 Compute benchmarks run in a child process started with the same BLAS preload and thread count a
 single rank gets, because LD_PRELOAD only works at process start.
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 RING_SIZES = (64, 1024, 16 * 1024, 256 * 1024, 1 << 20, 4 << 20, 16 << 20)
+ALLSUM_SIZES = (64, 4 * 1024, 64 * 1024, 1 << 20, 4 << 20)
 
 
 def _times(fn, reps: int, warmup: int = 2) -> list[float]:
@@ -148,6 +151,20 @@ def ring_pingpong(sizes=RING_SIZES, reps: int = 20) -> dict:
     return result
 
 
+def all_sum_times(sizes=ALLSUM_SIZES, reps: int = 20) -> dict:
+    """Run on every rank of a ring: median and fastest all_sum time per message size (bytes)."""
+    import mlx.core as mx
+    group = mx.distributed.init(backend="ring", strict=True)
+    out = {"ranks": group.size(), "median_s": {}, "min_s": {}}
+    for size in sizes:
+        x = mx.ones((max(1, size // 4),), dtype=mx.float32)
+        mx.eval(x)
+        times = _times(lambda: mx.eval(mx.distributed.all_sum(x, group=group)), reps, warmup=3)
+        out["median_s"][str(size)] = statistics.median(times)
+        out["min_s"][str(size)] = min(times)
+    return out
+
+
 def link_from_rtts(rtts: dict) -> dict:
     """Latency: half the smallest message's fastest RTT (on a busy host the median includes scheduler
     stalls of several ms, which are not a property of the link). Bandwidth: the slope of the median RTT
@@ -185,12 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     elif mode == "decode":
         step, nbytes = decode_step_s(argv[1], tokens=int(argv[2]) if len(argv) > 2 else 64)
         print(json.dumps({"decode_step_s": step, "model_bytes": nbytes}))
-    elif mode == "ring":
-        res = ring_pingpong()
-        if "MLX_RANK" in os.environ and os.environ["MLX_RANK"] == "0":
+    elif mode in ("ring", "allsum"):
+        res = ring_pingpong() if mode == "ring" else all_sum_times()
+        if os.environ.get("MLX_RANK") == "0":
             print(json.dumps(res))
     else:
-        print(f"unknown mode {mode!r}: compute | gemm | decode | ring", file=sys.stderr)
+        print(f"unknown mode {mode!r}: compute | gemm | decode | ring | allsum", file=sys.stderr)
         return 2
     return 0
 

@@ -34,6 +34,9 @@ def test_profile_host_writes_a_profile_the_cost_model_loads(tmp_path):
     for key in ("mem_bw_gbs", "fp16_tflops", "max_mem_gb", "ssd_gbs"):
         assert data["chip"][key] > 0 and math.isfinite(data["chip"][key]), key
     assert data["link"]["kind"] == "loopback" and data["link"]["latency_us"] > 0
+    for ranks, allsum in data["measurements"]["all_sum"].items():   # measured beside the cost model's figure
+        assert int(ranks) in (2, 3) and set(allsum["median_s"]) == set(allsum["cost_model_s"])
+        assert all(v > 0 for v in allsum["median_s"].values()), ranks
     profile_file = tmp_path / "profile.json"
     profile_file.write_text(json.dumps(data["profile"]))
     profile = load_profile(profile_file)

@@ -124,7 +124,9 @@ def prefill_waits(steps: pd.DataFrame) -> pd.Series:
     work = steps[steps["kind"].isin(WORK_KINDS)].sort_values(["stage", "start_s"])
     blocker = work.groupby("stage")["kind"].shift(1)
     sends = steps[steps["kind"] == "send"]
-    arrived = sends.set_index(["step", sends["stage"] + 1])["end_s"]     # a send feeds the next stage
+    # a send feeds the next stage; a step of several forwards (prefill chunks, then decode) sends once per
+    # forward, and the stage's work can start only after the last of them
+    arrived = sends.groupby([sends["step"], sends["stage"] + 1])["end_s"].max()
     ready = arrived.reindex(pd.MultiIndex.from_arrays([work["step"], work["stage"]])).to_numpy()
     wait = np.where(work["stage"].to_numpy() > 0, np.nan_to_num(work["start_s"].to_numpy() - ready), 0.0)
     behind_prefill = np.maximum(wait, 0.0) * blocker.isin(PREFILL_KINDS).to_numpy()

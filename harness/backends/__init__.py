@@ -97,11 +97,12 @@ def _mlx_backend(options: BackendOptions):
 def _mlx_twin_backend(options: BackendOptions):
     """Real MLX ranks on this machine running the plan's split on a locally built scaled twin of the model:
     same layers and head layout, smaller width (harness.mlx.modelbuild), so the plan applies unchanged."""
-    from harness.backends.mlx import MlxBackend, _stages_from, links_for_plan
+    from harness.backends.mlx import MlxBackend, links_for_plan, rank_layout
     from harness.mlx.modelbuild import build, twin_config
     p = _planned(options, "mlx")
-    _stages_from(p.plan, p.model.num_layers)   # a plan the ranks cannot run fails now, not after a long build
-    twin = build(twin_config(p.model_source, head_dim=options.twin_head_dim), seed=options.twin_seed)
+    config = twin_config(p.model_source, head_dim=options.twin_head_dim)
+    rank_layout(p.plan, config)   # a plan the ranks cannot run fails now, not after a long build
+    twin = build(config, seed=options.twin_seed)
     links = links_for_plan(p.plan, p.cluster) if options.emulate_links else None
     return MlxBackend(twin.path, p.plan, model_id=options.model_id or f"{p.model_source}-twin",
                       max_running=options.max_running, links=links,

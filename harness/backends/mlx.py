@@ -48,7 +48,8 @@ class _Req:
     arrival: float                     # time.time()
     uid: int | None = None
     ids: list[int] = field(default_factory=list)
-    text_len: int = 0
+    prefix_off: int = 0                # incremental detokenizing: ids[prefix_off:read_off] is text already sent,
+    read_off: int = 0                  # decoded again only as context for the next tokens
     first: float | None = None
     end: float | None = None
     finish: str | None = None
@@ -95,28 +96,73 @@ def _plan_of(plan_or_split) -> PartitionPlan | None:
     return plan_or_split if isinstance(plan_or_split, PartitionPlan) else None
 
 
-def _stages_from(plan_or_split, model_layers: int) -> tuple[list[int], list[str]]:
-    """Layer counts in layer order and a node name per stage, from a PartitionPlan or a plain list."""
+@dataclass(frozen=True)
+class RankLayout:
+    """Which stage and node each rank process runs, from a plan or a plain split.
+
+    Pipeline: one rank per stage, rank r runs layer-order stage size-1-r (mlx-lm's order). Tensor parallel
+    (one stage of K members): K ranks, rank r is member r. Pipelined TP stages: ranks in layer order,
+    members in order (`harness.mlx.hops`)."""
+    split: list[int]                  # layer counts per stage, layer order
+    stage_names: list[str]            # one unique name per stage ("a+b" for a TP pair)
+    rank_stage: list[int]             # stage of each rank, rank order
+    rank_node: list[str]              # node of each rank, rank order
+    stage_tp: list[int] | None = None  # TP degree per stage; None: all 1
+
+    @property
+    def ranks(self) -> int:
+        return len(self.rank_stage)
+
+    @property
+    def tp_degree(self) -> int:
+        return max(self.stage_tp or [1])
+
+
+def rank_layout(plan_or_split, config: dict) -> RankLayout:
+    """The ranks a plan (or split) needs on the ring backend; a plan they cannot run fails here, before any
+    rank starts, with what to change."""
+    model_layers = int(config["num_hidden_layers"])
     if plan_or_split is None:
-        return [model_layers], ["local"]
+        return RankLayout([model_layers], ["local"], [0], ["local"])
     if (plan := _plan_of(plan_or_split)) is not None:
-        stages = plan.stages
-        if any(s.tp_degree > 1 for s in stages):
-            raise UserError("the mlx backend runs pipeline stages only; this plan has tensor-parallel "
-                            "stages (tp_degree > 1): choose a pipeline-only strategy")
-        counts = list(plan.split())
-        names = ["+".join(s.nodes) for s in stages]
+        counts, members = list(plan.split()), [list(s.nodes) for s in plan.stages]
+        tp = max(s.tp_degree for s in plan.stages)
     else:
         counts = [int(c) for c in plan_or_split]
-        names = [f"stage{i}" for i in range(len(counts))]
+        members, tp = [[f"stage{i}"] for i in range(len(counts))], 1
     if any(c <= 0 for c in counts) or sum(counts) != model_layers:
         raise UserError(f"layer split {counts} must be positive and sum to the model's {model_layers} layers")
+    names = _unique(["+".join(m) for m in members])
+    if tp == 1:
+        n = len(counts)
+        stages = [n - 1 - r for r in range(n)]
+        return RankLayout(counts, names, stages, [names[s] for s in stages])
+    for k in sorted({len(m) for m in members} - {1}):
+        _check_tp_shapes(config, k)
+    rank_stage = [s for s, m in enumerate(members) for _ in m]
+    return RankLayout(counts, names, rank_stage, _unique([n for m in members for n in m]),
+                      [len(m) for m in members])
+
+
+def _check_tp_shapes(config: dict, tp: int) -> None:
+    # shard() splits heads and MLP columns evenly; a remainder would silently drop part of the model
+    heads = int(config["num_attention_heads"])
+    fields = {"num_attention_heads": heads, "num_key_value_heads": int(config.get("num_key_value_heads") or heads),
+              "intermediate_size": int(config["intermediate_size"])}
+    bad = [f"{k} = {v}" for k, v in fields.items() if v % tp]
+    if bad:
+        raise UserError(f"tensor parallel over {tp} ranks needs {', '.join(fields)} divisible by {tp}; "
+                        f"this model has {', '.join(bad)}")
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Node names key the records: a name used twice gets '#2', '#3'."""
     seen: dict[str, int] = {}
-    for i, n in enumerate(names):      # node names key the records: keep them unique
+    out = []
+    for n in names:
         seen[n] = seen.get(n, 0) + 1
-        if seen[n] > 1:
-            names[i] = f"{n}#{seen[n]}"
-    return counts, names
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return out
 
 
 class MlxBackend:
@@ -135,7 +181,8 @@ class MlxBackend:
             raise UserError(f"{self.model_path}: no config.json; build one with `python -m harness model build`")
         self.config = json.loads(cfg_path.read_text())
         self.plan = _plan_of(plan_or_split)
-        self.split, self.nodes = _stages_from(plan_or_split, int(self.config["num_hidden_layers"]))
+        self.layout = rank_layout(plan_or_split, self.config)
+        self.split = self.layout.split
         self.model_id = model_id or self.model_path.name
         self.links, self.use_blas, self.emulate_latency = links, use_blas, emulate_latency
         self.max_running, self.max_waiting = max_running, max_waiting
@@ -194,7 +241,8 @@ class MlxBackend:
         t0 = time.time()
         self.tokenizer  # noqa: B018  (load it now, not on the first request)
         self._group = launcher.launch(self.model_path, self.split, links=self.links, use_blas=self.use_blas,
-                                      worker_args=self.worker_args, emulate_latency=self.emulate_latency)
+                                      worker_args=self.worker_args, emulate_latency=self.emulate_latency,
+                                      stage_tp=self.layout.stage_tp)
         self._readers = [_LineReader(r.proc.stdout.fileno()) for r in self._group.ranks]
         try:
             self._ready = self._read_all(self.load_timeout_s, "load")
@@ -203,12 +251,14 @@ class MlxBackend:
             self._error = exc if isinstance(exc, BackendUnavailable) else BackendUnavailable(f"load failed: {exc}")
             raise
         wall = time.time() - t0
+        nodes = self.layout.rank_node
         for msg in self._ready:
-            node = self.nodes[msg["stage"]]
-            self._steps.append(self._row(0, msg["stage"], node, "load", t0, t0 + msg["load_s"], 0, 0, 0))
+            self._steps.append(self._row(0, msg["stage"], nodes[msg["rank"]], "load", t0, t0 + msg["load_s"], 0, 0, 0))
         self._thread = threading.Thread(target=self._drive, name="mlx-backend-driver", daemon=True)
         self._thread.start()
-        notes = [f"ranks: {len(self.split)}, split in layer order {self.split} (mlx-lm rank order reversed)",
+        notes = [f"ranks: {self.layout.ranks}, split in layer order {self.split} (mlx-lm rank order reversed)"
+                 + (f", tensor-parallel degree per stage {self.layout.stage_tp} (mlx-lm shard(); "
+                    "stages joined by TCP hops when more than one)" if self.layout.tp_degree > 1 else ""),
                  f"BLAS: {self._group.blas_path or 'bundled reference BLAS (slow; apt-get install libopenblas0-pthread)'}",
                  "batching: mlx-lm BatchGenerator (continuous batching) in lockstep on every rank",
                  f"load wall time (all ranks, incl. process start): {wall:.2f} s"]
@@ -216,14 +266,13 @@ class MlxBackend:
             notes.append("links: tc tbf rate limits per rank; " + (
                 "latency added by userspace delay relays (throughput cap a few Gbit/s)" if self.emulate_latency
                 else "latency not emulated (no netem in this kernel)"))
-        return LoadReport(load_s_per_node={self.nodes[m["stage"]]: m["load_s"] for m in self._ready},
-                          memory_bytes_per_node={self.nodes[m["stage"]]: m["param_bytes"] for m in self._ready},
+        return LoadReport(load_s_per_node={nodes[m["rank"]]: m["load_s"] for m in self._ready},
+                          memory_bytes_per_node={nodes[m["rank"]]: m["param_bytes"] for m in self._ready},
                           source="measured", notes=tuple(notes))
 
     # ------------------------------------------------------------------ rank I/O
     def _rank_label(self, rank: int) -> str:
-        stage = len(self.split) - 1 - rank
-        return f"rank {rank} (stage {stage}, node {self.nodes[stage]})"
+        return f"rank {rank} (stage {self.layout.rank_stage[rank]}, node {self.layout.rank_node[rank]})"
 
     def _death(self) -> BackendUnavailable | None:
         dead = self._group.dead() if self._group else []
@@ -333,7 +382,7 @@ class MlxBackend:
         stop = (not r.ignore_eos and n > r.min_tokens and (token in self.eos_ids or token in r.stop_token_ids))
         finish = "stop" if stop else ("length" if (rank_finish == "length" or n >= r.max_tokens) else None)
         req.ids.append(token)
-        text = "" if stop else self._delta(req, final=finish is not None)
+        text = self._delta(req, None if stop else token, final=finish is not None)
         req.first = req.first or now
         req.chunk_times.append(now)
         if finish:
@@ -348,19 +397,26 @@ class MlxBackend:
         if rank_finish is None:
             self._removals.append(req.uid)   # the ranks still hold it: remove at the next step
 
-    def _delta(self, req: _Req, final: bool) -> str:
-        text = self.tokenizer.decode(req.ids)
-        if text.endswith("\ufffd") and not final:
-            return ""                   # a multi-byte character is incomplete: wait for its next byte
-        delta, req.text_len = text[req.text_len:], len(text)
-        return delta
+    def _delta(self, req: _Req, token: int | None, final: bool) -> str:
+        """The text the newest token adds (`token` None: a stop token, which adds none). Decodes a short window
+        (the last text sent, as context, plus what is new), not the whole output each time, which was quadratic;
+        the context keeps word-initial spaces right. An incomplete multi-byte character is held back until its
+        last byte arrives or `final`."""
+        ids = req.ids if token is not None else req.ids[:-1]
+        sent = self.tokenizer.decode(ids[req.prefix_off:req.read_off])
+        window = self.tokenizer.decode(ids[req.prefix_off:])
+        if window.endswith("\ufffd") and not final:
+            return ""
+        req.prefix_off, req.read_off = req.read_off, len(ids)
+        return window[len(sent):]
 
     def _record_step(self, replies: list[dict]) -> None:
         for rep in replies:
-            stage = len(self.split) - 1 - rep["rank"]
-            node = self.nodes[stage]
+            stage, node = self.layout.rank_stage[rep["rank"]], self.layout.rank_node[rep["rank"]]
+            self._kv_last[node] = rep["kv_bytes"]
             fw = rep["forwards"]
-            if not fw:
+            # one row per stage and step, as the simulator writes: a TP stage's members step together
+            if not fw or rep["rank"] != self.layout.rank_stage.index(stage):
                 continue
             tokens, batch = sum(f[0] for f in fw), max(f[1] for f in fw)
             decode = all(f[0] == f[1] for f in fw)
@@ -370,7 +426,6 @@ class MlxBackend:
             row = self._row(self._step_no, stage, node, kind, rep["t0"], rep["t1"], batch, tokens, rep["kv_bytes"])
             row["compute_s"] = (rep["t1"] - rep["t0"]) - net_s
             self._steps.append(row)
-            self._kv_last[node] = rep["kv_bytes"]
             for kind_net, s, e in rep["net"]:
                 k = "send" if kind_net == "send" else "recv"   # all_gather waits count as receiving
                 self._steps.append(self._row(self._step_no, stage, node, k, s, e, batch, tokens, rep["kv_bytes"]))
@@ -403,8 +458,12 @@ class MlxBackend:
                 raise BackendUnavailable(str(self._error))
             if self._thread is None:
                 raise BackendUnavailable("mlx backend is not loaded (call load() first)")
-            if len(self._waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self._waiting)} requests already waiting (max_waiting={self.max_waiting})")
+            # only requests the batch cannot take count: a request waits for the driver's next step anyway
+            free = self.max_running - len(self._running) - len(self._inflight)
+            unadmitted = len(self._waiting) - max(0, free)
+            if unadmitted >= self.max_waiting:
+                raise QueueFull(f"{unadmitted} requests waiting beyond the batch's free places "
+                                f"(max_waiting={self.max_waiting})")
             self._key_seq += 1
             req = _Req(request, asyncio.get_running_loop(), asyncio.Queue(), f"{self._key_seq}", time.time())
             self._waiting.append(req)
@@ -438,7 +497,7 @@ class MlxBackend:
     def stats(self) -> dict:
         with self._cv:
             out = {"num_requests_running": len(self._running), "num_requests_waiting": len(self._waiting),
-                   "steps": self._step_no, "ranks": len(self.split), "split": self.split,
+                   "steps": self._step_no, "ranks": self.layout.ranks, "split": self.split,
                    "error": str(self._error) if self._error else None,
                    "healthy": self._error is None and self._thread is not None and not self._stopping}
             out["kv_cache_bytes"] = dict(self._kv_last)
@@ -487,16 +546,30 @@ def links_for_plan(plan, cluster) -> list[launcher.LinkShape | None]:
     """Per-rank link shapes (rank order) for namespace emulation of a plan's ring on this host.
 
     A rank's veth carries all its traffic, so it gets the slowest cluster link between its node and its
-    ring neighbours. Loopback links and links between members of the same node are not shaped.
+    ring neighbours (the next stages of a pipeline, the other members of a tensor-parallel stage).
+    Loopback links and links between members of the same node are not shaped.
     Rates above about 10 Gbit/s exceed what veth achieves on a small host; latency is applied only
     with `MlxBackend(..., emulate_latency=True)` (delay relays).
     """
-    names = [s.nodes[0] for s in plan.stages]
     shapes = []
-    for i, node in enumerate(names):
-        neighbours = {names[(i - 1) % len(names)], names[(i + 1) % len(names)]} - {node}
-        links = [cluster.link(node, other) for other in neighbours]
+    for node, peers in _rank_peers(plan):
+        links = [cluster.link(node, other) for other in set(peers) - {node}]
         links = [l for l in links if l.kind != "loopback"]
         slowest = min(links, key=lambda l: l.bandwidth_gbps, default=None)
         shapes.append(launcher.LinkShape(slowest.bandwidth_gbps, slowest.latency_us) if slowest else None)
-    return list(reversed(shapes))     # stage order -> rank order (rank 0 runs the last stage)
+    return shapes
+
+
+def _rank_peers(plan) -> list[tuple[str, list[str]]]:
+    """(node, nodes it exchanges data with) per rank, in rank order."""
+    if all(s.tp_degree == 1 for s in plan.stages):
+        names = [s.nodes[0] for s in reversed(plan.stages)]   # pipeline: rank 0 runs the last stage
+        return [(n, [names[i - 1], names[(i + 1) % len(names)]]) for i, n in enumerate(names)]
+    members = [list(s.nodes) for s in plan.stages]           # TP: ranks in layer order, members in order
+    last = len(members) - 1
+    out = []
+    for s, nodes in enumerate(members):
+        near = [n for t in (s - 1, s, s + 1) if 0 <= t <= last for n in members[t]]
+        final = [n for t in range(last) for n in members[t]] if s == last else members[last]
+        out += [(n, near + final) for n in nodes]
+    return out

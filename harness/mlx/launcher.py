@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.mlx import blas
+from harness.mlx.hops import hops_env
 from harness.mlx.errors import UserError
 
 _LIVE: "set[RankGroup]" = set()
@@ -222,12 +223,21 @@ def worker_argv(model: str, split: list[int], extra: list[str] = ()) -> list[str
 def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None] | None = None,
            use_blas: bool | str = True, pin: bool = True, worker_args: list[str] = (),
            workdir: Path | None = None, command: list[str] | None = None,
-           emulate_latency: bool = False) -> RankGroup:
-    """Start len(split) ranks (one process when len(split) == 1). Returns once they are spawned;
+           emulate_latency: bool = False, stage_tp: list[int] | None = None) -> RankGroup:
+    """Start the ranks of `split` (layer counts per stage) and `stage_tp` (TP degree per stage, default all 1):
+    one rank per stage for a pipeline (one process when len(split) == 1), K ranks on one ring for a single
+    TP stage, or, for pipelined TP stages, one ring per TP stage and TCP hops between stages
+    (`harness.mlx.hops`; ranks numbered in layer order). Returns once they are spawned;
     the caller reads each rank's "ready" line. `links` (one per rank) puts ranks in namespaces;
     with `emulate_latency`, ring traffic also goes through delay relays (`harness.mlx.relay`) that add
     each link's latency_us one way. `command` replaces the worker's argv (e.g. a ring micro-benchmark)."""
-    n = len(split)
+    stage_tp = list(stage_tp or [1] * len(split))
+    if len(stage_tp) != len(split) or min(stage_tp) < 1:
+        raise UserError(f"stage_tp {stage_tp} must give a TP degree >= 1 for each of the {len(split)} stages")
+    hybrid = len(split) > 1 and max(stage_tp) > 1
+    n = sum(stage_tp) if max(stage_tp) > 1 else len(split)
+    if max(stage_tp) > 1 and not hybrid:
+        worker_args = [*worker_args, "--tp", str(stage_tp[0])]
     workdir = Path(workdir or tempfile.mkdtemp(prefix="harness-ranks-"))
     workdir.mkdir(parents=True, exist_ok=True)
     blas_path = blas.find_openblas() if use_blas is True else (use_blas or None)
@@ -238,21 +248,27 @@ def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None]
     with _LOCK:
         _LIVE.add(group)
     try:
-        hostfile_path = None
+        wiring = [(None, r, {}) for r in range(n)]      # (ring hostfile, rank on that ring, extra env)
         if n > 1:
             if netns:
                 netns.setup()
-                addresses, ports = netns.addresses, [5000 + r for r in range(n)]
+                addresses, ports = netns.addresses, [5000 + r for r in range(2 * n)]
             else:
-                addresses, ports = ["127.0.0.1"] * n, free_ports(n)
-            group.hostfile = ring_hostfile(addresses, ports)
-            hostfile_path = workdir / "hostfile.json"
-            hostfile_path.write_text(json.dumps(group.hostfile))
-        rank_hostfiles = [hostfile_path] * n
-        if n > 1 and netns and emulate_latency and any(l and l.latency_us > 0 for l in links):
-            rank_hostfiles = _start_relays(group, addresses, ports, links)
+                addresses, ports = ["127.0.0.1"] * n, free_ports(2 * n)
+            if hybrid:
+                if emulate_latency:
+                    raise UserError("latency emulation covers ring links only; run pipelined TP stages without it")
+                wiring = _hybrid_wiring(workdir, stage_tp, addresses, ports[:n], ports[n:])
+            else:
+                group.hostfile = ring_hostfile(addresses, ports[:n])
+                hostfile_path = workdir / "hostfile.json"
+                hostfile_path.write_text(json.dumps(group.hostfile))
+                wiring = [(hostfile_path, r, {}) for r in range(n)]
+        if n > 1 and not hybrid and netns and emulate_latency and any(l and l.latency_us > 0 for l in links):
+            wiring = [(h, r, {}) for r, h in enumerate(_start_relays(group, addresses, ports[:n], links))]
         for rank in range(n):
-            env = _rank_env(rank, n, rank_hostfiles[rank], blas_path, cores if pin else None, ncpu)
+            hostfile, ring_rank, extra = wiring[rank]
+            env = _rank_env(ring_rank, n, hostfile, blas_path, cores if pin else None, ncpu, rank) | extra
             argv = list(command) if command else worker_argv(str(model), split, list(worker_args))
             if netns:
                 argv = netns.wrap(rank, argv)
@@ -265,6 +281,23 @@ def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None]
         group.close(grace_s=0.5)
         raise
     return group
+
+
+def _hybrid_wiring(workdir: Path, stage_tp: list[int], addresses: list[str], ring_ports: list[int],
+                   hop_ports: list[int]) -> list[tuple[Path | None, int, dict]]:
+    """Pipelined TP stages: a ring hostfile per TP stage (its members only) and every rank's hop addresses."""
+    starts = [sum(stage_tp[:s]) for s in range(len(stage_tp))]
+    stages = [list(range(a, a + k)) for a, k in zip(starts, stage_tp)]
+    hop_addrs = [f"{a}:{p}" for a, p in zip(addresses, hop_ports)]
+    wiring = []
+    for members in stages:
+        path = None
+        if len(members) > 1:
+            path = workdir / f"hostfile-stage{stages.index(members)}.json"
+            path.write_text(json.dumps(ring_hostfile([addresses[g] for g in members],
+                                                     [ring_ports[g] for g in members])))
+        wiring += [(path, m, hops_env(g, stages, hop_addrs)) for m, g in enumerate(members)]
+    return wiring
 
 
 def _start_relays(group: RankGroup, addresses: list[str], ports: list[int],
@@ -296,10 +329,12 @@ def _start_relays(group: RankGroup, addresses: list[str], ports: list[int],
 
 
 def _rank_env(rank: int, n: int, hostfile: Path | None, blas_path: str | None, cores: list[int] | None,
-              ncpu: int) -> dict[str, str]:
+              ncpu: int, process: int | None = None) -> dict[str, str]:
+    """`rank` is the rank on the ring in `hostfile`; `process` the rank among all n processes (cores follow it)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    env.update(compute_env(rank, n, blas_path, cores, ncpu))
+    env.pop("HARNESS_HOPS", None)
+    env.update(compute_env(rank if process is None else process, n, blas_path, cores, ncpu))
     if hostfile is not None:
         env["MLX_RANK"] = str(rank)
         env["MLX_HOSTFILE"] = str(hostfile)

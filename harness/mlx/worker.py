@@ -20,6 +20,15 @@ same way everywhere). Nothing needs to be broadcast between ranks beyond what ml
 Layer order vs rank order: `--split` is given in LAYER order (first entry = first layers), as a
 PartitionPlan states it. mlx-lm gives rank 0 the LAST layers, so rank r runs layer-order stage
 size-1-r; the translation happens here and nowhere else.
+
+Tensor parallelism (`--tp K`, one stage): the K ranks of the ring are the stage's K members; mlx-lm's own
+`model.shard(group)` splits every layer's attention heads and MLP columns across them and all-sums the
+partial outputs, so every rank ends each forward with the same full hidden state and samples the same
+tokens.
+
+Pipelined tensor-parallel stages (HARNESS_HOPS set by the launcher): the ring
+backend cannot split a group, so each TP stage is its own ring (its all-sums) and the hidden state
+crosses between stages over `harness.mlx.hops` (plain TCP); see that module.
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ import os
 import sys
 import time
 
+from harness.mlx.hops import Hops
 
 def rank_split(layer_counts: list[int]) -> list[int]:
     """mlx-lm's split (indexed by rank) from counts in layer order: rank 0 holds the last layers."""
@@ -74,7 +84,8 @@ class StageTimer:
     from compute. Evaluating earlier does not change any value, only when it is computed.
     """
 
-    def __init__(self, inner):
+    def __init__(self, inner, hops=None):
+        self.hops = hops                 # harness.mlx.hops.Hops when stages talk over TCP, else None
         self.net: list[list] = []        # [kind, start, end] per network wait
         self.forwards: list[list] = []   # [tokens, batch] per forward call
         timer = self
@@ -90,6 +101,8 @@ class StageTimer:
         import mlx.core as mx
         from mlx_lm.models.base import create_attention_mask
 
+        if self.hops is not None:
+            return self.forward_hops(m, inputs, cache, input_embeddings)
         h = input_embeddings if input_embeddings is not None else m.embed_tokens(inputs)
         rank, size = m.pipeline_rank, m.pipeline_size
         if cache is None:
@@ -112,6 +125,36 @@ class StageTimer:
             h = self._timed("gather", mx.distributed.all_gather(h))[: h.shape[0]]
         return m.norm(h)
 
+    def forward_hops(self, m, inputs, cache, input_embeddings):
+        """The same forward with the stage-to-stage transfers of `harness.mlx.hops` in place of MLX's
+        pipeline send/recv/all_gather. A later stage embeds too: only for the shape and dtype it receives."""
+        import mlx.core as mx
+        from mlx_lm.models.base import create_attention_mask
+
+        hops = self.hops
+        h = input_embeddings if input_embeddings is not None else m.embed_tokens(inputs)
+        if cache is None:
+            cache = [None] * len(m.pipeline_layers)
+        mask = create_attention_mask(h, cache[0])
+        self.forwards.append([int(h.shape[0] * h.shape[1]), int(h.shape[0])])
+        mx.eval(h)
+        if hops.stage > 0:
+            h = self._waited("recv", lambda: hops.recv(hops.leader(hops.stage - 1), h))
+        for layer, c in zip(m.pipeline_layers, cache):
+            h = layer(h, mask, c)
+        mx.eval(h)
+        if hops.targets():
+            self._waited("send", lambda: hops.send(h))
+        if hops.stage < hops.last:
+            h = self._waited("gather", lambda: hops.recv(hops.leader(hops.last), h))
+        return m.norm(h)
+
+    def _waited(self, kind, fn):
+        t = time.time()
+        out = fn()
+        self.net.append([kind, t, time.time()])
+        return out
+
     def _timed(self, kind, arr):
         import mlx.core as mx
         t = time.time()
@@ -125,15 +168,49 @@ class StageTimer:
         return net, fw
 
 
-def load(model_path: str, layer_counts: list[int] | None, group):
-    """Load only this rank's layers: lazy load, cut with pipeline(), then materialise."""
+class _Position:
+    """pipeline()'s view of a group: this stage's mlx-lm rank among the stages (rank 0 = last stage)."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+def _shard_local_layers(model, group) -> None:
+    """mlx-lm's shard() over this stage's layers only (the others are None after pipeline())."""
+    inner = model.model
+    full = inner.layers
+    inner.layers = inner.pipeline_layers
+    try:
+        model.shard(group)
+    finally:
+        inner.layers = full
+
+
+def load(model_path: str, layer_counts: list[int] | None, group, tp: int = 1, hops=None):
+    """Load only this rank's part: lazy load, cut with pipeline() and/or shard(), then materialise."""
     from pathlib import Path
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model
 
     model, config = load_model(Path(model_path), lazy=True, strict=False)
-    if group.size() > 1:
+    if hops is not None:
+        if not (hasattr(model.model, "pipeline") and hasattr(model, "shard")):
+            raise SystemExit(f"model_type {config.get('model_type')!r} lacks pipeline() or shard() in this mlx-lm")
+        model.model.pipeline(_Position(hops.last - hops.stage, hops.last + 1), split=rank_split(layer_counts))
+        if group.size() > 1:
+            _shard_local_layers(model, group)
+    elif tp > 1:
+        if not hasattr(model, "shard"):
+            raise SystemExit(f"model_type {config.get('model_type')!r} has no shard() in this mlx-lm")
+        model.shard(group)
+    elif group.size() > 1:
         if not hasattr(model.model, "pipeline"):
             raise SystemExit(f"model_type {config.get('model_type')!r} has no pipeline() in this mlx-lm")
         model.model.pipeline(group, split=rank_split(layer_counts))
@@ -228,9 +305,13 @@ def serve(engine: Engine, timer: StageTimer | None, rank: int, inp, out) -> None
 def main(argv: list[str] | None = None) -> int:
     pin_core()
     _exit_with_parent()
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1)   # `kill -USR1 PID` writes every thread's stack to the rank log
     p = argparse.ArgumentParser(prog="python -m harness.mlx.worker")
     p.add_argument("--model", required=True)
     p.add_argument("--split", default="", help="layer counts in layer order, comma separated")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: the ranks are one stage's members")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefill-step-size", type=int, default=512)
     p.add_argument("--max-batch", type=int, default=16)
@@ -242,17 +323,30 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlx.core as mx
     t_start = time.time()
+    hops = Hops.from_env()
+    if hops is not None:
+        hops.listen()                # before loading: peers may connect while this rank loads
     multi = "MLX_HOSTFILE" in os.environ
     group = mx.distributed.init(backend="ring", strict=True) if multi else mx.distributed.init()
-    rank, size = group.rank(), group.size()
+    rank, size = (hops.rank, hops.size) if hops else (group.rank(), group.size())
     counts = [int(x) for x in args.split.split(",") if x] or None
-    model, config, nbytes = load(args.model, counts, group)
+    if args.tp > 1 and (args.tp != size or len(counts or [0]) != 1):
+        raise SystemExit(f"--tp {args.tp} needs one stage and {args.tp} ranks (got split {counts}, {size} ranks)")
+    model, config, nbytes = load(args.model, counts, group, args.tp, hops)
+    if hops is not None:
+        hops.connect()
     mx.random.seed(args.seed)        # same seed on every rank: identical sampling everywhere
-    timer = None if args.no_stage_timing else StageTimer(model.model)
+    # the hop forward is how stages talk, so it is installed even without stage timing
+    timer = None if args.no_stage_timing and hops is None else StageTimer(model.model, hops)
     engine = Engine(model, args.prefill_step_size, args.max_batch)
-    stage = stage_of_rank(rank, size)
+    if hops is not None:
+        stage, member = hops.stage, hops.member
+    else:
+        stage = 0 if args.tp > 1 else stage_of_rank(rank, size)
+        member = rank if args.tp > 1 else 0
     layers = layer_range(counts, stage) if counts else (0, config["num_hidden_layers"])
-    out.write(json.dumps({"op": "ready", "rank": rank, "size": size, "stage": stage, "layers": layers,
+    out.write(json.dumps({"op": "ready", "rank": rank, "size": size, "stage": stage, "member": member,
+                          "layers": layers,
                           "load_s": time.time() - t_start, "param_bytes": nbytes, "pid": os.getpid()}) + "\n")
     out.flush()
     serve(engine, timer, rank, sys.stdin, out)

@@ -96,7 +96,9 @@ def test_stop_token_and_min_tokens(tiny, reference):
     first = expected.index(stop_token)       # the earliest position that token appears at
     outs, *_ = asyncio.run(_generate(None, tiny, prompt, ignore_eos=False, stop_token_ids=(stop_token,)))
     ids = [ev.token_id for ev in outs[0]]
-    assert ids == expected[: first + 1] and outs[0][-1].finish_reason == "stop" and outs[0][-1].text == ""
+    assert ids == expected[: first + 1] and outs[0][-1].finish_reason == "stop"
+    # the stop token adds no text; its event only flushes what the detokenizer held back (a lone space)
+    assert "".join(ev.text for ev in outs[0]) == MlxBackend(tiny).decode(ids[:-1])
     outs, *_ = asyncio.run(_generate(None, tiny, prompt, ignore_eos=False, stop_token_ids=(stop_token,),
                                      min_tokens=len(expected), max_tokens=len(expected)))
     assert [ev.token_id for ev in outs[0]] == expected and outs[0][-1].finish_reason == "length"
@@ -284,3 +286,21 @@ def test_seeded_sampling_is_reproducible_across_batches_and_ranks(tiny, referenc
     assert ids != greedy, "temperature 1.5 should leave the greedy path on a 512-token vocabulary"
     other, *_ = asyncio.run(_generate(None, tiny, prompt, temperature=1.5, seed=8))
     assert [ev.token_id for ev in other[0]] != ids
+
+
+def test_incremental_text_equals_decoding_the_whole_output(tiny):
+    """Random token streams (multi-byte characters split across tokens included): the deltas sent one token at
+    a time join to exactly what decoding the whole output gives."""
+    import random
+    from harness.backends.mlx import _Req
+    backend = MlxBackend(tiny)
+    vocab = backend.config["vocab_size"]
+    rng = random.Random(0)
+    for _ in range(30):
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 60))]
+        req = _Req(None, None, None, "k", 0.0)
+        parts = []
+        for i, t in enumerate(ids):
+            req.ids.append(t)
+            parts.append(backend._delta(req, t, final=i == len(ids) - 1))
+        assert "".join(parts) == backend.decode(ids)

@@ -77,17 +77,20 @@ def _alive(pid: int) -> bool:
 def test_a_strategy_plan_gives_the_split_and_node_names():
     from harness import catalog
     from harness.costmodel import load_profile
-    from harness.backends.mlx import _stages_from, links_for_plan
+    from harness.backends.mlx import links_for_plan, rank_layout
     from harness.costmodel import PlanOptions
     from strategies.registry import get_strategy
 
     cluster = catalog.load_cluster("mixed")
     model = catalog.load_model("qwen2.5-0.5b", 16, 64)
     plan = get_strategy("ring_memory_weighted")(cluster, model, PlanOptions(profile=load_profile()))
-    counts, names = _stages_from(plan, model.num_layers)
-    assert counts == plan.split() and sum(counts) == model.num_layers
-    assert names == ["+".join(s.nodes) for s in plan.stages]
-    assert _stages_from(plan.to_dict(), model.num_layers) == (counts, names)   # plan.json form
+    config = {"num_hidden_layers": model.num_layers}
+    layout = rank_layout(plan, config)
+    assert layout.split == plan.split() and sum(layout.split) == model.num_layers
+    assert layout.stage_names == ["+".join(s.nodes) for s in plan.stages]
+    assert rank_layout(plan.to_dict(), config) == layout   # plan.json form
+    n = len(plan.stages)
+    assert layout.rank_stage == [n - 1 - r for r in range(n)]   # rank 0 runs the last stage
     shapes = links_for_plan(plan, cluster)
     assert len(shapes) == len(plan.stages)
     first_hop = cluster.link(plan.stages[0].nodes[0], plan.stages[1].nodes[0]).bandwidth_gbps

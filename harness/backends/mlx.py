@@ -12,8 +12,9 @@ How it works:
 - Stops (EOS, stop_token_ids, min_tokens, ignore_eos) are decided here, not in the ranks, so all ranks
   see the decision at the same step boundary.
 - A rank that exits is noticed within `poll_s` (idle or mid-step): every pending and later request
-  fails with `BackendUnavailable` naming the rank, and the other ranks are stopped. A rank that stops
-  answering is reported after `step_timeout_s`.
+  fails with `BackendUnavailable` naming the rank, and the other ranks are stopped. Each rank also sends a
+  heartbeat every second from a thread of its own; a rank silent for `stall_s` (stopped with SIGSTOP, hung,
+  swapping) fails the backend the same way, naming that rank, instead of waiting `step_timeout_s` for a step.
 
 Records: `step_records()` (steps.parquet rows, one per step and stage, plus send/recv rows) and
 `request_records()` (requests.parquet rows as seen by the backend), all `source="measured"`, times in
@@ -65,28 +66,34 @@ class _Req:
 
 
 class _LineReader:
-    """Non-blocking line reader over a pipe, so a silent rank never blocks the driver."""
+    """Non-blocking reader of one rank's JSON lines, so a silent rank never blocks the driver. Heartbeats are
+    taken as they come (`last_beat`, `beat`); every other line is a reply, queued in order."""
 
     def __init__(self, fd: int):
         self.fd = fd
         self.buf = b""
+        self.replies: deque[dict] = deque()
+        self.last_beat = time.monotonic()
+        self.beat: dict = {}
         os.set_blocking(fd, False)
 
     def feed(self) -> bool:
+        """Read what the pipe holds; False at EOF (the rank closed its stdout: it exited)."""
         try:
             chunk = os.read(self.fd, 1 << 16)
         except BlockingIOError:
             return True
         if not chunk:
-            return False               # EOF: the rank closed its stdout (exited)
+            return False
         self.buf += chunk
+        *lines, self.buf = self.buf.split(b"\n")
+        for line in lines:
+            msg = json.loads(line)
+            if msg.get("op") == "beat":
+                self.last_beat, self.beat = time.monotonic(), msg
+            else:
+                self.replies.append(msg)
         return True
-
-    def line(self) -> str | None:
-        if b"\n" not in self.buf:
-            return None
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line.decode()
 
 
 def _plan_of(plan_or_split) -> PartitionPlan | None:
@@ -174,7 +181,7 @@ class MlxBackend:
                  use_blas: bool | str = True,
                  max_running: int = 16, max_waiting: int = 256, prefill_step_size: int = 512,
                  stage_timing: bool = True, step_timeout_s: float = 120.0, load_timeout_s: float = 600.0,
-                 poll_s: float = 0.2, seed: int = 0):
+                 poll_s: float = 0.2, stall_s: float = 4.0, seed: int = 0):
         self.model_path = Path(model_path)
         cfg_path = self.model_path / "config.json"
         if not cfg_path.exists():
@@ -187,6 +194,7 @@ class MlxBackend:
         self.links, self.use_blas, self.emulate_latency = links, use_blas, emulate_latency
         self.max_running, self.max_waiting = max_running, max_waiting
         self.step_timeout_s, self.load_timeout_s, self.poll_s = step_timeout_s, load_timeout_s, poll_s
+        self.stall_s = stall_s
         self.worker_args = ["--prefill-step-size", str(prefill_step_size), "--max-batch", str(max_running),
                             "--seed", str(seed)] + ([] if stage_timing else ["--no-stage-timing"])
         self.run_start_epoch: float | None = None
@@ -246,6 +254,8 @@ class MlxBackend:
         self._readers = [_LineReader(r.proc.stdout.fileno()) for r in self._group.ranks]
         try:
             self._ready = self._read_all(self.load_timeout_s, "load")
+            for rd in self._readers:   # heartbeats start with "ready": time them from here
+                rd.last_beat = time.monotonic()
         except BaseException as exc:
             self._group.close(grace_s=0.5)
             self._error = exc if isinstance(exc, BackendUnavailable) else BackendUnavailable(f"load failed: {exc}")
@@ -284,6 +294,23 @@ class MlxBackend:
         why = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
         return BackendUnavailable(f"{self._rank_label(rank)} {why}" + (f"; last log: {' | '.join(tail)}" if tail else ""))
 
+    def _stall(self) -> BackendUnavailable | None:
+        """The first rank (after loading) whose heartbeat is older than stall_s, as the error that names it."""
+        if not self._ready:
+            return None
+        now = time.monotonic()
+        for i, rd in enumerate(self._readers):
+            if now - rd.last_beat > self.stall_s:
+                state = _process_state(self._group.ranks[i].proc.pid)
+                return BackendUnavailable(f"{self._rank_label(i)} stalled: no heartbeat for {now - rd.last_beat:.1f} s"
+                                          + (f" (process state: {state})" if state else ""))
+        return None
+
+    def _listen_idle(self) -> None:
+        """Take the heartbeats that arrive while no step runs, so a rank that stalls while idle is seen too."""
+        for rd in self._readers:
+            rd.feed()
+
     def _send_all(self, cmd: dict) -> None:
         data = (json.dumps(cmd) + "\n").encode()
         for r in self._group.ranks:
@@ -304,14 +331,14 @@ class MlxBackend:
         try:
             while any(o is None for o in out):
                 for i, rd in enumerate(self._readers):
-                    if out[i] is None and (line := rd.line()) is not None:
-                        out[i] = json.loads(line)
+                    if out[i] is None and rd.replies:
+                        out[i] = rd.replies.popleft()
                 if all(o is not None for o in out):
                     break
                 for key, _ in sel.select(timeout=self.poll_s):
                     if not self._readers[key.data].feed():
                         sel.unregister(key.fd)
-                if (err := self._death()) is not None:
+                if (err := self._death() or self._stall()) is not None:
                     raise err
                 if time.monotonic() > deadline:
                     late = [self._rank_label(i) for i, o in enumerate(out) if o is None]
@@ -339,7 +366,8 @@ class MlxBackend:
         with self._cv:
             while not (self._stopping or self._waiting or self._running or self._removals):
                 self._cv.wait(self.poll_s)
-                if not self._stopping and (err := self._death()) is not None:
+                self._listen_idle()
+                if not self._stopping and (err := self._death() or self._stall()) is not None:
                     raise err          # noticed while idle
             if self._stopping:
                 return None
@@ -501,7 +529,18 @@ class MlxBackend:
                    "error": str(self._error) if self._error else None,
                    "healthy": self._error is None and self._thread is not None and not self._stopping}
             out["kv_cache_bytes"] = dict(self._kv_last)
+        out["rank_states"] = self.rank_states()
         return out
+
+    def rank_states(self) -> list[dict]:
+        """Each rank's node, process, last heartbeat and memory (for /health)."""
+        if self._group is None:
+            return []
+        now = time.monotonic()
+        return [{"rank": i, "stage": self.layout.rank_stage[i], "node": self.layout.rank_node[i],
+                 "pid": r.proc.pid, "alive": r.proc.poll() is None,
+                 "heartbeat_age_s": round(now - rd.last_beat, 3), "rss_bytes": rd.beat.get("rss_bytes")}
+                for i, (r, rd) in enumerate(zip(self._group.ranks, self._readers))]
 
     def step_records(self, t0_unix: float | None = None) -> list[dict]:
         """steps.parquet rows; times from `t0_unix` (a time.time() value, e.g. the load generator's
@@ -540,6 +579,16 @@ class MlxBackend:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, self.step_timeout_s)
         if self._group is not None:
             self._group.close()
+
+
+def _process_state(pid: int) -> str:
+    """Linux's one-letter process state with its meaning ("T: stopped"), or "" where /proc is absent."""
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+    names = {"T": "stopped", "t": "traced", "D": "in uninterruptible I/O", "Z": "exited", "R": "running", "S": "sleeping"}
+    return f"{state}: {names.get(state, 'unknown')}"
 
 
 def links_for_plan(plan, cluster) -> list[launcher.LinkShape | None]:

@@ -16,6 +16,8 @@ same way everywhere). Nothing needs to be broadcast between ranks beyond what ml
       "t0": epoch, "t1": epoch, "net": [[kind, start, end], ...], "forwards": [[tokens, batch], ...],
       "kv_bytes": int, "active": int}
   -> {"op": "stop"}
+  <- {"op": "beat", "rank": r, "rss_bytes": int}   every second, from a thread, between replies: a rank that
+                                                   stops beating is stalled (SIGSTOP, a hung collective, swap)
 
 Layer order vs rank order: `--split` is given in LAYER order (first entry = first layers), as a
 PartitionPlan states it. mlx-lm gives rank 0 the LAST layers, so rank r runs layer-order stage
@@ -283,7 +285,39 @@ class Engine:
         return out
 
 
-def serve(engine: Engine, timer: StageTimer | None, rank: int, inp, out) -> None:
+class Replies:
+    """The rank's stdout: command replies and heartbeats, one whole JSON line at a time."""
+
+    def __init__(self, out):
+        import threading
+        self.out, self.lock = out, threading.Lock()
+
+    def write(self, msg: dict) -> None:
+        line = json.dumps(msg) + "\n"
+        with self.lock:
+            self.out.write(line)
+            self.out.flush()
+
+    def start_heartbeat(self, rank: int, every_s: float = 1.0) -> None:
+        import threading
+
+        def beat():
+            while True:
+                time.sleep(every_s)
+                self.write({"op": "beat", "rank": rank, "rss_bytes": rss_bytes()})
+        threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux), else its peak."""
+    try:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)   # bytes on macOS
+
+
+def serve(engine: Engine, timer: StageTimer | None, rank: int, inp, out: Replies) -> None:
     for line in inp:
         cmd = json.loads(line)
         if cmd["op"] == "stop":
@@ -295,11 +329,9 @@ def serve(engine: Engine, timer: StageTimer | None, rank: int, inp, out) -> None
         tokens = engine.step()
         t1 = time.time()
         net, fw = timer.take() if timer else ([], [])
-        reply = {"op": "step", "rank": rank, "uids": uids, "tokens": tokens, "t0": t0, "t1": t1,
-                 "net": net, "forwards": fw, "kv_bytes": engine.gen.prompt_cache_nbytes,
-                 "active": len(engine.live)}
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
+        out.write({"op": "step", "rank": rank, "uids": uids, "tokens": tokens, "t0": t0, "t1": t1,
+                   "net": net, "forwards": fw, "kv_bytes": engine.gen.prompt_cache_nbytes,
+                   "active": len(engine.live)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-stage-timing", action="store_true")
     args = p.parse_args(argv)
     # replies own the real stdout; anything else that prints (libraries) goes to stderr
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    out = Replies(os.fdopen(os.dup(sys.stdout.fileno()), "w"))
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
     import mlx.core as mx
@@ -345,10 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         stage = 0 if args.tp > 1 else stage_of_rank(rank, size)
         member = rank if args.tp > 1 else 0
     layers = layer_range(counts, stage) if counts else (0, config["num_hidden_layers"])
-    out.write(json.dumps({"op": "ready", "rank": rank, "size": size, "stage": stage, "member": member,
+    out.write({"op": "ready", "rank": rank, "size": size, "stage": stage, "member": member,
                           "layers": layers,
-                          "load_s": time.time() - t_start, "param_bytes": nbytes, "pid": os.getpid()}) + "\n")
-    out.flush()
+                          "load_s": time.time() - t_start, "param_bytes": nbytes, "pid": os.getpid()})
+    out.start_heartbeat(rank)
     serve(engine, timer, rank, sys.stdin, out)
     return 0
 

@@ -761,8 +761,14 @@ _GENERATION_DOC = {
 def _routes(app: FastAPI, state: _AppState) -> None:
     @app.get("/health")
     async def health():
-        healthy = bool(state.backend.stats().get("healthy", True))
-        return JSONResponse({"status": "ok" if healthy else "unavailable"}, status_code=200 if healthy else 503)
+        stats = state.backend.stats()
+        healthy = bool(stats.get("healthy", True))
+        body = {"status": "ok" if healthy else "unavailable"}
+        if stats.get("error"):
+            body["error"] = str(stats["error"])
+        if "rank_states" in stats:          # real ranks: each one's node, process, last heartbeat and memory
+            body["ranks"] = stats["rank_states"]
+        return JSONResponse(body, status_code=200 if healthy else 503)
 
     # the error keeps its JSON media type (a "model" entry would take the route's text/plain)
     unauthorized = {"description": _ERRORS[401]["description"],

@@ -5,10 +5,12 @@ These start real rank processes on the tiny model (built once per session, about
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -110,6 +112,39 @@ def test_text_streams_decode_to_the_full_text(tiny, reference):
     outs, *_ = asyncio.run(_generate([3, 3], tiny, prompt))
     backend = MlxBackend(tiny)
     assert "".join(ev.text for ev in outs[0]) == backend.decode(expected)
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_found_by_its_missing_heartbeat_naming_it(tiny, reference):
+    """kill -STOP: the process is alive (no exit code) and its peer spins in a ring recv; only the heartbeat
+    says which rank is gone, mid-stream and while idle."""
+    prompt, _ = reference
+
+    async def scenario(mid_stream: bool):
+        backend = MlxBackend(tiny, [3, 3], stall_s=2.0)
+        await backend.load()
+        victim = backend.ranks.ranks[0].proc.pid
+        try:
+            assert [r["alive"] for r in backend.stats()["rank_states"]] == [True, True]
+            stream = backend.generate(GenerationRequest("long", prompt, max_tokens=100_000, ignore_eos=True))
+            if mid_stream:
+                await asyncio.wait_for(stream.__anext__(), GUARD_S)
+            os.kill(victim, signal.SIGSTOP)
+            t0 = time.monotonic()
+            if not mid_stream:
+                await asyncio.sleep(3.0)              # idle: nobody asked for a step
+            with pytest.raises(BackendUnavailable, match=r"rank 0 .*stalled: no heartbeat .*stopped"):
+                await asyncio.wait_for(_drain(stream), GUARD_S)
+            found = time.monotonic() - t0
+            assert not backend.stats()["healthy"]
+            return found
+        finally:
+            with contextlib.suppress(ProcessLookupError):   # the backend has killed it already
+                os.kill(victim, signal.SIGCONT)
+            await backend.close()
+
+    assert asyncio.run(scenario(mid_stream=True)) < GUARD_S
+    asyncio.run(scenario(mid_stream=False))
 
 
 @pytest.mark.slow

@@ -405,3 +405,11 @@ def test_fuzz_workload_shorthands_build_or_one_clear_error(text):
             build_workload(parse_workload(text))
     except UserError as err:
         assert_clear(err)
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "abc"])
+def test_bench_refuses_a_duration_that_is_not_positive(value, capsys):
+    from harness.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--backend", "instant", "--max-duration-s", value])
+    assert exc.value.code == 2 and "--max-duration-s" in capsys.readouterr().err

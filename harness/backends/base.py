@@ -44,6 +44,11 @@ class QueueFull(RuntimeError):
     """Too many requests waiting: the server answers 429."""
 
 
+class InvalidRequest(ValueError):
+    """This request cannot run on this backend (a token id outside the model's vocabulary, an empty prompt):
+    the server answers 400, and the backend stays healthy."""
+
+
 async def drain(queue) -> AsyncIterator[TokenEvent]:
     """TokenEvents a backend's worker puts on an asyncio queue, up to the one that finishes the request;
     an exception put on the queue is raised here, in the consumer."""

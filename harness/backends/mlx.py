@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
-from harness.backends.base import (BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent, drain,
-                                   step_frame)
+from harness.backends.base import (BackendUnavailable, GenerationRequest, InvalidRequest, LoadReport, QueueFull,
+                                   TokenEvent, drain, step_frame)
 from harness.mlx import launcher
 from harness.mlx.errors import UserError
 from harness.specs import PartitionPlan
@@ -513,14 +513,14 @@ class MlxBackend:
         # checked here, not in the ranks: a bad request must fail alone, not crash every rank
         vocab = int(self.config["vocab_size"])
         if not request.prompt:
-            raise ValueError("empty prompt: the model needs at least one prompt token")
+            raise InvalidRequest("empty prompt: the model needs at least one prompt token")
         if request.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
+            raise InvalidRequest(f"max_tokens must be at least 1, got {request.max_tokens}")
         bad = [t for t in request.prompt if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside this model's vocabulary [0, {vocab})")
+            raise InvalidRequest(f"prompt token ids {bad[:5]} are outside this model's vocabulary [0, {vocab})")
         if request.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {request.temperature}")
+            raise InvalidRequest(f"temperature must be >= 0, got {request.temperature}")
 
     def stats(self) -> dict:
         with self._cv:

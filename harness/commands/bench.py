@@ -3,6 +3,7 @@ workload, write a run folder and print the vLLM-style summary."""
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 HELP = "load-test an OpenAI-compatible server (embedded or --target URL) and write a run folder"
@@ -30,6 +31,17 @@ examples:
   python -m harness bench --target http://127.0.0.1:52415 --endpoint chat --served-model llama-3.2-1b --mode synchronous --workload all_at_once,n=20"""
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above 0 (a negative duration used to send nothing and pass)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"found {text!r}; allowed: a number of seconds > 0") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"found {text}; allowed: a finite number of seconds > 0")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from harness.backends import BACKEND_NAMES
     from harness.commands.serve import add_backend_arguments, add_limit_arguments
@@ -53,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lg.add_argument("--target-api-key", default=None, help="Bearer key for the target")
     lg.add_argument("--no-pin-output", action="store_true",
                     help="do not send min_tokens/ignore_eos (for servers that reject vLLM's extensions)")
-    lg.add_argument("--max-duration-s", type=float, default=None,
+    lg.add_argument("--max-duration-s", type=_positive_seconds, default=None,
                     help="stop sending after this many seconds; cancel what still runs at twice that")
     lg.add_argument("--slo", default=None, help='goodput SLOs in ms, e.g. "ttft:500 tpot:50"')
     out = p.add_argument_group("output")

@@ -47,7 +47,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from harness.backends.base import Backend, BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent
+from harness.backends.base import (Backend, BackendUnavailable, GenerationRequest, InvalidRequest, LoadReport, QueueFull,
+                                  TokenEvent)
 
 log = logging.getLogger(__name__)
 
@@ -574,6 +575,8 @@ def _map_backend_error(state: _AppState, exc: BaseException) -> BaseException:
         return _queue_full(state, exc)
     if isinstance(exc, BackendUnavailable):
         return ApiError(503, f"backend unavailable: {exc}", type_="server_error")
+    if isinstance(exc, InvalidRequest):
+        return ApiError(400, str(exc), "prompt", code="invalid_request")
     if isinstance(exc, _ClientGone):
         return exc
     if isinstance(exc, Exception) and not isinstance(exc, ApiError):

@@ -38,6 +38,10 @@ def test_server_over_two_ranks_then_503_after_a_rank_dies(tiny):
         full = client.post(f"{server.url}/v1/completions", json={**body, "stream": False}).json()
         assert full["choices"][0]["text"] == text        # greedy: same text streamed or not
         assert client.get(f"{server.url}/health").status_code == 200
+        vocab = backend.config["vocab_size"]
+        bad = client.post(f"{server.url}/v1/completions", json={**body, "stream": False, "prompt": [1, vocab]})
+        assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]   # the client's fault
+        assert client.get(f"{server.url}/health").status_code == 200
 
         os.kill(backend.ranks.ranks[1].proc.pid, signal.SIGKILL)
         resp = client.post(f"{server.url}/v1/completions", json={**body, "stream": False})

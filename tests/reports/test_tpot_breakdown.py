@@ -118,3 +118,19 @@ def test_an_empty_steps_file_says_the_breakdown_needs_step_records(tmp_path):
     assert view.table is None and "needs step records" in view.notes[0]
     html = reports.render_runs([run], tmp_path / "outside.html", with_plots=False).read_text()
     assert "Why TPOT differs from the plan" in html and "needs step records" in html
+
+
+def test_a_step_of_several_forwards_waits_for_its_last_send():
+    """Real ranks send once per forward, and a step can hold a prefill chunk and a decode: stage 1 may start only
+    after the later send, so it waited 0 s here, not 0.5 s (and two sends for one step must not crash)."""
+    from reports.breakdown import prefill_waits
+    rows = [
+        {"step": 0, "stage": 0, "kind": "prefill", "start_s": 0.0, "end_s": 1.0},
+        {"step": 1, "stage": 0, "kind": "mixed", "start_s": 1.0, "end_s": 2.0},
+        {"step": 1, "stage": 0, "kind": "send", "start_s": 1.4, "end_s": 1.5},
+        {"step": 1, "stage": 0, "kind": "send", "start_s": 1.9, "end_s": 2.0},
+        {"step": 0, "stage": 1, "kind": "prefill", "start_s": 1.0, "end_s": 2.0},
+        {"step": 1, "stage": 1, "kind": "mixed", "start_s": 2.0, "end_s": 3.0},
+    ]
+    waits = prefill_waits(pd.DataFrame(rows))
+    assert waits.loc[1] == pytest.approx(0.0)

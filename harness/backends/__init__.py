@@ -40,7 +40,7 @@ class BackendOptions:
     # sim
     speed: float = 1.0                 # virtual seconds per wall second
     max_waiting: int | None = None     # QueueFull beyond this many requests waiting
-    cache: str = "none"                # prefix-cache policy
+    cache: str = "none"                # prefix-cache policy (sim, and mlx when it runs a plan's twin)
     # mlx: a model folder with an optional layer split, else a twin of the planned model built locally
     model_path: str | None = None
     split: tuple[int, ...] | None = None
@@ -90,6 +90,9 @@ def _mlx_backend(options: BackendOptions):
         if options.split:
             raise UserError("a layer split needs a model folder (--model-path); a twin runs the plan's split")
         return _mlx_twin_backend(options)
+    if options.cache != "none":
+        raise UserError(f"--cache {options.cache} on the mlx backend needs a plan (cluster, model, strategy) to size "
+                        "the cache as the simulator does; drop --model-path to run the plan's twin, or use --cache none")
     split = list(options.split) if options.split else None
     return MlxBackend(options.model_path, split, model_id=options.model_id, max_running=options.max_running)
 
@@ -99,11 +102,14 @@ def _mlx_twin_backend(options: BackendOptions):
     same layers and head layout, smaller width (harness.mlx.modelbuild), so the plan applies unchanged."""
     from harness.backends.mlx import MlxBackend, links_for_plan, rank_layout
     from harness.mlx.modelbuild import build, twin_config
+    from sim.prefix_cache import make_prefix_cache
     p = _planned(options, "mlx")
     config = twin_config(p.model_source, head_dim=options.twin_head_dim)
     rank_layout(p.plan, config)   # a plan the ranks cannot run fails now, not after a long build
     twin = build(config, seed=options.twin_seed)
     links = links_for_plan(p.plan, p.cluster) if options.emulate_links else None
+    # the policy sized and keyed exactly as the sim backend's, so both make the same hit/miss decisions
+    cache = make_prefix_cache(options.cache, p.cluster, p.model, p.plan, p.profile)
     return MlxBackend(twin.path, p.plan, model_id=options.model_id or f"{p.model_source}-twin",
                       max_running=options.max_running, links=links,
-                      emulate_latency=options.emulate_latency and links is not None)
+                      emulate_latency=options.emulate_latency and links is not None, cache=cache)

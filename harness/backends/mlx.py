@@ -35,6 +35,7 @@ from typing import AsyncIterator
 
 from harness.backends.base import (BackendUnavailable, GenerationRequest, InvalidRequest, LoadReport, QueueFull,
                                    TokenEvent, drain, step_frame)
+from harness.backends.mlx_cache import RankCache
 from harness.mlx import launcher
 from harness.mlx.errors import UserError
 from harness.specs import PartitionPlan
@@ -51,6 +52,8 @@ class _Req:
     ids: list[int] = field(default_factory=list)
     prefix_off: int = 0                # incremental detokenizing: ids[prefix_off:read_off] is text already sent,
     read_off: int = 0                  # decoded again only as context for the next tokens
+    cached: int = 0                    # prompt tokens served from a kept prefix (prefix caching)
+    save_as: str | None = None         # the kept entry its prompt KV becomes
     first: float | None = None
     end: float | None = None
     finish: str | None = None
@@ -181,7 +184,7 @@ class MlxBackend:
                  use_blas: bool | str = True,
                  max_running: int = 16, max_waiting: int = 256, prefill_step_size: int = 512,
                  stage_timing: bool = True, step_timeout_s: float = 120.0, load_timeout_s: float = 600.0,
-                 poll_s: float = 0.2, stall_s: float = 4.0, seed: int = 0):
+                 poll_s: float = 0.2, stall_s: float = 4.0, seed: int = 0, cache=None):
         self.model_path = Path(model_path)
         cfg_path = self.model_path / "config.json"
         if not cfg_path.exists():
@@ -195,6 +198,8 @@ class MlxBackend:
         self.max_running, self.max_waiting = max_running, max_waiting
         self.step_timeout_s, self.load_timeout_s, self.poll_s = step_timeout_s, load_timeout_s, poll_s
         self.stall_s = stall_s
+        # prefix caching: a sim.prefix_cache.PrefixCache decides, the ranks keep and reuse the KV
+        self.cache = RankCache(cache) if cache is not None else None
         self.worker_args = ["--prefill-step-size", str(prefill_step_size), "--max-batch", str(max_running),
                             "--seed", str(seed)] + ([] if stage_timing else ["--no-stage-timing"])
         self.run_start_epoch: float | None = None
@@ -378,9 +383,19 @@ class MlxBackend:
                 if not req.cancelled:
                     inserts.append(req)
             self._inflight = {r.key: r for r in inserts}
-        return {"op": "step", "remove": removals,
-                "insert": [{"key": r.key, "prompt": list(r.request.prompt), "max_tokens": r.request.max_tokens,
-                            "temperature": r.request.temperature, "seed": r.request.seed} for r in inserts]}
+            items = [self._insert_item(r) for r in inserts]
+        return {"op": "step", "remove": removals, "insert": items,
+                "drop": self.cache.take_drops() if self.cache else []}
+
+    def _insert_item(self, req: _Req) -> dict:
+        r = req.request
+        item = {"key": req.key, "prompt": list(r.prompt), "max_tokens": r.max_tokens,
+                "temperature": r.temperature, "seed": r.seed}
+        if self.cache is not None:
+            fields, req.cached = self.cache.plan_insert(r.prompt)
+            req.save_as = fields.get("save_as")
+            item.update(fields, prompt=list(r.prompt[req.cached:]))   # the ranks prefill only the rest
+        return item
 
     def _absorb(self, replies: list[dict]) -> None:
         now = time.time()
@@ -394,6 +409,8 @@ class MlxBackend:
                 req = self._inflight.pop(key)
                 req.uid = uid
                 self._running[uid] = req
+            for entry, tokens in lead.get("saved", []):
+                self.cache.saved(entry, tokens)
             for uid, token, finish in lead["tokens"]:
                 req = self._running.get(uid)
                 if req is not None:
@@ -416,12 +433,14 @@ class MlxBackend:
         if finish:
             req.finish, req.end = finish, now
         req.deliver(TokenEvent(token_id=token, text=text, time_s=time.monotonic(), finish_reason=finish,
-                               prompt_tokens=len(r.prompt)))
+                               prompt_tokens=len(r.prompt), cached_tokens=req.cached))
         if finish:
             self._retire(req, rank_finish)
 
     def _retire(self, req: _Req, rank_finish: str | None) -> None:
         self._running.pop(req.uid, None)
+        if self.cache is not None:
+            self.cache.forget(req.save_as)
         if rank_finish is None:
             self._removals.append(req.uid)   # the ranks still hold it: remove at the next step
 
@@ -530,6 +549,8 @@ class MlxBackend:
                    "healthy": self._error is None and self._thread is not None and not self._stopping}
             out["kv_cache_bytes"] = dict(self._kv_last)
         out["rank_states"] = self.rank_states()
+        if self.cache is not None:
+            out["prefix_cache"] = self.cache.stats()
         return out
 
     def rank_states(self) -> list[dict]:
@@ -562,7 +583,7 @@ class MlxBackend:
             rows.append({"request_id": r.request.request_id, "source": "measured", "scheduled_s": r.arrival - t0,
                          "start_s": r.arrival - t0, "first_token_s": (r.first - t0) if r.first else nan,
                          "end_s": (r.end - t0) if r.end else nan, "prompt_tokens": len(r.request.prompt),
-                         "output_tokens": len(r.ids), "cached_tokens": 0,
+                         "output_tokens": len(r.ids), "cached_tokens": r.cached,
                          "chunk_times_s": [c - t0 for c in r.chunk_times], "success": r.finish is not None,
                          "error": err})
         return rows

@@ -10,14 +10,20 @@ gives every rank the full logits, so all ranks sample identical tokens (the rand
 same way everywhere). Nothing needs to be broadcast between ranks beyond what mlx-lm already sends.
 
   -> {"op": "step", "insert": [{"key": str, "prompt": [int], "max_tokens": int, "temperature": float,
-                                 "seed": int | null}],
-      "remove": [uid, ...]}
+                                 "seed": int | null, "reuse": [entry, tokens] | absent, "save_as": entry | absent}],
+      "remove": [uid, ...], "drop": [entry, ...]}
   <- {"op": "step", "rank": r, "uids": {key: uid}, "tokens": [[uid, token, finish], ...],
       "t0": epoch, "t1": epoch, "net": [[kind, start, end], ...], "forwards": [[tokens, batch], ...],
-      "kv_bytes": int, "active": int}
+      "kv_bytes": int, "active": int, "saved": [[entry, tokens], ...], "stored_bytes": int}
   -> {"op": "stop"}
   <- {"op": "beat", "rank": r, "rss_bytes": int}   every second, from a thread, between replies: a rank that
                                                    stops beating is stalled (SIGSTOP, a hung collective, swap)
+
+Prefix caching: the driver's cache policy decides, the ranks keep the KV. `save_as` asks every rank to keep its
+layers' part of the request's prompt KV once the prompt is prefilled (reported in `saved`); `reuse` starts a
+request from a kept entry cut to `tokens` tokens, so only the rest of the prompt is prefilled (the prompt sent
+is already that rest); `drop` frees an entry the policy no longer holds. Every rank applies the same decisions
+at the same step, so all ranks hold and free the same entries.
 
 Layer order vs rank order: `--split` is given in LAYER order (first entry = first layers), as a
 PartitionPlan states it. mlx-lm gives rank 0 the LAST layers, so rank r runs layer-order stage
@@ -248,6 +254,8 @@ class Engine:
                                   prefill_batch_size=min(8, completion_batch_size))
         self.samplers: dict[float, object] = {}
         self.live: set[int] = set()
+        self.stored: dict[str, list] = {}      # entry -> this rank's per-layer KV caches of a prompt prefix
+        self.save_as: dict[int, str] = {}      # uid -> entry to keep once its prompt is prefilled
 
     def sampler(self, temperature: float, seed: int | None = None):
         # one sampler object per temperature, so a batch sharing it samples in one call
@@ -263,26 +271,61 @@ class Engine:
         if remove:
             self.gen.remove(remove)
             self.live.difference_update(remove)
+        for entry in cmd.get("drop", []):
+            self.stored.pop(entry, None)
         uids = {}
         inserts = cmd.get("insert", [])
         if inserts:
             new = self.gen.insert([r["prompt"] for r in inserts], max_tokens=[r["max_tokens"] for r in inserts],
+                                  caches=[self.reused(r.get("reuse")) for r in inserts],
                                   samplers=[self.sampler(float(r.get("temperature", 0.0)), r.get("seed"))
                                             for r in inserts])
             uids = {r["key"]: u for r, u in zip(inserts, new)}
             self.live.update(new)
+            self.save_as.update({u: r["save_as"] for r, u in zip(inserts, new) if r.get("save_as")})
         return uids
 
-    def step(self) -> list[list]:
+    def reused(self, reuse):
+        """A fresh cache holding the first `tokens` tokens of a kept entry (None: start empty). A copy: the
+        request's own tokens must not grow the kept entry."""
+        if not reuse:
+            return None
+        entry, tokens = reuse
+        out = []
+        for c in self.stored[entry]:
+            fresh = type(c)()
+            if getattr(c, "keys", None) is not None:    # a pipeline rank's cache list has unused, empty entries
+                fresh.keys, fresh.values = c.keys[..., :tokens, :], c.values[..., :tokens, :]
+                fresh.offset = tokens
+            out.append(fresh)
+        return out
+
+    def keep_prefilled(self, prompt_responses) -> list[list]:
+        """Keep the KV of every prompt that finished prefilling and was asked to be kept."""
+        done = [r.uid for r in prompt_responses if r.end_of_prompt and r.uid in self.save_as]
+        saved = []
+        for uid, (cache, _) in self.gen.extract_cache(done).items():
+            entry = self.save_as.pop(uid)
+            self.stored[entry] = cache
+            saved.append([entry, int(cache[0].offset) if cache else 0])
+        return saved
+
+    def stored_bytes(self) -> int:
+        return sum(getattr(c, "nbytes", 0) for caches in self.stored.values() for c in caches)
+
+    def step(self) -> tuple[list[list], list[list]]:
+        """One BatchGenerator iteration: (tokens [[uid, token, finish]], saved [[entry, tokens]])."""
         if not self.live:
-            return []
-        _, responses = self.gen.next()
+            return [], []
+        prompts, responses = self.gen.next()
+        saved = self.keep_prefilled(prompts)
         out = []
         for r in responses:
             out.append([r.uid, int(r.token), r.finish_reason])
             if r.finish_reason is not None:
                 self.live.discard(r.uid)
-        return out
+                self.save_as.pop(r.uid, None)
+        return out, saved
 
 
 class Replies:
@@ -326,12 +369,12 @@ def serve(engine: Engine, timer: StageTimer | None, rank: int, inp, out: Replies
             raise SystemExit(f"rank {rank}: unknown command {cmd['op']!r}")
         t0 = time.time()
         uids = engine.apply(cmd)
-        tokens = engine.step()
+        tokens, saved = engine.step()
         t1 = time.time()
         net, fw = timer.take() if timer else ([], [])
         out.write({"op": "step", "rank": rank, "uids": uids, "tokens": tokens, "t0": t0, "t1": t1,
                    "net": net, "forwards": fw, "kv_bytes": engine.gen.prompt_cache_nbytes,
-                   "active": len(engine.live)})
+                   "active": len(engine.live), "saved": saved, "stored_bytes": engine.stored_bytes()})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,9 @@ class InfiniteCache(PolicyBase):
         self._count_lookup(len(keys), per_tier)
         return Lookup(hits, per_tier)
 
+    def holds(self, key) -> bool:
+        return key in self.keys
+
     def insert(self, keys) -> list:
         new = [k for k in keys if k not in self.keys]
         self.keys.update(new)

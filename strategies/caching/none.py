@@ -10,6 +10,9 @@ class NoCache(PolicyBase):
         self._count_lookup(len(keys), [0] * len(self.config.tiers))
         return Lookup(0, tuple(0 for _ in self.config.tiers))
 
+    def holds(self, key) -> bool:
+        return False
+
     def insert(self, keys) -> list:
         return []
 

@@ -33,6 +33,9 @@ class S3Fifo(PolicyBase):
         self._count_lookup(len(keys), per_tier)
         return Lookup(len(hits), per_tier)
 
+    def holds(self, key) -> bool:
+        return key in self.where
+
     def insert(self, keys) -> list:
         dropped = []
         for key in keys:

@@ -61,6 +61,10 @@ class TieredLru(PolicyBase):
             dropped += self._add(v, tier + 1)
         return dropped
 
+    def holds(self, key) -> bool:
+        """Whether the block is in any tier (no side effect: the real backend frees the KV it no longer holds)."""
+        return self._where(key) is not None
+
     def insert(self, keys) -> list:
         dropped = []
         for key in keys:

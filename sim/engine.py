@@ -120,8 +120,32 @@ class Engine:
         self._decode_terms: dict[int, list[DecodeTerms]] = {}   # per batch size, one per stage
         self._init_records()
         self.preemptions = 0
+        self.down: str | None = None        # why the cluster stopped serving (a node failed), once it did
+        self.plan_nodes = {n for st in self.stages for n in st.nodes}
         for s in self.scheds:
             env.process(self._scheduler(s, t0))
+
+    def fail_node_at(self, node: str, at_s: float) -> None:
+        """Fault injection: `node` fails at virtual time `at_s` (seconds from the run's start). A node the plan
+        uses takes its stage down: every unfinished request fails with the reason recorded, later ones are
+        refused. A node outside the plan changes nothing, as on a real cluster."""
+        self.env.process(self._node_down(node, at_s))
+
+    def _node_down(self, node: str, at_s: float):
+        if at_s > self.env.now:
+            yield self.env.timeout(at_s - self.env.now)
+        if node not in self.plan_nodes or self.down:
+            return
+        self.down = f"node {node} failed at {at_s:g} s (fault injected)"
+        for sc in self.scheds:
+            self._sync(sc)
+            self._set_running(sc, np.empty(0, dtype=np.int64))
+            sc.prefilling.clear()
+        self.waiting.clear()
+        for slot in np.flatnonzero((self.status[:self.n] == WAITING) | (self.status[:self.n] == RUNNING)):
+            self.free_blocks += int(self.blocks[slot])
+            self.blocks[slot] = 0
+            self._fail(int(slot), self.down)
 
     # ------------------------------------------------------------------ construction
 
@@ -211,7 +235,9 @@ class Engine:
             self.tok_t = grown
         self.request_ids.append(request_id or f"req-{s:06d}")
         needed = -(-(prompt_tokens + output_tokens) // self.block)
-        if needed > self.total_blocks:
+        if self.down:
+            self._fail(s, self.down)
+        elif needed > self.total_blocks:
             self._fail(s, f"needs {needed * self.block} KV tokens; the cluster holds {self.total_blocks * self.block}")
         else:
             self.status[s] = WAITING
@@ -281,7 +307,7 @@ class Engine:
         env = self.env
         if t0 > env.now:
             yield env.timeout(t0 - env.now)
-        while True:
+        while not self.down:
             if sc.running.size == 0 and not sc.prefilling and not self.waiting:
                 self._idle += 1                           # nothing to do: sleep until work arrives
                 yield self._wake
@@ -294,6 +320,8 @@ class Engine:
                 if ff is not None:
                     t_emit, t_back = ff
                     yield env.timeout(t_back - env.now)
+                    if self.down:
+                        return
                     self._finish_fast_forward(sc, t_emit)
                     continue
             mb = self._form(sc)
@@ -304,6 +332,8 @@ class Engine:
                 continue
             t_emit, t_back = self._traverse(mb)
             yield env.timeout(t_back - env.now)
+            if self.down:               # the micro-batch in flight was lost with the node
+                return
             self._complete(sc, mb, t_emit)
 
     # ------------------------------------------------------------------ fast-forwarding steady decode

@@ -27,13 +27,14 @@ class SimResult:
 
 def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: Profile, workload: Workload,
              config: EngineConfig = EngineConfig(), include_load: bool = True, weights_local: set | None = None,
-             progress=None, step_sink=None, cache=None) -> SimResult:
+             progress=None, step_sink=None, cache=None, faults=()) -> SimResult:
     """Simulate serving `workload` on `plan`; deterministic for a given workload (its seed decides everything).
 
     Times in the records are seconds from the start of the run; with include_load the workload starts when
     every node has loaded its weights. `progress(done, total, virtual_now)` is called as requests finish.
     `step_sink(table)`: stream step records out in pieces (SimResult.steps is then None), which keeps memory
     flat on long runs; without it they are returned as one table.
+    `faults`: (node, at_s) pairs: that node fails at at_s seconds after the workload starts (Engine.fail_node_at).
     `cache`: a sim.prefix_cache.PrefixCache; requests' declared shared prefixes go through sim.admission
     (cached tokens are not prefilled, lower-tier hits wait for their load, prefixes are remembered after the prefill).
     """
@@ -51,6 +52,9 @@ def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: P
         if progress and state["done"] // state["every"] != (state["done"] - len(slots)) // state["every"]:
             progress(state["done"], total, t)
         if workload.closed_loop:
+            if engine_box[0].down:   # each refusal finishes at once: submit from an event, not recursively
+                env.process(_submit_later(engine_box[0], workload, state, len(slots)))
+                return
             for _ in range(len(slots)):
                 _submit_next(engine_box[0], workload, state)
 
@@ -65,6 +69,8 @@ def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: P
     engine = Engine(env, cluster, model, plan, profile, config, start_at=t_ready, on_finish=on_finish,
                     step_sink=step_sink, on_tokens=admission.on_tokens if cache is not None else None)
     engine_box.append(engine)
+    for node, at_s in faults:
+        engine.fail_node_at(node, t_ready + at_s)
     if workload.closed_loop:
         env.process(_closed_loop_start(env, engine, workload, state, t_ready))
     else:
@@ -100,6 +106,12 @@ def _closed_loop_start(env, engine: Engine, wl: Workload, state: dict, t0: float
     if t0 > env.now:
         yield env.timeout(t0 - env.now)
     for _ in range(min(wl.concurrency, len(wl))):
+        _submit_next(engine, wl, state)
+
+
+def _submit_later(engine: Engine, wl: Workload, state: dict, n: int):
+    yield engine.env.timeout(0)
+    for _ in range(n):
         _submit_next(engine, wl, state)
 
 

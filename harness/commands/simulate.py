@@ -1,10 +1,12 @@
 """`python -m harness simulate`: serve a workload on a simulated cluster and write a run folder."""
 from __future__ import annotations
 
+import math
 import sys
 import time
 
 from harness.planning import add_plan_arguments
+from harness.specs import UserError
 from strategies.registry import cache_policy_names
 
 HELP = "simulate serving a workload on a cluster (SimPy, virtual time) and write runs/out/<run-id>/"
@@ -27,6 +29,24 @@ examples:
   python -m harness simulate --workload closed,concurrency=4,n=50 --slo "ttft:2000 tpot:100" --timing"""
 
 
+def parse_faults(specs: list[str], cluster) -> list[tuple[str, float]]:
+    """--fail NODE@SECONDS values as (node, seconds), checked against the cluster."""
+    faults = []
+    names = [n.name for n in cluster.nodes]
+    for spec in specs:
+        node, sep, at = spec.rpartition("@")
+        try:
+            at_s = float(at) if sep else float("nan")
+        except ValueError:
+            at_s = float("nan")
+        if not sep or not math.isfinite(at_s) or at_s < 0:
+            raise UserError(f"--fail {spec!r}: expected NODE@SECONDS with SECONDS >= 0, e.g. {names[0]}@30")
+        if node not in names:
+            raise UserError(f"--fail {spec!r}: no node {node!r} in cluster {cluster.name}; nodes: {', '.join(names)}")
+        faults.append((node, at_s))
+    return faults
+
+
 def add_arguments(p) -> None:
     add_plan_arguments(p)
     g = p.add_argument_group("workload and run")
@@ -44,6 +64,9 @@ def add_arguments(p) -> None:
                    help="print the simulator's own speed (measured wall time, requests per wall second, peak memory) "
                         "and time a fixed reference workload, saved as sim.reference_s for regression checks")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--fail", action="append", default=[], metavar="NODE@SECONDS",
+                   help="fault injection: NODE fails SECONDS after the workload starts; unfinished requests fail "
+                        "with the reason recorded, later ones are refused, and the command exits 1 (repeatable)")
     e = p.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, default=128, help="sequences per micro-batch (default %(default)s)")
     e.add_argument("--max-batched-tokens", type=int, default=4096,
@@ -130,7 +153,7 @@ def run_one(args) -> int:
         try:
             result = simulate(cluster, model, plan, profile, workload, cfg,
                               include_load=not args.no_load, weights_local=local, progress=bar,
-                              step_sink=steps.write, cache=cache)
+                              step_sink=steps.write, cache=cache, faults=parse_faults(args.fail, cluster))
         except BaseException:
             steps.abort()
             raise

@@ -1,0 +1,61 @@
+"""Fault injection in the simulator: a node that fails takes its stage down at that virtual time; what was
+unfinished fails with the reason recorded and what comes later is refused, never silently dropped."""
+from __future__ import annotations
+
+import pytest
+
+import sim
+from conftest import make_cluster, make_plan, make_profile
+from harness.catalog import load_model
+from harness.cli import main
+from harness.runfolder import read_run
+from harness.workloads import build_workload, parse_workload
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = load_model("llama-3.1-8b", 4, 64)
+    cluster = make_cluster(3)
+    plan = make_plan(model, [("n0",), ("n1",)], [16, 16])     # n2 idles
+    return cluster, model, plan, make_profile()
+
+
+def _run(setup, spec, faults=()):
+    result = sim.simulate(*setup, build_workload(parse_workload(spec)), include_load=False, faults=faults)
+    return result.requests.to_pandas()
+
+
+def test_a_failed_node_fails_what_is_unfinished_and_refuses_what_comes_later(setup):
+    spec = "poisson,rate=2,n=60,prompt=256,output=64,seed=3"
+    clean = _run(setup, spec)
+    at = float(clean["end_s"].median())
+    rows = _run(setup, spec, faults=[("n1", at)])
+    assert len(rows) == len(clean)                                  # every request is in the records
+    done_before = clean["end_s"] < at
+    assert rows["success"].tolist() == done_before.tolist()        # finished before the fault: untouched
+    failed = rows[~rows["success"]]
+    assert failed["error"].str.contains("node n1 failed").all()
+    assert (failed["end_s"] >= at - 1e-9).all()
+    late = failed[failed["start_s"] > at]
+    assert len(late) and (late["output_tokens"] == 0).all()        # refused on arrival
+
+
+def test_a_node_outside_the_plan_changes_nothing(setup):
+    spec = "poisson,rate=2,n=40,prompt=256,output=64,seed=1"
+    clean, faulty = _run(setup, spec), _run(setup, spec, faults=[("n2", 1.0)])
+    assert clean.drop(columns=["chunk_times_s"]).equals(faulty.drop(columns=["chunk_times_s"]))
+
+
+def test_a_closed_loop_after_a_failure_records_every_refusal(setup):
+    rows = _run(setup, "closed,concurrency=4,n=3000,prompt=64,output=8", faults=[("n0", 0.5)])
+    assert len(rows) == 3000 and not rows["success"].all()        # no recursion through 3000 refusals
+
+
+def test_simulate_fail_flag(tmp_path, capsys):
+    args = ["simulate", "--cluster", "mixed", "--model", "llama-3.1-8b", "--strategy", "uniform",
+            "--workload", "poisson,rate=1,n=20,prompt=128,output=32", "--quiet", "--out", str(tmp_path)]
+    assert main(args + ["--fail", "nope@3"]) == 2 and "no node 'nope'" in capsys.readouterr().err
+    assert main(args + ["--fail", "studio-m3u"]) == 2 and "NODE@SECONDS" in capsys.readouterr().err
+    assert main(args + ["--fail", "studio-m3u@5", "--run-id", "f"]) == 1     # failed requests: exit 1
+    requests = read_run(tmp_path / "f").requests()
+    assert (~requests["success"]).any() and requests["error"].str.contains("studio-m3u failed").any()

@@ -121,9 +121,40 @@ class Engine:
         self._init_records()
         self.preemptions = 0
         self.down: str | None = None        # why the cluster stopped serving (a node failed), once it did
+        self._slow = [1.0] * len(self.stages)   # straggler factor per stage (fault injection)
+        self._degraded = False
         self.plan_nodes = {n for st in self.stages for n in st.nodes}
         for s in self.scheds:
             env.process(self._scheduler(s, t0))
+
+    def inject(self, fault: dict) -> None:
+        """Schedule one fault (virtual seconds from the run's start in fault["at_s"]):
+        {"kind": "node_down", "node"}, {"kind": "straggler", "node", "factor"} (that node's stage computes
+        `factor` times slower from then on; a TP group steps at its slowest member), or
+        {"kind": "slow_link", "node", "peer", "factor"} (the link between them carries 1/factor of its bandwidth)."""
+        kind = fault["kind"]
+        if kind == "node_down":
+            self.fail_node_at(fault["node"], fault["at_s"])
+        elif kind in ("straggler", "slow_link"):
+            self.env.process(self._degrade(fault))
+        else:
+            raise UserError(f"unknown fault kind {kind!r}; known: node_down, straggler, slow_link")
+
+    def _degrade(self, fault: dict):
+        if fault["at_s"] > self.env.now:
+            yield self.env.timeout(fault["at_s"] - self.env.now)
+        factor = float(fault["factor"])
+        if fault["kind"] == "straggler":
+            for i, st in enumerate(self.stages):
+                if fault["node"] in st.nodes:
+                    self._slow[i] *= factor
+        else:
+            pair = {fault["node"], fault["peer"]}
+            self._hops = [(k, lat, rate / factor if set(k) == pair else rate) for k, lat, rate in self._hops]
+            if self._back is not None and set(self._back[0]) == pair:
+                key, lat, rate = self._back
+                self._back = (key, lat, rate / factor)
+        self._degraded = True      # fast-forward assumes constant step costs: step one by one from here
 
     def fail_node_at(self, node: str, at_s: float) -> None:
         """Fault injection: `node` fails at virtual time `at_s` (seconds from the run's start). A node the plan
@@ -342,7 +373,8 @@ class Engine:
         """Alone in the pipeline with only decodes and nobody waiting: the next steps are fully determined
         until a request finishes or something arrives, so they can be computed in one go. Off when tokens
         are streamed (on_tokens), since a real-time consumer needs each token at its own virtual time."""
-        return (self.cfg.fast_forward and self.on_tokens is None and not self.waiting and not sc.prefilling
+        return (self.cfg.fast_forward and not self._degraded and self.on_tokens is None and not self.waiting
+                and not sc.prefilling
                 and sc.running.size > 0 and self._idle == len(self.scheds) - 1)
 
     def _fast_forward(self, sc: _Sched, max_steps: int = 4096):
@@ -587,9 +619,10 @@ class Engine:
         act = tokens * self._act_bytes
         sv, lv = [], []                       # begin/end per stage and per link, in record column order
         last = len(durs) - 1
+        slow = self._slow
         for i, dur in enumerate(durs):
             begin = t if t > free[i] else free[i]
-            t = begin + dur
+            t = begin + dur * slow[i]
             free[i] = t
             sv += (begin, t)
             if i < last:                      # inline of _send: FIFO per direction, then pure latency

@@ -34,7 +34,7 @@ def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: P
     every node has loaded its weights. `progress(done, total, virtual_now)` is called as requests finish.
     `step_sink(table)`: stream step records out in pieces (SimResult.steps is then None), which keeps memory
     flat on long runs; without it they are returned as one table.
-    `faults`: (node, at_s) pairs: that node fails at at_s seconds after the workload starts (Engine.fail_node_at).
+    `faults`: fault dicts (Engine.inject) whose at_s counts from the workload's start.
     `cache`: a sim.prefix_cache.PrefixCache; requests' declared shared prefixes go through sim.admission
     (cached tokens are not prefilled, lower-tier hits wait for their load, prefixes are remembered after the prefill).
     """
@@ -69,8 +69,8 @@ def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: P
     engine = Engine(env, cluster, model, plan, profile, config, start_at=t_ready, on_finish=on_finish,
                     step_sink=step_sink, on_tokens=admission.on_tokens if cache is not None else None)
     engine_box.append(engine)
-    for node, at_s in faults:
-        engine.fail_node_at(node, t_ready + at_s)
+    for fault in faults:
+        engine.inject(fault | {"at_s": t_ready + fault["at_s"]})
     if workload.closed_loop:
         env.process(_closed_loop_start(env, engine, workload, state, t_ready))
     else:

@@ -29,22 +29,40 @@ examples:
   python -m harness simulate --workload closed,concurrency=4,n=50 --slo "ttft:2000 tpot:100" --timing"""
 
 
-def parse_faults(specs: list[str], cluster) -> list[tuple[str, float]]:
-    """--fail NODE@SECONDS values as (node, seconds), checked against the cluster."""
-    faults = []
+def parse_faults(args, cluster) -> list[dict]:
+    """--fail NODE@S, --straggler NODE@S:FACTOR and --slow-link A,B@S:FACTOR as sim.Engine.inject faults."""
     names = [n.name for n in cluster.nodes]
-    for spec in specs:
-        node, sep, at = spec.rpartition("@")
-        try:
-            at_s = float(at) if sep else float("nan")
-        except ValueError:
-            at_s = float("nan")
-        if not sep or not math.isfinite(at_s) or at_s < 0:
-            raise UserError(f"--fail {spec!r}: expected NODE@SECONDS with SECONDS >= 0, e.g. {names[0]}@30")
-        if node not in names:
-            raise UserError(f"--fail {spec!r}: no node {node!r} in cluster {cluster.name}; nodes: {', '.join(names)}")
-        faults.append((node, at_s))
+    faults = [dict(kind="node_down", node=_node(n, spec, "--fail", names), at_s=at)
+              for spec in args.fail for n, at, _ in [_fault_spec(spec, "--fail", factor=False)]]
+    for spec in args.straggler:
+        node, at, factor = _fault_spec(spec, "--straggler")
+        faults.append(dict(kind="straggler", node=_node(node, spec, "--straggler", names), at_s=at, factor=factor))
+    for spec in args.slow_link:
+        pair, at, factor = _fault_spec(spec, "--slow-link")
+        a, _, b = pair.partition(",")
+        faults.append(dict(kind="slow_link", node=_node(a, spec, "--slow-link", names),
+                           peer=_node(b, spec, "--slow-link", names), at_s=at, factor=factor))
     return faults
+
+
+def _fault_spec(spec: str, flag: str, factor: bool = True) -> tuple[str, float, float]:
+    """WHAT@SECONDS[:FACTOR] -> (what, seconds >= 0, factor >= 1)."""
+    shape = "WHAT@SECONDS:FACTOR" if factor else "NODE@SECONDS"
+    what, sep, rest = spec.rpartition("@")
+    at, _, fac = rest.partition(":") if factor else (rest, "", "1")
+    try:
+        at_s, f = float(at), float(fac)
+    except ValueError:
+        at_s, f = float("nan"), float("nan")
+    if not (sep and math.isfinite(at_s) and at_s >= 0 and math.isfinite(f) and f >= 1):
+        raise UserError(f"{flag} {spec!r}: expected {shape} with SECONDS >= 0" + (" and FACTOR >= 1" if factor else ""))
+    return what, at_s, f
+
+
+def _node(name: str, spec: str, flag: str, names: list[str]) -> str:
+    if name not in names:
+        raise UserError(f"{flag} {spec!r}: no node {name!r} in this cluster; nodes: {', '.join(names)}")
+    return name
 
 
 def add_arguments(p) -> None:
@@ -67,6 +85,11 @@ def add_arguments(p) -> None:
     g.add_argument("--fail", action="append", default=[], metavar="NODE@SECONDS",
                    help="fault injection: NODE fails SECONDS after the workload starts; unfinished requests fail "
                         "with the reason recorded, later ones are refused, and the command exits 1 (repeatable)")
+    g.add_argument("--straggler", action="append", default=[], metavar="NODE@SECONDS:FACTOR",
+                   help="fault injection: NODE's stage computes FACTOR times slower from SECONDS on (repeatable)")
+    g.add_argument("--slow-link", action="append", default=[], metavar="A,B@SECONDS:FACTOR",
+                   help="fault injection: the link between nodes A and B keeps 1/FACTOR of its bandwidth from "
+                        "SECONDS on (repeatable)")
     e = p.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, default=128, help="sequences per micro-batch (default %(default)s)")
     e.add_argument("--max-batched-tokens", type=int, default=4096,
@@ -153,7 +176,7 @@ def run_one(args) -> int:
         try:
             result = simulate(cluster, model, plan, profile, workload, cfg,
                               include_load=not args.no_load, weights_local=local, progress=bar,
-                              step_sink=steps.write, cache=cache, faults=parse_faults(args.fail, cluster))
+                              step_sink=steps.write, cache=cache, faults=parse_faults(args, cluster))
         except BaseException:
             steps.abort()
             raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import sim
-from conftest import make_cluster, make_plan, make_profile
+from tests.sim.conftest import make_cluster, make_plan, make_profile
 from harness.catalog import load_model
 from harness.cli import main
 from harness.runfolder import read_run
@@ -29,7 +29,7 @@ def test_a_failed_node_fails_what_is_unfinished_and_refuses_what_comes_later(set
     spec = "poisson,rate=2,n=60,prompt=256,output=64,seed=3"
     clean = _run(setup, spec)
     at = float(clean["end_s"].median())
-    rows = _run(setup, spec, faults=[("n1", at)])
+    rows = _run(setup, spec, faults=[dict(kind="node_down", node="n1", at_s=at)])
     assert len(rows) == len(clean)                                  # every request is in the records
     done_before = clean["end_s"] < at
     assert rows["success"].tolist() == done_before.tolist()        # finished before the fault: untouched
@@ -42,13 +42,27 @@ def test_a_failed_node_fails_what_is_unfinished_and_refuses_what_comes_later(set
 
 def test_a_node_outside_the_plan_changes_nothing(setup):
     spec = "poisson,rate=2,n=40,prompt=256,output=64,seed=1"
-    clean, faulty = _run(setup, spec), _run(setup, spec, faults=[("n2", 1.0)])
+    clean, faulty = _run(setup, spec), _run(setup, spec, faults=[dict(kind="node_down", node="n2", at_s=1.0)])
     assert clean.drop(columns=["chunk_times_s"]).equals(faulty.drop(columns=["chunk_times_s"]))
 
 
 def test_a_closed_loop_after_a_failure_records_every_refusal(setup):
-    rows = _run(setup, "closed,concurrency=4,n=3000,prompt=64,output=8", faults=[("n0", 0.5)])
+    rows = _run(setup, "closed,concurrency=4,n=3000,prompt=64,output=8", faults=[dict(kind="node_down", node="n0", at_s=0.5)])
     assert len(rows) == 3000 and not rows["success"].all()        # no recursion through 3000 refusals
+
+
+@pytest.mark.parametrize("fault", [dict(kind="straggler", node="n1", factor=3.0),
+                                   dict(kind="slow_link", node="n0", peer="n1", factor=1000.0)])
+def test_a_degradation_slows_only_what_comes_after_it(setup, fault):
+    spec = "poisson,rate=1,n=40,prompt=256,output=64,seed=2"
+    clean = _run(setup, spec)
+    at = float(clean["end_s"].quantile(0.25))
+    slow = _run(setup, spec, faults=[fault | {"at_s": at}])
+    assert slow["success"].all()                                      # degraded, not down
+    before = clean["end_s"] < at - 1.0                                # done well before it: untouched
+    assert before.any() and (slow["end_s"][before] == clean["end_s"][before]).all()
+    e2e = lambda r: (r["end_s"] - r["start_s"])[~before].mean()
+    assert e2e(slow) > 1.3 * e2e(clean)
 
 
 def test_simulate_fail_flag(tmp_path, capsys):
@@ -56,6 +70,9 @@ def test_simulate_fail_flag(tmp_path, capsys):
             "--workload", "poisson,rate=1,n=20,prompt=128,output=32", "--quiet", "--out", str(tmp_path)]
     assert main(args + ["--fail", "nope@3"]) == 2 and "no node 'nope'" in capsys.readouterr().err
     assert main(args + ["--fail", "studio-m3u"]) == 2 and "NODE@SECONDS" in capsys.readouterr().err
+    assert main(args + ["--straggler", "studio-m3u@1:0.5"]) == 2 and "FACTOR >= 1" in capsys.readouterr().err
+    assert main(args + ["--slow-link", "studio-m3u,x@1:2"]) == 2 and "no node 'x'" in capsys.readouterr().err
+    assert main(args + ["--slow-link", "studio-m3u,studio-m4max@1:50", "--run-id", "s"]) == 0
     assert main(args + ["--fail", "studio-m3u@5", "--run-id", "f"]) == 1     # failed requests: exit 1
     requests = read_run(tmp_path / "f").requests()
     assert (~requests["success"]).any() and requests["error"].str.contains("studio-m3u failed").any()

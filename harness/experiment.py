@@ -2,7 +2,8 @@
 
 Top-level keys: name, backend, cluster, model, quant, group_size, strategy, objective, cache,
 kv_reserve_tokens, profile (a cost-model profile name or file; default: the fitted one); tables: [workload] (harness.workloads dict), [load] (warmup, max_duration_s),
-[[targets]] (reports.targets format), [mlx] (options of the real backend). Unknown keys are errors, so a
+[[targets]] (reports.targets format), [mlx] (options of the real backend), [[faults]] (sim backend only:
+{kind = "node_down" | "straggler" | "slow_link", node, peer (slow_link), at_s (after serving starts), factor}). Unknown keys are errors, so a
 typo never silently falls back to a default.
 """
 from __future__ import annotations
@@ -19,7 +20,9 @@ from harness.workloads import check_workload
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "runs" / "default.toml"
 SCALARS = {"name": str, "backend": str, "cluster": str, "model": str, "quant": int, "group_size": int,
            "strategy": str, "objective": str, "cache": str, "kv_reserve_tokens": int, "profile": str}
-TABLES = {"workload": dict, "load": dict, "targets": list, "mlx": dict}
+TABLES = {"workload": dict, "load": dict, "targets": list, "mlx": dict, "faults": list}
+FAULT_KINDS = ("node_down", "straggler", "slow_link")
+FAULT_KEYS = ("kind", "node", "peer", "at_s", "factor")
 MLX_OPTIONS = ("head_dim", "seed", "max_running", "emulate_links", "emulate_latency")
 LOAD_KEYS = ("warmup", "max_duration_s")     # what harness.orchestrate reads from [load]
 MAX_KV_RESERVE_TOKENS = 1 << 24
@@ -101,7 +104,28 @@ def _check_mlx(mlx: dict, origin: str) -> None:
             of_type(mlx[key], bool, f"{origin}: [mlx].{key}", "true or false")
 
 
+def _check_faults(faults: list, origin: str) -> None:
+    for i, fault in enumerate(faults):
+        where = f"{origin}: [[faults]][{i}]"
+        of_type(fault, dict, where, "a table")
+        reject_unknown(fault, FAULT_KEYS, origin, f"[[faults]][{i}]")
+        if fault.get("kind") not in FAULT_KINDS:
+            raise UserError(f"{where}.kind: found {fault.get('kind')!r}; allowed: {', '.join(FAULT_KINDS)}")
+        needed = ("node", "at_s") + (("peer",) if fault["kind"] == "slow_link" else ()) \
+            + (("factor",) if fault["kind"] != "node_down" else ())
+        for key in needed:
+            if key not in fault:
+                raise UserError(f"{where}: {fault['kind']} needs {key}")
+        for key in ("node", "peer"):
+            if key in fault:
+                of_type(fault[key], str, f"{where}.{key}", "a node name")
+        number_in(fault["at_s"], f"{where}.at_s", 0.0, MAX_DURATION_S, low_open=False)
+        if "factor" in fault:
+            number_in(fault["factor"], f"{where}.factor", 1.0, 1e9, low_open=False)
+
+
 def _check_tables(data: dict, origin: str) -> None:
+    _check_faults(data.get("faults", []), origin)
     _check_mlx(data.get("mlx", {}), origin)
     _check_load(data.get("load", {}), origin)
     for i, target in enumerate(data.get("targets", [])):

@@ -68,7 +68,8 @@ def build_backend(exp: dict, cluster, model, profile, plan):
     options = BackendOptions(planned=lambda: planned, cache=exp.get("cache", "none"),
                              max_running=int(mlx.get("max_running", 16)), twin_head_dim=int(mlx.get("head_dim", 16)),
                              twin_seed=int(mlx.get("seed", 0)), emulate_links=bool(mlx.get("emulate_links")),
-                             emulate_latency=bool(mlx.get("emulate_latency")))
+                             emulate_latency=bool(mlx.get("emulate_latency")),
+                             faults=tuple(exp.get("faults", ())))
     return make_backend(exp["backend"], options)
 
 

@@ -41,6 +41,7 @@ class BackendOptions:
     speed: float = 1.0                 # virtual seconds per wall second
     max_waiting: int | None = None     # QueueFull beyond this many requests waiting
     cache: str = "none"                # prefix-cache policy (sim, and mlx when it runs a plan's twin)
+    faults: tuple = ()                 # injected faults (sim only): sim.Engine.inject dicts
     # mlx: a model folder with an optional layer split, else a twin of the planned model built locally
     model_path: str | None = None
     split: tuple[int, ...] | None = None
@@ -79,13 +80,22 @@ def _sim_backend(options: BackendOptions):
         raise UserError(f"speed must be > 0, got {options.speed}")
     p = _planned(options, "sim")
     cache = make_prefix_cache(options.cache, p.cluster, p.model, p.plan, p.profile)
+    names = {n.name for n in p.cluster.nodes}
+    for fault in options.faults:
+        for key in ("node", "peer"):
+            if key in fault and fault[key] not in names:
+                raise UserError(f"fault {fault}: no node {fault[key]!r} in cluster {p.cluster.name}; "
+                                f"nodes: {', '.join(sorted(names))}")
     config = SimBackendConfig(speed=options.speed, max_waiting=options.max_waiting,
-                              model_id=options.model_id or p.model.name)
+                              model_id=options.model_id or p.model.name, faults=tuple(options.faults))
     return SimBackend(p.cluster, p.model, p.plan, p.profile, config=config, cache=cache)
 
 
 def _mlx_backend(options: BackendOptions):
     from harness.backends.mlx import MlxBackend
+    if options.faults:
+        raise UserError("[[faults]] are injected into the simulator: run them with backend = \"sim\" (on real "
+                        "ranks, stop or kill a rank process instead)")
     if options.model_path is None:
         if options.split:
             raise UserError("a layer split needs a model folder (--model-path); a twin runs the plan's split")

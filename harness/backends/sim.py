@@ -49,6 +49,7 @@ class SimBackendConfig:
     max_waiting: int | None = None       # QueueFull beyond this many requests waiting for admission
     include_load: bool = True            # simulate model loading (in virtual time, not paced) for load()'s report
     model_id: str | None = None
+    faults: tuple = ()                   # sim.Engine.inject fault dicts, at_s from when serving starts
 
 
 class SimBackend:
@@ -109,6 +110,8 @@ class SimBackend:
         self.engine = Engine(env, self.cluster, self.model, self.plan, self.profile, self.engine_config,
                              on_tokens=self._on_tokens, on_finish=self._on_finish)
         self._w0, self._v0 = time.monotonic(), env.now
+        for fault in self.config.faults:
+            self.engine.inject(dict(fault))
         self._closed = False
         self._pacer = asyncio.get_running_loop().create_task(self._pace(), name="sim-pacer")
         return report
@@ -207,6 +210,9 @@ class SimBackend:
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         engine = self.engine
+        engine.advance(self.virtual_now())
+        if engine.down:                      # an injected node failure: the simulated cluster is down
+            raise BackendUnavailable(engine.down)
         # only requests the batch cannot take count as waiting: every request sits in the queue until the
         # engine's next step, however much room the batch has
         unadmitted = len(engine.waiting) - engine.free_sequence_slots()
@@ -259,7 +265,7 @@ class SimBackend:
         used = engine.total_blocks - engine.free_blocks
         frac = used / engine.total_blocks if engine.total_blocks else 0.0
         per_node = {n: st.kv_bytes_per_token_node * engine.block * used for st in engine.stages for n in st.nodes}
-        return {"healthy": self._error is None,
+        return {"healthy": self._error is None and not engine.down, "error": engine.down,
                 "num_requests_running": int(np.count_nonzero(engine.status[:engine.n] == RUNNING)),
                 "num_requests_waiting": len(engine.waiting),
                 "kv_cache_usage": {n: frac for n in per_node}, "kv_cache_bytes": per_node,

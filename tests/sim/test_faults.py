@@ -76,3 +76,49 @@ def test_simulate_fail_flag(tmp_path, capsys):
     assert main(args + ["--fail", "studio-m3u@5", "--run-id", "f"]) == 1     # failed requests: exit 1
     requests = read_run(tmp_path / "f").requests()
     assert (~requests["success"]).any() and requests["error"].str.contains("studio-m3u failed").any()
+
+
+def test_the_real_time_sim_backend_goes_down_at_its_fault(tmp_path):
+    """Behind the real server: a stream in flight ends with an error, /health says why, new requests get 503."""
+    import httpx
+    from harness import catalog
+    from harness.backends.sim import SimBackend, SimBackendConfig
+    from harness.costmodel import PlanOptions, load_profile
+    from harness.serving.server import EmbeddedServer
+    from strategies.registry import get_strategy
+    cluster, model = catalog.load_cluster("mixed"), catalog.load_model("llama-3.1-8b", 4, 64)
+    plan = get_strategy("uniform")(cluster, model, PlanOptions(profile=load_profile()))
+    fault = dict(kind="node_down", node=plan.stages[1].nodes[0], at_s=2.0)
+    backend = SimBackend(cluster, model, plan, load_profile(), config=SimBackendConfig(speed=5.0, faults=(fault,)))
+    body = {"prompt": [1, 2, 3], "max_tokens": 5000, "ignore_eos": True, "stream": True}
+    with EmbeddedServer(backend) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        with client.stream("POST", "/v1/completions", json=body) as resp:
+            lines = [line for line in resp.iter_lines() if line]
+        assert "failed at 2 s" in lines[-2] or "failed at 2 s" in lines[-1]
+        health = client.get("/health")
+        assert health.status_code == 503 and "failed at 2 s" in health.json()["error"]
+        assert client.post("/v1/completions", json=body | {"stream": False}).status_code == 503
+
+
+@pytest.mark.parametrize("fault, message", [
+    ({"kind": "meteor", "node": "a", "at_s": 1}, "allowed: node_down, straggler, slow_link"),
+    ({"kind": "straggler", "node": "a", "at_s": 1}, "straggler needs factor"),
+    ({"kind": "slow_link", "node": "a", "at_s": 1, "factor": 2}, "slow_link needs peer"),
+    ({"kind": "node_down", "node": "a", "at_s": -1}, "at_s: found -1"),
+    ({"kind": "node_down", "node": "a", "at_s": 1, "when": 2}, "when"),
+])
+def test_experiment_faults_are_checked_when_read(tmp_path, fault, message):
+    from harness.experiment import load_experiment
+    from harness.specs import UserError
+    body = ", ".join(f"{k} = {v!r}".replace("'", '"') for k, v in fault.items())
+    path = tmp_path / "e.toml"
+    path.write_text(f"[[faults]]\n{body.replace(', ', chr(10))}\n")
+    with pytest.raises(UserError, match=message):
+        load_experiment(path)
+
+
+def test_run_refuses_a_fault_on_a_node_the_cluster_lacks(tmp_path, capsys):
+    path = tmp_path / "e.toml"
+    path.write_text('[[faults]]\nkind = "node_down"\nnode = "nope"\nat_s = 1\n')
+    assert main(["run", "--experiment", str(path), "--out", str(tmp_path)]) == 2
+    assert "no node 'nope'" in capsys.readouterr().err

@@ -112,6 +112,8 @@ def _mlx_twin_backend(options: BackendOptions):
     same layers and head layout, smaller width (harness.mlx.modelbuild), so the plan applies unchanged."""
     from harness.backends.mlx import MlxBackend, links_for_plan, rank_layout
     from harness.mlx.modelbuild import build, twin_config
+    from sim.costs import kv_pool_tokens, stage_models
+    from sim.engine import EngineConfig
     from sim.prefix_cache import make_prefix_cache
     p = _planned(options, "mlx")
     config = twin_config(p.model_source, head_dim=options.twin_head_dim)
@@ -120,6 +122,9 @@ def _mlx_twin_backend(options: BackendOptions):
     links = links_for_plan(p.plan, p.cluster) if options.emulate_links else None
     # the policy sized and keyed exactly as the sim backend's, so both make the same hit/miss decisions
     cache = make_prefix_cache(options.cache, p.cluster, p.model, p.plan, p.profile)
+    # the KV budget the simulator's engine gets for this plan (less the cache's L1 share), in its blocks
+    kv_tokens = cache.engine_kv_tokens if cache else kv_pool_tokens(p.cluster, stage_models(p.cluster, p.model, p.plan))
     return MlxBackend(twin.path, p.plan, model_id=options.model_id or f"{p.model_source}-twin",
                       max_running=options.max_running, links=links,
-                      emulate_latency=options.emulate_latency and links is not None, cache=cache)
+                      emulate_latency=options.emulate_latency and links is not None, cache=cache,
+                      kv_budget_tokens=kv_tokens, kv_block_tokens=EngineConfig().kv_block_tokens)

@@ -53,6 +53,8 @@ class _Req:
     prefix_off: int = 0                # incremental detokenizing: ids[prefix_off:read_off] is text already sent,
     read_off: int = 0                  # decoded again only as context for the next tokens
     cached: int = 0                    # prompt tokens served from a kept prefix (prefix caching)
+    blocks: int = 0                    # KV blocks reserved for it under a KV budget
+    preempted: int = 0                 # times it gave its KV back and was recomputed
     save_as: str | None = None         # the kept entry its prompt KV becomes
     first: float | None = None
     end: float | None = None
@@ -184,7 +186,8 @@ class MlxBackend:
                  use_blas: bool | str = True,
                  max_running: int = 16, max_waiting: int = 256, prefill_step_size: int = 512,
                  stage_timing: bool = True, step_timeout_s: float = 120.0, load_timeout_s: float = 600.0,
-                 poll_s: float = 0.2, stall_s: float = 4.0, seed: int = 0, cache=None):
+                 poll_s: float = 0.2, stall_s: float = 4.0, seed: int = 0, cache=None,
+                 kv_budget_tokens: int | None = None, kv_block_tokens: int = 16):
         self.model_path = Path(model_path)
         cfg_path = self.model_path / "config.json"
         if not cfg_path.exists():
@@ -200,6 +203,11 @@ class MlxBackend:
         self.stall_s = stall_s
         # prefix caching: a sim.prefix_cache.PrefixCache decides, the ranks keep and reuse the KV
         self.cache = RankCache(cache) if cache is not None else None
+        # KV memory: a token budget in blocks, as the simulator's engine keeps it (None: no limit)
+        self.kv_block = kv_block_tokens
+        self.kv_total = None if kv_budget_tokens is None else kv_budget_tokens // kv_block_tokens
+        self.kv_free = self.kv_total
+        self.preemptions = 0
         self.worker_args = ["--prefill-step-size", str(prefill_step_size), "--max-batch", str(max_running),
                             "--seed", str(seed)] + ([] if stage_timing else ["--no-stage-timing"])
         self.run_start_epoch: float | None = None
@@ -376,10 +384,15 @@ class MlxBackend:
                     raise err          # noticed while idle
             if self._stopping:
                 return None
+            if self.kv_total is not None:
+                self._grow_kv()
             removals, self._removals = self._removals, []
             inserts = []
             while self._waiting and len(self._running) + len(inserts) < self.max_running:
-                req = self._waiting.popleft()
+                req = self._waiting[0]
+                if not req.cancelled and not self._reserve_kv(req):
+                    break                # FIFO: wait for KV memory, no overtaking (as the simulator admits)
+                self._waiting.popleft()
                 if not req.cancelled:
                     inserts.append(req)
             self._inflight = {r.key: r for r in inserts}
@@ -387,11 +400,56 @@ class MlxBackend:
         return {"op": "step", "remove": removals, "insert": items,
                 "drop": self.cache.take_drops() if self.cache else []}
 
+    # ------------------------------------------------------------------ KV budget
+    def _kv_blocks(self, req: _Req, ahead: int) -> int:
+        """Blocks for its prompt, its tokens so far and `ahead` more."""
+        return -(-(len(req.request.prompt) + len(req.ids) + ahead) // self.kv_block)
+
+    def _reserve_kv(self, req: _Req) -> bool:
+        if self.kv_total is None:
+            return True
+        # room for two tokens ahead, as _grow_kv asks of a running request: admitting with less would preempt it
+        # again at its next step, before it made any progress
+        need = self._kv_blocks(req, 2)
+        if need > self.kv_total:         # can never fit: fail it now rather than block the queue forever
+            req.cancelled, req.end = True, time.time()
+            req.error = f"needs {need * self.kv_block} KV tokens; the budget holds {self.kv_total * self.kv_block}"
+            req.deliver(InvalidRequest(req.error))
+            return True
+        if need > self.kv_free:
+            return False
+        self.kv_free -= need
+        req.blocks = need
+        return True
+
+    def _grow_kv(self) -> None:
+        """Before a step every running request needs room for one more token: the youngest give their KV
+        back (preempted: removed from the ranks, recomputed from prompt + tokens so far when re-admitted)."""
+        running = sorted(self._running.values(), key=lambda r: r.arrival)
+        extra = {r.key: max(0, self._kv_blocks(r, 2) - r.blocks) for r in running}
+        while running and sum(extra[r.key] for r in running) > self.kv_free:
+            victim = running.pop()
+            self._running.pop(victim.uid, None)
+            self._removals.append(victim.uid)
+            self.kv_free += victim.blocks
+            victim.blocks, victim.uid = 0, None
+            victim.preempted += 1
+            self.preemptions += 1
+            self._waiting.appendleft(victim)
+        for r in running:
+            r.blocks += extra[r.key]
+            self.kv_free -= extra[r.key]
+
+    def _release_kv(self, req: _Req) -> None:
+        if self.kv_total is not None:
+            self.kv_free += req.blocks
+            req.blocks = 0
+
     def _insert_item(self, req: _Req) -> dict:
         r = req.request
-        item = {"key": req.key, "prompt": list(r.prompt), "max_tokens": r.max_tokens,
+        item = {"key": req.key, "prompt": list(r.prompt) + req.ids, "max_tokens": r.max_tokens - len(req.ids),
                 "temperature": r.temperature, "seed": r.seed}
-        if self.cache is not None:
+        if self.cache is not None and not req.ids:
             fields, req.cached = self.cache.plan_insert(r.prompt)
             req.save_as = fields.get("save_as")
             item.update(fields, prompt=list(r.prompt[req.cached:]))   # the ranks prefill only the rest
@@ -439,6 +497,7 @@ class MlxBackend:
 
     def _retire(self, req: _Req, rank_finish: str | None) -> None:
         self._running.pop(req.uid, None)
+        self._release_kv(req)
         if self.cache is not None:
             self.cache.forget(req.save_as)
         if rank_finish is None:
@@ -526,6 +585,7 @@ class MlxBackend:
                     req.end = req.end or time.time()
                     if req.uid is not None and self._running.pop(req.uid, None) is not None:
                         self._removals.append(req.uid)
+                        self._release_kv(req)
                     self._cv.notify()
 
     def _validate(self, request: GenerationRequest) -> None:
@@ -544,6 +604,8 @@ class MlxBackend:
     def stats(self) -> dict:
         with self._cv:
             out = {"num_requests_running": len(self._running), "num_requests_waiting": len(self._waiting),
+                   "preemptions": self.preemptions,
+                   "kv_free_tokens": None if self.kv_free is None else self.kv_free * self.kv_block,
                    "steps": self._step_no, "ranks": self.layout.ranks, "split": self.split,
                    "error": str(self._error) if self._error else None,
                    "healthy": self._error is None and self._thread is not None and not self._stopping}

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from harness.backends.base import BackendUnavailable, GenerationRequest
+from harness.backends.base import BackendUnavailable, GenerationRequest, InvalidRequest
 from harness.backends.mlx import MlxBackend
 from harness.mlx.errors import UserError
 from harness.mlx.launcher import LinkShape
@@ -339,3 +339,28 @@ def test_incremental_text_equals_decoding_the_whole_output(tiny):
             req.ids.append(t)
             parts.append(backend._delta(req, t, final=i == len(ids) - 1))
         assert "".join(parts) == backend.decode(ids)
+
+
+@pytest.mark.slow
+def test_a_kv_budget_makes_requests_wait_and_preempts_the_youngest_without_changing_tokens(tiny, reference):
+    """Four 40-token streams in a budget of 128 KV tokens: at most two fit at once, the youngest gives its KV back
+    when the others grow (recomputed from prompt + tokens so far), and every greedy stream is unchanged. A request
+    that can never fit fails at once with the reason."""
+    prompt, _ = reference
+
+    async def scenario(budget, max_tokens=40, n=4):
+        backend = MlxBackend(tiny, [3, 3], kv_budget_tokens=budget)
+        await backend.load()
+        try:
+            reqs = [GenerationRequest(f"r{i}", prompt, max_tokens=max_tokens, ignore_eos=True) for i in range(n)]
+            outs = await asyncio.wait_for(asyncio.gather(*[_collect(backend, r) for r in reqs]), GUARD_S)
+            return [[ev.token_id for ev in o] for o in outs], backend.stats()
+        finally:
+            await backend.close()
+
+    free, _ = asyncio.run(scenario(None))
+    tight, stats = asyncio.run(scenario(128))
+    assert tight == free
+    assert stats["preemptions"] >= 1 and stats["kv_free_tokens"] == 128    # all given back at the end
+    with pytest.raises(InvalidRequest, match="KV tokens; the budget holds 128"):
+        asyncio.run(scenario(128, max_tokens=400, n=1))

@@ -242,8 +242,9 @@ def render_html(runs: list[Run], with_plots: bool = True) -> str:
 
 
 def with_overload_banners(page: str, runs: list[Run]) -> str:
-    """The page with a banner under its title for every run whose summary.json says it was saturated; runs
-    written before the verdict existed (no "saturation" section) get none."""
+    """The page with a banner under its title for every run whose summary.json says it was saturated (runs
+    written before the verdict existed, with no "saturation" section, get none), and for every run with failed
+    requests."""
     banners = []
     for i, run in enumerate(runs, start=1):
         verdict = run.summary.get("saturation") or {}
@@ -253,8 +254,26 @@ def with_overload_banners(page: str, runs: list[Run]) -> str:
             banners.append(f'<div class="banner" id="overloaded-{i}"><strong>OVERLOADED: {escape(run.name)}</strong>'
                            f"<br>{escape('; '.join(verdict.get('reasons') or []))}.{sustained} Its latencies measure "
                            f"the queue, not the cluster.</div>\n")
+        banners += _failure_banner(i, run)
     # under the title, above everything else: an overloaded run's figures must not be read without it
     return page.replace("</h1>\n", "</h1>\n" + "".join(banners), 1)
+
+
+def _failure_banner(i: int, run: Run) -> list[str]:
+    """A banner counting the run's failed requests by reason (a fault, a rank that died, the time bound), so
+    latency figures computed from the survivors are never read as the whole run."""
+    req = run.requests
+    if req.empty or "success" not in req:
+        return []
+    failed = req[~req["success"].astype(bool)]
+    if failed.empty:
+        return []
+    reasons = failed["error"].fillna("").replace("", "unknown").value_counts()
+    shown = "; ".join(f"{n} × {reason[:160]}" for reason, n in reasons.head(5).items())
+    more = f"; and {len(reasons) - 5} more reasons" if len(reasons) > 5 else ""
+    return [f'<div class="banner" id="failed-{i}"><strong>FAILED REQUESTS: {escape(run.name)}: {len(failed)} of '
+            f"{len(req)}</strong><br>{escape(shown + more)}. Latency figures cover the {len(req) - len(failed)} "
+            f"that finished.</div>\n"]
 
 
 def default_output(run_dirs: list[Path]) -> Path:

@@ -76,6 +76,11 @@ def test_simulate_fail_flag(tmp_path, capsys):
     assert main(args + ["--fail", "studio-m3u@5", "--run-id", "f"]) == 1     # failed requests: exit 1
     requests = read_run(tmp_path / "f").requests()
     assert (~requests["success"]).any() and requests["error"].str.contains("studio-m3u failed").any()
+    import reports
+    html = reports.render([tmp_path / "f"]).read_text()      # the report says how many failed, and why
+    failed = int((~requests["success"]).sum())
+    assert f"FAILED REQUESTS: " in html and f": {failed} of {len(requests)}" in html
+    assert "studio-m3u failed at" in html and html.index('id="failed-1"') < html.index("<h2")
 
 
 def test_the_real_time_sim_backend_goes_down_at_its_fault(tmp_path):

@@ -187,7 +187,7 @@ class MlxBackend:
                  max_running: int = 16, max_waiting: int = 256, prefill_step_size: int = 512,
                  stage_timing: bool = True, step_timeout_s: float = 120.0, load_timeout_s: float = 600.0,
                  poll_s: float = 0.2, stall_s: float = 4.0, seed: int = 0, cache=None,
-                 kv_budget_tokens: int | None = None, kv_block_tokens: int = 16):
+                 kv_budget_tokens: int | None = None, kv_block_tokens: int = 16, max_records: int = 1_000_000):
         self.model_path = Path(model_path)
         cfg_path = self.model_path / "config.json"
         if not cfg_path.exists():
@@ -219,7 +219,9 @@ class MlxBackend:
         self._waiting: deque[_Req] = deque()
         self._running: dict[int, _Req] = {}
         self._removals: list[int] = []
-        self._all: list[_Req] = []
+        # the newest requests' records (request_records); a long-running `serve` must not grow without bound
+        self._all: deque[_Req] = deque(maxlen=max_records)
+        self.records_dropped = 0
         self._steps: list[dict] = []
         self._kv_last: dict[str, int] = {}   # KV bytes per node after its latest step (stats() reads it)
         self._step_no = 0
@@ -573,6 +575,8 @@ class MlxBackend:
             self._key_seq += 1
             req = _Req(request, asyncio.get_running_loop(), asyncio.Queue(), f"{self._key_seq}", time.time())
             self._waiting.append(req)
+            if len(self._all) == self._all.maxlen:
+                self.records_dropped += 1     # the oldest record gives way
             self._all.append(req)
             self._cv.notify()
         try:
@@ -604,7 +608,7 @@ class MlxBackend:
     def stats(self) -> dict:
         with self._cv:
             out = {"num_requests_running": len(self._running), "num_requests_waiting": len(self._waiting),
-                   "preemptions": self.preemptions,
+                   "preemptions": self.preemptions, "records_dropped": self.records_dropped,
                    "kv_free_tokens": None if self.kv_free is None else self.kv_free * self.kv_block,
                    "steps": self._step_no, "ranks": self.layout.ranks, "split": self.split,
                    "error": str(self._error) if self._error else None,

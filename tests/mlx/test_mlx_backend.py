@@ -364,3 +364,21 @@ def test_a_kv_budget_makes_requests_wait_and_preempts_the_youngest_without_chang
     assert stats["preemptions"] >= 1 and stats["kv_free_tokens"] == 128    # all given back at the end
     with pytest.raises(InvalidRequest, match="KV tokens; the budget holds 128"):
         asyncio.run(scenario(128, max_tokens=400, n=1))
+
+
+def test_request_records_keep_the_newest_within_a_bound(tiny, reference):
+    """A long-running serve keeps at most max_records request records (the newest) and counts what it dropped."""
+    prompt, _ = reference
+
+    async def scenario():
+        backend = MlxBackend(tiny, None, max_records=3)
+        await backend.load()
+        try:
+            for i in range(5):
+                await asyncio.wait_for(_collect(backend, GenerationRequest(f"r{i}", prompt, max_tokens=2)), GUARD_S)
+            return backend.request_records(), backend.stats()
+        finally:
+            await backend.close()
+
+    rows, stats = asyncio.run(scenario())
+    assert [r["request_id"] for r in rows] == ["r2", "r3", "r4"] and stats["records_dropped"] == 2

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 
 from harness.backends import BACKEND_NAMES
-from harness.specs import (MAX_HEADS, VALID_BITS, UserError, integer_in, number_in, of_type, read_text,
+from harness.specs import (MAX_HEADS, VALID_BITS, UserError, integer_in, number_in, of_type, parse_file,
                            reject_unknown)
 from harness.workloads import check_workload
 
@@ -51,15 +51,7 @@ def _read(path: Path) -> dict:
 
 def read_toml(path: Path, what: str) -> dict:
     """A TOML file as a dict; UserError (one line) for a missing, huge, non-UTF-8, invalid or too deep file."""
-    text = read_text(path, what)
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{what} file {path}: not valid TOML: {exc}") from None
-    except RecursionError:
-        raise UserError(f"{what} file {path}: nested too deeply to read; allowed: a few levels of tables") from None
-    except ValueError as exc:    # e.g. an integer of more than 4300 digits
-        raise UserError(f"{what} file {path}: not valid TOML: {exc}") from None
+    return parse_file(path, what, tomllib.loads, tomllib.TOMLDecodeError, "TOML", "tables")
 
 
 def check_experiment(data: dict, origin: str) -> None:

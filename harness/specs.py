@@ -624,16 +624,23 @@ def read_text(path: Path, what: str) -> str:
                         "allowed: a UTF-8 text file") from None
 
 
-def read_json(path: Path, what: str) -> dict:
+def parse_file(path: Path, what: str, loads, syntax_error: type, fmt: str, nesting: str, where=lambda exc: ""):
+    """`loads` of the file's text; one-line UserError for a missing, huge, non-UTF-8, invalid or too deep file.
+    `where(exc)` places a syntax error (" at line L column C")."""
     text = read_text(path, what)
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{what} file {path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        return loads(text)
+    except syntax_error as exc:
+        raise UserError(f"{what} file {path}: not valid {fmt}{where(exc)}: {getattr(exc, 'msg', exc)}") from None
     except RecursionError:
-        raise UserError(f"{what} file {path}: nested too deeply to read; allowed: a few levels of objects and lists") from None
+        raise UserError(f"{what} file {path}: nested too deeply to read; allowed: a few levels of {nesting}") from None
     except ValueError as exc:    # e.g. an integer of more than 4300 digits
-        raise UserError(f"{what} file {path}: not valid JSON: {exc}") from None
+        raise UserError(f"{what} file {path}: not valid {fmt}: {exc}") from None
+
+
+def read_json(path: Path, what: str) -> dict:
+    data = parse_file(path, what, json.loads, json.JSONDecodeError, "JSON", "objects and lists",
+                      where=lambda exc: f" at line {exc.lineno} column {exc.colno}")
     if not isinstance(data, dict):
         raise UserError(f"{what} file {path}: expected a JSON object at the top, got {type(data).__name__}")
     return data

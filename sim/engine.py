@@ -127,6 +127,16 @@ class Engine:
         for s in self.scheds:
             env.process(self._scheduler(s, t0))
 
+    @staticmethod
+    def check_fault_nodes(faults, cluster) -> None:
+        """UserError for a fault naming a node the cluster lacks (before anything is simulated)."""
+        names = [n.name for n in cluster.nodes]
+        for fault in faults:
+            for key in ("node", "peer"):
+                if key in fault and fault[key] not in names:
+                    raise UserError(f"fault {fault['kind']} at {fault['at_s']:g} s: no node {fault[key]!r} in "
+                                    f"cluster {cluster.name}; nodes: {', '.join(names)}")
+
     def inject(self, fault: dict) -> None:
         """Schedule one fault (virtual seconds from the run's start in fault["at_s"]):
         {"kind": "node_down", "node"}, {"kind": "straggler", "node", "factor"} (that node's stage computes

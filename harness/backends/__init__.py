@@ -80,12 +80,8 @@ def _sim_backend(options: BackendOptions):
         raise UserError(f"speed must be > 0, got {options.speed}")
     p = _planned(options, "sim")
     cache = make_prefix_cache(options.cache, p.cluster, p.model, p.plan, p.profile)
-    names = {n.name for n in p.cluster.nodes}
-    for fault in options.faults:
-        for key in ("node", "peer"):
-            if key in fault and fault[key] not in names:
-                raise UserError(f"fault {fault}: no node {fault[key]!r} in cluster {p.cluster.name}; "
-                                f"nodes: {', '.join(sorted(names))}")
+    from sim.engine import Engine
+    Engine.check_fault_nodes(options.faults, p.cluster)
     config = SimBackendConfig(speed=options.speed, max_waiting=options.max_waiting,
                               model_id=options.model_id or p.model.name, faults=tuple(options.faults))
     return SimBackend(p.cluster, p.model, p.plan, p.profile, config=config, cache=cache)

@@ -54,7 +54,6 @@ class _Req:
     read_off: int = 0                  # decoded again only as context for the next tokens
     cached: int = 0                    # prompt tokens served from a kept prefix (prefix caching)
     blocks: int = 0                    # KV blocks reserved for it under a KV budget
-    preempted: int = 0                 # times it gave its KV back and was recomputed
     save_as: str | None = None         # the kept entry its prompt KV becomes
     first: float | None = None
     end: float | None = None
@@ -435,7 +434,6 @@ class MlxBackend:
             self._removals.append(victim.uid)
             self.kv_free += victim.blocks
             victim.blocks, victim.uid = 0, None
-            victim.preempted += 1
             self.preemptions += 1
             self._waiting.appendleft(victim)
         for r in running:

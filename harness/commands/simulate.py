@@ -31,17 +31,19 @@ examples:
 
 def parse_faults(args, cluster) -> list[dict]:
     """--fail NODE@S, --straggler NODE@S:FACTOR and --slow-link A,B@S:FACTOR as sim.Engine.inject faults."""
-    names = [n.name for n in cluster.nodes]
-    faults = [dict(kind="node_down", node=_node(n, spec, "--fail", names), at_s=at)
-              for spec in args.fail for n, at, _ in [_fault_spec(spec, "--fail", factor=False)]]
+    from sim.engine import Engine
+    faults = []
+    for spec in args.fail:
+        node, at, _ = _fault_spec(spec, "--fail", factor=False)
+        faults.append(dict(kind="node_down", node=node, at_s=at))
     for spec in args.straggler:
         node, at, factor = _fault_spec(spec, "--straggler")
-        faults.append(dict(kind="straggler", node=_node(node, spec, "--straggler", names), at_s=at, factor=factor))
+        faults.append(dict(kind="straggler", node=node, at_s=at, factor=factor))
     for spec in args.slow_link:
         pair, at, factor = _fault_spec(spec, "--slow-link")
         a, _, b = pair.partition(",")
-        faults.append(dict(kind="slow_link", node=_node(a, spec, "--slow-link", names),
-                           peer=_node(b, spec, "--slow-link", names), at_s=at, factor=factor))
+        faults.append(dict(kind="slow_link", node=a, peer=b, at_s=at, factor=factor))
+    Engine.check_fault_nodes(faults, cluster)
     return faults
 
 
@@ -57,12 +59,6 @@ def _fault_spec(spec: str, flag: str, factor: bool = True) -> tuple[str, float, 
     if not (sep and math.isfinite(at_s) and at_s >= 0 and math.isfinite(f) and f >= 1):
         raise UserError(f"{flag} {spec!r}: expected {shape} with SECONDS >= 0" + (" and FACTOR >= 1" if factor else ""))
     return what, at_s, f
-
-
-def _node(name: str, spec: str, flag: str, names: list[str]) -> str:
-    if name not in names:
-        raise UserError(f"{flag} {spec!r}: no node {name!r} in this cluster; nodes: {', '.join(names)}")
-    return name
 
 
 def add_arguments(p) -> None:

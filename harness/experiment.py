@@ -1,7 +1,8 @@
 """Experiment files (`runs/NAME.toml`): everything one `harness run` needs, with flags that override it.
 
 Top-level keys: name, backend, cluster, model, quant, group_size, strategy, objective, cache,
-kv_reserve_tokens, profile (a cost-model profile name or file; default: the fitted one); tables: [workload] (harness.workloads dict), [load] (warmup, max_duration_s),
+kv_reserve_tokens, profile (a cost-model profile name or file; default: the fitted one), link (what if every
+link were this kind) and add_nodes (a list of "CHIP[/CORES]:MEM" Macs added to the cluster); tables: [workload] (harness.workloads dict), [load] (warmup, max_duration_s),
 [[targets]] (reports.targets format), [mlx] (options of the real backend), [[faults]] (sim backend only:
 {kind = "node_down" | "straggler" | "slow_link", node, peer (slow_link), at_s (after serving starts), factor}). Unknown keys are errors, so a
 typo never silently falls back to a default.
@@ -19,8 +20,8 @@ from harness.workloads import check_workload
 
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "runs" / "default.toml"
 SCALARS = {"name": str, "backend": str, "cluster": str, "model": str, "quant": int, "group_size": int,
-           "strategy": str, "objective": str, "cache": str, "kv_reserve_tokens": int, "profile": str}
-TABLES = {"workload": dict, "load": dict, "targets": list, "mlx": dict, "faults": list}
+           "strategy": str, "objective": str, "cache": str, "kv_reserve_tokens": int, "profile": str, "link": str}
+TABLES = {"workload": dict, "load": dict, "targets": list, "mlx": dict, "faults": list, "add_nodes": list}
 FAULT_KINDS = ("node_down", "straggler", "slow_link")
 FAULT_KEYS = ("kind", "node", "peer", "at_s", "factor")
 MLX_OPTIONS = ("head_dim", "seed", "max_running", "emulate_links", "emulate_latency")
@@ -116,7 +117,17 @@ def _check_faults(faults: list, origin: str) -> None:
             number_in(fault["factor"], f"{where}.factor", 1.0, 1e9, low_open=False)
 
 
+def _check_whatifs(data: dict, origin: str) -> None:
+    from harness import catalog
+    from harness.whatif import parse_node_spec
+    if "link" in data and data["link"] not in catalog.link_kinds():
+        raise UserError(f"{origin}: link: found {data['link']!r}; allowed: {', '.join(catalog.link_kinds())}")
+    for i, spec in enumerate(data.get("add_nodes", [])):
+        parse_node_spec(spec, f"{origin}: add_nodes[{i}]")
+
+
 def _check_tables(data: dict, origin: str) -> None:
+    _check_whatifs(data, origin)
     _check_faults(data.get("faults", []), origin)
     _check_mlx(data.get("mlx", {}), origin)
     _check_load(data.get("load", {}), origin)

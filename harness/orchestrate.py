@@ -11,6 +11,7 @@ from pathlib import Path
 
 from harness import catalog
 from harness.costmodel import load_profile
+from harness.planning import load_cluster
 from harness.serving.progress import LoadProgress, backend_stats
 from harness.specs import DoesNotFit
 
@@ -30,7 +31,7 @@ def load_inputs(exp: dict, workload=None):
     from harness.costmodel import PlanOptions
     from harness.workloads import build_workload
     workload = workload if workload is not None else build_workload(exp["workload"])
-    cluster = catalog.load_cluster(exp["cluster"])
+    cluster = load_cluster(exp["cluster"], exp.get("link"), exp.get("add_nodes"))
     model = catalog.load_model(exp["model"], exp["quant"], exp["group_size"])
     options = PlanOptions(profile=load_profile(exp.get("profile")), objective=exp["objective"],
                           kv_reserve_tokens=exp["kv_reserve_tokens"], **workload_shape(workload))

@@ -3,6 +3,7 @@ that makes a plan (plan, simulate, run, serve)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from harness import catalog
 from harness.costmodel import OBJECTIVES, PlanOptions, load_profile
@@ -38,12 +39,33 @@ def add_plan_arguments(p: argparse.ArgumentParser, strategy_default: str = "hybr
                    help="output length per request, for the sustainable rate and goodput (default %(default)s)")
     g.add_argument("--arrival-rate", type=float, default=0.0, metavar="RPS",
                    help="the workload's arrival rate, requests/s, shown against the sustainable rate (default: none)")
+    add_whatif_arguments(g)
     g.add_argument("--profile", default=None,
                    help="cost-model profile: a JSON file or a name in harness/profiles/ (default: fitted, from `harness calibrate`)")
 
 
+def add_whatif_arguments(g) -> None:
+    from harness.whatif import NODE_SPEC_HELP
+    g.add_argument("--link", default=None, metavar="KIND",
+                   help=f"what if every link were KIND: {', '.join(catalog.link_kinds())} (pairs without "
+                        "Thunderbolt 5 on both ends get tb4-tcp instead of a TB5 kind) (default: the cluster's links)")
+    g.add_argument("--add-node", action="append", default=None, metavar="CHIP:MEM",
+                   help=f"what if the cluster had one more Mac: {NODE_SPEC_HELP}; repeat for more "
+                        "(cabled like most of the cluster's pairs, or by --link)")
+
+
 def load_inputs(args) -> tuple[Cluster, ModelSpec]:
-    return catalog.load_cluster(args.cluster), catalog.load_model(args.model, args.quant, args.group_size)
+    return load_cluster(args.cluster, getattr(args, "link", None), getattr(args, "add_node", None)), \
+        catalog.load_model(args.model, args.quant, args.group_size)
+
+
+def load_cluster(name: str, link: str | None = None, added=None) -> Cluster:
+    """A cluster file or preset, with the what-ifs applied; what the what-ifs could not do is said on stderr."""
+    from harness.whatif import apply
+    cluster, notes = apply(catalog.load_cluster(name), link, added or ())
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return cluster
 
 
 def plan_options(args):

@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--objective", default=None, choices=list(OBJECTIVES), help="hybrid_optimal's objective")
     o.add_argument("--cache", default=None, help=f"prefix-cache policy: {', '.join(cache_policy_names())}")
     o.add_argument("--kv-reserve-tokens", type=int, default=None, help="KV tokens each stage keeps room for")
+    from harness.planning import add_whatif_arguments
+    add_whatif_arguments(o)
     o.add_argument("--requests", type=int, default=None, help="number of requests in the workload")
     o.add_argument("--rate", type=float, default=None, help="Poisson arrival rate of the workload, requests/s")
     p.add_argument("--out", default="runs/out", help="where run folders go (default %(default)s)")
@@ -49,6 +51,8 @@ def run(args) -> int:
     from harness.orchestrate import run_experiment
     from harness.planning import strategies_for
     exp = apply_overrides(load_experiment(args.experiment), args)
+    if args.add_node:    # added to the experiment's own add_nodes, if it has any
+        exp["add_nodes"] = exp.get("add_nodes", []) + args.add_node
     if args.requests is not None or args.rate is not None:
         exp["workload"] = _workload_overrides(exp["workload"], args)
     names = strategies_for(exp["strategy"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 HELP = "re-render the HTML report of saved run folders (nothing is re-run)"
 DESCRIPTION = """\
 Re-render the HTML report from saved run folders: tables, figures, targets pass/fail.
-One run folder: writes RUN_DIR/report.html. Several: writes one comparison page (strategy comparison,
+One run folder (or a `harness validate` or `harness sweep` folder): writes RUN_DIR/report.html. Several: writes one comparison page (strategy comparison,
 throughput and latency against load when the runs form a sweep) next to the first run, or to --out.
 The page is self-contained (images inline, no network)."""
 
@@ -18,6 +18,10 @@ def run(args) -> int:
     from pathlib import Path
 
     import reports
+    if len(args.run_dirs) == 1 and (Path(args.run_dirs[0]) / "sweep.json").exists() and not args.out:
+        from reports.sweep import render_sweep
+        print(f"report: {render_sweep(args.run_dirs[0])}")       # a `harness sweep` folder
+        return 0
     if len(args.run_dirs) == 1 and (Path(args.run_dirs[0]) / "validation.json").exists() and not args.out:
         print(f"report: {reports.render(args.run_dirs[0])}")     # a `harness validate` folder
         return 0

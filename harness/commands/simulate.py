@@ -147,13 +147,14 @@ def run_one(args) -> int:
 
     cfg = engine_config(args)
     slo = metrics.parse_slo(args.slo)
-    spec = parse_workload(args.workload)
+    spec = dict(args.workload) if isinstance(args.workload, dict) else parse_workload(args.workload)   # dict: a sweep point
     if args.seed is not None:
         spec["seed"] = args.seed
     workload = build_workload(spec)
     cluster, model, plan = make_plan(args)
     local = set(args.weights_local.split(",")) if args.weights_local else None
-    config = {"command": "simulate", "backend": "sim", "cluster": args.cluster, "model": model.name,
+    config = {"command": "simulate", "backend": "sim", "cluster": args.cluster, "link": args.link,
+              "add_nodes": args.add_node, "model": model.name,
               "quant_bits": model.quant_bits, "group_size": model.group_size, "strategy": plan.strategy,
               "objective": args.objective, "profile": args.profile or DEFAULT_PROFILE, "workload": spec,
               "engine": cfg.to_dict(), "include_load": not args.no_load, "cache": args.cache,

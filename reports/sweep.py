@@ -39,7 +39,7 @@ def render_sweep(folder: str | Path) -> Path:
     grid, points = saved["sweep"]["grid"], saved["points"]
     axis = load_axis(grid)
     plots = [p for key in PLOTTED if (p := metric_plot(points, grid, axis, key)) is not None]
-    keys = ["point", *grid, "status", *[m for m in _metric_keys(points)]]
+    keys = ["point", *grid, "status", *_metric_keys(points, grid)]
     page = jinja2.Environment(autoescape=True).from_string(PAGE).render(
         title=f"Sweep report: {saved['sweep']['name']}", points=points, plots=plots,
         complete=sum(p["status"] == "complete" for p in points),
@@ -81,9 +81,10 @@ def _series(points: list[dict], others: list[str]) -> dict[str, list[dict]]:
     return out
 
 
-def _metric_keys(points: list[dict]) -> list[str]:
-    from harness.sweep import RESULT_METRICS
-    return [m for m in RESULT_METRICS if any(p.get(m) is not None for p in points)]
+def _metric_keys(points: list[dict], grid: dict) -> list[str]:
+    """The metric columns the sweep saved (every key of a row that is not the point, a grid value or status)."""
+    names = [k for k in (points[0] if points else {}) if k not in ("point", "status", *grid)]
+    return [k for k in names if any(p.get(k) is not None for p in points)]
 
 
 def _heading(key: str) -> str:

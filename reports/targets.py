@@ -445,8 +445,18 @@ def _result(run: Run, target: Target) -> TargetResult:
     reason = not_applicable(run, target)
     if reason:   # a figure of a target that does not apply (a 0 s load, a plan never served) would mislead
         return TargetResult(target, None, None, _conditions(run, target), describe(run, target), reason)
-    return TargetResult(target, observed(run, target.metric), theoretical(run, target.metric),
-                        _conditions(run, target), describe(run, target))
+    seen = observed(run, target.metric)
+    if seen is None and served_nothing(run) and target.metric not in LOAD_METRICS | MEMORY_METRICS:
+        # every request failed: the plan's prediction would pass a target the cluster never met
+        return TargetResult(target, None, None, _conditions(run, target), describe(run, target))
+    return TargetResult(target, seen, theoretical(run, target.metric), _conditions(run, target),
+                        describe(run, target))
+
+
+def served_nothing(run: Run) -> bool:
+    """Requests were sent and none completed (a node down, every request refused or timed out)."""
+    failed, completed = number(run.metrics.get("failed")), number(run.metrics.get("completed"))
+    return bool(failed) and not completed
 
 
 def evaluate(run: Run) -> list[TargetResult]:

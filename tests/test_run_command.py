@@ -122,3 +122,18 @@ def test_unknown_mlx_option_is_named(tmp_path, capsys):
                    'strategy = "uniform"\n[mlx]\nemulate_link = true\n')
     assert main(["run", "--experiment", str(exp), "--out", str(tmp_path)]) == 2
     assert "emulate_link" in capsys.readouterr().err
+
+
+def test_a_run_whose_requests_failed_exits_non_zero(tmp_path, capsys):
+    """A node down mid-run fails requests: the exit code says so, as `simulate`'s does."""
+    experiment = tmp_path / "fault.toml"
+    node = "studio1"
+    experiment.write_text(open("runs/smoke.toml").read().replace('strategy = "hybrid_optimal"', 'strategy = "uniform"')
+                          + f'\n[[faults]]\nkind = "node_down"\nnode = "{node}"\nat_s = 0.5\n')
+    assert main(["run", "--experiment", str(experiment), "--out", str(tmp_path / "out"), "--no-report"]) == 1
+    assert "request(s) failed" in capsys.readouterr().err
+    (folder,) = (tmp_path / "out").iterdir()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["metrics"]["completed"] == 0
+    # no request was served: the plan's predictions must not pass the latency targets in its place
+    assert [t["status"] for t in summary["targets"]] == ["no data", "no data"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from strategies.registry import cache_policy_names, strategy_names
@@ -69,7 +70,20 @@ def run(args) -> int:
             from harness.runfolder import new_run_id
             path = render([o.path for o in done], out_root / f"compare-{new_run_id(exp['name'])}.html")
             print(f"\ncomparison report: {path}")
-    return 0 if done else 1
+    return exit_code(outcomes)
+
+
+def exit_code(outcomes) -> int:
+    """1 when nothing ran or any run had failed requests (as `simulate` does: a script must not read a run
+    whose requests failed as a success), else 0. A strategy that does not fit, beside one that ran, is a
+    planned outcome, not a failure."""
+    done = [o for o in outcomes if o.path is not None]
+    failed = [(o.strategy, int(o.summary["metrics"].get("failed") or 0)) for o in done if o.summary]
+    failed = [(name, n) for name, n in failed if n]
+    for name, n in failed:
+        print(f"error: {name}: {n} request(s) failed; their reasons are in the run folder and the report's banner",
+              file=sys.stderr)
+    return 0 if done and not failed else 1
 
 
 def _workload_overrides(spec: dict, args) -> dict:

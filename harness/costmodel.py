@@ -478,3 +478,24 @@ def sustainable_rate_rps(cluster: Cluster, model: ModelSpec, stages, options: Pl
     # the prefill sum does not depend on the batch: computed once, not once per candidate size
     shares = [_decode_share_s(cluster, model, stages, options, b) for b in range(1, bound + 1)]
     return 1.0 / (_prefill_sum_s(model, stages, options) + min(shares))
+
+
+CONCURRENCY_LEVELS = (1, 4, 16, 64)
+
+
+def concurrent_decode(cluster: Cluster, model: ModelSpec, stages, options: PlanOptions, users: int) -> dict:
+    """Steady decode with `users` streams at once (theoretical), each at the plan's decode context
+    (context_tokens, so one user gets the plan's own ms/token) and holding a request's full prompt + output in
+    KV on every stage (whether they fit); they are split into one micro-batch per stage (fewer when there are fewer users),
+    so a token round is the longer of one micro-batch's trip through every stage and the bottleneck stage
+    serving every micro-batch. {users, fits, round_s, per_stream_tok_s, aggregate_tok_s, kv_tokens_needed}."""
+    room = min(kv_room_tokens(cluster, st) for st in stages)
+    needed = users * options.request_tokens
+    micro = min(len(stages), users)
+    batch = -(-users // micro)
+    hops = step_hops_s(cluster, model, stages, batch, options.profile)
+    steps = [st.decode_s(model, options.profile, batch, batch * options.context_tokens) + h
+             for st, h in zip(stages, hops)]
+    round_s = max(sum(steps), micro * max(steps))
+    return {"users": users, "fits": needed <= room, "round_s": round_s, "per_stream_tok_s": 1.0 / round_s,
+            "aggregate_tok_s": users / round_s, "kv_tokens_needed": needed, "kv_tokens_room": room}

@@ -121,7 +121,8 @@ def _run_plots(run: Run) -> tuple[list[plots.Plot], list[str]]:
             notes.append(f"No {label} figure: {why}.")
         else:
             made.append(plot)
-    return made, notes
+    outage = plots.outage_timeline(run)     # only for a run with failures or faults: no note when absent
+    return ([outage] if outage else []) + made, notes
 
 
 def run_view(run: Run, with_plots: bool = True) -> RunView:

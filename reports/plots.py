@@ -452,3 +452,51 @@ def load_sweep(runs: list[Run], loads: list[float | None], load_label: str) -> P
     ax_lat.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1))
     return Plot("Throughput and latency against load", _sources([r.source for r, _ in points]), _png(fig),
                 f"{len(points)} runs; x is the {load_label}.")
+
+
+def outage_timeline(run: Run, bins: int = 60) -> Plot | None:
+    """Requests finishing and failing over time, with the run's injected faults marked: when the cluster went
+    wrong and what it did to the traffic. None for a run with neither failures nor faults."""
+    req, faults = run.requests, list(run.config.get("faults") or [])
+    if req.empty or "success" not in req or "end_s" not in req:
+        return None
+    ok = req["success"].astype(bool)
+    if ok.all() and not faults:
+        return None
+    t0 = clock_zero(run)
+    ends = (req["end_s"].astype(float) - t0).fillna(0.0).to_numpy()
+    edges = np.linspace(0.0, max(float(ends.max()), 1e-9), bins + 1)
+    width = edges[1] - edges[0]
+    fig = Figure(figsize=(9, 2.8))
+    ax = fig.subplots()
+    done = np.histogram(ends[ok.to_numpy()], edges)[0]
+    failed = np.histogram(ends[~ok.to_numpy()], edges)[0]
+    ax.bar(edges[:-1], done, width, align="edge", color="#4c8c4a", label="finished")
+    ax.bar(edges[:-1], failed, width, bottom=done, align="edge", color="#c0392b", label="failed")
+    shift = fault_clock_shift(req[~ok], faults, t0)
+    for fault in faults if shift is not None else ():
+        at = float(fault.get("at_s", 0.0)) + shift
+        ax.axvline(at, color="black", linestyle="--", linewidth=1)
+        ax.annotate(f"{fault.get('kind')} {fault.get('node', '')}", (at, ax.get_ylim()[1] * 0.9), fontsize=8,
+                    xytext=(3, 0), textcoords="offset points")
+    ax.set_xlabel("seconds since the first request")
+    ax.set_ylabel(f"requests per {_num(width)} s")
+    ax.legend(fontsize=8, loc="upper right")
+    return Plot("Outage timeline", _sources(req.get("source", [])), _png(fig),
+                f"{int((~ok).sum())} of {len(req)} requests failed; bars count requests by when they ended. "
+                + ("Dashed lines: the injected faults, placed by the first request a node failure failed (fault "
+                   "times count from the backend's start, before warm-up)." if shift is not None else
+                   "Fault times count from the backend's start and no request failure dates them on this clock, "
+                   "so they are not drawn." if faults else ""))
+
+
+def fault_clock_shift(failed: pd.DataFrame, faults: list, t0: float) -> float | None:
+    """Seconds to add to a fault's at_s to put it on the requests' axis: the first request that a node_down
+    failed ended when that node went down. None when no failure names a failed node."""
+    for fault in faults:
+        if fault.get("kind") != "node_down" or "error" not in failed:
+            continue
+        named = failed[failed["error"].fillna("").str.contains(f"node {fault.get('node')} failed", regex=False)]
+        if not named.empty:
+            return float(named["end_s"].min()) - t0 - float(fault.get("at_s", 0.0))
+    return None

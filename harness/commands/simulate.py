@@ -153,12 +153,13 @@ def run_one(args) -> int:
     workload = build_workload(spec)
     cluster, model, plan = make_plan(args)
     local = set(args.weights_local.split(",")) if args.weights_local else None
+    faults = parse_faults(args, cluster)
     config = {"command": "simulate", "backend": "sim", "cluster": args.cluster, "link": args.link,
               "add_nodes": args.add_node, "model": model.name,
               "quant_bits": model.quant_bits, "group_size": model.group_size, "strategy": plan.strategy,
               "objective": args.objective, "profile": args.profile or DEFAULT_PROFILE, "workload": spec,
               "engine": cfg.to_dict(), "include_load": not args.no_load, "cache": args.cache,
-              "weights_local": sorted(local) if local else None, "slo": slo or None,
+              "weights_local": sorted(local) if local else None, "slo": slo or None, "faults": faults,
               "argv": sys.argv[1:]}
     from sim.prefix_cache import make_prefix_cache
     profile = load_profile(args.profile)
@@ -173,7 +174,7 @@ def run_one(args) -> int:
         try:
             result = simulate(cluster, model, plan, profile, workload, cfg,
                               include_load=not args.no_load, weights_local=local, progress=bar,
-                              step_sink=steps.write, cache=cache, faults=parse_faults(args, cluster))
+                              step_sink=steps.write, cache=cache, faults=faults)
         except BaseException:
             steps.abort()
             raise

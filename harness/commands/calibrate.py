@@ -20,11 +20,22 @@ examples:
   python -m harness calibrate                      # writes harness/profiles/fitted.json
   python -m harness calibrate --from runs/out/<id>-validate --hold-out level=0.7 --out host-fitted.json
   python -m harness calibrate --no-per-chip --out /tmp/global.json
-  python -m harness calibrate --dry-run --json"""
+  python -m harness calibrate --dry-run --json
+  python -m harness calibrate --with-public --out harness/profiles/fitted-proposed.json
+
+Every run also reports leave-one-source-out error: each publication (the first URL of a row's source) is held
+out in turn, the profile is refitted on the others and the held-out rows are predicted; the median |error| is
+broken down by engine, chip generation, dense/MoE and single/multi-node, printed and written under
+fit.leave_one_source_out of the profile JSON."""
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--data", default=None, help="calibration CSV (default: the bundled public table)")
+    p.add_argument("--data", nargs="+", default=None, metavar="CSV",
+                   help="calibration CSV(s) in the bundled table's columns (default: the bundled public table)")
+    p.add_argument("--with-public", action="store_true",
+                   help="also fit the published M3/M4-era rows in harness/catalog/calibration/"
+                        "public_mac_measurements.csv (propose the result with --out, e.g. "
+                        "harness/profiles/fitted-proposed.json)")
     p.add_argument("--out", default=None, help="profile to write (default harness/profiles/fitted.json)")
     p.add_argument("--no-per-chip", action="store_true", help="fit one set of factors for every chip")
     p.add_argument("--dry-run", action="store_true", help="fit and report, write nothing")
@@ -44,15 +55,27 @@ def run(args) -> int:
     if args.from_dirs:
         return _from_runs(args)
 
-    obs, skipped = cal.load_observations(args.data or cal.DATA)
+    paths = list(args.data or [cal.DATA]) + ([cal.PUBLIC] if args.with_public else [])
+    obs, skipped = cal.load_observations(paths)
     profile = cal.fit_profile(obs, per_chip=not args.no_per_chip)
+    if len(paths) > 1 or args.data:
+        names = ", ".join(str(p) for p in paths)
+        profile = dataclasses.replace(profile, source=f"fitted: python -m harness calibrate on {names}")
     table = cal.error_table(obs, profile)
     summary = cal.error_summary(table)
     # the global factors do not depend on the per-chip ones: the same profile without them
     summary_global = cal.error_summary(cal.error_table(obs, dataclasses.replace(profile, per_chip={})))
-    data = cal.profile_json(profile, summary, summary_global, len(skipped))
+    # in-sample error flatters the model: each source is also predicted by a fit that never saw it
+    held_rows, held_notes = cal.leave_one_source_out(obs, per_chip=not args.no_per_chip)
+    loso = cal.loso_summary(held_rows, held_notes)
+    data = cal.profile_json(profile, summary, summary_global, len(skipped), loso)
+    if not (args.with_public or args.data):   # the public rows the default fit never sees: a true held-out check
+        public, _ = cal.load_observations([cal.PUBLIC])
+        held = [r for r in cal.error_table(public, profile) if r["batch"] == 1]
+        data["fit"]["public_rows_never_fitted"] = cal.loso_summary(held, [])
     if args.json:
-        json.dump({"profile": data, "rows": table, "skipped": skipped}, sys.stdout, indent=2)
+        json.dump({"profile": data, "rows": table, "held_out_rows": held_rows, "skipped": skipped},
+                  sys.stdout, indent=2)
         print()
     else:
         print(render(table, data, skipped if args.show_skipped else None))
@@ -81,10 +104,41 @@ def render(table: list[dict], data: dict, skipped: list[str] | None) -> str:
         for name, s in data["fit"][key].items():
             lines.append(f"  {name:<20} rows {s['rows']:>3}  mean |err| {s['mean_abs_error_pct']:>5.1f}%  "
                          f"median {s['median_abs_error_pct']:>5.1f}%  max {s['max_abs_error_pct']:>5.1f}%")
+    lines.extend(render_loso(data["fit"]["leave_one_source_out"]))
+    if "public_rows_never_fitted" in data["fit"]:
+        lines.extend(render_loso(data["fit"]["public_rows_never_fitted"],
+                                 f"{PUBLIC_NAME} rows, never fitted (newer chips, mlx-lm, MoE; predicted by this "
+                                 "fit: theoretical, published: measured):"))
     lines.append(f"rows skipped: {data['fit']['rows_skipped']}")
     if skipped:
         lines.extend(f"  {s}" for s in skipped)
     return "\n".join(lines)
+
+
+PUBLIC_NAME = "public_mac_measurements.csv"
+LOSO_TITLE = ("leave-one-source-out (each source held out, refit on the rest; predicted: theoretical, "
+              "published: measured):")
+
+
+def render_loso(loso: dict, title: str = LOSO_TITLE) -> list[str]:
+    """The leave-one-source-out table: median |error| of predictions for sources the fit did not see."""
+    from harness.calibrate import BREAKDOWN
+
+    def line(dim: str, value: str, m: dict) -> str:
+        cells = []
+        for label in ("decode", "prefill"):
+            med = m[f"{label}_median_abs_error_pct"]
+            cells.append(f"{m[f'{label}_rows']:>4} {('-' if med is None else f'{med:.1f}%'):>7}")
+        value = value.replace("https://", "").replace("github.com/", "")
+        return f"  {dim:<16} {value[:56]:<56} " + "  ".join(cells)
+
+    lines = ["", title,
+             f"  {'dimension':<16} {'value':<56} {'n':>4} {'decode':>7}  {'n':>4} {'prefill':>7}",
+             line("all", "all held-out rows", loso["overall"])]
+    for title, key in BREAKDOWN + (("source", "source"),):
+        lines.extend(line(title, value, m) for value, m in loso[key].items())
+    lines.extend(f"  {n}" for n in loso["not_held_out"])
+    return lines
 
 
 def _from_runs(args) -> int:

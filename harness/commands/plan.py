@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from harness.cli import text_table
 from harness.planning import add_plan_arguments, load_inputs, plan_options, plan_with, strategies_for
@@ -19,6 +20,10 @@ examples:
   python -m harness plan --cluster runs/clusters/seed-64gb.json --model path/to/config.json --json"""
 
 
+# hybrid_optimal's search statistics note starts so (strategies/partitioning/hybrid_optimal.py)
+SEARCH_NOTE = "search ("
+
+
 def add_arguments(p) -> None:
     add_plan_arguments(p)
     p.add_argument("--all", action="store_true", help="compare every strategy side by side (same as --strategy all)")
@@ -29,10 +34,12 @@ def run(args) -> int:
     names = strategies_for("all" if args.all else args.strategy)
     cluster, model = load_inputs(args)
     options = plan_options(args)
+    started = time.perf_counter()
     if len(names) == 1:
         results: dict[str, PartitionPlan | str] = {names[0]: plan_with(names[0], cluster, model, options)}
     else:
         results = compare_strategies(names, cluster, model, options)
+    planning_s = time.perf_counter() - started
     if args.json:
         out = {n: (r.to_dict() if isinstance(r, PartitionPlan) else {"error": r}) for n, r in results.items()}
         json.dump(out if len(names) > 1 else out[names[0]], sys.stdout, indent=2)
@@ -41,9 +48,24 @@ def run(args) -> int:
     print(header(cluster, model, options))
     if len(names) == 1:
         print(plan_table(results[names[0]]))
+        print(concurrency_table(cluster, model, results[names[0]], options))
     else:
         print(comparison_table(results))
+    print(f"\nplanned in {planning_s:.2f} s (measured)")
     return _fit_status(results, cluster, model)
+
+
+def concurrency_table(cluster, model, plan: PartitionPlan, options) -> str:
+    """How many users the plan serves: per-stream and aggregate decode speed at 1, 4, 16 and 64 streams."""
+    from harness.costmodel import CONCURRENCY_LEVELS, concurrent_decode, stage_models
+    stages = stage_models(cluster, model, plan)
+    rows = [("users", "tok/s per stream", "tok/s in all", "KV tokens needed / room", "fits")]
+    for users in CONCURRENCY_LEVELS:
+        r = concurrent_decode(cluster, model, stages, options, users)
+        rows.append((str(users), f"{r['per_stream_tok_s']:.1f}", f"{r['aggregate_tok_s']:.1f}",
+                     f"{r['kv_tokens_needed']:,} / {r['kv_tokens_room']:,.0f}", "yes" if r["fits"] else "no"))
+    return ("\nconcurrent streams (theoretical: steady decode at the decode context, one micro-batch per stage; "
+            f"each stream holds {options.request_tokens} tokens of KV on every stage):\n" + text_table(rows))
 
 
 def compare_strategies(names: list[str], cluster, model, options) -> dict[str, PartitionPlan | str]:
@@ -131,6 +153,8 @@ def comparison_table(results: dict) -> str:
         rows.append((name, stages, f"{p['tpot_ms']:.2f}", f"{p['tokens_per_s']:.1f}", f"{p['ttft_ms']:.0f}",
                      f"{p['bottleneck_ms']:.2f}", f"{p['sustainable_rate_rps']:.3g}", mem))
         footer += [f"{name} warning: {w}" for w in r.warnings]
+        # how hard the search worked; the line must not start with the strategy's name, which starts its row
+        footer += [f"note ({name}): {n}" for n in r.notes if n.startswith(SEARCH_NOTE)]
     out = [text_table(rows), "", "all figures predicted (theoretical) by the cost model; ms/token and tok/s are for one "
            "stream; bottleneck = slowest stage + its hop; sustainable req/s = requests per second the plan serves "
            "at the reference lengths with batched decode (the goodput objective's figure)"]

@@ -2,7 +2,7 @@
 plan with the lowest predicted objective (options.objective, default "latency": time per output token of one
 stream; "throughput": the pipeline bottleneck), subject to every stage fitting in memory with its KV reserve.
 
-The search:
+The search space:
   * units: single nodes, plus tensor-parallel groups of 2-4 nodes whose every link is RDMA (Thunderbolt 5) and
     whose size divides the attention and KV heads;
   * every set of disjoint units that can hold the model, and for each set every ring order (up to 4 units),
@@ -17,9 +17,37 @@ The search:
     under bounds on the bottleneck. Maximising the rate rather than a latency at the experiment's arrival rate
     gives the plan the most headroom at any rate and keeps the search exact; the arrival rate is printed
     beside the sustainable rate (PartitionPlan.predicted).
+
+How it stays exact at 16 nodes (the whole space is searched, at any size; nothing is narrowed):
+  * symmetry: nodes with the same chip, memory and usable share, and the same link to every other node, are
+    interchangeable (swapping two of them maps every plan to one with the same figures). Such nodes form a
+    class; links inside a class and between two classes are then all alike. A unit's *type* is the multiset of
+    its members' classes, and the search walks multisets of unit types (a DFS over types with multiplicities,
+    within each class's node count) instead of node sets: each is one representative of all the node sets that
+    differ only by swapping interchangeable nodes. Ring orders are likewise tried once per sequence of types.
+    Eight identical minis on one switch are then 8 sets (1..8 minis), not 255.
+  * branch and bound: every unit's cost matrix M[i, j] (decode step of layers [i, j), or prefill for goodput)
+    is bounded below by a fixed part plus per-layer parts, a_u + sum of b_u(l) over the layers, with b_u from the
+    roofline's memory side (compute side for prefill), the per-layer overhead and the all-reduces, and a_u the
+    largest constant keeping the bound under every entry of M (so it holds by construction, whatever the
+    profile). Any plan over a set of units then costs at least the sum of a_u, plus each unit's cheapest b_u
+    times its layer count (1..its capacity, the cheapest units filled first), plus the cheapest possible hops
+    (throughput: the slowest unit's one-layer stage with a hop, or the mean of the stages; goodput: the prefill
+    sum alone). First an incumbent: for each unit type, it plus the cheapest units until the model fits, in its
+    best-bounded order. Then the DFS cuts every partial multiset whose bound (its units with one layer each, the
+    other layers at the cluster's cheapest per-layer cost, its hops) cannot beat the incumbent, with all its
+    completions; the surviving sets are evaluated best bound first, each set's orders likewise (latency: the
+    order's own hops), and the search stops when the next bound cannot beat the best plan. Bounds are only
+    compared with a relative slack of 1e-9, and ties go to the set met first in the enumeration.
+  * the statistics (sets enumerated and cut, orders tried and cut, dynamic programmes run, seconds) are in the
+    plan's notes, which `python -m harness plan` prints.
+Monotone: a sub-cluster's node sets are node sets of the cluster, with the same links, costs and order rules
+(relative file, speed and memory ranks survive dropping nodes), so the cluster's search covers every plan its
+sub-clusters can find; nothing depends on the cluster's size. The worst case stays exponential in the number
+of classes: ten nodes in nine classes of a small model took up to 7 s (measured), while 16 nodes of the six
+bundled kinds take about 0.2 s (benchmarks/planner_scale.py).
 Because every other strategy's plan is one of these (set, order, split) points and all plans are scored by the
-same cost model, this one is never worse on its objective. Beyond 8 nodes the set search narrows to the fastest
-and the largest nodes (prefixes), without tensor parallelism.
+same cost model, this one is never worse on its objective.
 """
 from __future__ import annotations
 
@@ -33,32 +61,55 @@ from strategies.partitioning._plans import (TOKEN_ID_BYTES, Unit, allreduce_per_
 from strategies.registry import partitioner
 
 ALL_ORDERS_UP_TO = 4
-FULL_SEARCH_UP_TO = 8
 TP_SIZES = (2, 3, 4)
+# a bound this close to the best value still lets the set through: rounding in the bound must never cut a tie
+BOUND_SLACK = 1e-9
 
 
 @partitioner("hybrid_optimal")
 def plan(cluster, model, options):
+    return search_plan(cluster, model, options)
+
+
+def search_plan(cluster, model, options, bounds: bool = True):
+    """The plan; bounds=False evaluates every set and order (the benchmark's exhaustive reference)."""
     require_total_fit(cluster, model, options)
-    search = _Search(cluster, model, options)
-    best = None
-    goodput = options.objective == "goodput"
-    for units in search.unit_sets():
-        for order in search.orders(units):
-            # goodput's search prunes against the best plan so far: it is the costly one
-            value, counts = search.best_goodput_split(order, best[0] if best else np.inf) if goodput \
-                else search.best_split(order)
-            if counts is not None and (best is None or value < best[0] - 1e-15):
-                best = (value, order, counts)
+    search = _Search(cluster, model, options, bounds)
+    best = search.best()
     if best is None:
         raise no_arrangement(cluster, model, options)
-    _, order, counts = best
-    note = f"searched {search.sets_tried} node sets and {search.orders_tried} ring orders"
-    return require_fit(build_plan("hybrid_optimal", cluster, model, options, list(order), counts, (note,)))
+    _, _, order, counts = best
+    return require_fit(build_plan("hybrid_optimal", cluster, model, options, list(order), counts,
+                                  (search.statistics(),)))
+
+
+def node_classes(cluster) -> list[list[str]]:
+    """Interchangeable nodes, in cluster-file order: same chip, memory and usable share, and the same link to
+    every other node. The relation is transitive (a~b and b~c make link(a, b) = link(c, b)), so one pass works."""
+    def alike(a, b) -> bool:
+        na, nb = cluster.node(a), cluster.node(b)
+        if (na.chip, na.memory_gb, na.usable_fraction) != (nb.chip, nb.memory_gb, nb.usable_fraction):
+            return False
+        return all(_link_key(cluster, a, x) == _link_key(cluster, b, x)
+                   for x in (n.name for n in cluster.nodes) if x not in (a, b))
+    classes: list[list[str]] = []
+    for node in cluster.nodes:
+        home = next((c for c in classes if alike(c[0], node.name)), None)
+        if home is None:
+            classes.append([node.name])
+        else:
+            home.append(node.name)
+    return classes
+
+
+def _link_key(cluster, a: str, b: str) -> tuple:
+    link = cluster.link(a, b)
+    return link.kind, link.latency_us, link.bandwidth_gbps
 
 
 class _Search:
-    def __init__(self, cluster, model, options):
+    def __init__(self, cluster, model, options, bounds: bool = True):
+        self.use_bounds = bounds
         self.cluster, self.model, self.options = cluster, model, options
         self.names = [n.name for n in cluster.nodes]
         self.L = model.num_layers
@@ -69,11 +120,26 @@ class _Search:
         self._hops: dict[tuple, np.ndarray] = {}
         self._room: dict[Unit, np.ndarray] = {}
         self._bounds: dict[tuple[Unit, int], set[int]] = {}
+        self._lower: dict[Unit, tuple[float, np.ndarray]] = {}
         self._work: tuple[np.ndarray, np.ndarray] | None = None
-        self.sets_tried = self.orders_tried = 0
+        self._hop_floor: tuple[float, float] | None = None
+        self._canons: dict[Unit, Unit] = {}
+        self.sets_tried = self.orders_tried = self.programmes = 0
+        self.sets_cut = self.orders_cut = 0
+        self.classes = node_classes(cluster)
+        self.class_of = {n: i for i, c in enumerate(self.classes) for n in c}
+
+    def statistics(self) -> str:
+        """Counts only: a plan (and the run folders that store it) must be the same every time it is made;
+        `harness plan` prints the measured planning time beside it."""
+        return (f"search (exact over {len(self.names)} nodes in {len(self.classes)} classes of interchangeable "
+                f"nodes): {self.sets_tried} node sets evaluated, {self.sets_cut} cut by the lower bound; "
+                f"{self.orders_tried} ring orders tried, {self.orders_cut} cut; {self.programmes} split "
+                f"programmes run")
 
     # -- which units and orders ---------------------------------------------------------------------
     def tp_groups(self) -> list[Unit]:
+        """Every TP group of nodes (kept for callers that want concrete groups; the search uses unit types)."""
         m = self.model
         groups = []
         for size in TP_SIZES:
@@ -84,47 +150,164 @@ class _Search:
                     groups.append(combo)
         return groups
 
-    def unit_sets(self):
-        if len(self.names) > FULL_SEARCH_UP_TO:
-            yield from self._narrow_sets()
-            return
-        groups = self.tp_groups()
-        yield from self._partitions(0, frozenset(), [], groups)
+    def unit_types(self) -> list[tuple[int, ...]]:
+        """Unit types: a class for a single node, or a multiset of classes forming a valid TP group. Links inside
+        and between classes are uniform, so one representative group decides whether a type is RDMA-linked."""
+        m, sizes = self.model, [len(c) for c in self.classes]
+        types = [(c,) for c in range(len(self.classes))]
+        for size in TP_SIZES:
+            if m.heads % size or m.kv_heads % size:
+                continue
+            for combo in _multisets(len(self.classes), size):
+                if all(combo.count(c) <= sizes[c] for c in set(combo)) and self._rdma_type(combo):
+                    types += [_led_by(combo, lead) for lead in sorted(set(combo))]
+        return types
 
-    def _partitions(self, i, used, chosen, groups):
-        """Every set of disjoint units over nodes[i:], each node unused, alone, or leading a TP group."""
-        if i == len(self.names):
-            if chosen and self._holds_model(chosen):
-                self.sets_tried += 1
-                yield list(chosen)
-            return
-        name = self.names[i]
-        if name in used:
-            yield from self._partitions(i + 1, used, chosen, groups)
-            return
-        # alone first, so that ties go to the nodes listed first in the cluster file
-        yield from self._partitions(i + 1, used | {name}, chosen + [(name,)], groups)
-        for g in groups:                                                                    # leads a TP group
-            if g[0] == name and not (set(g) & used):
-                yield from self._partitions(i + 1, used | set(g), chosen + [g], groups)
-        yield from self._partitions(i + 1, used, chosen, groups)                            # unused
+    def _rdma_type(self, combo: tuple[int, ...]) -> bool:
+        members = self._assign([combo])[0]
+        return all(self.cluster.link(a, b).rdma for a, b in combinations(members, 2))
 
-    def _narrow_sets(self):
-        fast = by_speed(self.cluster, self.options.profile, self.names)
-        big = by_memory(self.cluster, self.names)
-        seen = set()
-        for k in range(1, len(self.names) + 1):
-            for pick in (fast[:k], big[:k]):
-                key = frozenset(pick)
-                if key not in seen and self._holds_model([(n,) for n in pick]):
-                    seen.add(key)
-                    self.sets_tried += 1
-                    yield [(n,) for n in pick]
+    def _assign(self, types: list[tuple[int, ...]]) -> list[Unit]:
+        """Concrete units for a list of types: each class hands out its nodes in cluster-file order."""
+        nxt = [0] * len(self.classes)
+        units = []
+        for t in types:
+            members = []
+            for c in t:
+                members.append(self.classes[c][nxt[c]])
+                nxt[c] += 1
+            units.append(tuple(members))
+        return units
+
+    def best(self):
+        """(value, rank, order, counts) of the best plan, or None. Best-first branch and bound: sets in increasing
+        order of their lower bound, each set's orders likewise, stopping once a bound reaches the best value. Ties
+        go to the set and order met first in the enumeration (rank), as a plain scan would pick them."""
+        goodput = self.options.objective == "goodput"
+        best = self._incumbent()
+        sets = sorted(((self._set_bound(units), rank, units)
+                       for rank, units in enumerate(self.unit_sets(best[0] if best else np.inf))),
+                      key=lambda e: (e[0], e[1]))
+        for n, (bound, rank, units) in enumerate(sets):
+            if best is not None and self._cannot_win(bound, best[0]):
+                self.sets_cut += len(sets) - n
+                break
+            self.sets_tried += 1
+            for j, (obound, order) in enumerate(self.orders(units)):
+                if best is not None and self._cannot_win(obound, best[0]):
+                    self.orders_cut += 1
+                    continue
+                self.programmes += 1
+                # goodput's search prunes against the best plan so far: it is the costly one
+                value, counts = self.best_goodput_split(order, best[0] if best else np.inf) if goodput \
+                    else self.best_split(order)
+                key = (rank, j)
+                if counts is not None and (best is None or value < best[0] - 1e-15
+                                           or (value <= best[0] + 1e-15 and key < best[1])):
+                    best = (value, key, order, counts)
+        return best
+
+    def _cannot_win(self, bound: float, best: float) -> bool:
+        # the slack keeps rounding in a bound from cutting a plan that ties the best (ties go by rank)
+        return self.use_bounds and bound * (1 - BOUND_SLACK) > best + 1e-15
+
+    def _incumbent(self):
+        """A good first plan, so that the enumeration can cut early: for each unit type, that unit plus the
+        cheapest disjoint units per layer until the model fits, each set tried in its best-bounded order. Its
+        rank is last, so that an equal plan met in the enumeration still wins the tie."""
+        if not self.use_bounds:
+            return None
+        types = sorted(self.unit_types(), key=lambda t: self._unit_key(self._assign([t])[0]))
+        best, seen = None, set()
+        for first in types:
+            chosen, left = [first], [len(c) for c in self.classes]
+            for c in first:
+                left[c] -= 1
+            for t in types:   # greedy: cheapest per layer first, while the model does not fit yet
+                while not self._holds_model(self._assign(chosen)) and all(left[c] >= t.count(c) for c in set(t)):
+                    chosen.append(t)
+                    for c in t:
+                        left[c] -= 1
+            key = tuple(sorted(chosen))
+            units = self._assign(chosen)
+            if key in seen or not self._holds_model(units):
+                continue
+            seen.add(key)
+            order = min(self._orders_of(units), key=self._order_bound)
+            value, counts = self.best_goodput_split(order, best[0] if best else np.inf) \
+                if self.options.objective == "goodput" else self.best_split(order)
+            self.programmes += 1
+            if counts is not None and (best is None or value < best[0]):
+                best = (value, (np.inf, 0), order, counts)
+        return best
+
+    def _unit_key(self, unit: Unit) -> float:
+        a, b = self.lower(unit)
+        return a + float(b.min()) * self.cap(unit) if np.isfinite(a) else np.inf
+
+    def unit_sets(self, incumbent: float = np.inf):
+        """Every multiset of unit types that fits the class sizes and can hold the model, as concrete units in
+        cluster-file order of their first members (one representative per set of interchangeable node sets);
+        a partial multiset whose bound shows that no completion can beat `incumbent` is cut with its subtree."""
+        types = self.unit_types()
+        self._floor = self._global_floor(types)
+        left = [len(c) for c in self.classes]
+        yield from self._type_sets(types, 0, left, [], incumbent)
+
+    def _type_sets(self, types, t, left, chosen, incumbent):
+        if t == len(types):
+            if chosen:
+                units = sorted(self._assign(chosen), key=lambda u: self.names.index(u[0]))
+                if self._holds_model(units):
+                    yield units
+            return
+        ty = types[t]
+        most = min(left[c] // ty.count(c) for c in set(ty))
+        for n in range(most, -1, -1):     # most copies first: every node in use is the first set, as before
+            more = chosen + [ty] * n
+            if n and self._cannot_win(self._partial_bound(self._assign(more)), incumbent):
+                self.sets_cut += 1        # this subtree, counted once
+                continue
+            for c in ty:
+                left[c] -= n
+            yield from self._type_sets(types, t + 1, left, more, incumbent)
+            for c in ty:
+                left[c] += n
+
+    def _global_floor(self, types) -> tuple[float, float]:
+        """(cheapest per-layer bound of any unit, least sum over layers of the cheapest unit per layer)."""
+        lows = [self.lower(self._assign([t])[0]) for t in types]
+        bs = [b for a, b in lows if np.isfinite(a)]
+        if not bs:
+            return np.inf, np.inf
+        return float(min(b.min() for b in bs)), float(np.min(bs, axis=0).sum())
+
+    def _partial_bound(self, units) -> float:
+        """A bound on every set containing these units: each holds >= 1 layer at its cheapest per-layer cost,
+        the other layers cost at least the cluster's cheapest, and more units only add fixed parts and hops."""
+        beta, per_layer = self._floor
+        lows = [self.lower(u) for u in units]
+        k, fixed = len(units), sum(a for a, _ in lows)
+        ones = sum(float(b.min()) for _, b in lows)
+        layers = max(ones + max(self.L - k, 0) * beta, per_layer)
+        objective = self.options.objective
+        if objective == "latency":
+            return fixed + layers + self._hops_floor(k)
+        if objective == "goodput":
+            return fixed + layers
+        hop = min(self._min_hops()) if k > 1 else 0.0
+        return max(a + float(b.min()) for a, b in lows) + hop
 
     def _holds_model(self, units) -> bool:
         return len(units) <= self.L and sum(self.cap(u) for u in units) >= self.L
 
-    def orders(self, units: list[Unit]):
+    def orders(self, units: list[Unit]) -> list[tuple[float, tuple[Unit, ...]]]:
+        """(lower bound, order) for the ring orders searched, one per sequence of unit types, lowest bound first."""
+        kept = [(self._order_bound(order), order) for order in self._orders_of(units)]
+        self.orders_tried += len(kept)
+        return sorted(kept, key=lambda e: e[0])
+
+    def _orders_of(self, units: list[Unit]) -> list[tuple[Unit, ...]]:
         if len(units) <= ALL_ORDERS_UP_TO:
             found = list(permutations(units))
         else:  # the orders the other strategies use, so none of them can beat this search
@@ -132,14 +315,127 @@ class _Search:
             speed = {n: i for i, n in enumerate(by_speed(self.cluster, self.options.profile, self.names))}
             memory = {n: i for i, n in enumerate(by_memory(self.cluster, self.names))}
             found = list(dict.fromkeys(tuple(sorted(units, key=lambda u: rank[u[0]])) for rank in (index, speed, memory)))
-        self.orders_tried += len(found)
-        return found
+        kept, seen = [], set()
+        for order in found:   # orders with the same sequence of unit types have the same plans
+            key = tuple(self._type_of(u) for u in order)
+            if key not in seen:
+                seen.add(key)
+                kept.append(order)
+        return kept
+
+    def _type_of(self, unit: Unit) -> tuple[int, ...]:
+        """The leader's class, then the other members' classes sorted: hops leave from the leader."""
+        return (self.class_of[unit[0]],) + tuple(sorted(self.class_of[n] for n in unit[1:]))
+
+    def _canon(self, unit: Unit) -> Unit:
+        """One unit standing for every unit of the same members' classes: they have the same costs."""
+        if unit not in self._canons:
+            self._canons[unit] = self._assign([tuple(sorted(self.class_of[n] for n in unit))])[0]
+        return self._canons[unit]
+
+    # -- lower bounds ---------------------------------------------------------------------------------
+    def lower(self, unit: Unit) -> tuple[float, np.ndarray]:
+        """(a, b): a + b[i:j].sum() <= the unit's cost of layers [i, j) (decode step, or prefill for goodput), for
+        every range that fits, the last stage's too. b is the roofline's memory side per layer (compute side for
+        prefill) and a the largest constant keeping the bound under every entry, so it holds by construction."""
+        unit = self._canon(unit)
+        if unit not in self._lower:
+            self._lower[unit] = self._build_lower(unit)
+        return self._lower[unit]
+
+    def _build_lower(self, unit: Unit):
+        m, o, p, L, tp = self.model, self.options, self.options.profile, self.L, len(unit)
+        idx = np.arange(L + 1)
+        if o.objective == "goodput":
+            matrix, last = self.prefill(unit)
+            work = np.array([m.prefill_flops(0, j, o.prompt_tokens, 0) for j in idx]) / tp
+            rate = min(p.flops(self.cluster.node(n).chip) for n in unit)
+        else:
+            matrix, last = self.costs(unit)
+            work = (np.array([m.decode_read_bytes(0, j, 1) for j in idx])
+                    + o.context_tokens * idx * m.kv_bytes_per_token_layer()) / tp
+            rate = min(p.bandwidth(self.cluster.node(n).chip) for n in unit)
+        chips = [self.cluster.node(n).chip for n in unit]
+        per_layer = min(p.overhead(c, 1) - p.overhead(c, 0) for c in chips)
+        comm = 0.0
+        if tp > 1:
+            tokens = o.prompt_tokens if o.objective == "goodput" else 1
+            comm = unit_stage(self.cluster, m, unit, 0, 1, False).allreduce_per_layer_s(m, p, tokens)
+        b = np.maximum(np.diff(work) / rate, 0.0) + max(per_layer, 0.0) + comm
+        prefix = np.concatenate([[0.0], np.cumsum(b)])
+        spans = prefix[None, :] - prefix[:, None]
+        rest = np.concatenate([(matrix - spans)[np.isfinite(matrix)], (last - spans[:, L])[np.isfinite(last)]])
+        if not len(rest):
+            return np.inf, b
+        a = float(rest.min())
+        if -1e-12 < a < 0:   # rounding of an exact zero (a profile with no fixed step overhead); the slack covers it
+            a = 0.0
+        if a < 0:        # keep a >= 0 so that adding a unit never lowers a bound: drop the per-layer part
+            finite = np.concatenate([matrix[np.isfinite(matrix)], last[np.isfinite(last)]])
+            return max(float(finite.min()), 0.0), np.zeros(L)
+        return a, b
+
+    def _min_hops(self) -> tuple[float, float]:
+        """The cheapest forward hop and token-id hop over any link of the cluster."""
+        if self._hop_floor is None:
+            keys = {_link_key(self.cluster, l.a, l.b): l for l in self.cluster.links}.values()
+            act = self.model.activation_bytes(1)
+            fwd = min((hop_s(self.cluster, self.options, (l.a,), (l.b,), act) for l in keys), default=0.0)
+            back = min((hop_s(self.cluster, self.options, (l.a,), (l.b,), TOKEN_ID_BYTES) for l in keys), default=0.0)
+            self._hop_floor = (fwd, back)
+        return self._hop_floor
+
+    def _hops_floor(self, k: int) -> float:
+        fwd, back = self._min_hops()
+        return 0.0 if k < 2 else (k - 1) * fwd + back
+
+    def _layers_floor(self, units) -> float:
+        """Least sum of per-layer bounds over the layers: each layer on its cheapest unit, or (often tighter)
+        each unit's cheapest layer cost times its layer count, every unit holding 1..cap layers."""
+        lows = [self.lower(u)[1] for u in units]
+        per_layer = float(np.min(lows, axis=0).sum())
+        cheapest = sorted((float(b.min()), self.cap(u)) for b, u in zip(lows, units))
+        total, left = sum(c for c, _ in cheapest), self.L - len(units)
+        for cost, cap in cheapest:           # the layers beyond one per unit go to the cheapest units first
+            extra = min(cap - 1, left)
+            total, left = total + extra * cost, left - extra
+        return max(per_layer, total)
+
+    def _set_bound(self, units) -> float:
+        """A bound on every order and split of exactly these units."""
+        fixed, k = sum(self.lower(u)[0] for u in units), len(units)
+        layers = self._layers_floor(units)
+        objective = self.options.objective
+        if objective == "latency":
+            return fixed + layers + self._hops_floor(k)
+        if objective == "goodput":
+            return fixed + layers
+        hop = min(self._min_hops()) if k > 1 else 0.0    # throughput: the slowest stage with one layer, or the mean
+        one_layer = max(self.lower(u)[0] + float(self.lower(u)[1].min()) for u in units)
+        return max(one_layer + hop, (fixed + layers + self._hops_floor(k)) / k)
+
+    def _order_bound(self, order) -> float:
+        """The set's bound with the order's own hops (latency: their sum enters the objective as it is)."""
+        if len(order) < 2 or self.options.objective == "goodput":
+            return self._set_bound(list(order))
+        if self.options.objective == "throughput":   # every stage with its own outgoing hop
+            return max(self._set_bound(list(order)),
+                       max(self.lower(u)[0] + float(self.lower(u)[1].min()) + h
+                           for u, h in zip(order, self._ring_hops(order))))
+        fixed = sum(self.lower(u)[0] for u in order)
+        return fixed + self._layers_floor(list(order)) + sum(self._ring_hops(order))
+
+    def _ring_hops(self, order) -> list[float]:
+        k, act = len(order), self.model.activation_bytes(1)
+        hops = [hop_s(self.cluster, self.options, order[s], order[s + 1], act) for s in range(k - 1)]
+        return hops + [hop_s(self.cluster, self.options, order[-1], order[0], TOKEN_ID_BYTES) if k > 1 else 0.0]
 
     # -- costs ----------------------------------------------------------------------------------------
     def cap(self, unit: Unit) -> int:
         """Most layers the unit can hold in some window: a set whose caps cannot add up to the model is skipped.
         The lightest window counts, not the heaviest (max_layers): a node too small for a dense layer may still
         hold a lighter one, and the split search decides which layers it gets."""
+        unit = self._canon(unit)
         if unit not in self._cap:
             fits = np.isfinite(self.costs(unit)[0])          # fits[i, j]: layers [i, j) fit with their KV reserve
             spans = np.arange(self.L + 1)[None, :] - np.arange(self.L + 1)[:, None]
@@ -150,6 +446,7 @@ class _Search:
         """(C, C_last): C[i, j] = decode step of layers [i, j) on the unit (inf if it does not fit or i >= j);
         C_last[i] = the same for [i, L) with the output head. Vectorises costmodel.StageModel.decode_s
         (every member's roofline + overhead, the slowest decides, plus the all-reduces); tests check they agree."""
+        unit = self._canon(unit)
         if unit not in self._cost:
             self._cost[unit] = self._build_costs(unit)
         return self._cost[unit]
@@ -245,6 +542,7 @@ class _Search:
 
     def _batch_bounds(self, unit: Unit, stages: int) -> set[int]:
         """Every largest micro-batch below max_num_seqs that a layer range fitting on the unit allows."""
+        unit = self._canon(unit)
         key = (unit, stages)
         if key not in self._bounds:
             room = self._kv_room(unit)[np.isfinite(self.costs(unit)[0])]
@@ -362,6 +660,7 @@ class _Search:
     def prefill(self, unit: Unit) -> tuple[np.ndarray, np.ndarray]:
         """(P, P_last): prefill of the reference prompt over layers [i, j) on the unit (StageModel.prefill_s),
         inf where the range does not fit with its KV reserve; P_last[i] for [i, L) with the output head."""
+        unit = self._canon(unit)
         if unit not in self._prefill:
             self._prefill[unit] = self._build_prefill(unit)
         return self._prefill[unit]
@@ -400,6 +699,7 @@ class _Search:
     def _batched_steps(self, unit: Unit) -> tuple[np.ndarray, np.ndarray]:
         """(S, S_last): S[b, i, j] = decode step (StageModel.decode_s) of b+1 sequences at the mean decode context
         over layers [i, j) on the unit, without the hop; inf where the range does not fit with its KV reserve."""
+        unit = self._canon(unit)
         if unit not in self._steps:
             self._steps[unit] = self._build_batched_steps(unit)
         return self._steps[unit]
@@ -436,6 +736,7 @@ class _Search:
 
     def _kv_room(self, unit: Unit) -> np.ndarray:
         """room[i, j]: KV tokens layers [i, j) on the unit can cache beside their weights (costmodel.kv_room_tokens)."""
+        unit = self._canon(unit)
         if unit not in self._room:
             self._room[unit] = self._build_kv_room(unit)
         return self._room[unit]
@@ -454,3 +755,22 @@ class _Search:
             bounds.append(int(arg[bounds[-1]]))
         bounds.reverse()
         return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def _led_by(combo: tuple[int, ...], lead: int) -> tuple[int, ...]:
+    """The type of a group of these classes whose leader (the member hops leave from) is of class `lead`."""
+    rest = list(combo)
+    rest.remove(lead)
+    return (lead,) + tuple(rest)
+
+
+def _multisets(n: int, size: int):
+    """Non-decreasing tuples of `size` values below n (multisets), in lexicographic order."""
+    def rec(start, k):
+        if k == 0:
+            yield ()
+            return
+        for c in range(start, n):
+            for rest in rec(c, k - 1):
+                yield (c,) + rest
+    yield from rec(0, size)

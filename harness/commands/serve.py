@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on every route but /health")
     g.add_argument("--metrics-open", action="store_true",
                    help="with --api-key, leave /metrics open too (for a Prometheus scraper)")
+    g.add_argument("--access-log", action="store_true",
+                   help="log one line per request (off by default: a synchronous write per request on the event loop)")
     add_limit_arguments(g)
     add_backend_arguments(p)
 
@@ -109,5 +111,5 @@ def run(args) -> int:
     print(f"serving {backend.name} backend, model {backend.model_id!r}, on http://{args.host}:{args.port}/v1 "
           f"({backend.source} timings); Ctrl-C stops", flush=True)
     serve_forever(backend, host=args.host, port=args.port, api_key=args.api_key, limits=limits_from_args(args),
-                  metrics_open=args.metrics_open)
+                  metrics_open=args.metrics_open, access_log=args.access_log)
     return 0

@@ -928,9 +928,11 @@ class EmbeddedServer:
 
 
 def serve_forever(backend: Backend, *, host: str, port: int, api_key: str | None = None,
-                  limits: ServerLimits | None = None, log_level: str = "info", metrics_open: bool = False) -> None:
-    """Blocking: what `python -m harness serve` runs."""
+                  limits: ServerLimits | None = None, log_level: str = "info", metrics_open: bool = False,
+                  access_log: bool = False) -> None:
+    """Blocking: what `python -m harness serve` runs. The access log is off unless asked for (issue 15): each
+    line is formatted and written synchronously on the event loop, work a throughput run does not need."""
     limits = limits or ServerLimits()
     app = create_app(backend, api_key=api_key, limits=limits, metrics_open=metrics_open)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                **_uvicorn_options(limits))
+                access_log=access_log, **_uvicorn_options(limits))

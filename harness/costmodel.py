@@ -483,6 +483,12 @@ def sustainable_rate_rps(cluster: Cluster, model: ModelSpec, stages, options: Pl
 CONCURRENCY_LEVELS = (1, 4, 16, 64)
 
 
+def pipeline_round_s(step_s, micro_batches: int) -> float:
+    """One token round of steady pipelined decode: the longer of one micro-batch's trip through every stage
+    (each step with its outgoing hop) and the bottleneck stage serving every micro-batch in turn."""
+    return max(sum(step_s), micro_batches * max(step_s))
+
+
 def concurrent_decode(cluster: Cluster, model: ModelSpec, stages, options: PlanOptions, users: int) -> dict:
     """Steady decode with `users` streams at once (theoretical), each at the plan's decode context
     (context_tokens, so one user gets the plan's own ms/token) and holding a request's full prompt + output in
@@ -496,6 +502,6 @@ def concurrent_decode(cluster: Cluster, model: ModelSpec, stages, options: PlanO
     hops = step_hops_s(cluster, model, stages, batch, options.profile)
     steps = [st.decode_s(model, options.profile, batch, batch * options.context_tokens) + h
              for st, h in zip(stages, hops)]
-    round_s = max(sum(steps), micro * max(steps))
+    round_s = pipeline_round_s(steps, micro)
     return {"users": users, "fits": needed <= room, "round_s": round_s, "per_stream_tok_s": 1.0 / round_s,
             "aggregate_tok_s": users / round_s, "kv_tokens_needed": needed, "kv_tokens_room": room}

@@ -23,7 +23,7 @@ import csv
 import html
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -194,6 +194,7 @@ class Screened:
     reason: str = ""              # why it does not fit, or which target it misses
     meets: bool = False
     simulated: dict = field(default_factory=dict)   # filled for the confirmed few
+    strategy: str = SCREEN_STRATEGY                 # the plan priced: hybrid_optimal where refine_with_planner won
 
 
 class Screener:
@@ -239,12 +240,7 @@ class Screener:
             steps.append(decode_s + hop)
             prefill += prefill_s + (0.0 if last else self._hop_s(cand.link, offer.chip, nxt.chip,
                                                                   self.model.activation_bytes(self.options.prompt_tokens)))
-        round_s = max(sum(steps), micro * max(steps))
-        # prefills do not overlap decode rounds (costmodel.request_pipeline_s): while one user's output is
-        # decoded, each other user's next prompt stalls every stream for its prefill chain once
-        tpot = round_s + (users - 1) * prefill / self.options.output_tokens
-        wait = round_s if users > 1 else 0.0
-        return 1.0 / tpot, 1e3 * (prefill + wait)
+        return stream_figures(steps, prefill, users, micro, self.options.output_tokens)
 
     def _stage_times_uncached(self, chip: Chip, start: int, end: int, last: bool, batch: int) -> tuple[float, float]:
         model, opts = self.model, self.options
@@ -259,12 +255,73 @@ class Screener:
         return costmodel.link_time(link, nbytes, self.options.profile)
 
     def _misses(self, s: Screened) -> str:
-        t = self.targets
-        if s.tok_s < t.tok_s:
-            return f"{s.tok_s:.1f} tok/s per stream < {t.tok_s:g}"
-        if t.ttft_ms is not None and s.ttft_ms > t.ttft_ms:
-            return f"TTFT {s.ttft_ms:.0f} ms > {t.ttft_ms:g}"
-        return ""
+        return misses(s, self.targets)
+
+
+def misses(s: Screened, t: Targets) -> str:
+    """Which target a screened candidate misses, or "" when it meets them all."""
+    if s.tok_s < t.tok_s:
+        return f"{s.tok_s:.1f} tok/s per stream < {t.tok_s:g}"
+    if t.ttft_ms is not None and s.ttft_ms > t.ttft_ms:
+        return f"TTFT {s.ttft_ms:.0f} ms > {t.ttft_ms:g}"
+    return ""
+
+
+def stream_figures(steps: list[float], prefill_s: float, users: int, micro: int, output_tokens: int
+                   ) -> tuple[float, float]:
+    """(tok/s per stream, TTFT ms) from the stage steps (decode + outgoing hop) and the prompt's prefill chain."""
+    round_s = costmodel.pipeline_round_s(steps, micro)
+    # prefills do not overlap decode rounds (costmodel.request_pipeline_s): while one user's output is
+    # decoded, each other user's next prompt stalls every stream for its prefill chain once
+    tpot = round_s + (users - 1) * prefill_s / output_tokens
+    wait = round_s if users > 1 else 0.0
+    return 1.0 / tpot, 1e3 * (prefill_s + wait)
+
+
+# The memory-weighted split never forms tensor-parallel groups, which over Thunderbolt 5 RDMA can be faster:
+# this many of the cheapest RDMA candidates are also planned by hybrid_optimal (a few ms each).
+TP_REFINED = 150
+
+
+def refine_with_planner(screened, model: ModelSpec, options: PlanOptions, targets: Targets,
+                        limit: int = TP_REFINED) -> int:
+    """Re-price the cheapest `limit` RDMA candidates with two or more Thunderbolt 5 Macs on hybrid_optimal's
+    plan (latency objective) where it forms a tensor-parallel group and is faster; returns how many changed."""
+    pool = sorted((s for s in screened if s.candidate.link == "tb5-rdma"
+                   and sum(o.chip.rdma for o in s.candidate.offers) >= 2), key=lambda s: s.candidate.usd)
+    changed = 0
+    for s in pool[:limit]:
+        found = _planned_figures(s.candidate, model, options, targets)
+        if found is not None and found[0] > s.tok_s:
+            s.fits, (s.tok_s, s.ttft_ms), s.strategy = True, found, "hybrid_optimal"
+            s.reason = misses(s, targets)
+            s.meets = not s.reason
+            changed += 1
+    return changed
+
+
+def _planned_figures(cand: Candidate, model: ModelSpec, options: PlanOptions, targets: Targets):
+    """hybrid_optimal's plan for the candidate priced as the screening prices a split; None without a TP group."""
+    from harness.planning import plan_with
+    from harness.specs import DoesNotFit
+    cluster = catalog.parse_cluster(cluster_data(cand), "candidate", "size candidate")
+    try:
+        plan = plan_with("hybrid_optimal", cluster, model, replace(options, objective="latency"))
+    except DoesNotFit:
+        return None
+    if all(st.tp_degree == 1 for st in plan.stages):
+        return None
+    stages = costmodel.stage_models(cluster, model, plan)
+    micro = min(targets.users, len(stages))
+    batch = math.ceil(targets.users / micro)
+    hops = costmodel.step_hops_s(cluster, model, stages, batch, options.profile)
+    steps = [st.decode_s(model, options.profile, batch, batch * options.mean_decode_context) + h
+             for st, h in zip(stages, hops)]
+    forward, _ = costmodel.hop_links(cluster, stages)
+    prompt_bytes = model.activation_bytes(options.prompt_tokens)
+    prefill = sum(st.prefill_s(model, options.profile, options.prompt_tokens, 0) for st in stages) \
+        + sum(costmodel.link_time(link, prompt_bytes, options.profile) for link in forward)
+    return stream_figures(steps, prefill, targets.users, micro, options.output_tokens)
 
 
 def rank(screened) -> list[Screened]:
@@ -305,12 +362,12 @@ def one_more(best: Screened, offers, links, screener: Screener, max_nodes: int) 
 # ----------------------------------------------------------------------------------------------- simulation
 def simulate_candidate(s: Screened, model: ModelSpec, options: PlanOptions, targets: Targets,
                        requests_per_user: int = 4) -> dict:
-    """Serve `users` closed-loop streams on the candidate's ring_memory_weighted plan (simulated figures)."""
+    """Serve `users` closed-loop streams on the candidate's plan (the strategy it was priced with; simulated)."""
     from harness.planning import plan_with
     from harness.workloads import build_workload
     from sim.run import simulate
     cluster = catalog.parse_cluster(cluster_data(s.candidate), "candidate", "size candidate")
-    plan = plan_with(SCREEN_STRATEGY, cluster, model, options)
+    plan = plan_with(s.strategy, cluster, model, replace(options, objective="latency"))   # as it was screened
     n = targets.users * requests_per_user
     # outputs spread +-50 % around the reference, so the users fall out of step after the first wave and later
     # prompts arrive while the others decode (the case the screening's TTFT prices)

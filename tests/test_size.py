@@ -163,3 +163,24 @@ def test_command_bad_input_is_one_line(argv, fragment, capsys, tmp_path):
     assert main(["size", *argv, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+MAX36 = "Mac Studio (2025),M4 Max,32,36,1999,2025-03-05,https://example.org/max,high\n"
+
+
+def test_a_tensor_parallel_pair_over_rdma_is_found_where_the_pipeline_misses(tmp_path):
+    """The memory-weighted pipeline never forms TP groups; two 36 GB M4 Max over RDMA run 70B faster with one."""
+    path = tmp_path / "prices.csv"
+    path.write_text(HEADER + MAX36)
+    targets = sizing.Targets(tok_s=9.0, users=1)
+    model = catalog.load_model("llama-3.1-70b", 4, 64)
+    options = PlanOptions(profile=load_profile(None))
+    sc = sizing.Screener(model, options, targets)
+    screened = [sc.screen(c) for c in sizing.candidates(sizing.load_offers(path), 2, ("tb5-rdma", "10gbe"))]
+    pair = {s.candidate.link: s for s in screened if len(s.candidate.offers) == 2}
+    pipeline = pair["tb5-rdma"].tok_s
+    assert not pair["tb5-rdma"].meets and pair["tb5-rdma"].strategy == "ring_memory_weighted"
+    assert sizing.refine_with_planner(screened, model, options, targets) == 1
+    assert pair["tb5-rdma"].strategy == "hybrid_optimal" and pair["tb5-rdma"].tok_s > 1.4 * pipeline
+    assert pair["tb5-rdma"].meets and not pair["10gbe"].meets       # TCP keeps the pipeline figure
+    assert sizing.rank(screened)[0] is pair["tb5-rdma"]

@@ -72,6 +72,11 @@ def run(args) -> int:
           f"up to {args.max_nodes} nodes, links {', '.join(links)}", file=sys.stderr)
     screener = sizing.Screener(model, options, targets)
     screened, seconds = screen_all(screener, offers, links, args)
+    started = time.perf_counter()
+    faster = sizing.refine_with_planner(screened, model, options, targets)
+    seconds += time.perf_counter() - started
+    print(f"  re-planned the {sizing.TP_REFINED} cheapest RDMA candidates with hybrid_optimal: {faster} faster "
+          "with a tensor-parallel group", file=sys.stderr)
     ranked = sizing.rank(screened)
     if not ranked:
         raise UserError(nothing_meets(screened, targets, args.budget))
@@ -140,11 +145,12 @@ def nothing_meets(screened, targets, budget) -> str:
 
 
 def print_choices(top, targets) -> None:
-    rows = [("#", "cluster", "USD", "tok/s/stream theor.", "TTFT ms theor.", "tok/s/stream sim.", "TTFT ms sim.",
+    rows = [("#", "cluster", "plan", "USD", "tok/s/stream theor.", "TTFT ms theor.", "tok/s/stream sim.", "TTFT ms sim.",
              "burst TTFT ms sim.")]
     for i, s in enumerate(top, 1):
         sim = s.simulated
-        rows.append((str(i), s.candidate.label, f"{s.candidate.usd:,.0f}", f"{s.tok_s:.1f}", f"{s.ttft_ms:.0f}",
+        plan = "TP (hybrid_optimal)" if s.strategy == "hybrid_optimal" else "pipeline"
+        rows.append((str(i), s.candidate.label, plan, f"{s.candidate.usd:,.0f}", f"{s.tok_s:.1f}", f"{s.ttft_ms:.0f}",
                      f"{sim['tok_s']:.1f}" if sim else "-", f"{sim['ttft_ms']:.0f}" if sim else "-",
                      f"{sim['burst_ttft_ms']:.0f}" if sim else "-"))
     print(f"cheapest clusters meeting {targets.describe()}:")

@@ -29,6 +29,7 @@ def one_pass(model, options, targets, offers, links, max_nodes: int, simulate: i
     start = time.perf_counter()
     screener = sizing.Screener(model, options, targets)
     screened = [screener.screen(c) for c in sizing.candidates(offers, max_nodes, links)]
+    sizing.refine_with_planner(screened, model, options, targets)   # as `harness size` does: TP pairs compete
     screen_s = time.perf_counter() - start
     ranked = sizing.rank(screened)
     # fewer meeting than asked: fill with the fastest fitting ones, so the simulation pass is the full size

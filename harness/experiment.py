@@ -2,7 +2,8 @@
 
 Top-level keys: name, backend, cluster, model, quant, group_size, strategy, objective, cache,
 kv_reserve_tokens, profile (a cost-model profile name or file; default: the fitted one), link (what if every
-link were this kind) and add_nodes (a list of "CHIP[/CORES]:MEM" Macs added to the cluster); tables: [workload] (harness.workloads dict), [load] (warmup, max_duration_s),
+link were this kind), add_nodes (a list of "CHIP[/CORES]:MEM" Macs added to the cluster) and failover (sim
+backend: after a [[faults]] node_down, plan again on the nodes left, reload, and serve on); tables: [workload] (harness.workloads dict), [load] (warmup, max_duration_s),
 [[targets]] (reports.targets format), [mlx] (options of the real backend), [[faults]] (sim backend only:
 {kind = "node_down" | "straggler" | "slow_link", node, peer (slow_link), at_s (after serving starts), factor}). Unknown keys are errors, so a
 typo never silently falls back to a default.
@@ -20,7 +21,7 @@ from harness.workloads import check_workload
 
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "runs" / "default.toml"
 SCALARS = {"name": str, "backend": str, "cluster": str, "model": str, "quant": int, "group_size": int,
-           "strategy": str, "objective": str, "cache": str, "kv_reserve_tokens": int, "profile": str, "link": str}
+           "strategy": str, "objective": str, "cache": str, "kv_reserve_tokens": int, "profile": str, "link": str, "failover": bool}
 TABLES = {"workload": dict, "load": dict, "targets": list, "mlx": dict, "faults": list, "add_nodes": list}
 FAULT_KINDS = ("node_down", "straggler", "slow_link")
 FAULT_KEYS = ("kind", "node", "peer", "at_s", "factor")

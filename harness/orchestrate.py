@@ -70,8 +70,27 @@ def build_backend(exp: dict, cluster, model, profile, plan):
                              max_running=int(mlx.get("max_running", 16)), twin_head_dim=int(mlx.get("head_dim", 16)),
                              twin_seed=int(mlx.get("seed", 0)), emulate_links=bool(mlx.get("emulate_links")),
                              emulate_latency=bool(mlx.get("emulate_latency")),
-                             faults=tuple(exp.get("faults", ())))
+                             faults=tuple(exp.get("faults", ())),
+                             replan=failover_planner(exp, cluster, model, plan) if exp.get("failover") else None)
     return make_backend(exp["backend"], options)
+
+
+def failover_planner(exp: dict, cluster, model, plan):
+    """failed nodes -> Planned on the nodes left, by the plan's own strategy and options (DoesNotFit if none)."""
+    from harness.backends import Planned
+    from harness.planning import plan_with
+    from harness.specs import Cluster
+    _, _, options = load_inputs(exp)
+
+    def replan(failed: frozenset) -> Planned:
+        left = Cluster(name=f"{cluster.name}-without-{'-'.join(sorted(failed))}",
+                       nodes=tuple(n for n in cluster.nodes if n.name not in failed),
+                       links=tuple(l for l in cluster.links if l.a not in failed and l.b not in failed))
+        if not left.nodes:
+            raise DoesNotFit("no node is left")
+        return Planned(left, model, plan_with(plan.strategy, left, model, options), options.profile,
+                       model_source=exp["model"])
+    return replan
 
 
 def run_experiment(exp: dict, strategies: list[str], out_root: Path, report: bool = True) -> list[Outcome]:

@@ -34,7 +34,7 @@ def summarize(requests, result, backend, load_report=None, slo=None, plan=None, 
     figures = {**metrics.compute(requests, slo), **result.dispatch_summary()}
     stats = backend.stats() if backend is not None else {}
     run = {"load_mode": result.mode.label, "warmup_requests": result.warmup_requests, "model": result.model,
-           **{k: stats[k] for k in ("preemptions", "error") if stats.get(k) is not None}}
+           **{k: stats[k] for k in ("preemptions", "error", "failovers") if stats.get(k) is not None}}
     return summary.build(config.get("command", "bench"), row_source(backend),
                          getattr(backend, "name", "external"), figures,
                          plan=plan.to_dict() if plan is not None else None, cluster=getattr(backend, "cluster", None),

@@ -121,6 +121,7 @@ class Engine:
         self._init_records()
         self.preemptions = 0
         self.down: str | None = None        # why the cluster stopped serving (a node failed), once it did
+        self.down_node: str | None = None   # which node that was
         self._slow = [1.0] * len(self.stages)   # straggler factor per stage (fault injection)
         self._degraded = False
         self.plan_nodes = {n for st in self.stages for n in st.nodes}
@@ -178,6 +179,7 @@ class Engine:
         if node not in self.plan_nodes or self.down:
             return
         self.down = f"node {node} failed at {at_s:g} s (fault injected)"
+        self.down_node = node
         for sc in self.scheds:
             self._sync(sc)
             self._set_running(sc, np.empty(0, dtype=np.int64))

@@ -42,6 +42,8 @@ class BackendOptions:
     max_waiting: int | None = None     # QueueFull beyond this many requests waiting
     cache: str = "none"                # prefix-cache policy (sim, and mlx when it runs a plan's twin)
     faults: tuple = ()                 # injected faults (sim only): sim.Engine.inject dicts
+    # failover (sim only): given the failed nodes, the plan on the nodes left (DoesNotFit when none holds it)
+    replan: Callable[[frozenset], Planned] | None = None
     # mlx: a model folder with an optional layer split, else a twin of the planned model built locally
     model_path: str | None = None
     split: tuple[int, ...] | None = None
@@ -82,8 +84,14 @@ def _sim_backend(options: BackendOptions):
     cache = make_prefix_cache(options.cache, p.cluster, p.model, p.plan, p.profile)
     from sim.engine import Engine
     Engine.check_fault_nodes(options.faults, p.cluster)
+    replan = None
+    if options.replan is not None:
+        def replan(failed: frozenset):   # the new plan, and a fresh cache sized for it (the old KV died)
+            q = options.replan(failed)
+            return q.cluster, q.plan, make_prefix_cache(options.cache, q.cluster, q.model, q.plan, q.profile)
     config = SimBackendConfig(speed=options.speed, max_waiting=options.max_waiting,
-                              model_id=options.model_id or p.model.name, faults=tuple(options.faults))
+                              model_id=options.model_id or p.model.name, faults=tuple(options.faults),
+                              replan=replan)
     return SimBackend(p.cluster, p.model, p.plan, p.profile, config=config, cache=cache)
 
 

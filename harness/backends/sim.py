@@ -50,6 +50,8 @@ class SimBackendConfig:
     include_load: bool = True            # simulate model loading (in virtual time, not paced) for load()'s report
     model_id: str | None = None
     faults: tuple = ()                   # sim.Engine.inject fault dicts, at_s from when serving starts
+    # failover: failed node names -> (cluster, plan, cache) on the nodes left; None: a node failure ends serving
+    replan: object = None
 
 
 class SimBackend:
@@ -82,6 +84,10 @@ class SimBackend:
         self._closed = False
         self._w0 = self._v0 = 0.0
         self.cancelled = 0
+        self.failovers: list[dict] = []      # each node failure the cluster served on after (or tried to)
+        self._failed: frozenset = frozenset()
+        self._earlier_steps: list = []       # step records of the engines a failover replaced
+        self._resume_v = 0.0                 # virtual time serving resumes after a failover's reload
 
     # ------------------------------------------------------------------ tokenizer
 
@@ -103,18 +109,56 @@ class SimBackend:
     # ------------------------------------------------------------------ lifecycle
 
     async def load(self) -> LoadReport:
-        import simpy
-        from sim.engine import Engine
         report = self._load_report()
-        env = simpy.Environment()
-        self.engine = Engine(env, self.cluster, self.model, self.plan, self.profile, self.engine_config,
-                             on_tokens=self._on_tokens, on_finish=self._on_finish)
-        self._w0, self._v0 = time.monotonic(), env.now
-        for fault in self.config.faults:
-            self.engine.inject(dict(fault))
+        self.engine = self._new_engine(0.0)
+        self._w0, self._v0 = time.monotonic(), 0.0
         self._closed = False
         self._pacer = asyncio.get_running_loop().create_task(self._pace(), name="sim-pacer")
         return report
+
+    def _new_engine(self, start_v: float):
+        """An engine over the current plan whose clock starts at virtual `start_v`, with the faults still ahead."""
+        import simpy
+        from sim.engine import Engine
+        engine = Engine(simpy.Environment(initial_time=start_v), self.cluster, self.model, self.plan, self.profile,
+                        self.engine_config, on_tokens=self._on_tokens, on_finish=self._on_finish)
+        known = {n.name for n in self.cluster.nodes}
+        for fault in self.config.faults:
+            ahead = fault["at_s"] >= start_v and all(fault.get(k) in known for k in ("node", "peer") if k in fault)
+            if ahead:
+                engine.inject(dict(fault))
+        return engine
+
+    def _fail_over(self) -> bool:
+        """A node failed: plan again on the nodes left, reload the weights that moved (in virtual time), and
+        serve on from there. False when failover is off, or when the nodes left cannot hold the model."""
+        if self.config.replan is None or self.engine.down_node in self._failed:
+            return False
+        from harness.specs import DoesNotFit, UserError
+        node, at = self.engine.down_node, self.engine.env.now
+        failed = self._failed | {node}
+        try:
+            cluster, plan, cache = self.config.replan(failed)
+        except (DoesNotFit, UserError) as exc:
+            self.failovers.append({"failed_node": node, "at_s": at, "error": str(exc)})
+            self._failed = failed
+            return False
+        self._earlier_steps.append(self.engine.steps_table())
+        self._pending.clear()                # every request in flight got its error from the failed engine
+        self._failed, self.cluster, self.plan = failed, cluster, plan
+        self.cache, self.admission = cache, self._admission(cache)
+        reload_s = max(self._load_report().load_s_per_node.values(), default=0.0) if self.config.include_load else 0.0
+        self._resume_v = at + reload_s
+        self.engine = self._new_engine(self._resume_v)
+        self.failovers.append({"failed_node": node, "at_s": at, "reload_s": reload_s, "serving_again_s": self._resume_v,
+                               "plan": [{"nodes": list(st.nodes), "layers": [st.layer_start, st.layer_end]}
+                                        for st in plan.stages]})
+        return True
+
+    @staticmethod
+    def _admission(cache):
+        from sim.admission import Admission
+        return Admission(cache)
 
     def _load_report(self) -> LoadReport:
         import simpy
@@ -146,7 +190,11 @@ class SimBackend:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                self.engine.advance(self.virtual_now())
+                now = self.virtual_now()
+                if now >= self.engine.env.now:   # during a failover's reload the new engine's clock is ahead
+                    self.engine.advance(now)
+                if self.engine.down and self._fail_over():
+                    continue
                 nxt = _next_event_time(self.engine)
                 wake_at = math.inf if math.isinf(nxt) else self.wall_of(nxt)
                 if wake_at <= time.monotonic():
@@ -210,6 +258,9 @@ class SimBackend:
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         engine = self.engine
+        if self.virtual_now() < engine.env.now:   # failing over: the weights that moved are still loading
+            raise BackendUnavailable(f"failing over after {self.failovers[-1]['failed_node']} failed: serving "
+                                     f"again at {self._resume_v:.1f} s (simulated)")
         engine.advance(self.virtual_now())
         if engine.down:                      # an injected node failure: the simulated cluster is down
             raise BackendUnavailable(engine.down)
@@ -236,8 +287,8 @@ class SimBackend:
         try:
             async for item in drain(pending.queue):
                 yield item
-        finally:
-            if self._pending.pop(slot, None) is not None and not pending.done:
+        finally:   # (after a failover the slot number may belong to the new engine's request: compare)
+            if self._pending.get(slot) is pending and self._pending.pop(slot) and not pending.done:
                 self.cancelled += 1
                 cancel = getattr(engine, "cancel", None)
                 if cancel is not None:   # free its batch slot and KV when the engine supports it
@@ -265,7 +316,10 @@ class SimBackend:
         used = engine.total_blocks - engine.free_blocks
         frac = used / engine.total_blocks if engine.total_blocks else 0.0
         per_node = {n: st.kv_bytes_per_token_node * engine.block * used for st in engine.stages for n in st.nodes}
-        return {"healthy": self._error is None and not engine.down, "error": engine.down,
+        reloading = self.virtual_now() < engine.env.now
+        return {"healthy": self._error is None and not engine.down and not reloading,
+                "error": engine.down or (f"failing over until {self._resume_v:.1f} s" if reloading else None),
+                **({"failovers": self.failovers} if self.failovers else {}),
                 "num_requests_running": int(np.count_nonzero(engine.status[:engine.n] == RUNNING)),
                 "num_requests_waiting": len(engine.waiting),
                 "kv_cache_usage": {n: frac for n in per_node}, "kv_cache_bytes": per_node,
@@ -278,14 +332,17 @@ class SimBackend:
         return self.engine.requests_table()
 
     def steps_table(self):
-        """The engine's step records in virtual time (pyarrow); step_table() puts them on a run's clock."""
-        return self.engine.steps_table()
+        """The engine's step records in virtual time (pyarrow), after those of engines a failover replaced;
+        step_table() puts them on a run's clock."""
+        import pyarrow as pa
+        tables = [*self._earlier_steps, self.engine.steps_table()]
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
     def step_table(self, t0_monotonic: float, t0_unix: float):
         """The engine's step records with virtual times moved onto the run's clock (virtual -> monotonic -> t=0)."""
         if self.engine is None:
             return step_frame()
-        df = self.engine.steps_table().to_pandas()
+        df = self.steps_table().to_pandas()
         for col in ("start_s", "end_s"):
             df[col] = self.wall_of(df[col]) - t0_monotonic   # wall_of is linear, so it maps a whole column
         return df

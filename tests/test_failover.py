@@ -1,0 +1,45 @@
+"""Failover on the sim backend (issue 14): after a node fails, the cluster is planned again on the nodes left,
+reloads, and serves on; requests in flight fail, new ones get 503 while it reloads, later ones succeed."""
+import json
+
+import pandas as pd
+
+from harness.cli import main
+
+
+def experiment(tmp_path, failover: bool):
+    text = open("runs/smoke.toml").read().replace('strategy = "hybrid_optimal"', 'strategy = "uniform"')
+    text = text.replace("num_requests = 8", "num_requests = 24")
+    text += '\n[[faults]]\nkind = "node_down"\nnode = "studio1"\nat_s = 0.5\n'
+    if failover:
+        text = text.replace('backend = "sim"', 'backend = "sim"\nfailover = true')
+    path = tmp_path / f"fault-{failover}.toml"
+    path.write_text(text)
+    return path
+
+
+def run_folder(tmp_path, failover: bool):
+    out = tmp_path / f"out-{failover}"
+    assert main(["run", "--experiment", str(experiment(tmp_path, failover)), "--out", str(out), "--no-report"]) == 1
+    (folder,) = out.iterdir()
+    return json.loads((folder / "summary.json").read_text()), pd.read_parquet(folder / "requests.parquet")
+
+
+def test_the_cluster_serves_on_without_the_failed_node(tmp_path):
+    summary, requests = run_folder(tmp_path, failover=True)
+    (failover,) = summary["run"]["failovers"]
+    assert failover["failed_node"] == "studio1" and failover["at_s"] >= 0.5
+    assert failover["serving_again_s"] > failover["at_s"]           # the moved weights are reloaded first
+    assert all("studio1" not in stage["nodes"] for stage in failover["plan"])
+    assert sum(len(stage["nodes"]) for stage in failover["plan"]) == 3
+    assert summary["status"] == "complete"
+    later = requests[requests["start_s"] > requests.loc[~requests["success"], "end_s"].max()]
+    assert len(later) > 0 and later["success"].all()                # served again after the outage
+    assert requests["error"].fillna("").str.contains("failing over after studio1 failed").any()
+
+
+def test_without_failover_every_later_request_fails(tmp_path):
+    summary, requests = run_folder(tmp_path, failover=False)
+    assert "failovers" not in summary["run"]
+    late = requests[requests["start_s"] > 1.0]
+    assert len(late) > 0 and not late["success"].any()

@@ -479,6 +479,12 @@ def outage_timeline(run: Run, bins: int = 60) -> Plot | None:
         ax.axvline(at, color="black", linestyle="--", linewidth=1)
         ax.annotate(f"{fault.get('kind')} {fault.get('node', '')}", (at, ax.get_ylim()[1] * 0.9), fontsize=8,
                     xytext=(3, 0), textcoords="offset points")
+    failovers = [f for f in ((run.summary or {}).get("run") or {}).get("failovers") or [] if "serving_again_s" in f]
+    for f in failovers if shift is not None else ():
+        again = float(f["serving_again_s"]) + shift
+        ax.axvline(again, color="#2e7d32", linestyle=":", linewidth=1.5)
+        ax.annotate(f"serving again ({float(f['serving_again_s']) - float(f['at_s']):.1f} s later)",
+                    (again, ax.get_ylim()[1] * 0.75), fontsize=8, xytext=(3, 0), textcoords="offset points")
     ax.set_xlabel("seconds since the first request")
     ax.set_ylabel(f"requests per {_num(width)} s")
     ax.legend(fontsize=8, loc="upper right")

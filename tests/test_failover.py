@@ -22,6 +22,7 @@ def run_folder(tmp_path, failover: bool):
     out = tmp_path / f"out-{failover}"
     assert main(["run", "--experiment", str(experiment(tmp_path, failover)), "--out", str(out), "--no-report"]) == 1
     (folder,) = out.iterdir()
+    run_folder.last = folder
     return json.loads((folder / "summary.json").read_text()), pd.read_parquet(folder / "requests.parquet")
 
 
@@ -36,6 +37,10 @@ def test_the_cluster_serves_on_without_the_failed_node(tmp_path):
     later = requests[requests["start_s"] > requests.loc[~requests["success"], "end_s"].max()]
     assert len(later) > 0 and later["success"].all()                # served again after the outage
     assert requests["error"].fillna("").str.contains("failing over after studio1 failed").any()
+    import reports
+    from reports import plots
+    plot = plots.outage_timeline(reports.load_run(run_folder.last))      # the report shows outage and recovery
+    assert plot is not None and "Dashed lines" in plot.caption
 
 
 def test_without_failover_every_later_request_fails(tmp_path):

@@ -184,7 +184,8 @@ def ray_map(points: list[dict], points_dir: Path, address: str | None):
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
         task = ray.remote(run_point)
-        pending = [task.remote(p, str(points_dir)) for p in points]
+        where = str(points_dir.resolve())   # a Ray worker need not share this process's working directory
+        pending = [task.remote(p, where) for p in points]
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             yield ray.get(done[0])

@@ -1,6 +1,10 @@
 """Fixtures: real servers on 127.0.0.1 (uvicorn in a background thread), never an in-process test client."""
 from __future__ import annotations
 
+import socket
+import time
+
+import httpx
 import pytest
 
 from harness.backends.instant import InstantBackend
@@ -20,3 +24,20 @@ def paced_server():
     backend = InstantBackend(max_running=1, token_interval_s=0.02)
     with EmbeddedServer(backend) as server:
         yield server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, bound_s: float = 20.0) -> None:
+    """Until GET /health answers 200 (a hang bound, not a timing assert)."""
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)

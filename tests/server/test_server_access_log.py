@@ -1,37 +1,25 @@
 """`python -m harness serve`: the access log is off by default and `--access-log` turns it on (issue 15)."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
+from tests.server.conftest import free_port, wait_healthy
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve_output(*extra: str) -> str:
     """Everything `serve` printed while answering one completion."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "harness", "serve", "--backend", "instant", "--port", str(port),
                              *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20   # a hang bound, not a timing assert
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_healthy(url)
         r = httpx.post(url + "/v1/completions", json={"model": "instant", "prompt": "a b", "max_tokens": 2})
         assert r.status_code == 200
     finally:

@@ -1,25 +1,18 @@
 """`python -m harness serve` and `python -m harness bench`, run as a user runs them."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+
+from tests.server.conftest import free_port, wait_healthy
 import openai
 
 from harness.cli import main
 from harness.runfolder import read_run
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_bench_embedded_instant_writes_a_complete_run_folder(tmp_path, capsys):
@@ -60,18 +53,12 @@ def test_bench_bad_input_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_serve_standalone_answers_the_openai_sdk():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "harness", "serve", "--backend", "instant", "--port", str(port)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_healthy(url)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         r = client.completions.create(model="instant", prompt="a b c", max_tokens=3)
         assert r.usage.completion_tokens == 3

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
 
 def _numbers(stats: str) -> list[str]:
     """The figures of hybrid_optimal's statistics note after its class count, in order."""
-    words = stats.split("classes of interchangeable nodes): ", 1)[1].replace(";", " ").replace(",", " ").split()
+    words = stats.split("of interchangeable nodes): ", 1)[1].replace(";", " ").replace(",", " ").split()
     return [w for w in words if w.replace(".", "").isdigit()]
 
 

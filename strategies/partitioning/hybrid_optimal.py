@@ -83,6 +83,10 @@ def search_plan(cluster, model, options, bounds: bool = True):
                                   (search.statistics(),)))
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def node_classes(cluster) -> list[list[str]]:
     """Interchangeable nodes, in cluster-file order: same chip, memory and usable share, and the same link to
     every other node. The relation is transitive (a~b and b~c make link(a, b) = link(c, b)), so one pass works."""
@@ -132,7 +136,7 @@ class _Search:
     def statistics(self) -> str:
         """Counts only: a plan (and the run folders that store it) must be the same every time it is made;
         `harness plan` prints the measured planning time beside it."""
-        return (f"search (exact over {len(self.names)} nodes in {len(self.classes)} classes of interchangeable "
+        return (f"search (exact over {len(self.names)} nodes in {_count(len(self.classes), 'class', 'classes')} of interchangeable "
                 f"nodes): {self.sets_tried} node sets evaluated, {self.sets_cut} cut by the lower bound; "
                 f"{self.orders_tried} ring orders tried, {self.orders_cut} cut; {self.programmes} split "
                 f"programmes run")

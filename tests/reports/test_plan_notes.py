@@ -10,5 +10,5 @@ def test_plan_notes_are_shown_as_notes_not_warnings(tmp_path):
                  "--workload", "poisson,rate=1,n=4,prompt=64,output=8", "--seed", "1", "--quiet",
                  "--out", str(tmp_path), "--run-id", "a"]) == 0
     html = render([tmp_path / "a"], tmp_path / "r.html").read_text()
-    assert "Plan notes: search (exact over 4 nodes in 1 classes of interchangeable nodes)" in html
+    assert "Plan notes: search (exact over 4 nodes in 1 class of interchangeable nodes)" in html
     assert "Plan warnings:" not in html

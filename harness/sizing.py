@@ -195,6 +195,7 @@ class Screened:
     meets: bool = False
     simulated: dict = field(default_factory=dict)   # filled for the confirmed few
     strategy: str = SCREEN_STRATEGY                 # the plan priced: hybrid_optimal where refine_with_planner won
+    tp: bool = False                                # that plan has a tensor-parallel group
 
 
 class Screener:
@@ -278,22 +279,22 @@ def stream_figures(steps: list[float], prefill_s: float, users: int, micro: int,
     return 1.0 / tpot, 1e3 * (prefill_s + wait)
 
 
-# The memory-weighted split never forms tensor-parallel groups, which over Thunderbolt 5 RDMA can be faster:
-# this many of the cheapest RDMA candidates are also planned by hybrid_optimal (a few ms each).
+# The memory-weighted split never forms tensor-parallel groups (which over Thunderbolt 5 RDMA can be faster) and
+# uses every Mac: this many of the cheapest RDMA candidates are also planned by hybrid_optimal (a few ms each).
 TP_REFINED = 150
 
 
 def refine_with_planner(screened, model: ModelSpec, options: PlanOptions, targets: Targets,
                         limit: int = TP_REFINED) -> int:
     """Re-price the cheapest `limit` RDMA candidates with two or more Thunderbolt 5 Macs on hybrid_optimal's
-    plan (latency objective) where it forms a tensor-parallel group and is faster; returns how many changed."""
+    plan (latency objective) where it is faster; returns how many changed."""
     pool = sorted((s for s in screened if s.candidate.link == "tb5-rdma"
                    and sum(o.chip.rdma for o in s.candidate.offers) >= 2), key=lambda s: s.candidate.usd)
     changed = 0
     for s in pool[:limit]:
         found = _planned_figures(s.candidate, model, options, targets)
         if found is not None and found[0] > s.tok_s:
-            s.fits, (s.tok_s, s.ttft_ms), s.strategy = True, found, "hybrid_optimal"
+            s.fits, s.tok_s, s.ttft_ms, s.tp, s.strategy = True, *found, "hybrid_optimal"
             s.reason = misses(s, targets)
             s.meets = not s.reason
             changed += 1
@@ -301,15 +302,14 @@ def refine_with_planner(screened, model: ModelSpec, options: PlanOptions, target
 
 
 def _planned_figures(cand: Candidate, model: ModelSpec, options: PlanOptions, targets: Targets):
-    """hybrid_optimal's plan for the candidate priced as the screening prices a split; None without a TP group."""
+    """(tok/s per stream, TTFT ms, has a TP group) of hybrid_optimal's plan for the candidate, priced as the
+    screening prices a split; None when it does not fit."""
     from harness.planning import plan_with
     from harness.specs import DoesNotFit
     cluster = catalog.parse_cluster(cluster_data(cand), "candidate", "size candidate")
     try:
         plan = plan_with("hybrid_optimal", cluster, model, replace(options, objective="latency"))
     except DoesNotFit:
-        return None
-    if all(st.tp_degree == 1 for st in plan.stages):
         return None
     stages = costmodel.stage_models(cluster, model, plan)
     micro = min(targets.users, len(stages))
@@ -321,7 +321,8 @@ def _planned_figures(cand: Candidate, model: ModelSpec, options: PlanOptions, ta
     prompt_bytes = model.activation_bytes(options.prompt_tokens)
     prefill = sum(st.prefill_s(model, options.profile, options.prompt_tokens, 0) for st in stages) \
         + sum(costmodel.link_time(link, prompt_bytes, options.profile) for link in forward)
-    return stream_figures(steps, prefill, targets.users, micro, options.output_tokens)
+    return (*stream_figures(steps, prefill, targets.users, micro, options.output_tokens),
+            any(st.tp_degree > 1 for st in plan.stages))
 
 
 def rank(screened) -> list[Screened]:
@@ -356,6 +357,8 @@ def one_more(best: Screened, offers, links, screener: Screener, max_nodes: int) 
         for link in links:
             if link != cand.link:
                 rows.append((f"links -> {link}", screener.screen(Candidate(cand.offers, link))))
+    # priced as the search prices them: over RDMA a tensor-parallel plan may beat the memory-weighted pipeline
+    refine_with_planner([s for _, s in rows], screener.model, screener.options, screener.targets, limit=len(rows))
     return rows
 
 

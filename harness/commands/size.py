@@ -76,7 +76,7 @@ def run(args) -> int:
     faster = sizing.refine_with_planner(screened, model, options, targets)
     seconds += time.perf_counter() - started
     print(f"  re-planned the {sizing.TP_REFINED} cheapest RDMA candidates with hybrid_optimal: {faster} faster "
-          "with a tensor-parallel group", file=sys.stderr)
+          "on its plan", file=sys.stderr)
     ranked = sizing.rank(screened)
     if not ranked:
         raise UserError(nothing_meets(screened, targets, args.budget))
@@ -149,7 +149,7 @@ def print_choices(top, targets) -> None:
              "burst TTFT ms sim.")]
     for i, s in enumerate(top, 1):
         sim = s.simulated
-        plan = "TP (hybrid_optimal)" if s.strategy == "hybrid_optimal" else "pipeline"
+        plan = ("TP" if s.tp else "pipeline") + (" (hybrid_optimal)" if s.strategy == "hybrid_optimal" else "")
         rows.append((str(i), s.candidate.label, plan, f"{s.candidate.usd:,.0f}", f"{s.tok_s:.1f}", f"{s.ttft_ms:.0f}",
                      f"{sim['tok_s']:.1f}" if sim else "-", f"{sim['ttft_ms']:.0f}" if sim else "-",
                      f"{sim['burst_ttft_ms']:.0f}" if sim else "-"))

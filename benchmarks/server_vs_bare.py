@@ -61,12 +61,6 @@ def bare_app():
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_port(port: int, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -133,7 +127,10 @@ def main() -> int:
         print("error: wrk not found on PATH; install it (apt-get install -y wrk)", file=sys.stderr)
         return 2
     conns = [int(c) for c in args.connections.split(",")]
-    ports = {"ours": _free_port(), "bare": _free_port()}
+    sys.path.insert(0, str(ROOT))
+    from harness.mlx.launcher import free_ports
+    ours, bare = free_ports(2)
+    ports = {"ours": ours, "bare": bare}
     procs = {k: _start(k, port) for k, port in ports.items()}
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(WRK_LUA)

@@ -483,6 +483,14 @@ def sustainable_rate_rps(cluster: Cluster, model: ModelSpec, stages, options: Pl
 CONCURRENCY_LEVELS = (1, 4, 16, 64)
 
 
+def decode_steps_s(cluster: Cluster, model: ModelSpec, stages, profile: Profile, batch: int,
+                   context_tokens: float) -> list[float]:
+    """Each stage's decode step for a micro-batch of `batch` sequences of `context_tokens` each, with its
+    outgoing hop (activations forward, token ids back from the last)."""
+    hops = step_hops_s(cluster, model, stages, batch, profile)
+    return [st.decode_s(model, profile, batch, batch * context_tokens) + h for st, h in zip(stages, hops)]
+
+
 def pipeline_round_s(step_s, micro_batches: int) -> float:
     """One token round of steady pipelined decode: the longer of one micro-batch's trip through every stage
     (each step with its outgoing hop) and the bottleneck stage serving every micro-batch in turn."""
@@ -499,9 +507,7 @@ def concurrent_decode(cluster: Cluster, model: ModelSpec, stages, options: PlanO
     needed = users * options.request_tokens
     micro = min(len(stages), users)
     batch = -(-users // micro)
-    hops = step_hops_s(cluster, model, stages, batch, options.profile)
-    steps = [st.decode_s(model, options.profile, batch, batch * options.context_tokens) + h
-             for st, h in zip(stages, hops)]
-    round_s = pipeline_round_s(steps, micro)
+    round_s = pipeline_round_s(decode_steps_s(cluster, model, stages, options.profile, batch,
+                                              options.context_tokens), micro)
     return {"users": users, "fits": needed <= room, "round_s": round_s, "per_stream_tok_s": 1.0 / round_s,
             "aggregate_tok_s": users / round_s, "kv_tokens_needed": needed, "kv_tokens_room": room}

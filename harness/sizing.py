@@ -31,6 +31,7 @@ from harness import catalog, costmodel
 from harness.catalog import default_usable_fraction, find_chip, link_kinds, make_link
 from harness.costmodel import TOKEN_ID_BYTES, PlanOptions, StageModel
 from harness.specs import GB, Chip, ModelSpec, UserError
+from harness.whatif import fitting_kind
 from strategies.partitioning.ring_memory_weighted import memory_weighted_counts
 
 PRICES_CSV = catalog.HERE / "apple_silicon_prices.csv"
@@ -152,16 +153,11 @@ class Candidate:
         return macs if len(self.offers) == 1 else f"{macs} over {self.link}"
 
 
-def pair_link_kind(kind: str, a: Chip, b: Chip) -> str:
-    """A Thunderbolt 5 kind needs TB5 on both ends; otherwise the pair gets Thunderbolt 4 (as whatif does)."""
-    return "tb4-tcp" if kind.startswith("tb5") and not (a.rdma and b.rdma) else kind
-
-
 def cluster_data(cand: Candidate, name: str = "candidate") -> dict:
     """The candidate as the JSON shape of runs/clusters/*.json (parse with harness.catalog.parse_cluster)."""
     nodes = [{"name": f"mac{i}", "chip": o.chip.name, "gpu_cores": o.chip.gpu_cores, "memory_gb": o.memory_gb}
              for i, o in enumerate(cand.offers)]
-    links = [{"a": f"mac{i}", "b": f"mac{j}", "kind": pair_link_kind(cand.link, a.chip, b.chip)}
+    links = [{"a": f"mac{i}", "b": f"mac{j}", "kind": fitting_kind(cand.link, a.chip, b.chip)}
              for (i, a), (j, b) in itertools.combinations(enumerate(cand.offers), 2)]
     return {"name": name, "_about": f"size candidate: {cand.label}, ${cand.usd:,.0f} at list prices",
             "nodes": nodes, "links": links, "default_link": "tb4-tcp"}
@@ -252,7 +248,7 @@ class Screener:
         return decode, stage.prefill_s(model, opts.profile, opts.prompt_tokens, 0)
 
     def _hop_s(self, kind: str, a: Chip, b: Chip, nbytes: float) -> float:
-        link = make_link("a", "b", pair_link_kind(kind, a, b))
+        link = make_link("a", "b", fitting_kind(kind, a, b))
         return costmodel.link_time(link, nbytes, self.options.profile)
 
     def _misses(self, s: Screened) -> str:
@@ -314,9 +310,7 @@ def _planned_figures(cand: Candidate, model: ModelSpec, options: PlanOptions, ta
     stages = costmodel.stage_models(cluster, model, plan)
     micro = min(targets.users, len(stages))
     batch = math.ceil(targets.users / micro)
-    hops = costmodel.step_hops_s(cluster, model, stages, batch, options.profile)
-    steps = [st.decode_s(model, options.profile, batch, batch * options.mean_decode_context) + h
-             for st, h in zip(stages, hops)]
+    steps = costmodel.decode_steps_s(cluster, model, stages, options.profile, batch, options.mean_decode_context)
     forward, _ = costmodel.hop_links(cluster, stages)
     prompt_bytes = model.activation_bytes(options.prompt_tokens)
     prefill = sum(st.prefill_s(model, options.profile, options.prompt_tokens, 0) for st in stages) \

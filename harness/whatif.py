@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import replace
 
 from harness import catalog
-from harness.specs import Cluster, Link, Node, UserError
+from harness.specs import Chip, Cluster, Link, Node, UserError
 
 NODE_SPEC = re.compile(r"^\s*(?P<chip>[^/:]+?)\s*(?:/\s*(?P<cores>\d+))?\s*:\s*(?P<mem>\d+(?:\.\d+)?)\s*$")
 NODE_SPEC_HELP = "CHIP[/GPU_CORES]:MEMORY_GB, e.g. 'M4 Max:128' or 'M3 Ultra/80:256'"
@@ -34,10 +34,10 @@ def parse_node_spec(text: str, where: str = "--add-node") -> Node:
     return Node(name="", chip=chip, memory_gb=memory, usable_fraction=catalog.default_usable_fraction(memory))
 
 
-def fitting_kind(a: Node, b: Node, kind: str) -> str:
+def fitting_kind(kind: str, a: Chip, b: Chip) -> str:
     """The link kind a pair of Macs can actually carry when `kind` is asked for."""
     needs_tb5 = kind in ("tb5-rdma", "tb5-tcp")
-    return "tb4-tcp" if needs_tb5 and not (a.chip.rdma and b.chip.rdma) else kind   # chip.rdma: has TB5
+    return "tb4-tcp" if needs_tb5 and not (a.rdma and b.rdma) else kind   # chip.rdma: has Thunderbolt 5
 
 
 def usual_kind(cluster: Cluster) -> str:
@@ -74,7 +74,7 @@ def _added_name(node: Node, i: int, taken: set[str]) -> str:
 
 
 def _link(a: Node, b: Node, kind: str) -> Link:
-    return catalog.make_link(a.name, b.name, fitting_kind(a, b, kind))
+    return catalog.make_link(a.name, b.name, fitting_kind(kind, a.chip, b.chip))
 
 
 def with_link(cluster: Cluster, kind: str) -> tuple[Cluster, list[str]]:

@@ -146,7 +146,8 @@ class SimBackend:
         self._earlier_steps.append(self.engine.steps_table())
         self._pending.clear()                # every request in flight got its error from the failed engine
         self._failed, self.cluster, self.plan = failed, cluster, plan
-        self.cache, self.admission = cache, self._admission(cache)
+        from sim.admission import Admission
+        self.cache, self.admission = cache, Admission(cache)
         reload_s = max(self._load_report().load_s_per_node.values(), default=0.0) if self.config.include_load else 0.0
         self._resume_v = at + reload_s
         self.engine = self._new_engine(self._resume_v)
@@ -154,11 +155,6 @@ class SimBackend:
                                "plan": [{"nodes": list(st.nodes), "layers": [st.layer_start, st.layer_end]}
                                         for st in plan.stages]})
         return True
-
-    @staticmethod
-    def _admission(cache):
-        from sim.admission import Admission
-        return Admission(cache)
 
     def _load_report(self) -> LoadReport:
         import simpy

@@ -35,24 +35,9 @@ from harness.backends.instant import InstantBackend  # noqa: E402
 from harness.serving.loadgen import LoadMode, Target, run_load_sync  # noqa: E402
 from harness.serving.server import EmbeddedServer  # noqa: E402
 from harness.workloads import build_workload, parse_workload  # noqa: E402
+from tests.server.conftest import free_port, wait_healthy  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, timeout_s: float = 30.0) -> None:
-    import httpx
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def _wait_port(port: int, timeout_s: float = 30.0) -> None:
@@ -90,12 +75,12 @@ def print_overhead(title: str, rows: list[dict]) -> None:
 
 
 def server_overhead(levels: list[int], requests: int) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "harness", "serve", "--backend", "instant", "--port", str(port)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url)
+        wait_healthy(url, 30.0)
         rows = [overhead_row(url, c, max(requests, 4 * c)) for c in levels]
     finally:
         proc.terminate()
@@ -149,7 +134,7 @@ def _raw_server(port: int) -> None:
 
 
 def loadgen_ceiling(rates: list[float], tokens: int, seconds: float) -> None:
-    port = _free_port()
+    port = free_port()
     code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_server_overhead as b; " \
            f"b._raw_server({port})"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)

@@ -1,7 +1,6 @@
 """Fixtures: real servers on 127.0.0.1 (uvicorn in a background thread), never an in-process test client."""
 from __future__ import annotations
 
-import socket
 import time
 
 import httpx
@@ -27,13 +26,12 @@ def paced_server():
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    from harness.mlx.launcher import free_ports
+    return free_ports(1)[0]
 
 
 def wait_healthy(url: str, bound_s: float = 20.0) -> None:
-    """Until GET /health answers 200 (a hang bound, not a timing assert)."""
+    """Until GET /health answers 200 (a hang bound, not a timing assert); RuntimeError past the bound."""
     deadline = time.monotonic() + bound_s
     while time.monotonic() < deadline:
         try:
@@ -41,3 +39,4 @@ def wait_healthy(url: str, bound_s: float = 20.0) -> None:
                 return
         except httpx.HTTPError:
             time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up within {bound_s:.0f} s")

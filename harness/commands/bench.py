@@ -42,6 +42,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"found {text!r}; allowed: a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"found {value}; allowed: a whole number >= 1")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from harness.backends import BACKEND_NAMES
     from harness.commands.serve import add_backend_arguments, add_limit_arguments
@@ -57,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lg.add_argument("-c", "--concurrency", type=int, default=None, help="requests in flight for concurrent mode")
     lg.add_argument("--sweep", default=None,
                     help="comma-separated rates or concurrencies: one point each, all in one run folder")
+    lg.add_argument("--workers", type=_positive_int, default=1,
+                    help="load generator processes on one clock (default 1); more lets one bench saturate a "
+                         "fast server: open-loop request i goes to worker i %% N, a closed loop's concurrency is split")
     lg.add_argument("--warmup", type=int, default=1, help="warm-up requests before each run, not recorded (default 1)")
     lg.add_argument("--seed", type=int, default=0, help="seed of prompts and Poisson arrivals (default 0)")
     lg.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
@@ -154,13 +167,15 @@ class _Bench:
             with LoadProgress(self.backend, len(self.workload), every_s=self.args.progress_every) as progress:
                 progress.follow(sink)
                 results.append(run_load_sync(self.target, self.workload, mode, warmup=self.args.warmup,
-                                             seed=self.args.seed, max_duration_s=self.args.max_duration_s, sink=sink))
+                                             seed=self.args.seed, max_duration_s=self.args.max_duration_s, sink=sink,
+                                             workers=getattr(self.args, "workers", 1)))
             return results[-1]
         config = _config(self.args, self.url, self.workload_spec, self.backend,
                          {"kind": mode.kind, "value": mode.value, "seed": mode.seed})
         path, summary = record_run(out_root, label, measure, config, slo=self.slo, backend=self.backend,
                                    load_report=self.load_report, run_id=run_id)
         print(summary_text(summary, self.backend))
+        print(dispatch_line(results[-1]))
         print(f"run folder: {path}\n", flush=True)
         return path, summary, results[-1]
 
@@ -287,6 +302,18 @@ def summary_text(summary: dict, backend) -> str:
             lines.append(f"  {entry.label:<28} {entry.text(figures[key])}")
     from harness.saturation import overload_lines
     return "\n".join(lines + overload_lines(summary))
+
+
+def dispatch_line(result) -> str:
+    """The load generator's own lag behind its schedule (start_s - scheduled_s of every request), p50 and p99:
+    a figure that grows means the generator, not the server, set the pace."""
+    import numpy as np
+    delays = result.dispatch_delays_s() * 1e3
+    workers = next((n for n in result.notes if "worker processes" in n), "1 load generator process")
+    if not delays.size:
+        return f"  {'dispatch lag (measured)':<28} - ({workers})"
+    p50, p99 = np.percentile(delays, [50, 99])
+    return f"  {'dispatch lag (measured)':<28} p50 {p50:.3f} ms, p99 {p99:.3f} ms ({workers})"
 
 
 def sweep_table(rows) -> str:

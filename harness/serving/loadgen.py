@@ -118,6 +118,9 @@ class LoadSink:
         if self.on_row is not None:
             self.on_row(row)
 
+    def workers_started(self, pids: list[int]) -> None:
+        """With workers > 1: the worker processes' ids, once they run (for a supervisor that watches them)."""
+
     def partial(self, rows: list[dict]) -> LoadResult | None:
         """None when the run stopped before any request was sent (it never started)."""
         if self.started is None:
@@ -172,9 +175,19 @@ def request_body(target: Target, model: str, spec: RequestSpec, index: int, seed
 # ---------------------------------------------------------------------------------------------- one request
 
 class _Clock:
-    def __init__(self):
-        self.t0 = time.perf_counter()
-        self.t0_monotonic = time.monotonic()   # to place backend events (monotonic) on this run's clock
+    """t=0 of a run. `lead_s` puts t=0 that far ahead, so worker processes told of it are waiting when it
+    comes. perf_counter and monotonic are system-wide clocks (CLOCK_MONOTONIC on Linux, mach_absolute_time
+    on macOS), so a worker rebuilt with `shared(t0, t0_monotonic)` reads the same instants as its parent."""
+
+    def __init__(self, lead_s: float = 0.0):
+        self.t0 = time.perf_counter() + lead_s
+        self.t0_monotonic = time.monotonic() + lead_s   # to place backend events (monotonic) on this run's clock
+
+    @classmethod
+    def shared(cls, t0: float, t0_monotonic: float) -> "_Clock":
+        clock = cls.__new__(cls)
+        clock.t0, clock.t0_monotonic = t0, t0_monotonic
+        return clock
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -305,6 +318,15 @@ async def discover_model(client: httpx.AsyncClient, target: Target) -> str:
         raise UserError(f"cannot list models at {target.base}/models ({exc}); pass the model name") from None
 
 
+def endpoint_url(target: Target) -> str:
+    return f"{target.base}/{'chat/completions' if target.endpoint == 'chat' else 'completions'}"
+
+
+def client_hint(mode: LoadMode) -> int:
+    """Connections worth keeping alive: the concurrency of a closed loop, 64 for an open one."""
+    return _concurrency(mode) if mode.kind in ("synchronous", "concurrent") else 64
+
+
 def _client(target: Target, concurrency_hint: int) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(concurrency_hint, 16))
@@ -313,23 +335,31 @@ def _client(target: Target, concurrency_hint: int) -> httpx.AsyncClient:
 
 async def run_load(target: Target, workload: Workload | Sequence[RequestSpec], mode: LoadMode = LoadMode(), *,
                    warmup: int = 0, seed: int = 0, max_duration_s: float | None = None,
-                   progress: Callable[[int, int], None] | None = None, sink: LoadSink | None = None) -> LoadResult:
+                   progress: Callable[[int, int], None] | None = None, sink: LoadSink | None = None,
+                   workers: int = 1) -> LoadResult:
     """Send the workload to `target` in `mode`; returns per-request rows (the warm-up requests excluded).
 
     `max_duration_s` bounds the run: no request is sent after it, and requests still running at
     twice that are cancelled and recorded as failed. `progress(done, total)` is called as requests end, and
     `sink` (LoadSink) gets each finished request's row at once, so an interrupted run can keep them.
+    `workers` > 1 spreads the requests over that many processes on one clock (harness.serving.loadgen_workers).
     """
     specs = _as_specs(workload)
     mode = _effective_mode(mode, workload)
-    hint = _concurrency(mode) if mode.kind in ("synchronous", "concurrent") else 64
+    if workers < 1:
+        raise UserError(f"workers must be at least 1, not {workers}")
+    if workers > 1:
+        from harness.serving.loadgen_workers import run_in_workers
+        return await run_in_workers(target, specs, mode, workers=workers, warmup=warmup, seed=seed,
+                                    max_duration_s=max_duration_s, progress=progress, sink=sink)
+    hint = client_hint(mode)
     async with _client(target, hint) as client:
         model = await discover_model(client, target)
-        url = f"{target.base}/{'chat/completions' if target.endpoint == 'chat' else 'completions'}"
+        url = endpoint_url(target)
         sink = sink or LoadSink()
         _begin(sink, mode, model, warmup)   # a run stopped during the warm-up still gets a summary (of nothing)
         if warmup:
-            await _warmup(client, url, target, model, specs, warmup, seed, hint)
+            await _warmup(client, url, target, model, warmup_specs(specs, warmup), seed, hint)
         bodies = [request_body(target, model, s, i, seed) for i, s in enumerate(specs)]
         clock, wall_start = _begin(sink, mode, model, warmup)
         tally = _Tally(len(specs), progress, sink)
@@ -343,25 +373,29 @@ async def run_load(target: Target, workload: Workload | Sequence[RequestSpec], m
                       t0_monotonic=clock.t0_monotonic, model=model, warmup_requests=warmup)
 
 
-def _begin(sink: LoadSink, mode: LoadMode, model: str, warmup: int) -> tuple[_Clock, float]:
+def _begin(sink: LoadSink, mode: LoadMode, model: str, warmup: int, lead_s: float = 0.0) -> tuple[_Clock, float]:
     """A new t=0 on the client's clock (and its wall time), told to the sink."""
-    clock, wall_start = _Clock(), time.time()
+    clock, wall_start = _Clock(lead_s), time.time() + lead_s
     sink.start(LoadResult(mode=mode, rows=[], wall_start_unix=wall_start, duration_s=0.0,
                           t0_monotonic=clock.t0_monotonic, model=model, warmup_requests=warmup))
     return clock, wall_start
 
 
-async def _warmup(client, url, target, model, specs, count, seed, concurrency) -> None:
+def warmup_specs(specs: Sequence[RequestSpec], count: int) -> list[tuple[int, RequestSpec]]:
+    """The warm-up requests, numbered: (i, the workload's request i mod n renamed warmup-i)."""
+    return [(i, replace(specs[i % len(specs)], request_id=f"warmup-{i}")) for i in range(count)]
+
+
+async def _warmup(client, url, target, model, warm: list[tuple[int, RequestSpec]], seed, concurrency) -> None:
     """Requests before t=0 that fill connection pools and caches; never recorded."""
     clock = _Clock()
-    warm = [replace(specs[i % len(specs)], request_id=f"warmup-{i}") for i in range(count)]
-    sem = asyncio.Semaphore(max(1, min(concurrency, count)))
+    sem = asyncio.Semaphore(max(1, min(concurrency, len(warm))))
 
     async def one(i, spec):
         async with sem:
             body = request_body(target, model, spec, -1 - i, seed)
             await send_one(client, url, body, _row(spec, 0.0), clock)
-    await asyncio.gather(*(one(i, s) for i, s in enumerate(warm)))
+    await asyncio.gather(*(one(i, s) for i, s in warm))
 
 
 class _Tally:

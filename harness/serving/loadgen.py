@@ -17,6 +17,8 @@ Times are seconds from the run's start on the client's clock (`time.perf_counter
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import math
 import random
@@ -361,16 +363,38 @@ async def run_load(target: Target, workload: Workload | Sequence[RequestSpec], m
         if warmup:
             await _warmup(client, url, target, model, warmup_specs(specs, warmup), seed, hint)
         bodies = [request_body(target, model, s, i, seed) for i, s in enumerate(specs)]
-        clock, wall_start = _begin(sink, mode, model, warmup)
-        tally = _Tally(len(specs), progress, sink)
-        try:
-            rows = await _dispatch(client, url, specs, bodies, mode, clock, max_duration_s, tally)
-        except asyncio.CancelledError:   # Ctrl-C: the requests cut off from here on did not finish
-            tally.stopping = True
-            raise
-        duration = clock.now()
+        with gc_frozen():
+            clock, wall_start = _begin(sink, mode, model, warmup)
+            tally = _Tally(len(specs), progress, sink)
+            try:
+                rows = await _dispatch(client, url, specs, bodies, mode, clock, max_duration_s, tally)
+            except asyncio.CancelledError:   # Ctrl-C: the requests cut off from here on did not finish
+                tally.stopping = True
+                raise
+            duration = clock.now()
     return LoadResult(mode=mode, rows=rows, wall_start_unix=wall_start, duration_s=duration,
                       t0_monotonic=clock.t0_monotonic, model=model, warmup_requests=warmup)
+
+
+@contextlib.contextmanager
+def gc_frozen():
+    """The measured part of a run with the heap as it was frozen out of the garbage collector's reach.
+
+    A full (generation 2) collection stops the event loop for as long as it takes to scan every tracked
+    object: 29-45 ms measured here with the harness, httpx and the server's modules loaded. It comes once
+    the allocations since the last one cross the collector's threshold, so a sequence of runs (100, 200,
+    300 req/s) gets it in whichever run crosses the threshold: the p99 dispatch delay of that one run jumps
+    to the pause's length (issue 15's 200 req/s anomaly). Collecting once before t=0 and freezing what is
+    left means the run's own collections scan only the objects the run made (its rows, its tasks).
+    """
+    frozen_by_caller = gc.get_freeze_count() > 0
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if not frozen_by_caller:
+            gc.unfreeze()
 
 
 def _begin(sink: LoadSink, mode: LoadMode, model: str, warmup: int, lead_s: float = 0.0) -> tuple[_Clock, float]:

@@ -27,14 +27,14 @@ import socket
 import subprocess
 import sys
 import traceback
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from harness.serving.loadgen import (LoadMode, LoadResult, LoadSink, Target, _Clock, _client, _concurrency,
                                      _begin, _dispatch, _Tally, _warmup, client_hint, discover_model,
-                                     endpoint_url, request_body, schedule, send_one, warmup_specs)
+                                     endpoint_url, gc_frozen, request_body, schedule, send_one, warmup_specs)
 from harness.specs import UserError
 from harness.workloads import RequestSpec
 
@@ -146,13 +146,14 @@ async def _work(conn, job: WorkerJob) -> None:
         bodies = [request_body(job.target, job.model, s, i, job.seed) for s, i in zip(job.specs, job.positions)]
         if job.warm:
             await _warmup(client, url, job.target, job.model, list(job.warm), job.seed, hint)
-        conn.send(("ready",))
-        go = await inbox.get()
-        if go[0] != "go":
-            return
-        clock = _Clock.shared(go[1], go[2])
-        tally = _PipeTally(conn, {id(b): p for b, p in zip(bodies, job.positions)})
-        rows = await _run_until_stopped(client, url, job, bodies, clock, tally, inbox)
+        with gc_frozen():   # as in run_load: no full collection of the whole heap inside the run
+            conn.send(("ready",))
+            go = await inbox.get()
+            if go[0] != "go":
+                return
+            clock = _Clock.shared(go[1], go[2])
+            tally = _PipeTally(conn, {id(b): p for b, p in zip(bodies, job.positions)})
+            rows = await _run_until_stopped(client, url, job, bodies, clock, tally, inbox)
     if rows is not None:
         conn.send(("done", tally.unsent(rows)))
 

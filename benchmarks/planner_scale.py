@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import catalog  # noqa: E402
 from harness.cli import text_table  # noqa: E402
 from harness.costmodel import OBJECTIVES, PlanOptions, load_profile  # noqa: E402
+from harness.planning import quant_arg  # noqa: E402
 from strategies.partitioning.hybrid_optimal import search_plan  # noqa: E402
 
 CHIPS = {"M3 Ultra": (80, 256), "M4 Max": (40, 128), "M4 Pro": (20, 64),
@@ -53,7 +54,7 @@ def timed(cluster, model, options, repeat: int, bounds: bool = True):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3.1-70b")
-    ap.add_argument("--quant", type=int, default=4)
+    ap.add_argument("--quant", type=quant_arg, default=4, help="bits: 4, 4.5 or mixed:4/6 (as `harness plan`)")
     ap.add_argument("--objective", default="latency", choices=list(OBJECTIVES))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--exhaustive-up-to", type=int, default=8)

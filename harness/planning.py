@@ -7,7 +7,7 @@ import sys
 
 from harness import catalog
 from harness.costmodel import OBJECTIVES, PlanOptions, load_profile
-from harness.specs import Cluster, ModelSpec, PartitionPlan
+from harness.specs import Cluster, ModelSpec, PartitionPlan, UserError, quant_value
 from strategies.registry import strategy_names
 
 DEFAULT_CLUSTER = "mixed"
@@ -18,10 +18,8 @@ def add_plan_arguments(p: argparse.ArgumentParser, strategy_default: str = "hybr
     g = p.add_argument_group("cluster, model and plan")
     g.add_argument("--cluster", default=DEFAULT_CLUSTER,
                    help=f"cluster JSON file, or a bundled one: {', '.join(catalog.cluster_names())} (default %(default)s)")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"config.json path / model folder, or a preset: {', '.join(catalog.model_names())} (default %(default)s)")
-    g.add_argument("--quant", type=int, default=4, metavar="BITS",
-                   help="weight bits: 2, 3, 4, 5, 6, 8; 16 unquantized; 32 float32 (CPU hosts) (default %(default)s)")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=model_help())
+    g.add_argument("--quant", type=quant_arg, default=4, metavar="BITS", help=QUANT_HELP)
     g.add_argument("--group-size", type=int, default=64, help="quantization group size: 32, 64, 128 (default %(default)s)")
     g.add_argument("--strategy", default=strategy_default,
                    help=f"partitioning strategy: {', '.join(strategy_names())}; or 'all' to compare them "
@@ -42,6 +40,24 @@ def add_plan_arguments(p: argparse.ArgumentParser, strategy_default: str = "hybr
     add_whatif_arguments(g)
     g.add_argument("--profile", default=None,
                    help="cost-model profile: a JSON file or a name in harness/profiles/ (default: fitted, from `harness calibrate`)")
+
+
+def model_help() -> str:
+    return (f"config.json path / model folder, a preset: {', '.join(catalog.model_names())}; or parameter "
+            f"counts, {catalog.PARAMS_FORM} (default %(default)s)")
+
+
+QUANT_HELP = ("weight bits: 2, 3, 4, 5, 6, 8 (mlx affine, group scales on top); 16 unquantized; 32 float32 (CPU "
+              "hosts); a fraction is bits per weight with scales included, as llama.cpp/unsloth quote it (4.5, "
+              "3.5, 1.58); mixed:A/B is mlx-lm's mixed_A_B recipe, e.g. mixed:4/6 (default %(default)s)")
+
+
+def quant_arg(text: str) -> int | float | str:
+    """--quant as argparse's type: the canonical quant (4, 4.5, "mixed:4/6"), or argparse's usage error."""
+    try:
+        return quant_value(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_whatif_arguments(g) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -202,8 +203,9 @@ class ModelSpec:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     # serving precision
-    quant_bits: int = 16              # 16 = unquantized half precision
+    quant_bits: int | float = 16      # 16 = unquantized half precision; a fraction = bits per weight, scales included
     group_size: int = 64
+    high_bits: int = 0                # mixed quant (mixed:quant_bits/high_bits); 0 = every matrix at quant_bits
     kv_bytes_per_value: int = 2       # fp16 KV cache
 
     # --- derived quantities -------------------------------------------------------------------
@@ -218,10 +220,42 @@ class ModelSpec:
     @property
     def bits_per_weight(self) -> float:
         """Quantized weights carry a 16-bit scale and bias per group (mlx affine quantization); 16 and 32 are
-        unquantized half and single precision (the latter for models run on a CPU)."""
-        if self.quant_bits >= 16:
+        unquantized half and single precision (the latter for models run on a CPU). A fractional quant_bits is
+        bits per weight as llama.cpp and unsloth quote it, scales already included, so it is returned as is.
+        In a mixed quant this is the low bits' figure; the matrices the recipe raises use `high_bits_per_weight`."""
+        if self.quant_bits >= 16 or not float(self.quant_bits).is_integer():
             return float(self.quant_bits)
         return self.quant_bits + 32.0 / self.group_size
+
+    @property
+    def high_bits_per_weight(self) -> float:
+        """Bits per weight of the matrices a mixed quant keeps at its high bits (the low figure when not mixed)."""
+        return self.high_bits + 32.0 / self.group_size if self.high_bits else self.bits_per_weight
+
+    @property
+    def quant(self) -> int | float | str:
+        """The quantization as a user writes it and as run records store it: 4, 4.5 or "mixed:4/6"."""
+        return f"mixed:{self.quant_bits}/{self.high_bits}" if self.high_bits else self.quant_bits
+
+    def _raised_by_mixed_recipe(self, i: int) -> bool:
+        """Whether mlx-lm's mixed recipe (mlx_lm/convert.py, mixed_quant_predicate_builder) gives layer i's
+        value and down projections the high bits: the first and last eighth of the layers, and every third
+        layer in between."""
+        n = self.num_layers
+        return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+    def _value_proj_params(self) -> int:
+        """Params of the projections mlx-lm's recipe matches as "v_proj" / "v_a_proj": v_proj, or with MLA
+        kv_a_proj_with_mqa (whose name contains "v_a_proj")."""
+        if self.mla:
+            return self.hidden * (self.kv_lora_rank + self.qk_rope_head_dim)
+        return self.hidden * self.kv_heads * self.head_dim
+
+    def _raised_bytes(self, i: int, params: float) -> float:
+        """Bytes the mixed recipe adds to `params` weights of layer i by storing them at the high bits."""
+        if not self.high_bits or not self._raised_by_mixed_recipe(i):
+            return 0.0
+        return params * (self.high_bits_per_weight - self.bits_per_weight) / 8
 
     def _attention_params(self) -> tuple[int, int]:
         """(matrix params, small params) of one attention block."""
@@ -257,12 +291,18 @@ class ModelSpec:
                 router = h * self.experts
                 params = attn + attn_small + norms + router + shared + self.experts * expert
                 dense_part = (attn + shared) * wbits / 8 + (attn_small + norms + router) * 2
-                stored = dense_part + self.experts * expert * wbits / 8
-                rows.append((params, stored, dense_part, expert * wbits / 8))
+                expert_bytes = expert * wbits / 8
+                if self.high_bits:    # a down projection is a third of each MLP
+                    dense_part += self._raised_bytes(i, self._value_proj_params() + shared / 3)
+                    expert_bytes += self._raised_bytes(i, expert / 3)
+                stored = dense_part + self.experts * expert_bytes
+                rows.append((params, stored, dense_part, expert_bytes))
             else:
                 mlp = 3 * h * self.ffn
                 params = attn + attn_small + norms + mlp
                 stored = (attn + mlp) * wbits / 8 + (attn_small + norms) * 2
+                if self.high_bits:
+                    stored += self._raised_bytes(i, self._value_proj_params() + mlp / 3)
                 rows.append((params, stored, stored, 0.0))
         return tuple(rows)
 
@@ -313,12 +353,16 @@ class ModelSpec:
     def embed_bytes(self) -> float:
         return self.embed_params() * self.bits_per_weight / 8
 
+    def _head_bits(self) -> float:
+        """mlx-lm's mixed recipe gives lm_head the high bits; a tied head is the embedding, at the low bits."""
+        return self.bits_per_weight if self.tie_embeddings else self.high_bits_per_weight
+
     def head_bytes(self) -> float:
         """The output projection (the embedding matrix again when tied) plus the final norm."""
-        return self.vocab * self.hidden * self.bits_per_weight / 8 + self.hidden * 2
+        return self.vocab * self.hidden * self._head_bits() / 8 + self.hidden * 2
 
     def total_weight_bytes(self) -> float:
-        tied = 0 if self.tie_embeddings else self.vocab * self.hidden * self.bits_per_weight / 8
+        tied = 0 if self.tie_embeddings else self.vocab * self.hidden * self._head_bits() / 8
         return self.weight_bytes(0, self.num_layers) + self.embed_bytes() + tied + self.hidden * 2
 
     def decode_read_bytes(self, start: int, end: int, batch: int = 1) -> float:
@@ -373,18 +417,75 @@ class ModelSpec:
         """Hidden states sent between pipeline stages (half precision)."""
         return tokens * self.hidden * 2
 
-    def with_quant(self, bits: int, group_size: int = 64) -> "ModelSpec":
-        return replace(self, quant_bits=bits, group_size=group_size)
+    def with_quant(self, quant: int | float | str, group_size: int = 64) -> "ModelSpec":
+        """The model at another quantization: 4, 4.5, "4.5" or "mixed:4/6" (see quant_value)."""
+        bits, high = quant_parts(quant_value(quant))
+        return replace(self, quant_bits=bits, high_bits=high, group_size=group_size)
 
 
 VALID_BITS = (2, 3, 4, 5, 6, 8, 16, 32)
+MIXED_BITS = (2, 3, 4, 5, 6, 8)          # what a mixed quant's low and high bits may be
+BPW_RANGE = (1.0, 16.0)                 # fractional bits per weight: 1.58 (ternary) up to under half precision
+QUANT_HINT = "expected bits such as 4, 4.5 or mixed:4/6"
 
 
-def model_from_config(config: dict, name: str, quant_bits: int = 16, group_size: int = 64,
+def quant_value(value, where: str = "quant") -> int | float | str:
+    """A quantization as users quote it, checked and made canonical: integer bits (4: mlx affine, the group's
+    scale and bias come on top), fractional bits per weight with scales included (4.5, 3.5, 1.58, as quoted
+    for llama.cpp / unsloth files), or "mixed:A/B" (mlx-lm's mixed_A_B recipe; "mixed_4_6" is accepted too).
+    A whole number written as a float (4.0) is integer bits. Raises UserError naming what was found."""
+    if isinstance(value, str):
+        return _quant_from_text(value.strip(), where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{where} {shown(value)}: {QUANT_HINT}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int):
+        if value not in VALID_BITS:
+            raise UserError(f"{where}: found {shown(value)}; allowed: one of {', '.join(map(str, VALID_BITS))}, "
+                            "bits per weight such as 4.5, or mixed:4/6")
+        return value
+    low, high = BPW_RANGE
+    if not low <= value < high:    # also refuses nan and inf
+        raise UserError(f"{where}: found {shown(value)}; allowed: bits per weight from {low:g} to under "
+                        f"{high:g}, scales included (such as 4.5 or 1.58), or integer bits")
+    return value
+
+
+def _quant_from_text(text: str, where: str):
+    mixed = re.fullmatch(r"mixed[:_](\d+)[/_](\d+)", text.lower())
+    if mixed:
+        return _mixed_quant(int(mixed.group(1)), int(mixed.group(2)), text, where)
+    try:
+        number = int(text)
+    except ValueError:
+        try:
+            number = float(text)
+        except ValueError:
+            raise UserError(f"{where} {shown(text)}: {QUANT_HINT}") from None
+    return quant_value(number, where)
+
+
+def _mixed_quant(low: int, high: int, text: str, where: str) -> str:
+    if low not in MIXED_BITS or high not in MIXED_BITS or low >= high:
+        raise UserError(f"{where} {shown(text)}: allowed: mixed:A/B with A below B, each one of "
+                        f"{', '.join(map(str, MIXED_BITS))} (mlx-lm's recipes: mixed:2/6, 3/4, 3/6, 4/6)")
+    return f"mixed:{low}/{high}"
+
+
+def quant_parts(quant: int | float | str) -> tuple[int | float, int]:
+    """(quant_bits, high_bits) of a canonical quant_value: "mixed:4/6" -> (4, 6); 4.5 -> (4.5, 0)."""
+    if isinstance(quant, str):
+        low, high = quant.removeprefix("mixed:").split("/")
+        return int(low), int(high)
+    return quant, 0
+
+
+def model_from_config(config: dict, name: str, quant_bits: int | float | str = 16, group_size: int = 64,
                       origin: str = "config") -> ModelSpec:
-    """Build a ModelSpec from an HF / mlx-lm config.json dict. Raises UserError naming the missing field."""
-    if quant_bits not in VALID_BITS:
-        raise UserError(f"quantization {quant_bits} bits is not supported; choose one of {VALID_BITS}")
+    """Build a ModelSpec from an HF / mlx-lm config.json dict. Raises UserError naming the missing field.
+    `quant_bits` is anything quant_value accepts."""
+    quant_bits, high_bits = quant_parts(quant_value(quant_bits))
     if group_size not in (32, 64, 128):
         raise UserError(f"group size {group_size} is not supported; choose 32, 64 or 128")
     cfg = config.get("text_config", config)
@@ -434,6 +535,7 @@ def model_from_config(config: dict, name: str, quant_bits: int = 16, group_size:
         v_head_dim=cfg.get("v_head_dim") or 0,
         quant_bits=quant_bits,
         group_size=group_size,
+        high_bits=high_bits,
         kv_bytes_per_value=4 if quant_bits == 32 else 2,   # MLX keeps the KV cache in the weights' float type
     )
     _check_derived(spec, origin)

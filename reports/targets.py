@@ -309,7 +309,8 @@ def model_text(run: Run) -> str:
     words = [w.upper() if re.fullmatch(r"[a-z]?\d+(\.\d+)?[bm]", w) else w[:1].upper() + w[1:]
              for w in re.split(r"[-_]", name) if w]
     bits = run.plan.get("quant_bits") or run.config.get("quant_bits") or run.config.get("quant")
-    precision = "" if not bits else " (16-bit)" if int(bits) >= 16 else f" ({bits}-bit)"
+    high = isinstance(bits, (int, float)) and bits >= 16     # a mixed quant ("mixed:4/6") is a string
+    precision = "" if not bits else " (16-bit)" if high else f" ({bits}-bit)"
     return " ".join(words) + precision
 
 

@@ -23,6 +23,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from harness.catalog.params import PARAMS_FORM, is_params_form, model_from_params
 from harness.specs import (MAX_NODES, Chip, Cluster, Link, ModelSpec, Node, UserError, did_you_mean,
                            finite_positive, model_from_config, of_type, read_json, reject_unknown, shown)
 
@@ -106,9 +107,13 @@ def model_names() -> list[str]:
     return sorted(p.stem for p in MODEL_DIR.glob("*.json"))
 
 
-def load_model(name_or_path: str, quant_bits: int = 16, group_size: int = 64) -> ModelSpec:
-    """A catalog preset by name, or any HF/mlx-lm config.json (or a model folder holding one)."""
+def load_model(name_or_path: str, quant_bits: int | float | str = 16, group_size: int = 64) -> ModelSpec:
+    """A catalog preset by name, any HF/mlx-lm config.json (or a model folder holding one), or parameter
+    counts (`params=235b,active=22b,layers=94`, harness.catalog.params). `quant_bits` is anything
+    harness.specs.quant_value accepts: 4, 4.5, "mixed:4/6"."""
     path = Path(name_or_path)
+    if is_params_form(name_or_path) and not path.exists():
+        return model_from_params(name_or_path).with_quant(quant_bits, _group_size(group_size))
     if path.is_dir():
         path = path / "config.json"
     if path.suffix == ".json" or path.exists():
@@ -119,8 +124,16 @@ def load_model(name_or_path: str, quant_bits: int = 16, group_size: int = 64) ->
         config = json.loads((MODEL_DIR / f"{name_or_path}.json").read_text())
         name, origin = name_or_path, f"model preset {name_or_path}"
     else:
-        raise UserError(f"unknown model {name_or_path!r}: give a config.json path or one of: {', '.join(model_names())}")
+        raise UserError(f"unknown model {name_or_path!r}: give a config.json path, parameter counts "
+                        f"({PARAMS_FORM}) or one of: {', '.join(model_names())}")
     return model_from_config(config, name, quant_bits, group_size, origin)
+
+
+def _group_size(group_size: int) -> int:
+    """The group-size check model_from_config makes, for models built from parameter counts."""
+    if group_size not in (32, 64, 128):
+        raise UserError(f"group size {group_size} is not supported; choose 32, 64 or 128")
+    return group_size
 
 
 # ----------------------------------------------------------------------------------------------- clusters

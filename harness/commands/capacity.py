@@ -199,7 +199,7 @@ def build_report(args, setup: dict, prompt: dict, output: dict, knee, extra: lis
     plan, slo = setup["plan"], setup["slo"]
     config = {"command": "capacity", "cluster": args.cluster, "cluster_name": setup["cluster"].name,
               "link": args.link, "add_nodes": args.add_node, "model": setup["model"].name,
-              "quant_bits": setup["model"].quant_bits, "group_size": setup["model"].group_size,
+              "quant_bits": setup["model"].quant, "group_size": setup["model"].group_size,
               "strategy": plan.strategy, "objective": args.objective, "profile": setup["options"].profile.name,
               "workload": workload_spec(prompt, output, 0.0, args.requests, args.seed) | {"arrival": {"process": "poisson"}},
               "max_num_seqs": args.max_num_seqs, "tolerance": args.tolerance,

@@ -83,7 +83,7 @@ def compare_strategies(names: list[str], cluster, model, options) -> dict[str, P
 def _fit_status(results: dict, cluster, model) -> int:
     """Raise when no strategy fits, so `--strategy all` exits non-zero like a single strategy that does not fit."""
     if not any(isinstance(r, PartitionPlan) for r in results.values()):
-        raise DoesNotFit(f"none of the {len(results)} strategies fits {model.name} ({model.quant_bits}-bit) "
+        raise DoesNotFit(f"none of the {len(results)} strategies fits {model.name} ({model.quant}-bit) "
                          f"on {cluster.name}; each strategy's reason is printed with it")
     return 0
 
@@ -91,7 +91,7 @@ def _fit_status(results: dict, cluster, model) -> int:
 def header(cluster, model, options) -> str:
     nodes = ", ".join(f"{n.name} ({n.chip.label}, {n.memory_gb:g} GB)" for n in cluster.nodes)
     return (f"model {model.name}: {model.total_params / 1e9:.1f} B params, {model.num_layers} layers, "
-            f"{model.quant_bits}-bit = {model.total_weight_bytes() / 1e9:.1f} GB of weights\n"
+            f"{model.quant}-bit = {model.total_weight_bytes() / 1e9:.1f} GB of weights\n"
             f"cluster {cluster.name}: {nodes}\n"
             f"objective {options.objective}; KV reserve {options.kv_reserve_tokens} tokens; "
             f"decode predicted at {options.context_tokens} tokens of context; profile {options.profile.name}\n")

@@ -156,7 +156,7 @@ def run_one(args) -> int:
     faults = parse_faults(args, cluster)
     config = {"command": "simulate", "backend": "sim", "cluster": args.cluster, "link": args.link,
               "add_nodes": args.add_node, "model": model.name,
-              "quant_bits": model.quant_bits, "group_size": model.group_size, "strategy": plan.strategy,
+              "quant_bits": model.quant, "group_size": model.group_size, "strategy": plan.strategy,
               "objective": args.objective, "profile": args.profile or DEFAULT_PROFILE, "workload": spec,
               "engine": cfg.to_dict(), "include_load": not args.no_load, "cache": args.cache,
               "weights_local": sorted(local) if local else None, "slo": slo or None, "faults": faults,

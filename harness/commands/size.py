@@ -29,10 +29,10 @@ examples:
 
 
 def add_arguments(p) -> None:
-    from harness.planning import DEFAULT_MODEL
+    from harness.planning import DEFAULT_MODEL, QUANT_HELP, model_help, quant_arg
     g = p.add_argument_group("what to size for")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="model preset or config.json path (default %(default)s)")
-    g.add_argument("--quant", type=int, default=4, metavar="BITS", help="weight bits (default %(default)s)")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=model_help())
+    g.add_argument("--quant", type=quant_arg, default=4, metavar="BITS", help=QUANT_HELP)
     g.add_argument("--group-size", type=int, default=64, help="quantization group size (default %(default)s)")
     g.add_argument("--targets", required=True, metavar="tok_s=N[,users=N][,ttft_ms=N]",
                    help="per-stream decode tok/s (required), concurrent users, TTFT bound in ms")
@@ -188,7 +188,7 @@ def one_more_table(best, extra, targets) -> str:
 def write_outputs(out: Path, model, targets, screened, ranked, front, extra, timing) -> None:
     from harness.sizing import write_pareto
     out.mkdir(parents=True, exist_ok=True)
-    record = {"model": model.name, "quant_bits": model.quant_bits, "targets": targets.__dict__,
+    record = {"model": model.name, "quant_bits": model.quant, "targets": targets.__dict__,
               "screened": len(screened), "fitting": sum(s.fits for s in screened), "meeting": len(ranked),
               "timing_s": timing, "timing_source": "measured",
               "choices": [_row(s) for s in ranked[:20]], "pareto": [_row(s) for s in front],

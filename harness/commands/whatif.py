@@ -35,7 +35,7 @@ def run(args) -> int:
     own = plan_with(args.strategy, base, model, options)
     rows = [compare_row("as cabled", own, own, own)]
     rows += [compare_row(kind, *plans_under(kind, base, model, options, own, args.strategy), own) for kind in kinds]
-    print(f"{model.name} ({model.quant_bits}-bit) on {base.name}, strategy {args.strategy}, "
+    print(f"{model.name} ({model.quant}-bit) on {base.name}, strategy {args.strategy}, "
           f"objective {options.objective}\n")
     print(text_table([HEADER] + rows))
     print("\nall figures theoretical (cost model). 'replanned' = the strategy's plan for that link kind; "

@@ -51,7 +51,7 @@ def require_total_fit(cluster: Cluster, model: ModelSpec, options: PlanOptions) 
     offer = cluster.total_usable_bytes
     if need > offer:
         raise DoesNotFit(
-            f"{model.name} at {model.quant_bits}-bit needs at least {need / GB:.1f} GB "
+            f"{model.name} at {model.quant}-bit needs at least {need / GB:.1f} GB "
             f"(weights {layers / GB:.1f} GB + KV reserve for {options.kv_reserve_tokens} tokens {kv / GB:.1f} GB "
             f"+ embeddings/head {(model.embed_bytes() + model.head_bytes()) / GB:.1f} GB), but cluster "
             f"{cluster.name} offers {offer / GB:.1f} GB of usable GPU memory over {len(cluster.nodes)} nodes; "
@@ -63,7 +63,7 @@ def no_arrangement(cluster: Cluster, model: ModelSpec, options: PlanOptions) -> 
     holds = ", ".join(f"{n.name} {max_layers(model, options, n.usable_bytes)}" for n in cluster.nodes)
     copy = (model.embed_bytes() + model.head_bytes()) / GB
     return DoesNotFit(
-        f"no split of {model.name} ({model.num_layers} layers, {model.quant_bits}-bit, "
+        f"no split of {model.name} ({model.num_layers} layers, {model.quant}-bit, "
         f"{options.kv_reserve_tokens}-token KV reserve) fits {cluster.name}: every node also keeps a "
         f"{copy:.1f} GB copy of embeddings and head, leaving room for these many layers per node: {holds}; "
         f"use fewer bits, a smaller --kv-reserve-tokens, or nodes with more memory")
@@ -134,7 +134,7 @@ def build_plan(strategy: str, cluster: Cluster, model: ModelSpec, options: PlanO
         start = end
     warnings = tuple(memory_warnings(stages, options) + link_warnings(cluster, stages))
     return PartitionPlan(strategy=strategy, objective=options.objective, cluster=cluster.name, model=model.name,
-                         quant_bits=model.quant_bits, num_layers=model.num_layers, stages=tuple(stages),
+                         quant_bits=model.quant, num_layers=model.num_layers, stages=tuple(stages),
                          predicted=_predict(cluster, model, options, stages, units, models),
                          bottleneck=_bottleneck(stages), warnings=warnings, notes=tuple(notes))
 

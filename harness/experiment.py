@@ -1,6 +1,7 @@
 """Experiment files (`runs/NAME.toml`): everything one `harness run` needs, with flags that override it.
 
-Top-level keys: name, backend, cluster, model, quant, group_size, strategy, objective, cache,
+Top-level keys: name, backend, cluster, model (a preset, a config.json or parameter counts such as
+"params=70b,layers=80"), quant (4, 4.5 bits per weight or "mixed:4/6"), group_size, strategy, objective, cache,
 kv_reserve_tokens, profile (a cost-model profile name or file; default: the fitted one), link (what if every
 link were this kind), add_nodes (a list of "CHIP[/CORES]:MEM" Macs added to the cluster) and failover (sim
 backend: after a [[faults]] node_down, plan again on the nodes left, reload, and serve on); tables: [workload] (harness.workloads dict), [load] (warmup, max_duration_s),
@@ -15,13 +16,14 @@ import tomllib
 from pathlib import Path
 
 from harness.backends import BACKEND_NAMES
-from harness.specs import (MAX_HEADS, VALID_BITS, UserError, integer_in, number_in, of_type, parse_file,
+from harness.specs import (MAX_HEADS, UserError, integer_in, number_in, of_type, parse_file, quant_value,
                            reject_unknown)
 from harness.workloads import check_workload
 
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "runs" / "default.toml"
-SCALARS = {"name": str, "backend": str, "cluster": str, "model": str, "quant": int, "group_size": int,
-           "strategy": str, "objective": str, "cache": str, "kv_reserve_tokens": int, "profile": str, "link": str, "failover": bool}
+SCALARS = {"name": str, "backend": str, "cluster": str, "model": str, "quant": (int, float, str),
+           "group_size": int, "strategy": str, "objective": str, "cache": str, "kv_reserve_tokens": int,
+           "profile": str, "link": str, "failover": bool}
 TABLES = {"workload": dict, "load": dict, "targets": list, "mlx": dict, "faults": list, "add_nodes": list}
 FAULT_KINDS = ("node_down", "straggler", "slow_link")
 FAULT_KEYS = ("kind", "node", "peer", "at_s", "factor")
@@ -61,6 +63,8 @@ def check_experiment(data: dict, origin: str) -> None:
     reject_unknown(data, list(SCALARS) + list(TABLES), origin)
     for key, value in data.items():
         kind = SCALARS.get(key) or TABLES[key]
+        if key == "quant":      # 4, 4.5 or "mixed:4/6": quant_value checks the type with the value
+            continue
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise UserError(f"{origin}: {key} must be {kind.__name__}, got {value!r}")
     _check_scalar_ranges(data, origin)
@@ -70,8 +74,8 @@ def check_experiment(data: dict, origin: str) -> None:
 
 
 def _check_scalar_ranges(data: dict, origin: str) -> None:
-    if "quant" in data and data["quant"] not in VALID_BITS:
-        raise UserError(f"{origin}: quant: found {data['quant']}; allowed: one of {', '.join(map(str, VALID_BITS))}")
+    if "quant" in data:
+        quant_value(data["quant"], f"{origin}: quant")
     if "group_size" in data and data["group_size"] not in (32, 64, 128):
         raise UserError(f"{origin}: group_size: found {data['group_size']}; allowed: 32, 64 or 128")
     if "kv_reserve_tokens" in data:

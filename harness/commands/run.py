@@ -32,8 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--backend", default=None, choices=BACKEND_NAMES,
                    help="what serves the plan; `harness serve --help` describes each backend")
     o.add_argument("--cluster", default=None, help="cluster preset name or JSON file")
-    o.add_argument("--model", default=None, help="model preset name or config.json")
-    o.add_argument("--quant", type=int, default=None, help="weight bits (2-8, or 16)")
+    from harness.planning import quant_arg
+    o.add_argument("--model", default=None, help="model preset name, config.json, or params=235b,active=22b,...")
+    o.add_argument("--quant", type=quant_arg, default=None, help="weight bits: 4, 4.5 (bits per weight) or mixed:4/6")
     o.add_argument("--group-size", type=int, default=None, help="quantization group size")
     from harness.costmodel import OBJECTIVES
     o.add_argument("--objective", default=None, choices=list(OBJECTIVES), help="hybrid_optimal's objective")

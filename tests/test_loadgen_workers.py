@@ -114,3 +114,59 @@ def test_ctrl_c_in_bench_with_workers_keeps_the_finished_requests(tmp_path):
     rc, out, journaled = _signal_after_finished(args, tmp_path / "out", signal.SIGINT)
     assert rc == 130, out
     _assert_kept_what_finished(_only_folder(tmp_path / "out"), journaled, "interrupted (Ctrl-C)")
+
+
+# ---------------------------------------------------------------------------------------------- the SSE fast path
+
+EVENTS = [
+    b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}',
+    b'data: {"choices":[{"index":0,"delta":{"content":"tok "},"finish_reason":null}]}',
+    b'data: {"choices":[{"index":0,"delta":{"content":"\\"quoted\\" usage"},"finish_reason":null}]}',
+    b'data: {"choices":[{"index":0,"text":" the","logprobs":null,"finish_reason":null}]}',
+    b'data: {"choices":[{"index":0,"text":"","finish_reason":"length"}]}',
+    b'data: {"choices":[{"index":0,"delta":{"reasoning_content":"hm"},"finish_reason":null}]}',
+    b'data: {"choices":[],"usage":{"prompt_tokens":8,"completion_tokens":3,"total_tokens":11}}',
+    b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}',
+    b'data: {"error":{"message":"overloaded"}}',
+    b'data: {"choices": [{"index": 0, "delta": {"content": "spaced"}}]}',
+    b': keep-alive comment',
+    b'data: [DONE]',
+]
+
+
+def _full_path(event: bytes) -> tuple:
+    from harness.serving import loadgen
+    chunks, state = [], {"usage": None, "error": None, "done": False}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loadgen, "_is_plain_content", lambda _event: False)
+        loadgen._handle_event(event, 1.0, chunks, state)
+    return chunks, state
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_the_fast_sse_path_reads_every_event_as_the_full_path_does(event):
+    from harness.serving.loadgen import _handle_event
+    chunks, state = [], {"usage": None, "error": None, "done": False}
+    _handle_event(event, 1.0, chunks, state)
+    assert (chunks, state) == _full_path(event)
+
+
+class _Stream:
+    """A response whose body arrives in the given reads."""
+
+    def __init__(self, reads):
+        self.reads, self.headers = reads, {}
+
+    async def aiter_raw(self):
+        for data in self.reads:
+            yield data
+
+
+def test_events_split_anywhere_across_reads_are_all_read():
+    import asyncio
+    from harness.serving.loadgen import _Clock, _read_sse
+    body = b"".join(e + b"\r\n\r\n" for e in EVENTS[:4] + EVENTS[6:7] + EVENTS[-1:])
+    for cut in range(1, len(body)):
+        chunks, state = [], {"usage": None, "error": None, "done": False}
+        asyncio.run(_read_sse(_Stream([body[:cut], body[cut:]]), chunks, state, _Clock()))
+        assert len(chunks) == 3 and state["usage"]["completion_tokens"] == 3 and state["done"], cut

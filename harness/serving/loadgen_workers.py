@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable, Sequence
 
-from harness.serving.loadgen import (LoadMode, LoadResult, LoadSink, Target, _Clock, _client, _concurrency,
+from harness.serving.loadgen import (ClientShards, LoadMode, LoadResult, LoadSink, Target, _Clock, _client, _concurrency,
                                      _begin, _dispatch, _Tally, _warmup, client_hint, discover_model,
                                      endpoint_url, gc_frozen, request_body, schedule, send_one, warmup_specs)
 from harness.specs import UserError
@@ -141,11 +141,11 @@ async def _work(conn, job: WorkerJob) -> None:
     inbox: asyncio.Queue = asyncio.Queue()
     loop.add_reader(conn.fileno(), _drain, conn, inbox)
     hint = job.concurrency if job.times is None else client_hint(job.mode)
-    async with _client(job.target, hint) as client:
+    async with ClientShards(job.target, hint) as clients:
         url = endpoint_url(job.target)
         bodies = [request_body(job.target, job.model, s, i, job.seed) for s, i in zip(job.specs, job.positions)]
         if job.warm:
-            await _warmup(client, url, job.target, job.model, list(job.warm), job.seed, hint)
+            await _warmup(clients, url, job.target, job.model, list(job.warm), job.seed, hint)
         with gc_frozen():   # as in run_load: no full collection of the whole heap inside the run
             conn.send(("ready",))
             go = await inbox.get()
@@ -153,7 +153,7 @@ async def _work(conn, job: WorkerJob) -> None:
                 return
             clock = _Clock.shared(go[1], go[2])
             tally = _PipeTally(conn, {id(b): p for b, p in zip(bodies, job.positions)})
-            rows = await _run_until_stopped(client, url, job, bodies, clock, tally, inbox)
+            rows = await _run_until_stopped(clients, url, job, bodies, clock, tally, inbox)
     if rows is not None:
         conn.send(("done", tally.unsent(rows)))
 
@@ -168,7 +168,7 @@ def _drain(conn, inbox: asyncio.Queue) -> None:
         inbox.put_nowait(("stop",))
 
 
-async def _run_until_stopped(client, url, job: WorkerJob, bodies, clock, tally: _PipeTally, inbox):
+async def _run_until_stopped(clients, url, job: WorkerJob, bodies, clock, tally: _PipeTally, inbox):
     """This share's rows, or None when the parent said stop first."""
     await asyncio.sleep(max(0.0, -clock.now()))   # t=0 is a little ahead (START_LEAD_S)
     if job.times is None:
@@ -176,7 +176,7 @@ async def _run_until_stopped(client, url, job: WorkerJob, bodies, clock, tally: 
     else:   # the global schedule's own times, sent as "workload" arrivals
         specs = [replace(s, arrival_s=at) for s, at in zip(job.specs, job.times)]
         mode = LoadMode("workload")
-    run = asyncio.ensure_future(_dispatch(client, url, specs, bodies, mode, clock, job.max_duration_s, tally))
+    run = asyncio.ensure_future(_dispatch(clients, url, specs, bodies, mode, clock, job.max_duration_s, tally))
     stop = asyncio.ensure_future(inbox.get())
     await asyncio.wait({run, stop}, return_when=asyncio.FIRST_COMPLETED)
     if run.done():

@@ -21,6 +21,8 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   dpkg -s chromium >/dev/null 2>&1 || want+=(chromium)
   dpkg -s fonts-dejavu-core >/dev/null 2>&1 || want+=(fonts-dejavu-core)
   dpkg -s iproute2 >/dev/null 2>&1 || want+=(iproute2)
+  # openssh-server: the tests start ranks over ssh on namespaces that stand for Macs
+  dpkg -s openssh-server >/dev/null 2>&1 || want+=(openssh-server openssh-client)
   if [ ${#want[@]} -gt 0 ]; then
     echo "setup: apt-get install ${want[*]}"
     if ! { apt-get update -qq >/dev/null && \

@@ -27,7 +27,7 @@ SCALARS = {"name": str, "backend": str, "cluster": str, "model": str, "quant": (
 TABLES = {"workload": dict, "load": dict, "targets": list, "mlx": dict, "faults": list, "add_nodes": list}
 FAULT_KINDS = ("node_down", "straggler", "slow_link")
 FAULT_KEYS = ("kind", "node", "peer", "at_s", "factor")
-MLX_OPTIONS = ("head_dim", "seed", "max_running", "emulate_links", "emulate_latency")
+MLX_OPTIONS = ("head_dim", "seed", "max_running", "emulate_links", "emulate_latency", "hostfile")
 LOAD_KEYS = ("warmup", "max_duration_s")     # what harness.orchestrate reads from [load]
 MAX_KV_RESERVE_TOKENS = 1 << 24
 MAX_WARMUP = 10_000
@@ -100,6 +100,8 @@ def _check_mlx(mlx: dict, origin: str) -> None:
     for key in ("emulate_links", "emulate_latency"):
         if key in mlx:
             of_type(mlx[key], bool, f"{origin}: [mlx].{key}", "true or false")
+    if "hostfile" in mlx:
+        of_type(mlx["hostfile"], str, f"{origin}: [mlx].hostfile", "the path of an mlx.launch hosts.json")
 
 
 def _check_faults(faults: list, origin: str) -> None:

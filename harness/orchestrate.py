@@ -69,7 +69,7 @@ def build_backend(exp: dict, cluster, model, profile, plan):
     options = BackendOptions(planned=lambda: planned, cache=exp.get("cache", "none"),
                              max_running=int(mlx.get("max_running", 16)), twin_head_dim=int(mlx.get("head_dim", 16)),
                              twin_seed=int(mlx.get("seed", 0)), emulate_links=bool(mlx.get("emulate_links")),
-                             emulate_latency=bool(mlx.get("emulate_latency")),
+                             emulate_latency=bool(mlx.get("emulate_latency")), hostfile=mlx.get("hostfile"),
                              faults=tuple(exp.get("faults", ())),
                              replan=failover_planner(exp, cluster, model, plan) if exp.get("failover") else None)
     return make_backend(exp["backend"], options)

@@ -52,6 +52,7 @@ class BackendOptions:
     twin_seed: int = 0
     emulate_links: bool = False        # each rank in its own network namespace, shaped like the plan's links
     emulate_latency: bool = False
+    hostfile: str | None = None        # mlx.launch hosts.json: ranks start on those hosts over ssh
     # instant
     token_interval_s: float = 0.0
 
@@ -108,7 +109,19 @@ def _mlx_backend(options: BackendOptions):
         raise UserError(f"--cache {options.cache} on the mlx backend needs a plan (cluster, model, strategy) to size "
                         "the cache as the simulator does; drop --model-path to run the plan's twin, or use --cache none")
     split = list(options.split) if options.split else None
-    return MlxBackend(options.model_path, split, model_id=options.model_id, max_running=options.max_running)
+    return MlxBackend(options.model_path, split, model_id=options.model_id, max_running=options.max_running,
+                      hosts=_hosts(options))
+
+
+def _hosts(options: BackendOptions):
+    """The hostfile's hosts (harness.mlx.hosts), or None to start every rank on this machine."""
+    if options.hostfile is None:
+        return None
+    if options.emulate_links:
+        raise UserError("emulate_links shapes links between ranks on this machine; with a hostfile the hosts' own "
+                        "links are used: drop one of the two")
+    from harness.mlx.hosts import read_hostfile
+    return read_hostfile(options.hostfile)
 
 
 def _mlx_twin_backend(options: BackendOptions):
@@ -120,6 +133,7 @@ def _mlx_twin_backend(options: BackendOptions):
     from sim.engine import EngineConfig
     from sim.prefix_cache import make_prefix_cache
     p = _planned(options, "mlx")
+    _hosts(options)   # a bad hostfile fails before the twin is built
     config = twin_config(p.model_source, head_dim=options.twin_head_dim)
     rank_layout(p.plan, config)   # a plan the ranks cannot run fails now, not after a long build
     twin = build(config, seed=options.twin_seed)
@@ -131,4 +145,5 @@ def _mlx_twin_backend(options: BackendOptions):
     return MlxBackend(twin.path, p.plan, model_id=options.model_id or f"{p.model_source}-twin",
                       max_running=options.max_running, links=links,
                       emulate_latency=options.emulate_latency and links is not None, cache=cache,
-                      kv_budget_tokens=kv_tokens, kv_block_tokens=EngineConfig().kv_block_tokens)
+                      kv_budget_tokens=kv_tokens, kv_block_tokens=EngineConfig().kv_block_tokens,
+                      hosts=_hosts(options))

@@ -38,6 +38,7 @@ from harness.backends.base import (BackendUnavailable, GenerationRequest, Invali
 from harness.backends.mlx_cache import RankCache
 from harness.mlx import launcher
 from harness.mlx.errors import UserError
+from harness.mlx.hosts import hosts_for_ranks, preflight
 from harness.specs import PartitionPlan
 
 
@@ -186,7 +187,8 @@ class MlxBackend:
                  max_running: int = 16, max_waiting: int = 256, prefill_step_size: int = 512,
                  stage_timing: bool = True, step_timeout_s: float = 120.0, load_timeout_s: float = 600.0,
                  poll_s: float = 0.2, stall_s: float = 4.0, seed: int = 0, cache=None,
-                 kv_budget_tokens: int | None = None, kv_block_tokens: int = 16, max_records: int = 1_000_000):
+                 kv_budget_tokens: int | None = None, kv_block_tokens: int = 16, max_records: int = 1_000_000,
+                 hosts: list | None = None):
         self.model_path = Path(model_path)
         cfg_path = self.model_path / "config.json"
         if not cfg_path.exists():
@@ -197,6 +199,8 @@ class MlxBackend:
         self.split = self.layout.split
         self.model_id = model_id or self.model_path.name
         self.links, self.use_blas, self.emulate_latency = links, use_blas, emulate_latency
+        # real hosts (harness.mlx.hosts), one per rank: mapped now, so a hostfile that misses a node fails first
+        self.hosts = None if hosts is None else hosts_for_ranks(hosts, self.layout.rank_node, self.layout.rank_stage)
         self.max_running, self.max_waiting = max_running, max_waiting
         self.step_timeout_s, self.load_timeout_s, self.poll_s = step_timeout_s, load_timeout_s, poll_s
         self.stall_s = stall_s
@@ -262,9 +266,11 @@ class MlxBackend:
         self.run_start_epoch = self.run_start_epoch or time.time()
         t0 = time.time()
         self.tokenizer  # noqa: B018  (load it now, not on the first request)
-        self._group = launcher.launch(self.model_path, self.split, links=self.links, use_blas=self.use_blas,
+        if self.hosts is not None:
+            preflight(self.hosts, str(self.model_path.resolve()))
+        self._group = launcher.launch(self.model_path.resolve(), self.split, links=self.links, use_blas=self.use_blas,
                                       worker_args=self.worker_args, emulate_latency=self.emulate_latency,
-                                      stage_tp=self.layout.stage_tp)
+                                      stage_tp=self.layout.stage_tp, hosts=self.hosts)
         self._readers = [_LineReader(r.proc.stdout.fileno()) for r in self._group.ranks]
         try:
             self._ready = self._read_all(self.load_timeout_s, "load")
@@ -286,6 +292,9 @@ class MlxBackend:
                  f"BLAS: {self._group.blas_path or 'bundled reference BLAS (slow; apt-get install libopenblas0-pthread)'}",
                  "batching: mlx-lm BatchGenerator (continuous batching) in lockstep on every rank",
                  f"load wall time (all ranks, incl. process start): {wall:.2f} s"]
+        if self.hosts is not None:
+            notes.append("hosts: " + ", ".join(f"rank {r} on {h.ssh}" + (" (ssh)" if not h.local else "")
+                                               for r, h in enumerate(self.hosts)))
         if self.links is not None:
             notes.append("links: tc tbf rate limits per rank; " + (
                 "latency added by userspace delay relays (throughput cap a few Gbit/s)" if self.emulate_latency
@@ -296,7 +305,8 @@ class MlxBackend:
 
     # ------------------------------------------------------------------ rank I/O
     def _rank_label(self, rank: int) -> str:
-        return f"rank {rank} (stage {self.layout.rank_stage[rank]}, node {self.layout.rank_node[rank]})"
+        where = f", host {self.hosts[rank].ssh}" if self.hosts else ""
+        return f"rank {rank} (stage {self.layout.rank_stage[rank]}, node {self.layout.rank_node[rank]}{where})"
 
     def _death(self) -> BackendUnavailable | None:
         dead = self._group.dead() if self._group else []

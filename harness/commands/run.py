@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "serve on (requests in flight at the failure fail; new ones get 503 while reloading)")
     from harness.planning import add_whatif_arguments
     add_whatif_arguments(o)
+    o.add_argument("--hostfile", default=None,
+                   help="mlx backend: mlx.launch hosts.json, to start the ranks on those Macs over ssh "
+                        "(experiment key [mlx].hostfile)")
     o.add_argument("--requests", type=int, default=None, help="number of requests in the workload")
     o.add_argument("--rate", type=float, default=None, help="Poisson arrival rate of the workload, requests/s")
     p.add_argument("--out", default="runs/out", help="where run folders go (default %(default)s)")
@@ -56,6 +59,8 @@ def run(args) -> int:
     from harness.orchestrate import run_experiment
     from harness.planning import strategies_for
     exp = apply_overrides(load_experiment(args.experiment), args)
+    if args.hostfile:
+        exp.setdefault("mlx", {})["hostfile"] = args.hostfile
     if args.add_node:    # added to the experiment's own add_nodes, if it has any
         exp["add_nodes"] = exp.get("add_nodes", []) + args.add_node
     if args.requests is not None or args.rate is not None:

@@ -57,6 +57,9 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
                         "built here, running the --strategy plan")
     m.add_argument("--split", default=None, help="layers per rank in layer order, e.g. 12,12 (default: one rank)")
     m.add_argument("--max-running", type=int, default=16, help="largest decode batch (default %(default)s)")
+    m.add_argument("--hostfile", default=None,
+                   help="mlx.launch hosts.json: start the ranks on those Macs over ssh, plan nodes matched to "
+                        "hosts by name (README: a real Mac cluster); default: every rank on this machine")
     i = p.add_argument_group("instant backend")
     i.add_argument("--token-interval-ms", type=float, default=0.0,
                    help="pace tokens at this interval instead of at once (default 0)")
@@ -74,6 +77,7 @@ def backend_options(args):
     from harness.backends import BackendOptions
     return BackendOptions(planned=partial(planned_from_args, args), speed=args.speed, max_waiting=args.max_waiting,
                           model_path=args.model_path, split=_split(args.split), max_running=args.max_running,
+                          hostfile=args.hostfile,
                           token_interval_s=args.token_interval_ms / 1000)
 
 

@@ -16,16 +16,11 @@ MLX_HOSTFILE. This module does that, and also:
   PR_SET_PDEATHSIG would fire when the spawning *thread* exits, e.g. an executor thread), and namespaces, veths
   and the bridge are removed on close, at interpreter exit, and on SIGTERM.
 
-Real Macs (not started from here): write an `mlx.launch` hostfile with one entry per Mac
-(`{"ssh": "mac1.local", "ips": ["192.168.1.11"]}`) and start the same worker on each:
-
-    mlx.launch --hostfile hosts.json --backend ring -- python -m harness.mlx.worker --model DIR --split 40,40
-
-`mlx.launch` uses ssh for every host except 127.0.0.1, so each Mac needs the repository, the venv and
-the model folder at the same path, and passwordless ssh. Over Thunderbolt 5 use `--backend jaccl`
-(RDMA; macOS 26.2+, RDMA enabled in recovery mode with `rdma_ctl enable`, Macs cabled directly) and
-generate the hostfile with `mlx.distributed_config --backend jaccl --over thunderbolt`. The busy loop
-noted above matters little on a Mac with many cores.
+Real Macs: `hosts` (from an mlx.launch hostfile, `harness.mlx.hosts`) starts each rank over ssh on its
+host, as mlx.launch does for every host but 127.0.0.1: the same worker, its command pipes carried by the
+ssh session, the ring hostfile written to a temporary file there, the ring on each host's `ips[0]` at
+`starting_port` + rank. Each Mac needs the repository, the venv and the model folder at the same path (or
+the host's `cwd`/`python`), and passwordless ssh. JACCL (RDMA over Thunderbolt 5) is not started from here.
 """
 from __future__ import annotations
 
@@ -44,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.mlx import blas
+from harness.mlx.hosts import Host, remote_script
 from harness.mlx.hops import hops_env
 from harness.mlx.errors import UserError
 
@@ -223,14 +219,16 @@ def worker_argv(model: str, split: list[int], extra: list[str] = ()) -> list[str
 def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None] | None = None,
            use_blas: bool | str = True, pin: bool = True, worker_args: list[str] = (),
            workdir: Path | None = None, command: list[str] | None = None,
-           emulate_latency: bool = False, stage_tp: list[int] | None = None) -> RankGroup:
+           emulate_latency: bool = False, stage_tp: list[int] | None = None,
+           hosts: list[Host] | None = None, starting_port: int = 5000) -> RankGroup:
     """Start the ranks of `split` (layer counts per stage) and `stage_tp` (TP degree per stage, default all 1):
     one rank per stage for a pipeline (one process when len(split) == 1), K ranks on one ring for a single
     TP stage, or, for pipelined TP stages, one ring per TP stage and TCP hops between stages
     (`harness.mlx.hops`; ranks numbered in layer order). Returns once they are spawned;
     the caller reads each rank's "ready" line. `links` (one per rank) puts ranks in namespaces;
     with `emulate_latency`, ring traffic also goes through delay relays (`harness.mlx.relay`) that add
-    each link's latency_us one way. `command` replaces the worker's argv (e.g. a ring micro-benchmark)."""
+    each link's latency_us one way. `command` replaces the worker's argv (e.g. a ring micro-benchmark).
+    `hosts` (one per rank, rank order) starts each rank on its host, over ssh unless it is 127.0.0.1."""
     stage_tp = list(stage_tp or [1] * len(split))
     if len(stage_tp) != len(split) or min(stage_tp) < 1:
         raise UserError(f"stage_tp {stage_tp} must give a TP degree >= 1 for each of the {len(split)} stages")
@@ -243,6 +241,10 @@ def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None]
     blas_path = blas.find_openblas() if use_blas is True else (use_blas or None)
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cores = host_cores()
+    if hosts is not None and (len(hosts) != n or links is not None):
+        raise UserError(f"{len(hosts)} hosts for {n} ranks" if len(hosts) != n else
+                        "link emulation puts ranks in namespaces on this machine; with a hostfile the hosts' "
+                        "own links are used: drop one of the two")
     netns = Netns(n, links) if links is not None and n > 1 else None
     group = RankGroup([], workdir, None, netns, blas_path)
     with _LOCK:
@@ -253,6 +255,8 @@ def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None]
             if netns:
                 netns.setup()
                 addresses, ports = netns.addresses, [5000 + r for r in range(2 * n)]
+            elif hosts is not None:   # another host's free ports cannot be asked for: mlx.launch's fixed ones
+                addresses, ports = [h.address for h in hosts], [starting_port + r for r in range(2 * n)]
             else:
                 addresses, ports = ["127.0.0.1"] * n, free_ports(2 * n)
             if hybrid:
@@ -272,6 +276,8 @@ def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None]
             argv = list(command) if command else worker_argv(str(model), split, list(worker_args))
             if netns:
                 argv = netns.wrap(rank, argv)
+            elif hosts is not None and not hosts[rank].local:
+                argv = _over_ssh(hosts[rank], argv, ring_rank, n, hostfile, blas_path, ncpu, extra)
             log_path = workdir / f"rank{rank}.log"
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
@@ -326,6 +332,18 @@ def _start_relays(group: RankGroup, addresses: list[str], ports: list[int],
         path.write_text(json.dumps(entries))
         paths.append(path)
     return paths
+
+
+def _over_ssh(host: Host, argv: list[str], ring_rank: int, n: int, hostfile: Path | None, blas_path: str | None,
+              ncpu: int, extra: dict) -> list[str]:
+    """The ssh command that starts `argv` as this rank on `host`: only the harness's own variables travel
+    (not this machine's environment), and no core pinning (this machine's cores mean nothing there)."""
+    env = compute_env(ring_rank, n, blas_path, None, ncpu) | extra
+    files = {}
+    if hostfile is not None:
+        env["MLX_RANK"] = str(ring_rank)
+        files["MLX_HOSTFILE"] = Path(hostfile).read_text()
+    return host.ssh_argv(remote_script(host, env, files, argv))
 
 
 def _rank_env(rank: int, n: int, hostfile: Path | None, blas_path: str | None, cores: list[int] | None,

@@ -42,7 +42,8 @@ class BackendOptions:
     max_waiting: int | None = None     # QueueFull beyond this many requests waiting
     cache: str = "none"                # prefix-cache policy (sim, and mlx when it runs a plan's twin)
     faults: tuple = ()                 # injected faults (sim only): sim.Engine.inject dicts
-    # failover (sim only): given the failed nodes, the plan on the nodes left (DoesNotFit when none holds it)
+    # failover (sim, and mlx running a plan's twin): given the failed nodes, the plan on the nodes left
+    # (DoesNotFit when none holds it)
     replan: Callable[[frozenset], Planned] | None = None
     # mlx: a model folder with an optional layer split, else a twin of the planned model built locally
     model_path: str | None = None
@@ -105,6 +106,9 @@ def _mlx_backend(options: BackendOptions):
         if options.split:
             raise UserError("a layer split needs a model folder (--model-path); a twin runs the plan's split")
         return _mlx_twin_backend(options)
+    if options.replan is not None:
+        raise UserError("failover on the mlx backend re-plans the model on the nodes left: it needs a plan "
+                        "(cluster, model, strategy); drop --model-path to run the plan's twin")
     if options.cache != "none":
         raise UserError(f"--cache {options.cache} on the mlx backend needs a plan (cluster, model, strategy) to size "
                         "the cache as the simulator does; drop --model-path to run the plan's twin, or use --cache none")
@@ -146,4 +150,23 @@ def _mlx_twin_backend(options: BackendOptions):
                       max_running=options.max_running, links=links,
                       emulate_latency=options.emulate_latency and links is not None, cache=cache,
                       kv_budget_tokens=kv_tokens, kv_block_tokens=EngineConfig().kv_block_tokens,
-                      hosts=_hosts(options))
+                      hosts=_hosts(options), replan=_mlx_replan(options, config, links is not None))
+
+
+def _mlx_replan(options: BackendOptions, config: dict, shaped: bool):
+    """failed nodes -> what MlxBackend restarts on: the plan on the nodes left (the same twin runs it: it has
+    every layer), its links, a fresh cache and KV budget sized for it, as the sim backend's failover makes them."""
+    if options.replan is None:
+        return None
+    from harness.backends.mlx import links_for_plan, rank_layout
+    from sim.costs import kv_pool_tokens, stage_models
+    from sim.prefix_cache import make_prefix_cache
+
+    def replan(failed: frozenset) -> dict:
+        q = options.replan(failed)
+        rank_layout(q.plan, config)
+        cache = make_prefix_cache(options.cache, q.cluster, q.model, q.plan, q.profile)
+        kv = cache.engine_kv_tokens if cache else kv_pool_tokens(q.cluster, stage_models(q.cluster, q.model, q.plan))
+        return {"plan": q.plan, "links": links_for_plan(q.plan, q.cluster) if shaped else None, "cache": cache,
+                "kv_budget_tokens": kv}
+    return replan

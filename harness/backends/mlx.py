@@ -188,7 +188,7 @@ class MlxBackend:
                  stage_timing: bool = True, step_timeout_s: float = 120.0, load_timeout_s: float = 600.0,
                  poll_s: float = 0.2, stall_s: float = 4.0, seed: int = 0, cache=None,
                  kv_budget_tokens: int | None = None, kv_block_tokens: int = 16, max_records: int = 1_000_000,
-                 hosts: list | None = None):
+                 hosts: list | None = None, replan=None):
         self.model_path = Path(model_path)
         cfg_path = self.model_path / "config.json"
         if not cfg_path.exists():
@@ -200,7 +200,14 @@ class MlxBackend:
         self.model_id = model_id or self.model_path.name
         self.links, self.use_blas, self.emulate_latency = links, use_blas, emulate_latency
         # real hosts (harness.mlx.hosts), one per rank: mapped now, so a hostfile that misses a node fails first
+        self._all_hosts = hosts
         self.hosts = None if hosts is None else hosts_for_ranks(hosts, self.layout.rank_node, self.layout.rank_stage)
+        # failover: failed node names -> {"plan", "links", "cache", "kv_budget_tokens"} on the nodes left
+        # (DoesNotFit or UserError when none holds the model); None: a failed rank ends serving
+        self.replan = replan
+        self.failovers: list[dict] = []
+        self._failed: frozenset[str] = frozenset()
+        self._reloading: str | None = None     # why new requests are refused while the ranks restart
         self.max_running, self.max_waiting = max_running, max_waiting
         self.step_timeout_s, self.load_timeout_s, self.poll_s = step_timeout_s, load_timeout_s, poll_s
         self.stall_s = stall_s
@@ -266,24 +273,13 @@ class MlxBackend:
         self.run_start_epoch = self.run_start_epoch or time.time()
         t0 = time.time()
         self.tokenizer  # noqa: B018  (load it now, not on the first request)
-        if self.hosts is not None:
-            preflight(self.hosts, str(self.model_path.resolve()))
-        self._group = launcher.launch(self.model_path.resolve(), self.split, links=self.links, use_blas=self.use_blas,
-                                      worker_args=self.worker_args, emulate_latency=self.emulate_latency,
-                                      stage_tp=self.layout.stage_tp, hosts=self.hosts)
-        self._readers = [_LineReader(r.proc.stdout.fileno()) for r in self._group.ranks]
         try:
-            self._ready = self._read_all(self.load_timeout_s, "load")
-            for rd in self._readers:   # heartbeats start with "ready": time them from here
-                rd.last_beat = time.monotonic()
+            self._launch()
         except BaseException as exc:
-            self._group.close(grace_s=0.5)
             self._error = exc if isinstance(exc, BackendUnavailable) else BackendUnavailable(f"load failed: {exc}")
             raise
         wall = time.time() - t0
         nodes = self.layout.rank_node
-        for msg in self._ready:
-            self._steps.append(self._row(0, msg["stage"], nodes[msg["rank"]], "load", t0, t0 + msg["load_s"], 0, 0, 0))
         self._thread = threading.Thread(target=self._drive, name="mlx-backend-driver", daemon=True)
         self._thread.start()
         notes = [f"ranks: {self.layout.ranks}, split in layer order {self.split} (mlx-lm rank order reversed)"
@@ -303,6 +299,26 @@ class MlxBackend:
                           memory_bytes_per_node={nodes[m["rank"]]: m["param_bytes"] for m in self._ready},
                           source="measured", notes=tuple(notes))
 
+    def _launch(self) -> None:
+        """Start the layout's ranks and wait for every "ready" (closing them again when one fails)."""
+        t0 = time.time()
+        if self.hosts is not None:
+            preflight(self.hosts, str(self.model_path.resolve()))
+        self._group = launcher.launch(self.model_path.resolve(), self.split, links=self.links, use_blas=self.use_blas,
+                                      worker_args=self.worker_args, emulate_latency=self.emulate_latency,
+                                      stage_tp=self.layout.stage_tp, hosts=self.hosts)
+        self._readers = [_LineReader(r.proc.stdout.fileno()) for r in self._group.ranks]
+        try:
+            self._ready = self._read_all(self.load_timeout_s, "load")
+        except BaseException:
+            self._group.close(grace_s=0.5)
+            raise
+        for rd in self._readers:   # heartbeats start with "ready": time them from here
+            rd.last_beat = time.monotonic()
+        for msg in self._ready:
+            self._steps.append(self._row(self._step_no, msg["stage"], self.layout.rank_node[msg["rank"]], "load",
+                                         t0, t0 + msg["load_s"], 0, 0, 0))
+
     # ------------------------------------------------------------------ rank I/O
     def _rank_label(self, rank: int) -> str:
         where = f", host {self.hosts[rank].ssh}" if self.hosts else ""
@@ -316,7 +332,8 @@ class MlxBackend:
         rank, code = min(dead, key=lambda d: (not (d[1] is not None and d[1] < 0), d[0]))
         tail = self._group.ranks[rank].log_tail(600).strip().splitlines()[-3:]
         why = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        return BackendUnavailable(f"{self._rank_label(rank)} {why}" + (f"; last log: {' | '.join(tail)}" if tail else ""))
+        return _of_rank(rank, BackendUnavailable(f"{self._rank_label(rank)} {why}"
+                                                 + (f"; last log: {' | '.join(tail)}" if tail else "")))
 
     def _stall(self) -> BackendUnavailable | None:
         """The first rank (after loading) whose heartbeat is older than stall_s, as the error that names it."""
@@ -326,8 +343,9 @@ class MlxBackend:
         for i, rd in enumerate(self._readers):
             if now - rd.last_beat > self.stall_s:
                 state = _process_state(self._group.ranks[i].proc.pid)
-                return BackendUnavailable(f"{self._rank_label(i)} stalled: no heartbeat for {now - rd.last_beat:.1f} s"
-                                          + (f" (process state: {state})" if state else ""))
+                return _of_rank(i, BackendUnavailable(
+                    f"{self._rank_label(i)} stalled: no heartbeat for {now - rd.last_beat:.1f} s"
+                    + (f" (process state: {state})" if state else "")))
         return None
 
     def _listen_idle(self) -> None:
@@ -343,7 +361,8 @@ class MlxBackend:
                 r.proc.stdin.flush()
             except (BrokenPipeError, OSError, ValueError):
                 time.sleep(self.poll_s)  # give poll() a moment to see the exit code
-                raise self._death() or BackendUnavailable(f"{self._rank_label(r.rank)}: its input pipe closed")
+                raise self._death() or _of_rank(r.rank, BackendUnavailable(
+                    f"{self._rank_label(r.rank)}: its input pipe closed"))
 
     def _read_all(self, timeout_s: float, what: str) -> list[dict]:
         """One JSON line from every rank, in rank order; fails fast when a rank dies."""
@@ -373,18 +392,66 @@ class MlxBackend:
 
     # ------------------------------------------------------------------ engine loop
     def _drive(self) -> None:
-        try:
-            while True:
-                cmd = self._next_command()
-                if cmd is None:
+        while True:
+            try:
+                self._serve()
+                return
+            except BackendUnavailable as exc:
+                if not self._fail_over(exc):
+                    self._fail(exc)
                     return
-                self._send_all(cmd)
-                replies = self._read_all(self.step_timeout_s, "a step")
-                self._absorb(replies)
-        except BackendUnavailable as exc:
-            self._fail(exc)
-        except Exception as exc:  # a bug or protocol error: still fail every request, never hang them
-            self._fail(BackendUnavailable(f"mlx backend driver failed: {type(exc).__name__}: {exc}"))
+            except Exception as exc:  # a bug or protocol error: still fail every request, never hang them
+                self._fail(BackendUnavailable(f"mlx backend driver failed: {type(exc).__name__}: {exc}"))
+                return
+
+    def _serve(self) -> None:
+        while (cmd := self._next_command()) is not None:
+            self._send_all(cmd)
+            self._absorb(self._read_all(self.step_timeout_s, "a step"))
+
+    # ------------------------------------------------------------------ failover
+    def _fail_over(self, exc: BackendUnavailable) -> bool:
+        """A rank failed: as the simulator does, every request in flight or waiting gets the error, the plan is
+        made again on the nodes left, the ranks restart on it (new arrivals get 503 meanwhile) and serving goes
+        on. False when failover is off, the failure names no rank, or the nodes left cannot hold the model."""
+        rank = getattr(exc, "rank", None)
+        if self.replan is None or rank is None or self._stopping:
+            return False
+        node, at = self.layout.rank_node[rank].split("#")[0], time.time()
+        self._reloading = f"failing over after {node} failed ({exc}): restarting the ranks"
+        self._fail_requests(exc)
+        self._failed |= {node}
+        try:
+            self._adopt(self.replan(self._failed))
+            self._launch()
+        except Exception as why:   # no plan on the nodes left, or the restart failed: this failure ends serving
+            self.failovers.append({"failed_node": node, "at_s": at - self._t0(), "error": str(why)})
+            return False
+        finally:
+            self._reloading = None
+        self.failovers.append({"failed_node": node, "at_s": at - self._t0(), "reload_s": time.time() - at,
+                               "serving_again_s": time.time() - self._t0(),
+                               "plan": [{"nodes": list(st.nodes), "layers": [st.layer_start, st.layer_end]}
+                                        for st in self.plan.stages]})
+        return True
+
+    def _t0(self) -> float:
+        return self.run_start_epoch or 0.0
+
+    def _adopt(self, new: dict) -> None:
+        """Take the plan made on the nodes left: its ranks, links, cache and KV budget (the old KV died)."""
+        self.plan = new["plan"]
+        self.layout = rank_layout(self.plan, self.config)
+        self.split = self.layout.split
+        self.links = new.get("links")
+        self.emulate_latency = self.emulate_latency and self.links is not None
+        if self._all_hosts is not None:
+            self.hosts = hosts_for_ranks(self._all_hosts, self.layout.rank_node, self.layout.rank_stage)
+        self.cache = RankCache(new["cache"]) if new.get("cache") is not None else None
+        budget = new.get("kv_budget_tokens")
+        self.kv_total = None if budget is None else budget // self.kv_block
+        self.kv_free = self.kv_total
+        self._kv_last.clear()
 
     def _next_command(self) -> dict | None:
         with self._cv:
@@ -555,9 +622,16 @@ class MlxBackend:
     def _fail(self, exc: BackendUnavailable) -> None:
         with self._cv:
             self._error = exc
+        self._fail_requests(exc)
+
+    def _fail_requests(self, exc: BackendUnavailable) -> None:
+        """Every request waiting or running gets `exc`; the ranks are stopped."""
+        with self._cv:
             pending = list(self._waiting) + list(self._running.values()) + list(self._inflight.values())
             self._waiting.clear()
             self._running.clear()
+            self._inflight.clear()
+            self._removals.clear()
         if self._group:
             # stop the survivors first (they may be stuck in a ring recv), then tell the clients
             self._group.close(grace_s=0.2)
@@ -572,6 +646,8 @@ class MlxBackend:
         with self._cv:
             if self._error is not None:
                 raise BackendUnavailable(str(self._error))
+            if self._reloading is not None:
+                raise BackendUnavailable(self._reloading)
             if self._thread is None:
                 raise BackendUnavailable("mlx backend is not loaded (call load() first)")
             # only requests the batch cannot take count: a request waits for the driver's next step anyway
@@ -620,8 +696,13 @@ class MlxBackend:
                    "kv_free_tokens": None if self.kv_free is None else self.kv_free * self.kv_block,
                    "steps": self._step_no, "ranks": self.layout.ranks, "split": self.split,
                    "error": str(self._error) if self._error else None,
-                   "healthy": self._error is None and self._thread is not None and not self._stopping}
+                   "healthy": (self._error is None and self._reloading is None and self._thread is not None
+                               and not self._stopping)}
+            if self._reloading is not None:
+                out["failing_over"] = self._reloading
             out["kv_cache_bytes"] = dict(self._kv_last)
+            if self.failovers:
+                out["failovers"] = list(self.failovers)
         out["rank_states"] = self.rank_states()
         if self.cache is not None:
             out["prefix_cache"] = self.cache.stats()
@@ -674,6 +755,11 @@ class MlxBackend:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, self.step_timeout_s)
         if self._group is not None:
             self._group.close()
+
+
+def _of_rank(rank: int, exc: BackendUnavailable) -> BackendUnavailable:
+    exc.rank = rank        # which rank failed: failover replans without its node
+    return exc
 
 
 def _process_state(pid: int) -> str:

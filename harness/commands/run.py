@@ -41,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--cache", default=None, help=f"prefix-cache policy: {', '.join(cache_policy_names())}")
     o.add_argument("--kv-reserve-tokens", type=int, default=None, help="KV tokens each stage keeps room for")
     o.add_argument("--failover", action="store_true", default=None,
-                   help="sim backend: after an injected node failure, plan again on the nodes left, reload and "
-                        "serve on (requests in flight at the failure fail; new ones get 503 while reloading)")
+                   help="after a node failure (sim: an injected one; mlx: a rank that dies or stalls), plan again "
+                        "on the nodes left, reload and serve on (requests in flight at the failure fail; new "
+                        "ones get 503 while reloading)")
     from harness.planning import add_whatif_arguments
     add_whatif_arguments(o)
     o.add_argument("--hostfile", default=None,

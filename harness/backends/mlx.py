@@ -476,7 +476,8 @@ class MlxBackend:
             self._inflight = {r.key: r for r in inserts}
             items = [self._insert_item(r) for r in inserts]
         return {"op": "step", "remove": removals, "insert": items,
-                "drop": self.cache.take_drops() if self.cache else []}
+                "drop": self.cache.take_drops() if self.cache else [],
+                "move": self.cache.take_moves() if self.cache else []}
 
     # ------------------------------------------------------------------ KV budget
     def _kv_blocks(self, req: _Req, ahead: int) -> int:

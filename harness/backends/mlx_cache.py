@@ -12,8 +12,11 @@ gets the same hit or miss per request in both backends. The ranks carry the deci
 - an entry is dropped on every rank at once when the policy holds none of its blocks any more, or a newer
   entry holds all of them (`drop`), so ranks never diverge and kept KV stays within what the policy counts.
 
-Kept KV lives in the ranks' memory whatever tier the policy names: a lower-tier hit is served at memory speed
-(its load time is not paid), and entries are whole prompts (two prompts sharing a prefix keep it twice).
+- an entry lives where the policy keeps its best block (`move`, for a policy with tiers: `tier_of(key)`): L1
+  as computed, L2 8-bit quantized in rank memory, L3 (and below) on each rank's disk through mlx-lm's
+  `save_prompt_cache`; a hit from L2/L3 is brought back first, so the rank pays the real load time.
+
+Entries are whole prompts (two prompts sharing a prefix keep it twice).
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ class RankCache:
         self.holder: dict = {}                 # block key -> the newest kept entry that holds it
         self.pending: dict[str, list] = {}     # entry asked for, not prefilled yet -> its keys
         self.drops: list[str] = []
+        self.where: dict[str, str] = {}        # kept entry -> the tier the ranks were last told
+        self.moved: dict[str, int] = {}        # moves told to the ranks, by target tier
         self._seq = 0
 
     def plan_insert(self, prompt) -> tuple[dict, int]:
@@ -80,14 +85,35 @@ class RankCache:
             if self.holder.get(key) == entry:
                 del self.holder[key]
         del self.tokens[entry]
+        self.where.pop(entry, None)
         self.drops.append(entry)
 
     def take_drops(self) -> list[str]:
         drops, self.drops = self.drops, []
         return drops
 
+    def take_moves(self) -> list[list[str]]:
+        """[entry, tier] for every kept entry whose best block changed tier since the ranks were last told."""
+        tier_of = getattr(self.cache.policy, "tier_of", None)
+        if tier_of is None:
+            return []
+        names = [t.name for t in self.cache.config.tiers]
+        moves = []
+        for entry, keys in self.keys.items():
+            tiers = [tier_of(k) for k in keys if self.holder.get(k) == entry]
+            tier = names[min(t for t in tiers if t is not None)] if any(t is not None for t in tiers) else None
+            if tier is not None and self.where.get(entry, "L1") != tier:
+                self.where[entry] = tier
+                moves.append([entry, tier])
+        for _, tier in moves:
+            self.moved[tier] = self.moved.get(tier, 0) + 1
+        return moves
+
     def stats(self) -> dict:
         out = self.cache.stats()
-        out.update(source="measured", entries_kept=len(self.keys),
+        tiers = {}
+        for entry in self.keys:
+            tiers[self.where.get(entry, "L1")] = tiers.get(self.where.get(entry, "L1"), 0) + 1
+        out.update(source="measured", entries_kept=len(self.keys), entries_by_tier=tiers, tier_moves=dict(self.moved),
                    note="decisions by the policy as in the simulator; KV kept and reused on the ranks")
         return out

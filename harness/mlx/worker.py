@@ -11,10 +11,11 @@ same way everywhere). Nothing needs to be broadcast between ranks beyond what ml
 
   -> {"op": "step", "insert": [{"key": str, "prompt": [int], "max_tokens": int, "temperature": float,
                                  "seed": int | null, "reuse": [entry, tokens] | absent, "save_as": entry | absent}],
-      "remove": [uid, ...], "drop": [entry, ...]}
+      "remove": [uid, ...], "drop": [entry, ...], "move": [[entry, "L1" | "L2" | "L3"], ...]}
   <- {"op": "step", "rank": r, "uids": {key: uid}, "tokens": [[uid, token, finish], ...],
       "t0": epoch, "t1": epoch, "net": [[kind, start, end], ...], "forwards": [[tokens, batch], ...],
-      "kv_bytes": int, "active": int, "saved": [[entry, tokens], ...], "stored_bytes": int}
+      "kv_bytes": int, "active": int, "saved": [[entry, tokens], ...], "stored_bytes": int,
+      "tiers": {"L1": entries, "L2": entries, "L3": entries}}
   -> {"op": "stop"}
   <- {"op": "beat", "rank": r, "rss_bytes": int}   every second, from a thread, between replies: a rank that
                                                    stops beating is stalled (SIGSTOP, a hung collective, swap)
@@ -22,8 +23,10 @@ same way everywhere). Nothing needs to be broadcast between ranks beyond what ml
 Prefix caching: the driver's cache policy decides, the ranks keep the KV. `save_as` asks every rank to keep its
 layers' part of the request's prompt KV once the prompt is prefilled (reported in `saved`); `reuse` starts a
 request from a kept entry cut to `tokens` tokens, so only the rest of the prompt is prefilled (the prompt sent
-is already that rest); `drop` frees an entry the policy no longer holds. Every rank applies the same decisions
-at the same step, so all ranks hold and free the same entries.
+is already that rest); `drop` frees an entry the policy no longer holds; `move` puts an entry where the policy's
+tier says (L1: as computed; L2: 8-bit quantized in memory; L3: on this host's disk, mlx-lm's
+`save_prompt_cache`), and a reuse brings it back first (dequantized, or `load_prompt_cache`: the rank pays the
+load). Every rank applies the same decisions at the same step, so all ranks hold and free the same entries.
 
 Layer order vs rank order: `--split` is given in LAYER order (first entry = first layers), as a
 PartitionPlan states it. mlx-lm gives rank 0 the LAST layers, so rank r runs layer-order stage
@@ -255,6 +258,7 @@ class Engine:
         self.samplers: dict[float, object] = {}
         self.live: set[int] = set()
         self.stored: dict[str, list] = {}      # entry -> this rank's per-layer KV caches of a prompt prefix
+        self.kept = KeptTiers()                # where each entry's KV is: memory, quantized memory or disk
         self.save_as: dict[int, str] = {}      # uid -> entry to keep once its prompt is prefilled
 
     def sampler(self, temperature: float, seed: int | None = None):
@@ -273,6 +277,10 @@ class Engine:
             self.live.difference_update(remove)
         for entry in cmd.get("drop", []):
             self.stored.pop(entry, None)
+            self.kept.forget(entry)
+        for entry, tier in cmd.get("move", []):
+            if entry in self.stored:
+                self.stored[entry] = self.kept.move(entry, self.stored[entry], tier)
         uids = {}
         inserts = cmd.get("insert", [])
         if inserts:
@@ -292,7 +300,7 @@ class Engine:
             return None
         entry, tokens = reuse
         out = []
-        for c in self.stored[entry]:
+        for c in self.kept.materialize(entry, self.stored[entry]):
             fresh = type(c)()
             if getattr(c, "keys", None) is not None:    # a pipeline rank's cache list has unused, empty entries
                 fresh.keys, fresh.values = c.keys[..., :tokens, :], c.values[..., :tokens, :]
@@ -311,7 +319,8 @@ class Engine:
         return saved
 
     def stored_bytes(self) -> int:
-        return sum(getattr(c, "nbytes", 0) for caches in self.stored.values() for c in caches)
+        """KV bytes kept in this rank's memory (L1 and L2; L3 is on disk)."""
+        return sum(self.kept.nbytes(caches) for caches in self.stored.values())
 
     def step(self) -> tuple[list[list], list[list]]:
         """One BatchGenerator iteration: (tokens [[uid, token, finish]], saved [[entry, tokens]])."""
@@ -326,6 +335,118 @@ class Engine:
                 self.live.discard(r.uid)
                 self.save_as.pop(r.uid, None)
         return out, saved
+
+
+class KeptTiers:
+    """A kept entry's KV in the tier the driver's policy puts it: L1 the per-layer caches as computed, L2 each
+    layer's keys and values 8-bit quantized in memory, L3 a safetensors file on this host's disk."""
+    GROUP = 64      # quantization group over the flattened tensor: twins' head_dim (8, 16) is below mlx's minimum
+
+    def __init__(self):
+        self.tier: dict[str, str] = {}
+        self._dir: str | None = None
+
+    def move(self, entry: str, kept, tier: str):
+        caches = self.materialize(entry, kept)
+        self.forget(entry)
+        if tier == "L2":
+            kept = [_quantized(c, self.GROUP) for c in caches]
+        elif tier in ("L3", "L4"):
+            kept = self._spill(entry, caches)
+        else:
+            kept, tier = caches, "L1"
+        self.tier[entry] = tier
+        return kept
+
+    def materialize(self, entry: str, kept) -> list:
+        """The entry as per-layer KV caches, whatever tier holds it."""
+        tier = self.tier.get(entry, "L1")
+        if tier == "L2":
+            return [_dequantized(c) for c in kept]
+        if tier in ("L3", "L4"):
+            return _unspill(kept)
+        return kept
+
+    def forget(self, entry: str) -> None:
+        if self.tier.pop(entry, "L1") in ("L3", "L4"):
+            path = os.path.join(self.dir, f"{entry}.safetensors")
+            if os.path.exists(path):
+                os.remove(path)
+
+    def counts(self) -> dict[str, int]:
+        out = {"L1": 0, "L2": 0, "L3": 0}
+        for tier in self.tier.values():
+            out[tier] = out.get(tier, 0) + 1
+        return out
+
+    def nbytes(self, kept) -> int:
+        if isinstance(kept, str):
+            return 0
+        return sum(sum(a.nbytes for a in c["parts"]) if isinstance(c, dict) else getattr(c, "nbytes", 0) for c in kept)
+
+    @property
+    def dir(self) -> str:
+        if self._dir is None:   # this host's disk; removed with the rank
+            import atexit
+            import shutil
+            import tempfile
+            self._dir = tempfile.mkdtemp(prefix="harness-l3-")
+            atexit.register(shutil.rmtree, self._dir, True)
+        return self._dir
+
+    def _spill(self, entry: str, caches: list) -> str:
+        from mlx_lm.models.cache import save_prompt_cache
+        used = [i for i, c in enumerate(caches) if getattr(c, "keys", None) is not None]
+        path = os.path.join(self.dir, f"{entry}.safetensors")
+        # a pipeline rank's list has empty caches for the layers it does not run: only the used ones are saved
+        save_prompt_cache(path, [caches[i] for i in used], {"layers": ",".join(map(str, used)),
+                                                             "count": str(len(caches))})
+        return path
+
+
+def _unspill(path: str) -> list:
+    from mlx_lm.models.cache import KVCache, load_prompt_cache
+    loaded, meta = load_prompt_cache(path, return_metadata=True)
+    out = [KVCache() for _ in range(int(meta["count"]))]
+    for i, c in zip((int(x) for x in meta["layers"].split(",") if x), loaded):
+        out[i] = c
+    return out
+
+
+def _quantized(c, group: int):
+    if getattr(c, "keys", None) is None:
+        return c
+    import mlx.core as mx
+    off = c.offset
+    parts, shapes = [], []
+    for a in (c.keys[..., :off, :], c.values[..., :off, :]):
+        flat = a.reshape(-1)
+        pad = -flat.size % group
+        if pad:
+            flat = mx.concatenate([flat, mx.zeros((pad,), dtype=flat.dtype)])
+        parts += list(mx.quantize(flat.reshape(-1, group), group_size=group, bits=8))
+        shapes.append((a.shape, a.dtype))
+    mx.eval(parts)
+    return {"parts": parts, "shapes": shapes, "offset": off, "group": group}
+
+
+def _dequantized(q):
+    if not isinstance(q, dict):
+        return q
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+    c = KVCache()
+    arrays = []
+    for i, (shape, dtype) in enumerate(q["shapes"]):
+        w, scales, biases = q["parts"][3 * i: 3 * i + 3]
+        flat = mx.dequantize(w, scales, biases, group_size=q["group"], bits=8).reshape(-1)
+        size = 1
+        for d in shape:
+            size *= d
+        arrays.append(flat[:size].reshape(shape).astype(dtype))
+    c.keys, c.values = arrays
+    c.offset = q["offset"]
+    return c
 
 
 class Replies:
@@ -374,7 +495,8 @@ def serve(engine: Engine, timer: StageTimer | None, rank: int, inp, out: Replies
         net, fw = timer.take() if timer else ([], [])
         out.write({"op": "step", "rank": rank, "uids": uids, "tokens": tokens, "t0": t0, "t1": t1,
                    "net": net, "forwards": fw, "kv_bytes": engine.gen.prompt_cache_nbytes,
-                   "active": len(engine.live), "saved": saved, "stored_bytes": engine.stored_bytes()})
+                   "active": len(engine.live), "saved": saved, "stored_bytes": engine.stored_bytes(),
+                   "tiers": engine.kept.counts()})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,11 @@ class TieredLru(PolicyBase):
             dropped += self._add(v, tier + 1)
         return dropped
 
+    def tier_of(self, key) -> int | None:
+        """The tier index holding the block (no side effect), None when none does: the real backend moves a
+        kept prefix's KV to the tier its best block is in."""
+        return self._where(key)
+
     def holds(self, key) -> bool:
         """Whether the block is in any tier (no side effect: the real backend frees the KV it no longer holds)."""
         return self._where(key) is not None

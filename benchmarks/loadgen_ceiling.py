@@ -7,10 +7,11 @@
 2. Dispatch delay: open-loop constant rates at 20, 40, 60 and 80 % of the ceiling part 1 measured (the
    best load generator figure), against the same bare server. Printed: offered and achieved chunks/s and
    the dispatch delay (start_s - scheduled_s) p50 and p99.
-3. The 200 req/s anomaly: 100, 200, 300 req/s one after another against `serve --backend instant`, with
-   the heap frozen out of the garbage collector during each run (run_load's default) and without (the old
-   behaviour), the sequence repeated, in a process holding the modules bench holds. Printed: dispatch p99 and the full (generation 2) collections that
-   fell inside each run, with the longest pause.
+3. The 200 req/s anomaly: the pause of one full garbage collection in a process holding the modules bench
+   holds, heap as it is and frozen; then 100, 200, 300 req/s one after another against `serve --backend
+   instant`, with the heap frozen out of the collector during each run (run_load's default) and without
+   (the old behaviour), the sequence repeated. Printed: dispatch p99 and the full (generation 2)
+   collections that fell inside each run, with the longest pause.
 
 Traffic goes to 127.0.0.1 only; every run is bounded in requests and in time. With 2 cores shared by the
 server, the client and others, absolute figures say little: compare the ratios.
@@ -136,7 +137,8 @@ def gc_anomaly(port: int, args) -> None:
     print(f"\n3. the 200 req/s anomaly: a full garbage collection in a process holding bench's modules "
           f"({len(gc.get_objects())} tracked objects) pauses the event loop {full_collection_ms(False):.1f} ms; "
           f"with the heap frozen {full_collection_ms(True):.1f} ms (median of 5, measured, {os.cpu_count()} cores)")
-    print(f"   `serve --backend instant`, 64-token prompts, 16-token outputs (light enough that 2 cores keep up), {args.seconds:g} s per "
+    print(f"   `serve --backend instant`, 64-token prompts, 16-token outputs (light enough that 2 cores keep up), "
+          f"{args.seconds:g} s per "
           f"rate, 100/200/300 one after another {args.repeat} times, workers=1 (measured, {os.cpu_count()} cores)")
     print(f"{'heap':>16} {'req/s':>6} {'p99 dispatch ms':>16} {'full GCs in run':>16} {'longest ms':>11}")
     collections = FullCollections()

@@ -99,7 +99,8 @@ def test_dispatch_delay_is_recorded_per_request(instant_server):
     assert len(delays) == len(df) and np.allclose(delays, df["start_s"] - df["scheduled_s"])
     assert all(math.isfinite(d) for d in delays)
     from harness.commands.bench import dispatch_line
-    assert "p50" in dispatch_line(result) and "p99" in dispatch_line(result) and "2 load generator" in dispatch_line(result)
+    line = dispatch_line(result)
+    assert "p50" in line and "p99" in line and "2 load generator worker processes" in line
 
 
 def test_bad_worker_count_is_refused(instant_server):

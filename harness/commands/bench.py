@@ -309,7 +309,7 @@ def dispatch_line(result) -> str:
     a figure that grows means the generator, not the server, set the pace."""
     import numpy as np
     delays = result.dispatch_delays_s() * 1e3
-    workers = next((n for n in result.notes if "worker processes" in n), "1 load generator process")
+    workers = next((n for n in result.notes if "worker process" in n), "1 load generator process")
     if not delays.size:
         return f"  {'dispatch lag (measured)':<28} - ({workers})"
     p50, p99 = np.percentile(delays, [50, 99])

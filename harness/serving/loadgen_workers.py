@@ -16,7 +16,8 @@ Each finished row comes back to the parent at once (the sink journals it, the pr
 the rows are merged in request order, exactly as the 1-worker run orders them. A worker that dies does not
 take the others' rows with it: they finish, then `LoadWorkerError` is raised, carrying the partial result
 and naming the worker and its exit. Ctrl-C and SIGTERM reach the parent, which stops the workers (they
-ignore SIGINT themselves) and keeps every row that had come back.
+run in their own session and ignore SIGINT) and keeps every row that had come back. A worker whose
+parent dies sees its socket close and stops.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable, Sequence
 
-from harness.serving.loadgen import (ClientShards, LoadMode, LoadResult, LoadSink, Target, _Clock, _client, _concurrency,
+from harness.serving.loadgen import (ClientShards, LoadMode, LoadResult, LoadSink, Target, _Clock, _client,
+                                     _concurrency,
                                      _begin, _dispatch, _Tally, _warmup, client_hint, discover_model,
                                      endpoint_url, gc_frozen, request_body, schedule, send_one, warmup_specs)
 from harness.specs import UserError
@@ -209,7 +211,8 @@ def _spawn(job: WorkerJob) -> _Member:
     package_root = str(Path(__file__).resolve().parents[2])   # so `-m harness...` imports this very tree
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen([sys.executable, "-m", "harness.serving.loadgen_workers", str(theirs.fileno())],
-                               pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+                               pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
+                               start_new_session=True)   # a terminal's Ctrl-C goes to the parent alone; it stops us
     theirs.close()
     conn = Connection(ours.detach())
     conn.send(job)
@@ -320,9 +323,10 @@ async def run_in_workers(target: Target, specs: list[RequestSpec], mode: LoadMod
         duration = clock.now()
     finally:
         fleet.stop()
+    note = f"{len(jobs)} load generator worker process{'es' if len(jobs) != 1 else ''}"
     result = LoadResult(mode=mode, rows=fleet.merged(closed_loop=jobs[0].times is None if jobs else False),
                         wall_start_unix=wall_start, duration_s=duration, t0_monotonic=clock.t0_monotonic,
-                        model=model, warmup_requests=warmup, notes=[f"{len(jobs)} load generator worker processes"])
+                        model=model, warmup_requests=warmup, notes=[note])
     failures = fleet.failures()
     if failures:
         raise LoadWorkerError("; ".join(failures), result)

@@ -4,9 +4,10 @@ Top-level keys: name, backend, cluster, model (a preset, a config.json or parame
 "params=70b,layers=80"), quant (4, 4.5 bits per weight or "mixed:4/6"), group_size, strategy, objective, cache,
 kv_reserve_tokens, profile (a cost-model profile name or file; default: the fitted one), link (what if every
 link were this kind), add_nodes (a list of "CHIP[/CORES]:MEM" Macs added to the cluster) and failover (sim
-backend: after a [[faults]] node_down, plan again on the nodes left, reload, and serve on); tables: [workload] (harness.workloads dict), [load] (warmup, max_duration_s),
+backend: after a [[faults]] node_down or permanent link_down, plan again on the nodes left, reload, and serve on); tables: [workload] (harness.workloads dict), [load] (warmup, max_duration_s),
 [[targets]] (reports.targets format), [mlx] (options of the real backend), [[faults]] (sim backend only:
-{kind = "node_down" | "straggler" | "slow_link", node, peer (slow_link), at_s (after serving starts), factor}). Unknown keys are errors, so a
+{kind = "node_down" | "straggler" | "slow_link" | "link_down", node, peer (slow_link, link_down), at_s (after serving
+starts), factor (straggler, slow_link), duration_s (link_down: back after it; without it, dropped for good)}). Unknown keys are errors, so a
 typo never silently falls back to a default.
 """
 from __future__ import annotations
@@ -25,8 +26,13 @@ SCALARS = {"name": str, "backend": str, "cluster": str, "model": str, "quant": (
            "group_size": int, "strategy": str, "objective": str, "cache": str, "kv_reserve_tokens": int,
            "profile": str, "link": str, "failover": bool}
 TABLES = {"workload": dict, "load": dict, "targets": list, "mlx": dict, "faults": list, "add_nodes": list}
-FAULT_KINDS = ("node_down", "straggler", "slow_link")
-FAULT_KEYS = ("kind", "node", "peer", "at_s", "factor")
+FAULT_KINDS = ("node_down", "straggler", "slow_link", "link_down")
+FAULT_KEYS = ("kind", "node", "peer", "at_s", "factor", "duration_s")
+# per kind: (the keys it needs, those it may have); any other key would be silently ignored, so it is refused
+FAULT_KIND_KEYS = {"node_down": (("node", "at_s"), ("factor",)),      # factor: tolerated, as it always was
+                   "straggler": (("node", "at_s", "factor"), ()),
+                   "slow_link": (("node", "peer", "at_s", "factor"), ()),
+                   "link_down": (("node", "peer", "at_s"), ("duration_s",))}
 MLX_OPTIONS = ("head_dim", "seed", "max_running", "emulate_links", "emulate_latency", "hostfile")
 LOAD_KEYS = ("warmup", "max_duration_s")     # what harness.orchestrate reads from [load]
 MAX_KV_RESERVE_TOKENS = 1 << 24
@@ -111,17 +117,29 @@ def _check_faults(faults: list, origin: str) -> None:
         reject_unknown(fault, FAULT_KEYS, origin, f"[[faults]][{i}]")
         if fault.get("kind") not in FAULT_KINDS:
             raise UserError(f"{where}.kind: found {fault.get('kind')!r}; allowed: {', '.join(FAULT_KINDS)}")
-        needed = ("node", "at_s") + (("peer",) if fault["kind"] == "slow_link" else ()) \
-            + (("factor",) if fault["kind"] != "node_down" else ())
-        for key in needed:
-            if key not in fault:
-                raise UserError(f"{where}: {fault['kind']} needs {key}")
+        _check_fault_keys(fault, where)
         for key in ("node", "peer"):
             if key in fault:
                 of_type(fault[key], str, f"{where}.{key}", "a node name")
+        if fault.get("peer") is not None and fault["peer"] == fault["node"]:
+            raise UserError(f"{where}.peer: found {fault['peer']!r}; allowed: a node other than node (a link's other end)")
         number_in(fault["at_s"], f"{where}.at_s", 0.0, MAX_DURATION_S, low_open=False)
         if "factor" in fault:
             number_in(fault["factor"], f"{where}.factor", 1.0, 1e9, low_open=False)
+        if "duration_s" in fault:
+            number_in(fault["duration_s"], f"{where}.duration_s", 0.0, MAX_DURATION_S)
+
+
+def _check_fault_keys(fault: dict, where: str) -> None:
+    """The keys a fault's kind needs are there, and none it would ignore."""
+    kind = fault["kind"]
+    needs, may = FAULT_KIND_KEYS[kind]
+    for key in needs:
+        if key not in fault:
+            raise UserError(f"{where}: {kind} needs {key}")
+    for key in fault.keys() - {"kind", *needs, *may}:
+        takers = [k for k, (n, m) in FAULT_KIND_KEYS.items() if key in n + m]
+        raise UserError(f"{where}: {kind} takes no {key} (it is for {' and '.join(takers)})")
 
 
 def _check_whatifs(data: dict, origin: str) -> None:

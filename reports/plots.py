@@ -477,7 +477,9 @@ def outage_timeline(run: Run, bins: int = 60) -> Plot | None:
     for fault in faults if shift is not None else ():
         at = float(fault.get("at_s", 0.0)) + shift
         ax.axvline(at, color="black", linestyle="--", linewidth=1)
-        ax.annotate(f"{fault.get('kind')} {fault.get('node', '')}", (at, ax.get_ylim()[1] * 0.9), fontsize=8,
+        if fault.get("duration_s"):     # a link flap: shade the time it was down
+            ax.axvspan(at, at + float(fault["duration_s"]), color="black", alpha=0.08)
+        ax.annotate(fault_label(fault), (at, ax.get_ylim()[1] * 0.9), fontsize=8,
                     xytext=(3, 0), textcoords="offset points")
     failovers = [f for f in ((run.summary or {}).get("run") or {}).get("failovers") or [] if "serving_again_s" in f]
     for f in failovers if shift is not None else ():
@@ -490,19 +492,27 @@ def outage_timeline(run: Run, bins: int = 60) -> Plot | None:
     ax.legend(fontsize=8, loc="upper right")
     return Plot("Outage timeline", _sources(req.get("source", [])), _png(fig),
                 f"{int((~ok).sum())} of {len(req)} requests failed; bars count requests by when they ended. "
-                + ("Dashed lines: the injected faults, placed by the first request a node failure failed (fault "
+                + ("Dashed lines: the injected faults, placed by the first request a node or link failure failed (fault "
                    "times count from the backend's start, before warm-up)." if shift is not None else
                    "Fault times count from the backend's start and no request failure dates them on this clock, "
                    "so they are not drawn." if faults else ""))
 
 
+def fault_label(fault: dict) -> str:
+    """"node_down NODE", or "link_down A-B" for the faults on a link."""
+    where = "-".join(fault[k] for k in ("node", "peer") if fault.get(k))
+    return f"{fault.get('kind')} {where}"
+
+
 def fault_clock_shift(failed: pd.DataFrame, faults: list, t0: float) -> float | None:
     """Seconds to add to a fault's at_s to put it on the requests' axis: the first request that a node_down
-    failed ended when that node went down. None when no failure names a failed node."""
+    (or a link_down for good) failed ended when that node (link) went down. None when no failure names one."""
+    reasons = {"node_down": "node {node} failed", "link_down": "link {node}-{peer} down"}
     for fault in faults:
-        if fault.get("kind") != "node_down" or "error" not in failed:
-            continue
-        named = failed[failed["error"].fillna("").str.contains(f"node {fault.get('node')} failed", regex=False)]
+        if fault.get("kind") not in reasons or fault.get("duration_s") or "error" not in failed:
+            continue           # a flap fails nothing: only a drop for good dates the faults
+        reason = reasons[fault["kind"]].format(node=fault.get("node"), peer=fault.get("peer"))
+        named = failed[failed["error"].fillna("").str.contains(reason, regex=False)]
         if not named.empty:
             return float(named["end_s"].min()) - t0 - float(fault.get("at_s", 0.0))
     return None

@@ -125,31 +125,93 @@ class Engine:
         self._slow = [1.0] * len(self.stages)   # straggler factor per stage (fault injection)
         self._degraded = False
         self.plan_nodes = {n for st in self.stages for n in st.nodes}
+        self._outages: list[tuple[frozenset, float, float]] = []   # link_down windows: (pair, down, up), by down
+        self._stage_pairs = [frozenset(frozenset((a, b)) for j, a in enumerate(st.nodes) for b in st.nodes[j + 1:])
+                             for st in self.stages]                 # the links inside each TP group
+        self.plan_links = set().union(*self._stage_pairs, *self._hop_pairs)
         for s in self.scheds:
             env.process(self._scheduler(s, t0))
 
     @staticmethod
     def check_fault_nodes(faults, cluster) -> None:
-        """UserError for a fault naming a node the cluster lacks (before anything is simulated)."""
+        """UserError for a fault naming a node the cluster lacks, or a link (node, peer) it does not have
+        (before anything is simulated)."""
         names = [n.name for n in cluster.nodes]
         for fault in faults:
+            where = f"fault {fault['kind']} at {fault['at_s']:g} s"
             for key in ("node", "peer"):
                 if key in fault and fault[key] not in names:
-                    raise UserError(f"fault {fault['kind']} at {fault['at_s']:g} s: no node {fault[key]!r} in "
+                    raise UserError(f"{where}: no node {fault[key]!r} in "
                                     f"cluster {cluster.name}; nodes: {', '.join(names)}")
+            if "peer" in fault and not _linked(cluster, fault["node"], fault["peer"]):
+                raise UserError(f"{where}: no link between {fault['node']!r} and {fault['peer']!r} in cluster "
+                                f"{cluster.name}; a link joins two different nodes")
 
     def inject(self, fault: dict) -> None:
         """Schedule one fault (virtual seconds from the run's start in fault["at_s"]):
         {"kind": "node_down", "node"}, {"kind": "straggler", "node", "factor"} (that node's stage computes
         `factor` times slower from then on; a TP group steps at its slowest member), or
-        {"kind": "slow_link", "node", "peer", "factor"} (the link between them carries 1/factor of its bandwidth)."""
+        {"kind": "slow_link", "node", "peer", "factor"} (the link between them carries 1/factor of its bandwidth),
+        or {"kind": "link_down", "node", "peer", "duration_s" (optional)} (see drop_link)."""
         kind = fault["kind"]
         if kind == "node_down":
             self.fail_node_at(fault["node"], fault["at_s"])
         elif kind in ("straggler", "slow_link"):
             self.env.process(self._degrade(fault))
+        elif kind == "link_down":
+            self.drop_link(fault["node"], fault["peer"], fault["at_s"], fault.get("duration_s"))
         else:
-            raise UserError(f"unknown fault kind {kind!r}; known: node_down, straggler, slow_link")
+            raise UserError(f"unknown fault kind {kind!r}; known: node_down, straggler, slow_link, link_down")
+
+    def drop_link(self, node: str, peer: str, at_s: float, duration_s: float | None = None) -> None:
+        """Fault injection: the link between `node` and `peer` carries nothing from virtual time `at_s`.
+
+        With `duration_s` it is a flap: every transfer that would overlap the outage (a pipeline hop or the
+        token-id return between those nodes, or a TP stage whose group holds both, since its all-reduces
+        cross the link) waits: one due during it starts when the link is back, one under way pauses for the
+        outage and then goes on; requests are delayed, none fails. Without it the drop is permanent: if the
+        plan uses the link, the cluster goes down as for a failed node (every unfinished request fails with
+        "link A-B down at ...", later ones are refused), and `down_node` is the end that failover treats as
+        lost (`end_to_lose`). A link the plan does not use changes nothing.
+        """
+        pair = frozenset((node, peer))
+        if pair not in self.plan_links:
+            return                 # no transfer of this plan crosses it: the run stays exactly as it was
+        up = at_s + duration_s if duration_s else math.inf
+        self._outages.append((pair, at_s, up))
+        self._outages.sort(key=lambda outage: outage[1])
+        self._degraded = True      # fast-forward plans steps ahead without looking at outage windows
+        if math.isinf(up):
+            self.env.process(self._link_lost(node, peer, at_s))
+
+    def _link_lost(self, node: str, peer: str, at_s: float):
+        if at_s > self.env.now:
+            yield self.env.timeout(at_s - self.env.now)
+        if not self.down:
+            self._go_down(f"link {node}-{peer} down at {at_s:g} s (fault injected)",
+                          self.end_to_lose(frozenset((node, peer))))
+
+    def end_to_lose(self, pair: frozenset) -> str:
+        """The end of a dropped link that failover treats as failed: the one holding fewer of the plan's layers
+        (losing it moves the fewest weights), on a tie the later one in the plan (the first stage, which
+        takes the requests in, stays where it is)."""
+        order = [n for st in self.stages for n in st.nodes]
+        layers = {n: sum(st.end - st.start for st in self.stages if n in st.nodes) for n in pair}
+        return min(pair, key=lambda n: (layers[n], -order.index(n)))
+
+    def _through_outages(self, pairs: frozenset, begin: float, busy: float) -> tuple[float, float]:
+        """(begin, busy) of a transfer (or TP stage) that needs the links `pairs` for `busy` seconds from
+        `begin`, with the flaps in its way: one due while a link is down starts when it is back, one under way
+        when it goes down pauses until it is back (TCP and the collectives resume, nothing is resent).
+        Permanent drops are left out: the engine goes down at that moment and drops whatever is in flight."""
+        for pair, down, up in self._outages:
+            if pair not in pairs or math.isinf(up):
+                continue
+            if down <= begin < up:
+                begin = up
+            elif begin < down < begin + busy:
+                busy += up - down
+        return begin, busy
 
     def _degrade(self, fault: dict):
         if fault["at_s"] > self.env.now:
@@ -178,7 +240,12 @@ class Engine:
             yield self.env.timeout(at_s - self.env.now)
         if node not in self.plan_nodes or self.down:
             return
-        self.down = f"node {node} failed at {at_s:g} s (fault injected)"
+        self._go_down(f"node {node} failed at {at_s:g} s (fault injected)", node)
+
+    def _go_down(self, reason: str, node: str) -> None:
+        """The cluster stops serving: every unfinished request fails with `reason`, later ones are refused;
+        `node` is the one failover plans without."""
+        self.down = reason
         self.down_node = node
         for sc in self.scheds:
             self._sync(sc)
@@ -201,6 +268,8 @@ class Engine:
         self._back = None if back is None else (
             (self.stages[-1].nodes[0], self.stages[0].nodes[0]), (back.latency_us + over) * 1e-6,
             back.bandwidth_gbps * 1e9 / 8)
+        self._hop_pairs = [frozenset([frozenset(key)]) for key, _, _ in self._hops] + \
+            ([frozenset([frozenset(self._back[0])])] if self._back is not None else [])
         self._link_free: dict[tuple, float] = {}
         self._act_bytes = self.model.activation_bytes(1)
 
@@ -631,17 +700,24 @@ class Engine:
         act = tokens * self._act_bytes
         sv, lv = [], []                       # begin/end per stage and per link, in record column order
         last = len(durs) - 1
-        slow = self._slow
+        slow, outages = self._slow, self._outages
         for i, dur in enumerate(durs):
             begin = t if t > free[i] else free[i]
-            t = begin + dur * slow[i]
+            busy = dur * slow[i]
+            if outages:
+                begin, busy = self._through_outages(self._stage_pairs[i], begin, busy)
+            t = begin + busy
             free[i] = t
             sv += (begin, t)
             if i < last:                      # inline of _send: FIFO per direction, then pure latency
                 key, latency, rate = self._hops[i]
                 lf = link_free.get(key, t)
                 begin = t if t > lf else lf
-                done = begin + act / rate
+                if outages:
+                    begin, busy = self._through_outages(self._hop_pairs[i], begin, act / rate)
+                    done = begin + busy
+                else:
+                    done = begin + act / rate
                 link_free[key] = done
                 t = done + latency
                 lv += (begin, t)
@@ -704,7 +780,10 @@ class Engine:
     def _send(self, hop: tuple, nbytes: float, t: float) -> tuple[float, float]:
         key, latency, rate = hop
         begin = max(t, self._link_free.get(key, t))
-        done = begin + nbytes / rate
+        busy = nbytes / rate
+        if self._outages:
+            begin, busy = self._through_outages(frozenset([frozenset(key)]), begin, busy)
+        done = begin + busy
         self._link_free[key] = done
         return begin, done + latency
 
@@ -844,3 +923,14 @@ class Engine:
             "compute_s": np.where(kind == 3, np.nan, times[:, 1::2].ravel() - times[:, 0::2].ravel()),
             "source": dict_col(np.zeros(n), pa.array([source])),
         })
+
+
+def _linked(cluster: Cluster, a: str, b: str) -> bool:
+    """Whether the cluster has a link between two different nodes a and b."""
+    if a == b:
+        return False
+    try:
+        cluster.link(a, b)
+    except KeyError:
+        return False
+    return True

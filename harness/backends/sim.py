@@ -131,16 +131,18 @@ class SimBackend:
 
     def _fail_over(self) -> bool:
         """A node failed: plan again on the nodes left, reload the weights that moved (in virtual time), and
-        serve on from there. False when failover is off, or when the nodes left cannot hold the model."""
+        serve on from there. False when failover is off, or when the nodes left cannot hold the model.
+        A link dropped for good counts as losing one of its ends, the one holding fewer of the plan's layers
+        (ties: the later in the plan; sim.Engine.end_to_lose), so the same re-planning serves on without it."""
         if self.config.replan is None or self.engine.down_node in self._failed:
             return False
         from harness.specs import DoesNotFit, UserError
-        node, at = self.engine.down_node, self.engine.env.now
+        node, at, fault = self.engine.down_node, self.engine.env.now, self.engine.down
         failed = self._failed | {node}
         try:
             cluster, plan, cache = self.config.replan(failed)
         except (DoesNotFit, UserError) as exc:
-            self.failovers.append({"failed_node": node, "at_s": at, "error": str(exc)})
+            self.failovers.append({"failed_node": node, "at_s": at, "fault": fault, "error": str(exc)})
             self._failed = failed
             return False
         self._earlier_steps.append(self.engine.steps_table())
@@ -151,7 +153,8 @@ class SimBackend:
         reload_s = max(self._load_report().load_s_per_node.values(), default=0.0) if self.config.include_load else 0.0
         self._resume_v = at + reload_s
         self.engine = self._new_engine(self._resume_v)
-        self.failovers.append({"failed_node": node, "at_s": at, "reload_s": reload_s, "serving_again_s": self._resume_v,
+        self.failovers.append({"failed_node": node, "at_s": at, "fault": fault, "reload_s": reload_s,
+                               "serving_again_s": self._resume_v,
                                "plan": [{"nodes": list(st.nodes), "layers": [st.layer_start, st.layer_end]}
                                         for st in plan.stages]})
         return True
@@ -255,7 +258,7 @@ class SimBackend:
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         engine = self.engine
         if self.virtual_now() < engine.env.now:   # failing over: the weights that moved are still loading
-            raise BackendUnavailable(f"failing over after {self.failovers[-1]['failed_node']} failed: serving "
+            raise BackendUnavailable(f"failing over after {self._failover_cause()}: serving "
                                      f"again at {self._resume_v:.1f} s (simulated)")
         engine.advance(self.virtual_now())
         if engine.down:                      # an injected node failure: the simulated cluster is down
@@ -289,6 +292,13 @@ class SimBackend:
                 cancel = getattr(engine, "cancel", None)
                 if cancel is not None:   # free its batch slot and KV when the engine supports it
                     cancel(slot)
+
+    def _failover_cause(self) -> str:
+        """What the cluster is failing over from: "NODE failed", or the dropped link's "link A-B down"."""
+        last = self.failovers[-1]
+        if last["fault"].startswith("link "):
+            return last["fault"].split(" at ")[0]
+        return f"{last['failed_node']} failed"
 
     def _admission_request(self, request: GenerationRequest):
         from sim.admission import AdmissionRequest

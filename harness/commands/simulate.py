@@ -30,7 +30,8 @@ examples:
 
 
 def parse_faults(args, cluster) -> list[dict]:
-    """--fail NODE@S, --straggler NODE@S:FACTOR and --slow-link A,B@S:FACTOR as sim.Engine.inject faults."""
+    """--fail NODE@S, --straggler NODE@S:FACTOR, --slow-link A,B@S:FACTOR and --link-down A,B@S[:DURATION] as
+    sim.Engine.inject faults."""
     from sim.engine import Engine
     faults = []
     for spec in args.fail:
@@ -43,6 +44,8 @@ def parse_faults(args, cluster) -> list[dict]:
         pair, at, factor = _fault_spec(spec, "--slow-link")
         a, _, b = pair.partition(",")
         faults.append(dict(kind="slow_link", node=a, peer=b, at_s=at, factor=factor))
+    for spec in args.link_down:
+        faults.append(_link_down_spec(spec))
     Engine.check_fault_nodes(faults, cluster)
     return faults
 
@@ -59,6 +62,21 @@ def _fault_spec(spec: str, flag: str, factor: bool = True) -> tuple[str, float, 
     if not (sep and math.isfinite(at_s) and at_s >= 0 and math.isfinite(f) and f >= 1):
         raise UserError(f"{flag} {spec!r}: expected {shape} with SECONDS >= 0" + (" and FACTOR >= 1" if factor else ""))
     return what, at_s, f
+
+
+def _link_down_spec(spec: str) -> dict:
+    """A,B@SECONDS[:DURATION] -> a link_down fault (a flap with DURATION > 0, else dropped for good)."""
+    pair, sep, rest = spec.rpartition("@")
+    at, _, duration = rest.partition(":")
+    a, _, b = pair.partition(",")
+    try:
+        at_s, duration_s = float(at), float(duration) if duration else None
+    except ValueError:
+        at_s, duration_s = float("nan"), None
+    if not (sep and a and b and math.isfinite(at_s) and at_s >= 0
+            and (duration_s is None or (math.isfinite(duration_s) and duration_s > 0))):
+        raise UserError(f"--link-down {spec!r}: expected A,B@SECONDS[:DURATION] with SECONDS >= 0 and DURATION > 0")
+    return dict(kind="link_down", node=a, peer=b, at_s=at_s, **({"duration_s": duration_s} if duration_s else {}))
 
 
 def add_arguments(p) -> None:
@@ -86,6 +104,10 @@ def add_arguments(p) -> None:
     g.add_argument("--slow-link", action="append", default=[], metavar="A,B@SECONDS:FACTOR",
                    help="fault injection: the link between nodes A and B keeps 1/FACTOR of its bandwidth from "
                         "SECONDS on (repeatable)")
+    g.add_argument("--link-down", action="append", default=[], metavar="A,B@SECONDS[:DURATION]",
+                   help="fault injection: the link between nodes A and B carries nothing from SECONDS on; with "
+                        "DURATION it is back after that many seconds (transfers wait, nothing fails), without it "
+                        "requests crossing it fail and later ones are refused (repeatable)")
     e = p.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, default=128, help="sequences per micro-batch (default %(default)s)")
     e.add_argument("--max-batched-tokens", type=int, default=4096,

@@ -3,8 +3,9 @@
 Top-level keys: name, backend, cluster, model (a preset, a config.json or parameter counts such as
 "params=70b,layers=80"), quant (4, 4.5 bits per weight or "mixed:4/6"), group_size, strategy, objective, cache,
 kv_reserve_tokens, profile (a cost-model profile name or file; default: the fitted one), link (what if every
-link were this kind), add_nodes (a list of "CHIP[/CORES]:MEM" Macs added to the cluster) and failover (sim
-backend: after a [[faults]] node_down or permanent link_down, plan again on the nodes left, reload, and serve on); tables: [workload] (harness.workloads dict), [load] (warmup, max_duration_s),
+link were this kind), add_nodes (a list of "CHIP[/CORES]:MEM" Macs added to the cluster) and failover (after
+a [[faults]] node_down or permanent link_down in the sim backend, or a rank that dies or stalls on real ranks: plan
+again on the nodes left, reload, and serve on); tables: [workload] (harness.workloads dict), [load] (warmup, max_duration_s),
 [[targets]] (reports.targets format), [mlx] (options of the real backend), [[faults]] (sim backend only:
 {kind = "node_down" | "straggler" | "slow_link" | "link_down", node, peer (slow_link, link_down), at_s (after serving
 starts), factor (straggler, slow_link), duration_s (link_down: back after it; without it, dropped for good)}). Unknown keys are errors, so a

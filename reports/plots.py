@@ -457,7 +457,7 @@ def load_sweep(runs: list[Run], loads: list[float | None], load_label: str) -> P
 def outage_timeline(run: Run, bins: int = 60) -> Plot | None:
     """Requests finishing and failing over time, with the run's injected faults marked: when the cluster went
     wrong and what it did to the traffic. None for a run with neither failures nor faults."""
-    req, faults = run.requests, list(run.config.get("faults") or [])
+    req, faults = run.requests, list(run.config.get("faults") or []) or lost_ranks(run)
     if req.empty or "success" not in req or "end_s" not in req:
         return None
     ok = req["success"].astype(bool)
@@ -492,10 +492,18 @@ def outage_timeline(run: Run, bins: int = 60) -> Plot | None:
     ax.legend(fontsize=8, loc="upper right")
     return Plot("Outage timeline", _sources(req.get("source", [])), _png(fig),
                 f"{int((~ok).sum())} of {len(req)} requests failed; bars count requests by when they ended. "
-                + ("Dashed lines: the injected faults, placed by the first request a node or link failure failed (fault "
+                + ("Dashed lines: the faults (injected, or a rank lost on real ranks), placed by the first request a node or "
+                   "link failure failed (fault "
                    "times count from the backend's start, before warm-up)." if shift is not None else
                    "Fault times count from the backend's start and no request failure dates them on this clock, "
                    "so they are not drawn." if faults else ""))
+
+
+def lost_ranks(run: Run) -> list[dict]:
+    """A real-rank run's failovers as faults to mark (none is injected there: a rank died or stalled), at the
+    time the backend found the failure."""
+    failovers = ((run.summary or {}).get("run") or {}).get("failovers") or []
+    return [{"kind": "rank_lost", "node": f["failed_node"], "at_s": f["at_s"]} for f in failovers if "at_s" in f]
 
 
 def fault_label(fault: dict) -> str:
@@ -507,7 +515,8 @@ def fault_label(fault: dict) -> str:
 def fault_clock_shift(failed: pd.DataFrame, faults: list, t0: float) -> float | None:
     """Seconds to add to a fault's at_s to put it on the requests' axis: the first request that a node_down
     (or a link_down for good) failed ended when that node (link) went down. None when no failure names one."""
-    reasons = {"node_down": "node {node} failed", "link_down": "link {node}-{peer} down"}
+    # a lost rank's error names it "rank R (stage S, node N...)"
+    reasons = {"node_down": "node {node} failed", "link_down": "link {node}-{peer} down", "rank_lost": "node {node}"}
     for fault in faults:
         if fault.get("kind") not in reasons or fault.get("duration_s") or "error" not in failed:
             continue           # a flap fails nothing: only a drop for good dates the faults

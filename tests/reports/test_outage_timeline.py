@@ -24,3 +24,16 @@ def test_a_healthy_run_has_no_outage_timeline(tmp_path):
     assert main(SIM + ["--out", str(tmp_path), "--run-id", "ok"]) == 0
     assert plots.outage_timeline(reports.load_run(tmp_path / "ok")) is None
     assert "Outage timeline" not in reports.render(tmp_path / "ok").read_text()
+
+
+def test_a_rank_lost_on_real_ranks_is_drawn_where_its_request_failed():
+    """Real ranks inject nothing: a failover's record (a rank died or stalled) is the fault, dated by the first
+    request whose error names its node."""
+    import pandas as pd
+    import pytest
+    failed = pd.DataFrame({"error": ["rank 0 (stage 1, node mini-b) killed by signal 9", "other"],
+                           "end_s": [113.5, 120.0]})
+    lost = {"kind": "rank_lost", "node": "mini-b", "at_s": 13.2}
+    assert plots.fault_clock_shift(failed, [lost], t0=100.0) == pytest.approx(0.3)
+    assert plots.fault_clock_shift(failed, [lost | {"node": "mini-c"}], t0=100.0) is None
+    assert plots.fault_label(lost) == "rank_lost mini-b"

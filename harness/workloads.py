@@ -337,14 +337,22 @@ def _trace_row(line: str, path: Path, lineno: int) -> tuple:
         obj = json.loads(line)
         if isinstance(obj, dict):   # a row that is not an object is reported as a bad line below
             reject_unknown(obj, TRACE_ROW_KEYS, f"{path}:{lineno}")
-        row = (float(obj["arrival_s"]), int(obj["prompt_tokens"]), int(obj["output_tokens"]),
-               None if obj.get("prefix_id") is None else str(obj["prefix_id"]), int(obj.get("prefix_tokens", 0)))
+        # token counts must be whole numbers (64.0 is one): int() would silently turn 1.5 into 1
+        counts = [integer_in(_whole(obj.get(k, 0) if k == "prefix_tokens" else obj[k]), f"{path}:{lineno}: {k}",
+                             low, MAX_TOKENS)
+                  for k, low in (("prompt_tokens", 1), ("output_tokens", 1), ("prefix_tokens", 0))]
+        row = (float(obj["arrival_s"]), counts[0], counts[1],
+               None if obj.get("prefix_id") is None else str(obj["prefix_id"]), counts[2])
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise UserError(f"{path}:{lineno}: bad trace line ({shown(exc)}); need arrival_s, prompt_tokens, "
                         "output_tokens") from None
     if not math.isfinite(row[0]) or row[1] < 1 or row[2] < 1 or row[0] < 0:
         raise UserError(f"{path}:{lineno}: token counts must be >= 1 and arrival_s >= 0")
     return row
+
+
+def _whole(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _with_closed_loop(wl: Workload, spec: dict) -> Workload:

@@ -152,6 +152,17 @@ def test_trace_row_with_an_unknown_key_names_file_and_line(tmp_path):
         build_workload({"kind": "trace", "path": str(path)})
 
 
+def test_trace_token_counts_must_be_whole_numbers(tmp_path):
+    """1.5 tokens used to become 1 without a word; 64.0 is a whole number and stays accepted."""
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"arrival_s": 0, "prompt_tokens": 64.0, "output_tokens": 2}\n'
+                    '{"arrival_s": 1, "prompt_tokens": 1.5, "output_tokens": 2}\n')
+    with pytest.raises(UserError, match=r"t\.jsonl:2: prompt_tokens: found 1\.5; allowed: an integer"):
+        build_workload({"kind": "trace", "path": str(path)})
+    path.write_text('{"arrival_s": 0, "prompt_tokens": 64.0, "output_tokens": 2, "prefix_tokens": 0}\n')
+    assert list(build_workload({"kind": "trace", "path": str(path)}).prompt_tokens) == [64]
+
+
 def test_profile_file_rejects_unknown_keys(tmp_path):
     data = json.loads((REPO / "harness" / "profiles" / "default.json").read_text())
     data["per_chip"] = {"M2 Ultra": {"eta_bww": 0.5}}

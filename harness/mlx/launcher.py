@@ -28,6 +28,7 @@ import atexit
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -161,6 +162,7 @@ class RankGroup:
     blas_path: str | None = None
     closed: bool = field(default=False)
     helpers: list = field(default_factory=list)   # relay processes, stopped after the ranks
+    own_workdir: bool = False     # a temporary folder launch() made: removed on close unless a rank failed
 
     def __enter__(self):
         return self
@@ -179,6 +181,7 @@ class RankGroup:
         if self.closed:
             return
         self.closed = True
+        failed = any(r.proc.poll() not in (None, 0) for r in self.ranks)   # exited on its own, before stop
         for r in self.ranks:
             if r.proc.poll() is None and r.proc.stdin and not r.proc.stdin.closed:
                 try:
@@ -209,6 +212,8 @@ class RankGroup:
             self.netns.teardown()
         with _LOCK:
             _LIVE.discard(self)
+        if self.own_workdir and not failed:   # a failed rank's log stays for whoever reads the error
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def worker_argv(model: str, split: list[int], extra: list[str] = ()) -> list[str]:
@@ -236,6 +241,7 @@ def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None]
     n = sum(stage_tp) if max(stage_tp) > 1 else len(split)
     if max(stage_tp) > 1 and not hybrid:
         worker_args = [*worker_args, "--tp", str(stage_tp[0])]
+    own_workdir = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="harness-ranks-"))
     workdir.mkdir(parents=True, exist_ok=True)
     blas_path = blas.find_openblas() if use_blas is True else (use_blas or None)
@@ -246,7 +252,7 @@ def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None]
                         "link emulation puts ranks in namespaces on this machine; with a hostfile the hosts' "
                         "own links are used: drop one of the two")
     netns = Netns(n, links) if links is not None and n > 1 else None
-    group = RankGroup([], workdir, None, netns, blas_path)
+    group = RankGroup([], workdir, None, netns, blas_path, own_workdir=own_workdir)
     with _LOCK:
         _LIVE.add(group)
     try:

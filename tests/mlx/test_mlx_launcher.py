@@ -1,6 +1,9 @@
 """Pure parts of the launcher and worker: hostfile shape, layer-order to rank-order translation, BLAS env."""
 from __future__ import annotations
 
+import shutil
+import sys
+
 from harness.mlx import blas, launcher, worker
 
 
@@ -95,3 +98,16 @@ def test_a_strategy_plan_gives_the_split_and_node_names():
     assert len(shapes) == len(plan.stages)
     first_hop = cluster.link(plan.stages[0].nodes[0], plan.stages[1].nodes[0]).bandwidth_gbps
     assert shapes[-1].bandwidth_gbps <= first_hop      # rank size-1 runs stage 0
+
+
+def test_a_clean_close_removes_the_rank_folder_and_a_failed_rank_keeps_its_log():
+    """launch() makes a temporary folder per group (hostfiles, rank logs): it used to stay behind after every run."""
+    clean = launcher.launch("unused", [1], command=[sys.executable, "-c", "pass"])
+    clean.ranks[0].proc.wait(timeout=30)
+    clean.close()
+    assert not clean.workdir.exists()
+    failed = launcher.launch("unused", [1], command=[sys.executable, "-c", "import sys; sys.exit('boom')"])
+    failed.ranks[0].proc.wait(timeout=30)
+    failed.close()
+    assert "boom" in (failed.workdir / "rank0.log").read_text()
+    shutil.rmtree(failed.workdir)

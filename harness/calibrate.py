@@ -12,6 +12,14 @@ Fit (closed-form weighted least squares on relative error, no optimiser dependen
    -> global eta_bw, step_overhead_s and layer_overhead_s (non-negative least squares);
 2. prefill rows, batch 1: t - overhead = flops / (mu * peak) -> global mu_compute;
 3. per chip (optional), with the global overhead fixed: the same two fits over that chip's rows.
+4. MoE (named terms, fitted on MoE rows only, global factors fixed; dense rows unaffected): expert_eta, the
+   routed experts' read rate relative to dense weights in decode, and expert_fill_tokens, the compute each
+   expert touched by an engine chunk pays on top of its tokens (small per-expert GEMMs), with the chunk the
+   engine's physical batch (the row's stated n_ubatch, else the engine's default: ENGINE_CHUNK);
+5. attention apart (--terms attention): the KV read efficiency attn_eta_bw and the attention FLOPS efficiency
+   attn_mu fitted beside eta_bw and mu_compute, attention taken out of the weights' roofline;
+6. engines: for each engine with rows of its own besides the default (mlx-lm), its per-step cost over the
+   profile's (engines.<name>.step_overhead_s, non-negative) and its prefill chunk.
 Rows with batch > 1 are not fitted; they are reported as a check of batched-decode scaling.
 Then every row is predicted with harness.costmodel itself and the error is reported.
 """
@@ -49,6 +57,28 @@ MODEL_MAP = {
 }
 
 
+# the tokens an engine puts through one forward of a prefill (its physical batch) when a row does not say:
+# llama-bench's n_ubatch default is 512 (llama.cpp tools/llama-bench README: "-ub, --ubatch-size <n> (default:
+# 512)"); mlx-lm prefills prompt_step/prefill_step_size = 2048 tokens at a time (mlx_lm generate_step default)
+ENGINE_CHUNK = {"llama.cpp": 512, "mlx-lm": 2048}
+ENGINE_NAMES = {"mlx": "mlx-lm"}   # engine_family -> the profile's engine names
+TERMS = ("moe", "engine", "attention")
+DEFAULT_TERMS = ("moe", "engine")   # what the committed fitted.json carries; attention moves dense plans
+
+
+def profile_engine(engine: str) -> str:
+    """The profile engine name of a row's engine cell ("llama.cpp (Metal,BLAS)" -> "llama.cpp", "mlx" -> "mlx-lm")."""
+    fam = engine_family(engine)
+    return ENGINE_NAMES.get(fam, fam)
+
+
+def stated_chunk(engine: str, version: str, notes: str = "") -> int:
+    """The physical prefill batch a row ran with: n_ubatch/-ub stated in its version or notes, else its engine's
+    default (0: unknown, the whole prompt in one forward)."""
+    m = re.search(r"(?:n_ubatch|-ub|ubatch[- ]size)\s*=?\s*(\d+)", f"{version} {notes}")
+    return int(m.group(1)) if m else ENGINE_CHUNK.get(profile_engine(engine), 0)
+
+
 @dataclass(frozen=True)
 class Obs:
     """One published figure turned into a step-time observation."""
@@ -66,6 +96,7 @@ class Obs:
     confidence: str
     source: str = ""         # first URL of the row's source cell: the unit held out by leave-one-source-out
     nodes: int = 1           # Macs in the run (the single-device tables: 1)
+    chunk: int = 0           # the engine's physical prefill batch (n_ubatch) for this row; 0: one forward
 
     @property
     def step_s(self) -> float:
@@ -155,7 +186,8 @@ def _row_obs(line: int, row: dict) -> tuple[list[Obs], str]:
     depth = _num(row["context_depth"]) or 0.0
     common = dict(row=line, engine=row["engine"], model_name=row["model"], quant=row["quant"], chip=chip,
                   model=model, batch=batch, confidence=row["confidence"],
-                  source=source_key(row["source"]))
+                  source=source_key(row["source"]),
+                  chunk=stated_chunk(row["engine"], row.get("engine_version", ""), row.get("notes", "")))
     out = []
     prompt, gen = _num(row["prompt_tokens"]), _num(row["gen_tokens"])
     if _num(row["tg_tok_s"]) and gen:
@@ -184,11 +216,67 @@ def _prefill_flops_time(o: Obs) -> float:
 Overheads = tuple[float, float]   # (step_overhead_s, layer_overhead_s)
 
 
+def row_profile(o: Obs, profile: Profile) -> Profile:
+    """The profile an observation is priced with: its engine's entry, at the row's own prefill chunk."""
+    try:
+        p = profile.for_engine(profile_engine(o.engine))
+    except UserError:   # an engine the profile has no entry for: the profile's own factors
+        p = profile
+    return replace(p, prefill_chunk_tokens=float(o.chunk))
+
+
+def _expert_bytes_time(o: Obs) -> float:
+    """The routed experts' share of a MoE decode step's bytes over peak bandwidth (0 for a dense model)."""
+    if not o.model.moe:
+        return 0.0
+    L = o.model.num_layers
+    return (o.model.decode_read_bytes(0, L, o.batch) - o.model._range("dense", 0, L)) / (o.chip.mem_bw_gbs * 1e9)
+
+
+def _fill_flops_time(o: Obs) -> float:
+    """A MoE prefill's expert-fill FLOPs per token of expert_fill_tokens, over peak FLOPS, at the row's chunk."""
+    unit = replace(costmodel.load_profile("default"), expert_fill_tokens=1.0, prefill_chunk_tokens=float(o.chunk))
+    return costmodel.expert_fill_flops(o.model, unit, 0, o.model.num_layers, o.tokens) / (o.chip.fp16_tflops * 1e12)
+
+
+def _kv_time(o: Obs) -> float:
+    """A decode step's KV reads over peak bandwidth (attention's memory side)."""
+    kv, _ = costmodel.decode_attention_work(o.model, 0, o.model.num_layers, o.batch * o.context)
+    return kv / (o.chip.mem_bw_gbs * 1e9)
+
+
+def _attn_flops_time(o: Obs) -> float:
+    """A prefill's attention pair FLOPs over peak FLOPS (attention's compute side)."""
+    _, f = costmodel.prefill_attention_work(o.model, 0, o.model.num_layers, o.tokens, int(o.context))
+    return f / (o.chip.fp16_tflops * 1e12)
+
+
+def _ls_positive(cols: list[np.ndarray], t: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Least squares of t ~ sum(c_i x_i) on relative error with every c_i >= 0: the best subset whose
+    unconstrained solution is non-negative (the columns are few)."""
+    from itertools import combinations
+    best = None
+    n = len(cols)
+    for r in range(n, 0, -1):
+        for keep in combinations(range(n), r):
+            a = np.column_stack([cols[i] * w for i in keep])
+            coef, *_ = np.linalg.lstsq(a, t * w, rcond=None)
+            if np.any(coef < 0):
+                continue
+            resid = float(np.sum((a @ coef - t * w) ** 2))
+            if best is None or resid < best[0]:
+                full = np.zeros(n)
+                full[list(keep)] = coef
+                best = (resid, full)
+    return best[1] if best else np.zeros(n)
+
+
 def _overhead(o: Obs, ovh: Overheads) -> float:
     return ovh[0] + ovh[1] * o.model.num_layers
 
 
-def fit_decode(rows: list[Obs], overheads: Overheads | None = None) -> tuple[float, Overheads]:
+def fit_decode(rows: list[Obs], overheads: Overheads | None = None,
+               attention: tuple[float, float] | None = None) -> tuple[float, Overheads]:
     """(eta_bw, overheads) minimising relative error of t = x / eta + c_step + c_layer * layers.
 
     Overheads given: only eta is fitted. Otherwise the non-negative least-squares solution over the three
@@ -212,28 +300,126 @@ def fit_decode(rows: list[Obs], overheads: Overheads | None = None) -> tuple[flo
                 best = (resid, 1.0 / coef[0], ovh)
         return best[1], best[2]
     c = np.array([_overhead(o, overheads) for o in rows])
+    if attention:   # the KV reads at their own rate: known time, not the weights'
+        kv = np.array([_kv_time(o) for o in rows])
+        x, c = x - kv, c + kv / attention[0]
     inv_eta = float(np.sum(x * w * (t - c) * w) / np.sum((x * w) ** 2))
     return 1.0 / inv_eta, overheads
 
 
-def fit_prefill(rows: list[Obs], overheads: Overheads) -> float:
+def fit_prefill(rows: list[Obs], overheads: Overheads, attention: tuple[float, float] | None = None) -> float:
     """mu_compute minimising relative error of t - overhead = flops_time / mu."""
     f = np.array([_prefill_flops_time(o) for o in rows])
     t = np.array([o.step_s for o in rows])
     c = np.array([_overhead(o, overheads) for o in rows])
+    if attention:
+        a = np.array([_attn_flops_time(o) for o in rows])
+        f, c = f - a, c + a / attention[1]
     w = 1.0 / t
     inv_mu = float(np.sum(f * w * (t - c) * w) / np.sum((f * w) ** 2))
     return 1.0 / inv_mu
 
 
-def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = None) -> Profile:
-    """A Profile fitted to the batch-1 observations; link and SSD figures are kept from `base`."""
+def fit_attention(tg: list[Obs], pp: list[Obs]) -> tuple[float, Overheads, float, float, float]:
+    """(eta_bw, overheads, mu_compute, attn_eta_bw, attn_mu) with attention apart: decode
+    t = weights/eta + KV/attn_eta + c_step + c_layer L, prefill t - overhead = matmul/mu + pairs/attn_mu."""
+    x = np.array([_decode_bytes_time(o) for o in tg])          # weights + KV (+ head) at peak
+    kv = np.array([_kv_time(o) for o in tg])
+    layers = np.array([o.model.num_layers for o in tg], dtype=float)
+    t = np.array([o.step_s for o in tg])
+    c = _ls_positive([x - kv, kv, np.ones_like(t), layers], t, 1.0 / t)
+    eta, attn_eta = 1.0 / c[0], (1.0 / c[1] if c[1] > 0 else 1.0)
+    overheads = (float(c[2]), float(c[3]))
+    f = np.array([_prefill_flops_time(o) for o in pp])
+    a = np.array([_attn_flops_time(o) for o in pp])
+    tp = np.array([o.step_s - _overhead(o, overheads) for o in pp])
+    w = 1.0 / np.array([o.step_s for o in pp])
+    d = _ls_positive([f - a, a], tp, w)
+    mu, attn_mu = 1.0 / d[0], (1.0 / d[1] if d[1] > 0 else 1.0)
+    return eta, overheads, mu, min(attn_eta, 1.0), min(attn_mu, 1.0)
+
+
+# With attention inside the roofline, the MoE terms are fitted on rows without a deep context: decode rows whose KV
+# reads are under this share of the bytes, prefill rows with nothing cached before the prompt (the prompt's own
+# causal attention is in every dense prefill row mu_compute was fitted on too). A deep context's attention cost,
+# which the plain roofline under-prices, would otherwise be read as expert cost.
+ATTENTION_SHARE_MAX = 0.1
+
+
+def fit_moe(tg: list[Obs], pp: list[Obs], eta: float, mu: float, overheads: Overheads,
+            attention: tuple[float, float] | None = None) -> dict:
+    """expert_eta from MoE decode rows and expert_fill_tokens from MoE prefill rows, the global factors fixed;
+    {} when there are no MoE rows (the neutral defaults then hold)."""
+    out = {}
+    if not attention:   # inside the roofline, attention's error would be read as the experts': rows where it is small
+        tg = [o for o in tg if _kv_time(o) < ATTENTION_SHARE_MAX * _decode_bytes_time(o)]
+        pp = [o for o in pp if o.context == 0]
+    moe_tg = [o for o in tg if o.model.moe]
+    if moe_tg:
+        xe = np.array([_expert_bytes_time(o) for o in moe_tg])
+        x = np.array([_decode_bytes_time(o) for o in moe_tg])
+        t = np.array([o.step_s for o in moe_tg])
+        known = (x - xe) / eta + np.array([_overhead(o, overheads) for o in moe_tg])
+        if attention:
+            kv = np.array([_kv_time(o) for o in moe_tg])
+            known += kv / attention[0] - kv / eta
+        w = 1.0 / t
+        inv = float(np.sum(xe * w * (t - known) * w) / np.sum((xe * w) ** 2))   # 1 / (eta * expert_eta)
+        out["expert_eta"] = round(float(np.clip(1.0 / (eta * inv), 0.05, 1.0)) if inv > 0 else 1.0, 4)
+    moe_pp = [o for o in pp if o.model.moe]
+    if moe_pp:
+        g = np.array([_fill_flops_time(o) for o in moe_pp])
+        f = np.array([_prefill_flops_time(o) for o in moe_pp])
+        t = np.array([o.step_s for o in moe_pp])
+        known = f / mu + np.array([_overhead(o, overheads) for o in moe_pp])
+        if attention:
+            a = np.array([_attn_flops_time(o) for o in moe_pp])
+            known += a / attention[1] - a / mu
+        w = 1.0 / t
+        fill = mu * float(np.sum(g * w * (t - known) * w) / np.sum((g * w) ** 2)) if np.any(g) else 0.0
+        out["expert_fill_tokens"] = round(max(fill, 0.0), 2)
+    return out
+
+
+def fit_engines(obs: list[Obs], profile: Profile, default: str = costmodel.DEFAULT_ENGINE) -> dict:
+    """Per engine other than the default with batch-1 decode rows: the per-step cost over the profile's own
+    (the mean residual step time, >= 0), and the engine's prefill chunk (ENGINE_CHUNK)."""
+    engines = {}
+    for name in sorted({profile_engine(o.engine) for o in obs} - {default}):
+        entry = {}
+        if name in ENGINE_CHUNK:
+            entry["prefill_chunk_tokens"] = ENGINE_CHUNK[name]
+        tg = [o for o in obs if o.kind == "tg" and o.batch == 1 and profile_engine(o.engine) == name]
+        if tg:
+            t = np.array([o.step_s for o in tg])
+            pred = np.array([o.batch / predict(o, profile) for o in tg])
+            w = 1.0 / t
+            extra = float(np.sum((t - pred) * w * w) / np.sum(w * w))
+            entry["step_overhead_s"] = round(profile.step_overhead_s + max(extra, 0.0), 6)
+        entry["basis"] = f"fitted on {len(tg)} decode rows of {name}" if tg else "engine default chunk only"
+        engines[name] = entry
+    return engines
+
+
+def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = None,
+                terms: tuple[str, ...] = DEFAULT_TERMS) -> Profile:
+    """A Profile fitted to the batch-1 observations; link and SSD figures are kept from `base`. `terms` names
+    the optional terms fitted beside the roofline's (TERMS)."""
+    unknown = set(terms) - set(TERMS)
+    if unknown:
+        raise UserError(f"unknown calibration term(s) {', '.join(sorted(unknown))}; choose from {', '.join(TERMS)}")
     tg = [o for o in obs if o.kind == "tg" and o.batch == 1]
     pp = [o for o in obs if o.kind == "pp"]
     if not tg or not pp:
         raise UserError("calibration needs at least one decode (tg) and one prefill (pp) row")
-    eta, overheads = fit_decode(tg)
-    mu = fit_prefill(pp, overheads)
+    attention = None
+    if "attention" in terms:
+        eta, overheads, mu, attn_eta, attn_mu = fit_attention(tg, pp)
+        attention = (attn_eta, attn_mu)
+    else:
+        eta, overheads = fit_decode(tg)
+        mu = fit_prefill(pp, overheads)
+    moe = fit_moe(tg, pp, eta, mu, overheads, attention) if "moe" in terms else {}
     chips: dict[str, dict] = {}
     if per_chip:
         for name in sorted({o.chip.name for o in obs}):
@@ -241,22 +427,27 @@ def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = No
             mine_tg = [o for o in tg if o.chip.name == name]
             mine_pp = [o for o in pp if o.chip.name == name]
             if len(mine_tg) >= 2:
-                entry["eta_bw"] = round(fit_decode(mine_tg, overheads)[0], 4)
+                entry["eta_bw"] = round(fit_decode(mine_tg, overheads, attention)[0], 4)
             if len(mine_pp) >= 2:
-                entry["mu_compute"] = round(fit_prefill(mine_pp, overheads), 4)
+                entry["mu_compute"] = round(fit_prefill(mine_pp, overheads, attention), 4)
             if entry:
                 chips[name] = entry
     base = base or costmodel.load_profile("default")  # SSD and link figures the data cannot fit
-    return Profile(name="fitted", eta_bw=round(eta, 4), mu_compute=round(mu, 4),
-                   step_overhead_s=round(overheads[0], 6), layer_overhead_s=round(overheads[1], 7),
-                   link_overhead_us=base.link_overhead_us, ssd_gbs=base.ssd_gbs, per_chip=chips,
-                   source="fitted: python -m harness calibrate on harness/catalog/calibration/"
-                          "apple_silicon_single_device_calibration.csv (public llama.cpp and MLX single-device rows)")
+    extra = dict(attn_eta_bw=round(attention[0], 4), attn_mu=round(attention[1], 4)) if attention else {}
+    profile = Profile(name="fitted", eta_bw=round(eta, 4), mu_compute=round(mu, 4),
+                      step_overhead_s=round(overheads[0], 6), layer_overhead_s=round(overheads[1], 7),
+                      link_overhead_us=base.link_overhead_us, ssd_gbs=base.ssd_gbs, per_chip=chips,
+                      source="fitted: python -m harness calibrate on harness/catalog/calibration/"
+                             "apple_silicon_single_device_calibration.csv (public llama.cpp and MLX single-device rows)",
+                      **moe, **extra)
+    if "engine" in terms:
+        profile = replace(profile, engines=fit_engines(obs, profile))
+    return profile
 
 
 def predict(o: Obs, profile: Profile) -> float:
     """Predicted tokens/s for an observation, with the cost model's own functions."""
-    L = o.model.num_layers
+    L, profile = o.model.num_layers, row_profile(o, profile)
     if o.kind == "pp":
         return o.tokens / costmodel.prefill_time(o.chip, profile, o.model, 0, L, o.tokens, int(o.context),
                                                  with_head=True)
@@ -297,8 +488,8 @@ BREAKDOWN = (("engine", "engine_family"), ("chip generation", "generation"), ("d
              ("nodes", "topology"))
 
 
-def leave_one_source_out(obs: list[Obs], per_chip: bool = True, base: Profile | None = None
-                         ) -> tuple[list[dict], list[str]]:
+def leave_one_source_out(obs: list[Obs], per_chip: bool = True, base: Profile | None = None,
+                         terms: tuple[str, ...] = DEFAULT_TERMS) -> tuple[list[dict], list[str]]:
     """Each source held out in turn: refit on every other source, predict the held-out batch-1 rows.
 
     A source is one publication (its first URL), so rows sharing a methodology are held out together and
@@ -311,7 +502,7 @@ def leave_one_source_out(obs: list[Obs], per_chip: bool = True, base: Profile | 
         if not held:
             continue
         try:
-            profile = fit_profile([o for o in obs if o.source != source], per_chip=per_chip, base=base)
+            profile = fit_profile([o for o in obs if o.source != source], per_chip=per_chip, base=base, terms=terms)
         except UserError as exc:
             notes.append(f"{source}: not held out ({exc})")
             continue
@@ -362,10 +553,18 @@ def profile_json(profile: Profile, summary: dict, summary_global: dict, skipped:
             "ssd_basis": "kept from default.json (not in the calibration data)",
             "link_basis": "link_overhead_us kept from default.json (single-device data cannot fit it)",
             "per_chip": profile.per_chip,
+            **{k: getattr(profile, k) for k in ("expert_eta", "expert_fill_tokens", "attn_eta_bw", "attn_mu")
+               if getattr(profile, k) != costmodel.Profile.__dataclass_fields__[k].default},
+            **({"moe_basis": MOE_BASIS} if profile.expert_eta != 1.0 or profile.expert_fill_tokens else {}),
+            **({"engines": profile.engines} if profile.engines else {}),
             "fit": {"errors_with_per_chip": summary, "errors_global_only": summary_global,
                     "leave_one_source_out": loso or {},
                     "rows_skipped": skipped, "method": "weighted least squares on relative step-time error; "
                     "batched rows are checks, not fitted"}}
+
+
+MOE_BASIS = ("expert_eta and expert_fill_tokens fitted on the MoE rows (global factors fixed, so dense rows price "
+             "as without them): experts touched per engine chunk E(1-(1-k/E)^T), uniform top-k routing")
 
 
 def write_profile(data: dict, path: str | Path) -> Path:

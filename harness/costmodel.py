@@ -3,6 +3,14 @@
 Decode step:  t = max(bytes / (eta_bw * BW), flops / (mu * peak)) + step overhead + layers x layer overhead
 Prefill:      the same roofline over the prompt's FLOPs and the weights it reads
 Link:         t = latency + per-message overhead + bytes / bandwidth
+MoE:          a forward of T tokens reads the experts its tokens touch, E (1 - (1 - k/E)^T) per MoE layer (uniform
+              top-k routing), at expert_eta of the dense read rate, and each touched expert's GEMM pays
+              expert_fill_tokens tokens of compute on top (a small per-expert GEMM fills its tiles poorly)
+Attention:    with attn_eta_bw and attn_mu set, attention over the cached context is its own kernel with its own
+              roofline, max(KV bytes / (attn_eta_bw BW), pair FLOPs / (attn_mu peak)), added to the weights'
+              roofline instead of hidden inside it (0: inside, as the plain roofline)
+Engines:      a profile's `engines` table overrides factors per serving engine (mlx-lm, llama.cpp, exo, ...) and
+              adds the engine's fixed per-request cost and prefill chunk; Profile.for_engine picks one
 Stages:       `StageModel` times one pipeline stage (a node or a tensor-parallel group) for the planner and the
               simulator alike; `PlanOptions` says at which context and prompt length a plan is predicted.
 Strategies use it to rank plans; the simulator uses it to time events. Efficiency factors live in a profile
@@ -10,7 +18,7 @@ file (harness/profiles/*.json), never in code; a missing or malformed profile is
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +28,23 @@ from harness.specs import Chip, Cluster, Link, ModelSpec, PartitionPlan, UserErr
 PROFILE_DIR = Path(__file__).parent / "profiles"
 REQUIRED = ("eta_bw", "mu_compute", "step_overhead_s", "layer_overhead_s", "link_overhead_us", "ssd_gbs")
 # Terms a profile may add; their defaults are the plain roofline, so a profile without them prices as before.
-OPTIONAL = {"overlap": 1.0, "seq_layer_overhead_s": 0.0, "prefill_ramp_tokens": 0.0, "iteration_gap_s": 0.0}
+OPTIONAL = {"overlap": 1.0, "seq_layer_overhead_s": 0.0, "prefill_ramp_tokens": 0.0, "iteration_gap_s": 0.0,
+            "attn_eta_bw": 0.0, "attn_mu": 0.0}
 OPTIONAL_RANGES = {"overlap": (0.0, 1.0), "seq_layer_overhead_s": (0.0, np.inf), "prefill_ramp_tokens": (0.0, np.inf),
-                   "iteration_gap_s": (0.0, np.inf)}
+                   "iteration_gap_s": (0.0, np.inf), "attn_eta_bw": (0.0, 1.0), "attn_mu": (0.0, 1.0),
+                   "expert_eta": (0.05, 1.0), "expert_fill_tokens": (0.0, np.inf),
+                   "request_overhead_s": (0.0, np.inf), "prefill_chunk_tokens": (0.0, np.inf)}
+# MoE terms: one value per profile (or engine), not per chip: they scale the work, not a chip's rate
+MOE_TERMS = {"expert_eta": 1.0, "expert_fill_tokens": 0.0}
+# what only an engine has: its fixed cost per request (TTFT floor: tokenising, scheduling, the first
+# round trip) and the tokens it prefills per forward (0: the whole prompt in one)
+ENGINE_TERMS = {"request_overhead_s": 0.0, "prefill_chunk_tokens": 0.0}
 FACTOR_KEYS = (*REQUIRED, *OPTIONAL)   # what a per_chip entry may override
+ENGINE_KEYS = (*FACTOR_KEYS, *MOE_TERMS, *ENGINE_TERMS, "per_chip", "basis")   # what an engines entry may set
+DEFAULT_ENGINE = "mlx-lm"   # the engine a profile's own factors are for; its engines entry, if any, is empty
 # A profile file's keys: the factors, their provenance, and the notes `harness calibrate` writes beside them.
-PROFILE_KEYS = ("name", "source", *FACTOR_KEYS, "per_chip", "ssd_basis", "link_basis", "fit")
+PROFILE_KEYS = ("name", "source", *FACTOR_KEYS, *MOE_TERMS, *ENGINE_TERMS, "per_chip", "engines", "ssd_basis", "link_basis",
+                "moe_basis", "fit")
 
 
 @dataclass(frozen=True)
@@ -47,11 +66,51 @@ class Profile:
     # idle time between two engine iterations outside every stage: the serving loop handing out the tokens and
     # sending the next command to the ranks (the real backend's driver round trip)
     iteration_gap_s: float = 0.0
+    # attention over the cached context as its own roofline (0, 0: inside the weights' roofline, as before)
+    attn_eta_bw: float = 0.0            # achieved / peak bandwidth reading the KV cache in attention
+    attn_mu: float = 0.0                # achieved / peak FLOPS of the attention kernels (QK^T, softmax, AV)
+    expert_eta: float = 1.0             # read rate of routed experts relative to dense weights (gathers)
+    expert_fill_tokens: float = 0.0     # extra tokens of compute each touched expert's GEMM pays per forward
+    engines: dict = field(default_factory=dict)   # {"llama.cpp": {"step_overhead_s": ..., ...}} overrides
+    engine: str = DEFAULT_ENGINE        # the engine this profile prices
+    request_overhead_s: float = 0.0     # the engine's fixed cost per request (TTFT floor)
+    prefill_chunk_tokens: float = 0.0   # tokens the engine prefills per forward (0: the whole prompt)
 
     def __post_init__(self):
         check_optional_terms(self.__dict__, f"profile {self.name}", partial=False)
         for chip, factors in self.per_chip.items():
             check_optional_terms(factors, f"profile {self.name}: per_chip.{chip}")
+        for name, entry in self.engines.items():
+            check_optional_terms(entry, f"profile {self.name}: engines.{name}")
+
+    def for_engine(self, engine: str | None) -> "Profile":
+        """This profile for one serving engine: its engines entry's factors (and per-chip factors) over the
+        profile's own. The default engine (mlx-lm), or an engine without an entry in a profile with no engines
+        table, is the profile itself."""
+        engine = engine or DEFAULT_ENGINE
+        if engine == self.engine:
+            return self
+        if engine not in self.engines and engine != DEFAULT_ENGINE:
+            known = sorted({DEFAULT_ENGINE, *self.engines})
+            raise UserError(f"profile {self.name} has no engine {engine!r}; known: {', '.join(known)}")
+        entry = dict(self.engines.get(engine, {}))
+        entry.pop("basis", None)
+        chips = {**self.per_chip}
+        for chip, factors in entry.pop("per_chip", {}).items():
+            chips[chip] = {**chips.get(chip, {}), **factors}
+        return replace(self, engine=engine, per_chip=chips, **{k: float(v) for k, v in entry.items()})
+
+    @property
+    def attention_apart(self) -> bool:
+        """Whether attention over the context is priced as its own term (both its factors set)."""
+        return self.attn_eta_bw > 0 and self.attn_mu > 0
+
+    def attention_s(self, chip: Chip, kv_bytes: float, flops: float) -> float:
+        """Attention's own roofline: the KV it reads and the pair FLOPs it does (0 unless attention_apart)."""
+        if not self.attention_apart or not (kv_bytes or flops):
+            return 0.0
+        return max(kv_bytes / (self._get(chip, "attn_eta_bw") * chip.mem_bw_gbs * 1e9),
+                   flops / (self._get(chip, "attn_mu") * chip.fp16_tflops * 1e12))
 
     def _get(self, chip: Chip, key: str) -> float:
         return self.per_chip.get(chip.name, {}).get(key, getattr(self, key))
@@ -110,7 +169,8 @@ def load_profile(path: str | Path | None = None) -> Profile:
         raise UserError(f"cost-model profile {p}: missing or non-numeric {', '.join(missing)}")
     check_optional_terms(data, f"cost-model profile {p}")
     return Profile(name=data.get("name", p.stem), per_chip=data.get("per_chip", {}), source=data.get("source", ""),
-                   **{k: float(data[k]) for k in REQUIRED}, **{k: float(data[k]) for k in OPTIONAL if k in data})
+                   engines=data.get("engines", {}), **{k: float(data[k]) for k in REQUIRED},
+                   **{k: float(data[k]) for k in (*OPTIONAL, *MOE_TERMS, *ENGINE_TERMS) if k in data})
 
 
 def _reject_unknown_profile_keys(data: dict, origin: str) -> None:
@@ -120,6 +180,18 @@ def _reject_unknown_profile_keys(data: dict, origin: str) -> None:
         raise UserError(f"{origin}: per_chip must be an object mapping chip names to factors, got {per_chip!r}")
     for chip, factors in per_chip.items():
         reject_unknown(factors, FACTOR_KEYS, origin, f"per_chip.{chip}")
+    engines = data.get("engines", {})
+    if not isinstance(engines, dict):
+        raise UserError(f"{origin}: engines must be an object mapping engine names to factors, got {engines!r}")
+    for name, entry in engines.items():
+        if not isinstance(entry, dict):
+            raise UserError(f"{origin}: engines.{name} must be an object of factors, got {entry!r}")
+        reject_unknown(entry, ENGINE_KEYS, origin, f"engines.{name}")
+        for key, value in entry.items():
+            if key not in ("per_chip", "basis") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise UserError(f"{origin}: engines.{name}.{key} must be a number, got {value!r}")
+        for chip, factors in entry.get("per_chip", {}).items():
+            reject_unknown(factors, FACTOR_KEYS, origin, f"engines.{name}.per_chip.{chip}")
 
 
 def overlapped(memory_s: float, compute_s: float, exposed: float) -> float:
@@ -135,21 +207,96 @@ def roofline(chip: Chip, profile: Profile, nbytes: float, flops: float, tokens: 
     return overlapped(nbytes / profile.bandwidth(chip), compute_s, profile.exposed(chip))
 
 
+# ----------------------------------------------------------------------------------------------- MoE work
+def experts_touched(model: ModelSpec, tokens: float) -> float:
+    """Expected distinct routed experts per MoE layer that a forward of `tokens` tokens touches.
+
+    Uniform top-k routing over E experts: a given expert is missed by one token with probability 1 - k/E, by all T
+    tokens (routed independently) with probability (1 - k/E)^T, so E (1 - (1 - k/E)^T) experts are touched
+    (the occupancy expectation; DeepSpeed-MoE and the MoE-Lightning/MoE-Infinity papers use the same count for
+    the experts a batch loads). 1 token touches k; a long chunk touches all E."""
+    if not model.moe:
+        return 0.0
+    e, k = model.experts, model.active_experts
+    return e * (1.0 - (1.0 - k / e) ** max(tokens, 1))
+
+
+def _moe_layers(model: ModelSpec, start: int, end: int) -> int:
+    return model._prefix["moe_layers"][end] - model._prefix["moe_layers"][start] if model.moe else 0
+
+
+def read_bytes(model: ModelSpec, profile: Profile | None, start: int, end: int, tokens: float = 1) -> float:
+    """Weight bytes one forward of `tokens` tokens reads over layers [start, end), in dense-read equivalents:
+    the dense part, plus the experts those tokens touch at 1/expert_eta (a gather of scattered expert matrices
+    streams slower than one dense matrix; expert_eta 1: as fast). A dense model: every weight, once."""
+    nbytes = model.decode_read_bytes(start, end, max(tokens, 1)) if model.moe else model.weight_bytes(start, end)
+    eta = profile.expert_eta if profile is not None else 1.0
+    if model.moe and eta != 1.0:
+        nbytes += (1.0 / eta - 1.0) * (nbytes - model._range("dense", start, end))
+    return nbytes
+
+
+def expert_fill_flops(model: ModelSpec, profile: Profile | None, start: int, end: int, tokens: float) -> float:
+    """Compute a forward of `tokens` tokens wastes on its routed experts' small GEMMs: each touched expert (an
+    expected E (1 - (1 - k/E)^T) per MoE layer and engine chunk) pays expert_fill_tokens tokens of compute on
+    top of its T k / touched tokens (tiles half-empty, one launch per expert), so a 512-token chunk over 256
+    experts (16 tokens each) runs far below the GEMM rate while a 4096-token one (128 each) nearly reaches it."""
+    fill = profile.expert_fill_tokens if profile is not None else 0.0
+    if not fill or not model.moe or tokens <= 0:
+        return 0.0
+    per_expert = 2.0 * 3 * model.hidden * model.moe_ffn
+    touched = sum(experts_touched(model, c) for c in prefill_chunks(tokens, profile.prefill_chunk_tokens))
+    return fill * touched * per_expert * _moe_layers(model, start, end)
+
+
+def prefill_read_bytes(model: ModelSpec, profile: Profile | None, start: int, end: int, tokens: int) -> float:
+    """Weight bytes a prefill of `tokens` tokens reads. A MoE model: each of the engine's chunks (its physical
+    batch, prefill_chunk_tokens) reads the dense part and the experts that chunk touches. A dense model: every
+    weight once (its prefill is compute-bound at any chunk an engine uses, so the re-reads are not priced)."""
+    if not model.moe:
+        return model.weight_bytes(start, end)
+    chunk = profile.prefill_chunk_tokens if profile is not None else 0.0
+    return sum(read_bytes(model, profile, start, end, c) for c in prefill_chunks(tokens, chunk))
+
+
+def prefill_chunks(tokens: int, chunk: float) -> list[int]:
+    """The forwards an engine that prefills `chunk` tokens at a time splits a prompt into (0: one forward)."""
+    c = int(chunk)
+    if c <= 0 or tokens <= c:
+        return [tokens]
+    return [c] * (tokens // c) + ([tokens % c] if tokens % c else [])
+
+
 def decode_time(chip: Chip, profile: Profile, model: ModelSpec, start: int, end: int, batch: int = 1,
                 context_tokens: float = 0, tp: int = 1, with_head: bool = False) -> float:
     """One decode step of `batch` sequences (mean context `context_tokens`) over layers [start, end).
 
     tp > 1 shards the work over a tensor-parallel group (all-reduce time is added by the caller, who knows the link).
     with_head adds the final norm + output projection (the last stage's extra work).
+    With attention apart, the KV reads and pair FLOPs leave the weights' roofline for attention's own.
     """
-    nbytes, flops = decode_work(model, start, end, batch, context_tokens, tp, with_head)
-    return roofline(chip, profile, nbytes, flops) + profile.overhead(chip, end - start, batch)
+    apart = profile.attention_apart
+    nbytes, flops = decode_work(model, start, end, batch, 0 if apart else context_tokens, tp, with_head, profile)
+    t = roofline(chip, profile, nbytes, flops) + profile.overhead(chip, end - start, batch)
+    if apart:
+        kv, af = decode_attention_work(model, start, end, batch * context_tokens, tp)
+        t += profile.attention_s(chip, kv, af)
+    return t
+
+
+def decode_attention_work(model: ModelSpec, start: int, end: int, ctx_sum: float, tp: int = 1) -> tuple[float, float]:
+    """(KV bytes, pair FLOPs) of one decode step's attention over `ctx_sum` cached tokens (summed over the batch)."""
+    return (ctx_sum * model.kv_bytes_per_token(start, end) / tp,
+            ctx_sum * (end - start) * model._attn_flops_per_position() / tp)
 
 
 def decode_work(model: ModelSpec, start: int, end: int, batch: int = 1, context_tokens: float = 0, tp: int = 1,
-                with_head: bool = False) -> tuple[float, float]:
-    """(bytes read, FLOPs) of one decode step: what decode_time puts through the roofline."""
-    nbytes = (model.decode_read_bytes(start, end, batch) + batch * context_tokens * model.kv_bytes_per_token(start, end)) / tp
+                with_head: bool = False, profile: Profile | None = None) -> tuple[float, float]:
+    """(bytes read, FLOPs) of one decode step: what decode_time puts through the roofline (the profile, if
+    given, for the MoE read efficiency)."""
+    weights = read_bytes(model, profile, start, end, batch) if profile is not None and model.moe \
+        else model.decode_read_bytes(start, end, batch)
+    nbytes = (weights + batch * context_tokens * model.kv_bytes_per_token(start, end)) / tp
     flops = model.decode_flops(start, end, batch, context_tokens) / tp
     if with_head:
         nbytes += model.head_bytes()
@@ -159,16 +306,48 @@ def decode_work(model: ModelSpec, start: int, end: int, batch: int = 1, context_
 
 def prefill_time(chip: Chip, profile: Profile, model: ModelSpec, start: int, end: int, tokens: int,
                  context_before: int = 0, tp: int = 1, with_head: bool = False) -> float:
-    """Prefill `tokens` new tokens after `context_before` cached ones over layers [start, end)."""
-    nbytes, flops = prefill_work(model, start, end, tokens, context_before, tp, with_head)
-    return roofline(chip, profile, nbytes, flops, tokens) + profile.overhead(chip, end - start)
+    """Prefill `tokens` new tokens after `context_before` cached ones over layers [start, end), in one forward."""
+    apart = profile.attention_apart
+    nbytes, flops = prefill_work(model, start, end, tokens, context_before, tp, with_head, profile)
+    t = roofline(chip, profile, nbytes, flops, tokens) + profile.overhead(chip, end - start)
+    if apart:
+        t += profile.attention_s(chip, *prefill_attention_work(model, start, end, tokens, context_before, tp))
+    return t
+
+
+def request_prefill_time(chip: Chip, profile: Profile, model: ModelSpec, start: int, end: int, tokens: int,
+                         context_before: int = 0, tp: int = 1, with_head: bool = False) -> float:
+    """A request's prefill as its engine runs it: prefill_time plus the engine's fixed per-request cost (the TTFT
+    floor: tokenising, scheduling, the first round trip) when nothing was cached before it."""
+    return prefill_time(chip, profile, model, start, end, tokens, context_before, tp, with_head) + (
+        profile.request_overhead_s if context_before == 0 else 0.0)
+
+
+def prefill_attention_work(model: ModelSpec, start: int, end: int, tokens: int, context_before: int = 0,
+                           tp: int = 1) -> tuple[float, float]:
+    """(KV bytes, pair FLOPs) of a prefill's causal attention: each new token against the cached ones and those
+    before it (the KV of every position read once)."""
+    pairs = tokens * context_before + tokens * (tokens + 1) / 2
+    return ((context_before + tokens) * model.kv_bytes_per_token(start, end) / tp,
+            pairs * (end - start) * model._attn_flops_per_position() / tp)
 
 
 def prefill_work(model: ModelSpec, start: int, end: int, tokens: int, context_before: int = 0, tp: int = 1,
-                 with_head: bool = False) -> tuple[float, float]:
-    """(bytes, FLOPs) of a prefill: what prefill_time puts through the roofline."""
-    nbytes = (model.weight_bytes(start, end) + (context_before + tokens) * model.kv_bytes_per_token(start, end)) / tp
-    flops = model.prefill_flops(start, end, tokens, context_before) / tp
+                 with_head: bool = False, profile: Profile | None = None) -> tuple[float, float]:
+    """(bytes, FLOPs) of a prefill: what prefill_time puts through the roofline. With a profile: a MoE model
+    reads only the experts the chunk touches (at expert_eta) and pays their GEMM fill; with attention apart,
+    the KV reads and pair FLOPs are left to attention's own roofline."""
+    apart = profile is not None and profile.attention_apart
+    weights = prefill_read_bytes(model, profile, start, end, tokens) if profile is not None \
+        else model.weight_bytes(start, end)
+    kv = 0.0 if apart else (context_before + tokens) * model.kv_bytes_per_token(start, end)
+    nbytes = (weights + kv) / tp
+    if apart:
+        flops = model.decode_flops(start, end, tokens, 0) / tp
+    else:
+        flops = model.prefill_flops(start, end, tokens, context_before) / tp
+    if profile is not None and model.moe:
+        flops += expert_fill_flops(model, profile, start, end, tokens) / tp
     if with_head:  # only the last position's logits are needed
         nbytes += model.head_bytes()
         flops += model.head_flops(1)
@@ -296,8 +475,14 @@ class DecodeTerms:
     attn_flops: float                                 # FLOPs per token of context, per member
     # per member: (bytes/s, FLOP/s, exposed share 1 - overlap, overhead + all-reduce s)
     members: tuple[tuple[float, float, float, float], ...]
+    # attention apart (Profile.attention_apart): per member, seconds of attention per token of summed context
+    # (its own roofline is linear in the context); then kv_bytes and attn_flops are 0. Empty: inside the roofline
+    attn_s_per_ctx: tuple[float, ...] = ()
 
     def at(self, ctx_sum: float) -> float:
+        if self.attn_s_per_ctx:
+            return max(overlapped(self.nbytes / bw, self.flops / fl, exposed) + fixed + ctx_sum * a
+                       for (bw, fl, exposed, fixed), a in zip(self.members, self.attn_s_per_ctx))
         b, f = self.nbytes + ctx_sum * self.kv_bytes, self.flops + ctx_sum * self.attn_flops
         bw, fl, exposed, fixed = self.members[0]   # no max() over a generator: this runs per stage per engine step
         t = overlapped(b / bw, f / fl, exposed) + fixed
@@ -307,6 +492,9 @@ class DecodeTerms:
 
     def vector(self, ctx_sums: np.ndarray) -> np.ndarray:
         """`at` for many summed contexts at once (fast-forwarding steady decode)."""
+        if self.attn_s_per_ctx:
+            return np.max([overlapped(self.nbytes / bw, self.flops / fl, exposed) + fixed + ctx_sums * a
+                           for (bw, fl, exposed, fixed), a in zip(self.members, self.attn_s_per_ctx)], axis=0)
         b, f = self.nbytes + ctx_sums * self.kv_bytes, self.flops + ctx_sums * self.attn_flops
         return np.max([_overlapped_vector(b / bw, f / fl, exposed) + fixed for bw, fl, exposed, fixed in self.members],
                       axis=0)
@@ -349,22 +537,37 @@ class StageModel:
         """The decode step of `batch` sequences as a function of their summed context (the simulator's hot loop
         caches these per batch size)."""
         s, e, tp = self.start, self.end, self.tp
-        nbytes, flops = decode_work(model, s, e, batch, 0, tp, self.last)
+        nbytes, flops = decode_work(model, s, e, batch, 0, tp, self.last, profile)
         fixed = self.allreduce_s(model, profile, batch)
         members = tuple((profile.bandwidth(c), profile.flops(c), profile.exposed(c), profile.overhead(c, e - s, batch) + fixed)
                         for c in self.chips)
-        return DecodeTerms(nbytes, flops, model.kv_bytes_per_token(s, e) / tp,
-                           (e - s) * model._attn_flops_per_position() / tp, members)
+        kv, af = decode_attention_work(model, s, e, 1.0, tp)
+        if profile.attention_apart:
+            return DecodeTerms(nbytes, flops, 0.0, 0.0, members, tuple(profile.attention_s(c, kv, af) for c in self.chips))
+        return DecodeTerms(nbytes, flops, kv, af, members)
 
     def prefill_s(self, model: ModelSpec, profile: Profile, tokens: int, ctx_before: int, seqs: int = 1) -> float:
         """A prefill forward of `tokens` new tokens (over `seqs` sequences, e.g. a padded prompt batch) after
         `ctx_before` cached ones."""
-        nbytes, flops = self.prefill_work(model, tokens, ctx_before, seqs)
-        return self._slowest(profile, nbytes, flops, tokens, seqs) + self.allreduce_s(model, profile, tokens)
+        nbytes, flops = self.prefill_work(model, tokens, ctx_before, seqs, profile)
+        t = self._slowest(profile, nbytes, flops, tokens, seqs) + self.allreduce_s(model, profile, tokens)
+        if profile.attention_apart:
+            kv, af = prefill_attention_work(model, self.start, self.end, tokens, ctx_before, self.tp)
+            t += max(profile.attention_s(c, kv, af) for c in self.chips)
+        return t + self._request_s(profile, [ctx_before])
 
-    def prefill_work(self, model: ModelSpec, tokens: int, ctx_before: int, seqs: int = 1) -> tuple[float, float]:
-        """(bytes, FLOPs) per member of the prefill forward prefill_s prices."""
-        nbytes, flops = prefill_work(model, self.start, self.end, tokens, ctx_before, self.tp, self.last)
+    def _request_s(self, profile: Profile, contexts) -> float:
+        """The engine's fixed per-request cost, paid by the first stage for every chunk that starts a request
+        (nothing cached before it)."""
+        if not profile.request_overhead_s or self.index != 0:
+            return 0.0
+        return profile.request_overhead_s * sum(1 for c in contexts if c == 0)
+
+    def prefill_work(self, model: ModelSpec, tokens: int, ctx_before: int, seqs: int = 1,
+                     profile: Profile | None = None) -> tuple[float, float]:
+        """(bytes, FLOPs) per member of the prefill forward prefill_s prices (the profile, for the MoE terms and
+        attention apart)."""
+        nbytes, flops = prefill_work(model, self.start, self.end, tokens, ctx_before, self.tp, self.last, profile)
         if self.last and seqs > 1:   # every sequence's last position gets its logits
             flops += model.head_flops(seqs) - model.head_flops(1)
         return nbytes, flops
@@ -379,14 +582,27 @@ class StageModel:
             return self.prefill_s(model, profile, *chunks[0])
         s, e, kvpt = self.start, self.end, model.kv_bytes_per_token(self.start, self.end)
         tokens = n_dec + sum(t for t, _ in chunks)
-        nbytes = model.decode_read_bytes(s, e, tokens) + (dec_ctx_sum + sum(c + t for t, c in chunks)) * kvpt
-        flops = model.decode_flops(s, e, 1, 0) * n_dec + dec_ctx_sum * (e - s) * model._attn_flops_per_position()
-        flops += sum(model.prefill_flops(s, e, t, c) for t, c in chunks)
+        if profile.attention_apart:   # attention over the context leaves the weights' roofline
+            kv = dec_ctx_sum * kvpt + sum(prefill_attention_work(model, s, e, t, c)[0] for t, c in chunks)
+            af = dec_ctx_sum * (e - s) * model._attn_flops_per_position() + sum(
+                prefill_attention_work(model, s, e, t, c)[1] for t, c in chunks)
+            nbytes = prefill_read_bytes(model, profile, s, e, tokens) if model.moe else model.decode_read_bytes(s, e, tokens)
+            flops = model.decode_flops(s, e, 1, 0) * n_dec + sum(model.decode_flops(s, e, t, 0) for t, _ in chunks)
+        else:
+            nbytes = (prefill_read_bytes(model, profile, s, e, tokens) if model.moe else model.decode_read_bytes(s, e, tokens)) \
+                + (dec_ctx_sum + sum(c + t for t, c in chunks)) * kvpt
+            flops = model.decode_flops(s, e, 1, 0) * n_dec + dec_ctx_sum * (e - s) * model._attn_flops_per_position()
+            flops += sum(model.prefill_flops(s, e, t, c) for t, c in chunks)
+        if model.moe:
+            flops += expert_fill_flops(model, profile, s, e, tokens)
         nbytes, flops = nbytes / self.tp, flops / self.tp
         if self.last:
             nbytes += model.head_bytes()
             flops += model.head_flops(n_dec + len(chunks))
-        return self._slowest(profile, nbytes, flops, tokens, n_dec + len(chunks)) + self.allreduce_s(model, profile, tokens)
+        t = self._slowest(profile, nbytes, flops, tokens, n_dec + len(chunks)) + self.allreduce_s(model, profile, tokens)
+        if profile.attention_apart:
+            t += max(profile.attention_s(c, kv / self.tp, af / self.tp) for c in self.chips)
+        return t + self._request_s(profile, [c for _, c in chunks])
 
     def allreduce_s(self, model: ModelSpec, profile: Profile, tokens: int) -> float:
         """Every layer's all-reduces for `tokens` tokens' hidden states."""

@@ -38,6 +38,10 @@ def add_arguments(p) -> None:
                         "harness/profiles/fitted-proposed.json)")
     p.add_argument("--out", default=None, help="profile to write (default harness/profiles/fitted.json)")
     p.add_argument("--no-per-chip", action="store_true", help="fit one set of factors for every chip")
+    p.add_argument("--terms", default=None, metavar="LIST",
+                   help="optional terms fitted beside the roofline, comma-separated from moe, engine, attention "
+                        "(default moe,engine: what the committed fitted.json carries; attention moves dense "
+                        "plans, so propose it with --out)")
     p.add_argument("--dry-run", action="store_true", help="fit and report, write nothing")
     p.add_argument("--json", action="store_true", help="print the per-row table and fit as JSON")
     p.add_argument("--show-skipped", action="store_true", help="list rows that could not be used and why")
@@ -56,8 +60,9 @@ def run(args) -> int:
         return _from_runs(args)
 
     paths = list(args.data or [cal.DATA]) + ([cal.PUBLIC] if args.with_public else [])
+    terms = cal.DEFAULT_TERMS if args.terms is None else tuple(t.strip() for t in args.terms.split(",") if t.strip())
     obs, skipped = cal.load_observations(paths)
-    profile = cal.fit_profile(obs, per_chip=not args.no_per_chip)
+    profile = cal.fit_profile(obs, per_chip=not args.no_per_chip, terms=terms)
     if len(paths) > 1 or args.data:
         names = ", ".join(str(p) for p in paths)
         profile = dataclasses.replace(profile, source=f"fitted: python -m harness calibrate on {names}")
@@ -66,7 +71,7 @@ def run(args) -> int:
     # the global factors do not depend on the per-chip ones: the same profile without them
     summary_global = cal.error_summary(cal.error_table(obs, dataclasses.replace(profile, per_chip={})))
     # in-sample error flatters the model: each source is also predicted by a fit that never saw it
-    held_rows, held_notes = cal.leave_one_source_out(obs, per_chip=not args.no_per_chip)
+    held_rows, held_notes = cal.leave_one_source_out(obs, per_chip=not args.no_per_chip, terms=terms)
     loso = cal.loso_summary(held_rows, held_notes)
     data = cal.profile_json(profile, summary, summary_global, len(skipped), loso)
     if not (args.with_public or args.data):   # the public rows the default fit never sees: a true held-out check
@@ -97,6 +102,11 @@ def render(table: list[dict], data: dict, skipped: list[str] | None) -> str:
     lines.append("")
     lines.append(f"fitted: eta_bw={data['eta_bw']} mu_compute={data['mu_compute']} "
                  f"step_overhead_s={data['step_overhead_s']} layer_overhead_s={data['layer_overhead_s']}")
+    named = [k for k in ("expert_eta", "expert_fill_tokens", "attn_eta_bw", "attn_mu") if k in data]
+    if named:
+        lines.append("named terms: " + " ".join(f"{k}={data[k]}" for k in named))
+    for name, entry in data.get("engines", {}).items():
+        lines.append(f"  engine {name:<10} " + " ".join(f"{k}={v}" for k, v in entry.items() if k != "basis"))
     for chip, entry in data["per_chip"].items():
         lines.append(f"  {chip:<10} " + " ".join(f"{k}={v}" for k, v in entry.items()))
     for label, key in (("with per-chip factors", "errors_with_per_chip"), ("global factors only", "errors_global_only")):

@@ -28,12 +28,18 @@ def add_arguments(p) -> None:
     add_plan_arguments(p)
     p.add_argument("--all", action="store_true", help="compare every strategy side by side (same as --strategy all)")
     p.add_argument("--json", action="store_true", help="print the plan(s) as JSON for machines")
+    p.add_argument("--engine", default=None, metavar="NAME",
+                   help="serving engine the prediction is for: the profile's engines entry (its per-step and "
+                        "per-request costs, prefill chunk); default mlx-lm, the profile's own factors")
 
 
 def run(args) -> int:
     names = strategies_for("all" if args.all else args.strategy)
     cluster, model = load_inputs(args)
     options = plan_options(args)
+    if getattr(args, "engine", None):
+        import dataclasses
+        options = dataclasses.replace(options, profile=options.profile.for_engine(args.engine))
     started = time.perf_counter()
     if len(names) == 1:
         results: dict[str, PartitionPlan | str] = {names[0]: plan_with(names[0], cluster, model, options)}
@@ -94,7 +100,8 @@ def header(cluster, model, options) -> str:
             f"{model.quant}-bit = {model.total_weight_bytes() / 1e9:.1f} GB of weights\n"
             f"cluster {cluster.name}: {nodes}\n"
             f"objective {options.objective}; KV reserve {options.kv_reserve_tokens} tokens; "
-            f"decode predicted at {options.context_tokens} tokens of context; profile {options.profile.name}\n")
+            f"decode predicted at {options.context_tokens} tokens of context; profile {options.profile.name}"
+            f"{'' if options.profile.engine == 'mlx-lm' else f', engine {options.profile.engine}'}\n")
 
 
 def plan_table(plan: PartitionPlan) -> str:

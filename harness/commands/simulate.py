@@ -109,6 +109,9 @@ def add_arguments(p) -> None:
                         "DURATION it is back after that many seconds (transfers wait, nothing fails), without it "
                         "requests crossing it fail and later ones are refused (repeatable)")
     e = p.add_argument_group("engine")
+    e.add_argument("--engine", default=None, metavar="NAME",
+                   help="serving engine to price: the profile's engines entry (per-step and per-request costs, "
+                        "prefill chunk); default mlx-lm, the profile's own factors")
     e.add_argument("--max-num-seqs", type=int, default=128, help="sequences per micro-batch (default %(default)s)")
     e.add_argument("--max-batched-tokens", type=int, default=4096,
                    help="token budget per micro-batch step (default %(default)s)")
@@ -184,7 +187,9 @@ def run_one(args) -> int:
               "weights_local": sorted(local) if local else None, "slo": slo or None, "faults": faults,
               "argv": sys.argv[1:]}
     from sim.prefix_cache import make_prefix_cache
-    profile = load_profile(args.profile)
+    profile = load_profile(args.profile).for_engine(getattr(args, "engine", None))
+    if getattr(args, "engine", None):
+        config["cost_engine"] = profile.engine
     cache = make_prefix_cache(args.cache, cluster, model, plan, profile, kv_cap_tokens=args.kv_tokens)
     bar = None if args.quiet else Progress(len(workload))
     with RunWriter(args.out, label=f"sim-{plan.strategy}", run_id=args.run_id) as writer:

@@ -55,6 +55,7 @@ from itertools import combinations, permutations
 
 import numpy as np
 
+from harness.costmodel import expert_fill_flops, prefill_read_bytes, read_bytes
 from strategies.partitioning._plans import (TOKEN_ID_BYTES, Unit, allreduce_per_layer_s, build_plan, by_memory,
                                             by_speed, hop_s, no_arrangement, require_fit, require_total_fit,
                                             unit_available_bytes, unit_stage)
@@ -356,7 +357,7 @@ class _Search:
             rate = min(p.flops(self.cluster.node(n).chip) for n in unit)
         else:
             matrix, last = self.costs(unit)
-            work = (np.array([m.decode_read_bytes(0, j, 1) for j in idx])
+            work = (np.array([read_bytes(m, p, 0, j, 1) for j in idx])
                     + o.context_tokens * idx * m.kv_bytes_per_token_layer()) / tp
             rate = min(p.bandwidth(self.cluster.node(n).chip) for n in unit)
         chips = [self.cluster.node(n).chip for n in unit]
@@ -458,7 +459,7 @@ class _Search:
     def _build_costs(self, unit: Unit):
         m, o, p, L, tp = self.model, self.options, self.options.profile, self.L, len(unit)
         idx = np.arange(L + 1)
-        read = np.array([m.decode_read_bytes(0, j, 1) for j in idx]) + o.context_tokens * idx * m.kv_bytes_per_token_layer()
+        read = np.array([read_bytes(m, p, 0, j, 1) for j in idx]) + o.context_tokens * idx * m.kv_bytes_per_token_layer()
         flops = np.array([m.decode_flops(0, j, 1, o.context_tokens) for j in idx])
         d_read = (read[None, :] - read[:, None]) / tp
         d_flops = (flops[None, :] - flops[:, None]) / tp
@@ -672,8 +673,11 @@ class _Search:
     def _build_prefill(self, unit: Unit):
         m, o, p, L, tp = self.model, self.options, self.options.profile, self.L, len(unit)
         idx = np.arange(L + 1)
-        reads = np.array([m.weight_bytes(0, j) + o.prompt_tokens * m.kv_bytes_per_token(0, j) for j in idx])
-        flops = np.array([m.prefill_flops(0, j, o.prompt_tokens, 0) for j in idx])
+        # costmodel.prefill_work: a MoE model reads the experts the prompt touches and pays their GEMM fill
+        reads = np.array([prefill_read_bytes(m, p, 0, j, o.prompt_tokens) + o.prompt_tokens * m.kv_bytes_per_token(0, j)
+                          for j in idx])
+        flops = np.array([m.prefill_flops(0, j, o.prompt_tokens, 0) + expert_fill_flops(m, p, 0, j, o.prompt_tokens)
+                          for j in idx])
         reads, flops = (reads[None, :] - reads[:, None]) / tp, (flops[None, :] - flops[:, None]) / tp
         pre, pre_last = np.full((L + 1, L + 1), -np.inf), np.full(L + 1, -np.inf)
         for name in unit:
@@ -731,9 +735,9 @@ class _Search:
     def _batched_work(self) -> tuple[np.ndarray, np.ndarray]:
         """Bytes read and FLOPs of one decode step over layers [0, j), per batch size: arrays [b, j]."""
         if self._work is None:
-            m, ctx, idx = self.model, self.options.mean_decode_context, np.arange(self.L + 1)
+            m, ctx, idx, p = self.model, self.options.mean_decode_context, np.arange(self.L + 1), self.options.profile
             kv = m.kv_bytes_per_token_layer()
-            read = np.array([[m.decode_read_bytes(0, j, int(n)) + n * ctx * j * kv for j in idx] for n in self.batches])
+            read = np.array([[read_bytes(m, p, 0, j, int(n)) + n * ctx * j * kv for j in idx] for n in self.batches])
             flops = np.array([[m.decode_flops(0, j, int(n), ctx) for j in idx] for n in self.batches])
             self._work = (read, flops)
         return self._work

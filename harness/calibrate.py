@@ -179,7 +179,9 @@ def _row_obs(line: int, row: dict) -> tuple[list[Obs], str]:
         chip = catalog.find_chip(row["chip"], cores)
     except UserError as exc:
         return [], str(exc)
-    model = quantized(catalog.load_model(preset, 16), row["quant"], _num(row["weights_gib"]))
+    # a size may be labelled "(inferred: ...)": its leading number
+    m = re.match(r"\s*(\d+(?:\.\d+)?)", row["weights_gib"] or "")
+    model = quantized(catalog.load_model(preset, 16), row["quant"], float(m.group(1)) if m else None)
     if model is None:
         return [], f"quantization {row['quant']!r} not modelled"
     batch = int(_num(row["batch"]) or 1)

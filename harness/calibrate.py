@@ -18,7 +18,11 @@ Fit (closed-form weighted least squares on relative error, no optimiser dependen
    engine's physical batch (the row's stated n_ubatch, else the engine's default: ENGINE_CHUNK);
 5. attention apart (--terms attention): the KV read efficiency attn_eta_bw and the attention FLOPS efficiency
    attn_mu fitted beside eta_bw and mu_compute, attention taken out of the weights' roofline;
-6. engines: for each engine with rows of its own besides the default (mlx-lm), its per-step cost over the
+6. per generation (M1 ... M5): the decode bandwidth efficiency of the generation's rows, for a chip of that
+   generation without per-chip rows (memory technology and controllers change by generation: in the #4167 table
+   the M2 family reaches 0.92-0.95 of peak, the M1 family 0.75-0.90; prefill compute efficiency does not group
+   by generation, 0.61-0.69 in both, so it stays global); generations without rows are flagged as estimated;
+7. engines: for each engine with rows of its own besides the default (mlx-lm), its per-step cost over the
    profile's (engines.<name>.step_overhead_s, non-negative) and its prefill chunk.
 Rows with batch > 1 are not fitted; they are reported as a check of batched-decode scaling.
 Then every row is predicted with harness.costmodel itself and the error is reported.
@@ -62,8 +66,9 @@ MODEL_MAP = {
 # 512)"); mlx-lm prefills prompt_step/prefill_step_size = 2048 tokens at a time (mlx_lm generate_step default)
 ENGINE_CHUNK = {"llama.cpp": 512, "mlx-lm": 2048}
 ENGINE_NAMES = {"mlx": "mlx-lm"}   # engine_family -> the profile's engine names
-TERMS = ("moe", "engine", "attention")
-DEFAULT_TERMS = ("moe", "engine")   # what the committed fitted.json carries; attention moves dense plans
+TERMS = ("moe", "engine", "generation", "attention")
+# what the committed fitted.json carries; attention moves dense plans
+DEFAULT_TERMS = ("moe", "engine", "generation")
 
 
 def profile_engine(engine: str) -> str:
@@ -442,9 +447,38 @@ def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = No
                       source="fitted: python -m harness calibrate on harness/catalog/calibration/"
                              "apple_silicon_single_device_calibration.csv (public llama.cpp and MLX single-device rows)",
                       **moe, **extra)
+    if "generation" in terms:
+        gens = {}
+        for gen in sorted({costmodel.chip_generation(o.chip) for o in tg}):
+            mine = [o for o in tg if costmodel.chip_generation(o.chip) == gen]
+            if len(mine) >= 2:
+                gens[gen] = {"eta_bw": round(fit_decode(mine, overheads, attention)[0], 4)}
+        profile = replace(profile, per_generation=gens)
     if "engine" in terms:
         profile = replace(profile, engines=fit_engines(obs, profile))
     return profile
+
+
+GENERATIONS = ("M1", "M2", "M3", "M4", "M5")
+
+
+def generation_table(profile: Profile, obs: list[Obs]) -> dict:
+    """per_generation as written to a profile: each generation's fitted factors with their basis, and for a
+    generation without rows the flag that its chips are priced on estimates."""
+    out = {}
+    for gen in GENERATIONS:
+        rows = [o for o in obs if costmodel.chip_generation(o.chip) == gen and o.batch == 1]
+        entry = dict(profile.per_generation.get(gen, {}))
+        if entry:
+            entry["basis"] = (f"fitted on {sum(o.kind == 'tg' for o in rows)} decode rows of "
+                              f"{', '.join(sorted({o.chip.name for o in rows}))}")
+        else:
+            entry["basis"] = "estimated: no rows of this generation in the fit, its chips use the global factors"
+        if gen == "M5":
+            entry["basis"] += ("; M5 TFLOPS are derived (cores x 256 x clock) and its GPU Neural Accelerators "
+                               "(matmul units) are not modelled, so M5 prefill is an estimate")
+        out[gen] = entry
+    return out
 
 
 def predict(o: Obs, profile: Profile) -> float:
@@ -547,7 +581,7 @@ def error_summary(table: list[dict]) -> dict:
 
 
 def profile_json(profile: Profile, summary: dict, summary_global: dict, skipped: int,
-                 loso: dict | None = None) -> dict:
+                 loso: dict | None = None, generations: dict | None = None) -> dict:
     return {"name": profile.name, "source": profile.source,
             "eta_bw": profile.eta_bw, "mu_compute": profile.mu_compute, "step_overhead_s": profile.step_overhead_s,
             "layer_overhead_s": profile.layer_overhead_s,
@@ -559,6 +593,7 @@ def profile_json(profile: Profile, summary: dict, summary_global: dict, skipped:
                if getattr(profile, k) != costmodel.Profile.__dataclass_fields__[k].default},
             **({"moe_basis": MOE_BASIS} if profile.expert_eta != 1.0 or profile.expert_fill_tokens else {}),
             **({"engines": profile.engines} if profile.engines else {}),
+            **({"per_generation": generations} if generations else {}),
             "fit": {"errors_with_per_chip": summary, "errors_global_only": summary_global,
                     "leave_one_source_out": loso or {},
                     "rows_skipped": skipped, "method": "weighted least squares on relative step-time error; "

@@ -43,8 +43,8 @@ FACTOR_KEYS = (*REQUIRED, *OPTIONAL)   # what a per_chip entry may override
 ENGINE_KEYS = (*FACTOR_KEYS, *MOE_TERMS, *ENGINE_TERMS, "per_chip", "basis")   # what an engines entry may set
 DEFAULT_ENGINE = "mlx-lm"   # the engine a profile's own factors are for; its engines entry, if any, is empty
 # A profile file's keys: the factors, their provenance, and the notes `harness calibrate` writes beside them.
-PROFILE_KEYS = ("name", "source", *FACTOR_KEYS, *MOE_TERMS, *ENGINE_TERMS, "per_chip", "engines", "ssd_basis", "link_basis",
-                "moe_basis", "fit")
+PROFILE_KEYS = ("name", "source", *FACTOR_KEYS, *MOE_TERMS, *ENGINE_TERMS, "per_chip", "per_generation", "engines",
+                "ssd_basis", "link_basis", "moe_basis", "fit")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,9 @@ class Profile:
     expert_eta: float = 1.0             # read rate of routed experts relative to dense weights (gathers)
     expert_fill_tokens: float = 0.0     # extra tokens of compute each touched expert's GEMM pays per forward
     engines: dict = field(default_factory=dict)   # {"llama.cpp": {"step_overhead_s": ..., ...}} overrides
+    # per chip generation ("M1" ... "M5"): factors for a chip without its own per_chip entry, and a "basis"
+    # saying how they were found (an estimate where the generation has no rows)
+    per_generation: dict = field(default_factory=dict)
     engine: str = DEFAULT_ENGINE        # the engine this profile prices
     request_overhead_s: float = 0.0     # the engine's fixed cost per request (TTFT floor)
     prefill_chunk_tokens: float = 0.0   # tokens the engine prefills per forward (0: the whole prompt)
@@ -82,6 +85,8 @@ class Profile:
             check_optional_terms(factors, f"profile {self.name}: per_chip.{chip}")
         for name, entry in self.engines.items():
             check_optional_terms(entry, f"profile {self.name}: engines.{name}")
+        for gen, factors in self.per_generation.items():
+            check_optional_terms(factors, f"profile {self.name}: per_generation.{gen}")
 
     def for_engine(self, engine: str | None) -> "Profile":
         """This profile for one serving engine: its engines entry's factors (and per-chip factors) over the
@@ -113,7 +118,16 @@ class Profile:
                    flops / (self._get(chip, "attn_mu") * chip.fp16_tflops * 1e12))
 
     def _get(self, chip: Chip, key: str) -> float:
-        return self.per_chip.get(chip.name, {}).get(key, getattr(self, key))
+        """A factor for one chip: its per_chip entry, else its generation's (per_generation, "M3" for "M3 Max"),
+        else the profile's own."""
+        own = self.per_chip.get(chip.name)
+        if own is not None and key in own:
+            return own[key]
+        if self.per_generation:
+            gen = self.per_generation.get(chip_generation(chip))
+            if gen is not None and key in gen:
+                return gen[key]
+        return getattr(self, key)
 
     def exposed(self, chip: Chip) -> float:
         """Share of the smaller roofline side that is NOT hidden under the larger: 1 - overlap."""
@@ -138,6 +152,11 @@ class Profile:
         layers a stage runs, so splitting a model over more stages does not multiply it."""
         per_layer = self._get(chip, "layer_overhead_s") + seqs * self._get(chip, "seq_layer_overhead_s")
         return self._get(chip, "step_overhead_s") + layers * per_layer
+
+
+def chip_generation(chip: Chip) -> str:
+    """A chip's generation: the first word of its name ("M4 Max" -> "M4")."""
+    return chip.name.split()[0]
 
 
 def check_optional_terms(values: dict, origin: str, partial: bool = True) -> None:
@@ -168,8 +187,10 @@ def load_profile(path: str | Path | None = None) -> Profile:
     if missing:
         raise UserError(f"cost-model profile {p}: missing or non-numeric {', '.join(missing)}")
     check_optional_terms(data, f"cost-model profile {p}")
+    generations = {g: {k: v for k, v in e.items() if k != "basis"} for g, e in data.get("per_generation", {}).items()}
     return Profile(name=data.get("name", p.stem), per_chip=data.get("per_chip", {}), source=data.get("source", ""),
-                   engines=data.get("engines", {}), **{k: float(data[k]) for k in REQUIRED},
+                   engines=data.get("engines", {}), per_generation={g: e for g, e in generations.items() if e},
+                   **{k: float(data[k]) for k in REQUIRED},
                    **{k: float(data[k]) for k in (*OPTIONAL, *MOE_TERMS, *ENGINE_TERMS) if k in data})
 
 
@@ -180,6 +201,17 @@ def _reject_unknown_profile_keys(data: dict, origin: str) -> None:
         raise UserError(f"{origin}: per_chip must be an object mapping chip names to factors, got {per_chip!r}")
     for chip, factors in per_chip.items():
         reject_unknown(factors, FACTOR_KEYS, origin, f"per_chip.{chip}")
+    generations = data.get("per_generation", {})
+    if not isinstance(generations, dict):
+        raise UserError(f"{origin}: per_generation must be an object mapping generations (M1 ...) to factors, "
+                        f"got {generations!r}")
+    for gen, factors in generations.items():
+        if not isinstance(factors, dict):
+            raise UserError(f"{origin}: per_generation.{gen} must be an object of factors, got {factors!r}")
+        reject_unknown(factors, (*FACTOR_KEYS, "basis"), origin, f"per_generation.{gen}")
+        for key, value in factors.items():
+            if key != "basis" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise UserError(f"{origin}: per_generation.{gen}.{key} must be a positive number, got {value!r}")
     engines = data.get("engines", {})
     if not isinstance(engines, dict):
         raise UserError(f"{origin}: engines must be an object mapping engine names to factors, got {engines!r}")
@@ -543,7 +575,8 @@ class StageModel:
                         for c in self.chips)
         kv, af = decode_attention_work(model, s, e, 1.0, tp)
         if profile.attention_apart:
-            return DecodeTerms(nbytes, flops, 0.0, 0.0, members, tuple(profile.attention_s(c, kv, af) for c in self.chips))
+            rates = tuple(profile.attention_s(c, kv, af) for c in self.chips)
+            return DecodeTerms(nbytes, flops, 0.0, 0.0, members, rates)
         return DecodeTerms(nbytes, flops, kv, af, members)
 
     def prefill_s(self, model: ModelSpec, profile: Profile, tokens: int, ctx_before: int, seqs: int = 1) -> float:
@@ -582,15 +615,15 @@ class StageModel:
             return self.prefill_s(model, profile, *chunks[0])
         s, e, kvpt = self.start, self.end, model.kv_bytes_per_token(self.start, self.end)
         tokens = n_dec + sum(t for t, _ in chunks)
+        weights = prefill_read_bytes(model, profile, s, e, tokens) if model.moe else model.decode_read_bytes(s, e, tokens)
         if profile.attention_apart:   # attention over the context leaves the weights' roofline
             kv = dec_ctx_sum * kvpt + sum(prefill_attention_work(model, s, e, t, c)[0] for t, c in chunks)
             af = dec_ctx_sum * (e - s) * model._attn_flops_per_position() + sum(
                 prefill_attention_work(model, s, e, t, c)[1] for t, c in chunks)
-            nbytes = prefill_read_bytes(model, profile, s, e, tokens) if model.moe else model.decode_read_bytes(s, e, tokens)
+            nbytes = weights
             flops = model.decode_flops(s, e, 1, 0) * n_dec + sum(model.decode_flops(s, e, t, 0) for t, _ in chunks)
         else:
-            nbytes = (prefill_read_bytes(model, profile, s, e, tokens) if model.moe else model.decode_read_bytes(s, e, tokens)) \
-                + (dec_ctx_sum + sum(c + t for t, c in chunks)) * kvpt
+            nbytes = weights + (dec_ctx_sum + sum(c + t for t, c in chunks)) * kvpt
             flops = model.decode_flops(s, e, 1, 0) * n_dec + dec_ctx_sum * (e - s) * model._attn_flops_per_position()
             flops += sum(model.prefill_flops(s, e, t, c) for t, c in chunks)
         if model.moe:

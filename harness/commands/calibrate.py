@@ -39,9 +39,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=None, help="profile to write (default harness/profiles/fitted.json)")
     p.add_argument("--no-per-chip", action="store_true", help="fit one set of factors for every chip")
     p.add_argument("--terms", default=None, metavar="LIST",
-                   help="optional terms fitted beside the roofline, comma-separated from moe, engine, attention "
-                        "(default moe,engine: what the committed fitted.json carries; attention moves dense "
-                        "plans, so propose it with --out)")
+                   help="optional terms fitted beside the roofline, comma-separated from moe, engine, generation, "
+                        "attention (default moe,engine,generation: what the committed fitted.json carries; "
+                        "attention moves dense plans, so propose it with --out)")
     p.add_argument("--dry-run", action="store_true", help="fit and report, write nothing")
     p.add_argument("--json", action="store_true", help="print the per-row table and fit as JSON")
     p.add_argument("--show-skipped", action="store_true", help="list rows that could not be used and why")
@@ -69,11 +69,12 @@ def run(args) -> int:
     table = cal.error_table(obs, profile)
     summary = cal.error_summary(table)
     # the global factors do not depend on the per-chip ones: the same profile without them
-    summary_global = cal.error_summary(cal.error_table(obs, dataclasses.replace(profile, per_chip={})))
+    summary_global = cal.error_summary(cal.error_table(obs, dataclasses.replace(profile, per_chip={}, per_generation={})))
     # in-sample error flatters the model: each source is also predicted by a fit that never saw it
     held_rows, held_notes = cal.leave_one_source_out(obs, per_chip=not args.no_per_chip, terms=terms)
     loso = cal.loso_summary(held_rows, held_notes)
-    data = cal.profile_json(profile, summary, summary_global, len(skipped), loso)
+    gens = cal.generation_table(profile, obs) if "generation" in terms else None
+    data = cal.profile_json(profile, summary, summary_global, len(skipped), loso, gens)
     if not (args.with_public or args.data):   # the public rows the default fit never sees: a true held-out check
         public, _ = cal.load_observations([cal.PUBLIC])
         held = [r for r in cal.error_table(public, profile) if r["batch"] == 1]
@@ -105,6 +106,9 @@ def render(table: list[dict], data: dict, skipped: list[str] | None) -> str:
     named = [k for k in ("expert_eta", "expert_fill_tokens", "attn_eta_bw", "attn_mu") if k in data]
     if named:
         lines.append("named terms: " + " ".join(f"{k}={data[k]}" for k in named))
+    for gen, entry in data.get("per_generation", {}).items():
+        lines.append(f"  generation {gen:<4} " + " ".join(f"{k}={v}" for k, v in entry.items() if k != "basis")
+                     + f"  ({entry['basis']})")
     for name, entry in data.get("engines", {}).items():
         lines.append(f"  engine {name:<10} " + " ".join(f"{k}={v}" for k, v in entry.items() if k != "basis"))
     for chip, entry in data["per_chip"].items():

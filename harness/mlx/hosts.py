@@ -2,7 +2,9 @@
 
 The file is mlx.launch's own (`mlx.launch --hostfile`): a JSON list of hosts, or an object
 `{"backend": "ring", "envs": ["K=V", ...], "hosts": [...]}`, each host `{"ssh": "mac1.local", "ips": ["10.0.0.1"]}`.
-The ring backend connects ranks over `ips[0]`; `ssh` is what ssh is given. Keys mlx.launch does not read, which
+The ring backend connects ranks over `ips[0]`; `ssh` is what ssh is given. `"backend": "jaccl"` (or "jaccl-ring")
+runs MLX's RDMA backend over Thunderbolt 5 instead, as mlx.launch does: each host's `rdma` lists, per host of the
+file, the RDMA device reaching it (null for itself), and host 0's `ips[0]` is the coordinator. Keys mlx.launch does not read, which
 the harness adds (per host, or at the top level as every host's default):
 
 - `name`: the plan node this host runs (default: the ssh host's short name, `mac1` for `me@mac1.local`);
@@ -32,6 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # -T: no terminal, so the rank's stdin and stdout stay the plain command pipes
 SSH = ("ssh", "-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=5")
 MAX_HOSTS = 256
+BACKENDS = ("ring", "jaccl", "jaccl-ring")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class Host:
     cwd: str
     envs: tuple[str, ...] = ()
     ssh_options: tuple[str, ...] = ()
+    backend: str = "ring"              # the file's: every host of one file uses the same MLX backend
+    rdma: tuple = ()                   # jaccl: per host of the file (by position), its device or None
+    index: int = 0                     # position in the file, which `rdma` of the other hosts refers to
 
     @property
     def local(self) -> bool:
@@ -70,8 +76,10 @@ def read_hostfile(path: str | Path) -> list[Host]:
     top = _top_level(data, path)
     if not 1 <= len(top["hosts"]) <= MAX_HOSTS:
         raise UserError(f"{path}: 'hosts' has {len(top['hosts'])} entries; give 1 to {MAX_HOSTS}")
-    hosts = [_host(h, top, f"{path}: hosts[{i}]") for i, h in enumerate(top["hosts"])]
+    hosts = [_host(h, top, f"{path}: hosts[{i}]", i) for i, h in enumerate(top["hosts"])]
     _check_unique([h.name for h in hosts], path)
+    if hosts[0].backend != "ring":
+        _check_rdma(hosts, path)
     return hosts
 
 
@@ -84,13 +92,13 @@ def _top_level(data, path: Path) -> dict:
     if unknown:
         raise UserError(f"{path}: unknown key {unknown[0]!r}; allowed: {', '.join(TOP_KEYS)}")
     backend = data.get("backend", "ring") or "ring"
-    if backend != "ring":
-        raise UserError(f"{path}: backend {backend!r}: the harness starts ranks on MLX's ring backend only "
-                        "(TCP over Thunderbolt or Ethernet); remove 'backend' or set it to \"ring\"")
-    return data
+    if backend not in BACKENDS:
+        raise UserError(f"{path}: backend {backend!r}: the harness starts ranks on MLX's {', '.join(BACKENDS)} "
+                        "backends (TCP ring over Thunderbolt or Ethernet, or RDMA over Thunderbolt 5)")
+    return {**data, "backend": backend}
 
 
-def _host(entry, top: dict, where: str) -> Host:
+def _host(entry, top: dict, where: str, index: int) -> Host:
     if not isinstance(entry, dict):
         raise UserError(f"{where}: expected an object like {{\"ssh\": \"mac1.local\", \"ips\": [\"10.0.0.1\"]}}")
     unknown = sorted(set(entry) - set(HOST_KEYS))
@@ -109,7 +117,46 @@ def _host(entry, top: dict, where: str) -> Host:
     return Host(ssh=ssh, ips=ips, name=_text(entry.get("name", short_name(ssh)), f"{where}.name"),
                 python=_text(pick("python", sys.executable), f"{where}.python"),
                 cwd=_text(pick("cwd", str(REPO_ROOT)), f"{where}.cwd"), envs=envs,
-                ssh_options=_texts(pick("ssh_options", []), f"{where}.ssh_options"))
+                ssh_options=_texts(pick("ssh_options", []), f"{where}.ssh_options"), backend=top["backend"],
+                rdma=_rdma(entry.get("rdma", []), f"{where}.rdma"), index=index)
+
+
+def _rdma(value, where: str) -> tuple:
+    """mlx.launch's rdma list: per host, a device name, a list of them (several cables), or null."""
+    if not isinstance(value, list):
+        raise UserError(f"{where}: expected a list with one RDMA device (or null) per host, found "
+                        f"{json.dumps(value)[:60]}")
+    return tuple(v if v is None or isinstance(v, str) else _texts(v, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+def _check_rdma(hosts: list[Host], path: Path) -> None:
+    """What JACCL needs of the file itself: a device list per host as long as the host list, null for itself."""
+    for h in hosts:
+        if len(h.rdma) != len(hosts):
+            raise UserError(f"{path}: hosts[{h.index}].rdma has {len(h.rdma)} entries for {len(hosts)} hosts; "
+                            f"backend {h.backend!r} needs one per host, e.g. [null, \"rdma_en3\"] on the first of two")
+        if h.rdma[h.index] is not None:
+            raise UserError(f"{path}: hosts[{h.index}].rdma[{h.index}] is {h.rdma[h.index]!r}; a host's entry for "
+                            "itself must be null")
+
+
+def ibv_devices(rank_hosts: list[Host]) -> list[list]:
+    """MLX_IBV_DEVICES for JACCL in rank order: row r, column s is the device on rank r's host reaching rank s's
+    host. Every pair JACCL connects must have one (all pairs; neighbours on the ring for jaccl-ring)."""
+    n, ring = len(rank_hosts), rank_hosts[0].backend == "jaccl-ring"
+    if len({h.name for h in rank_hosts}) != n:
+        raise UserError("JACCL connects Macs pairwise over Thunderbolt: give every rank its own host "
+                        f"(ranks on {', '.join(h.name for h in rank_hosts)})")
+    matrix = [[None if r == s else h.rdma[rank_hosts[s].index] for s in range(n)] for r, h in enumerate(rank_hosts)]
+    pairs = {(r, (r + 1) % n) for r in range(n)} | {((r + 1) % n, r) for r in range(n)} if ring else \
+        {(r, s) for r in range(n) for s in range(n)}
+    missing = sorted((r, s) for r, s in pairs if r != s and matrix[r][s] is None)
+    if missing:
+        r, s = missing[0]
+        raise UserError(f"hostfile: no RDMA device on {rank_hosts[r].name} reaching {rank_hosts[s].name} "
+                        f"(hosts[{rank_hosts[r].index}].rdma[{rank_hosts[s].index}] is null); JACCL needs a "
+                        "Thunderbolt 5 cable between them, listed as its rdma_ device")
+    return matrix
 
 
 def _text(value, where: str) -> str:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.mlx import blas
-from harness.mlx.hosts import Host, remote_script
+from harness.mlx.hosts import Host, ibv_devices, remote_script
 from harness.mlx.hops import hops_env
 from harness.mlx.errors import UserError
 
@@ -265,7 +265,12 @@ def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None]
                 addresses, ports = [h.address for h in hosts], [starting_port + r for r in range(2 * n)]
             else:
                 addresses, ports = ["127.0.0.1"] * n, free_ports(2 * n)
-            if hybrid:
+            if hosts is not None and hosts[0].backend != "ring":
+                if hybrid:
+                    raise UserError(f"backend {hosts[0].backend!r}: pipelined TP stages run one ring per stage "
+                                    "with TCP hops between them; use backend \"ring\" for this plan")
+                wiring = _jaccl_wiring(workdir, hosts, starting_port)
+            elif hybrid:
                 if emulate_latency:
                     raise UserError("latency emulation covers ring links only; run pipelined TP stages without it")
                 wiring = _hybrid_wiring(workdir, stage_tp, addresses, ports[:n], ports[n:])
@@ -293,6 +298,16 @@ def launch(model: str | Path, split: list[int], *, links: list[LinkShape | None]
         group.close(grace_s=0.5)
         raise
     return group
+
+
+def _jaccl_wiring(workdir: Path, hosts: list[Host], port: int) -> list[tuple[None, int, dict]]:
+    """MLX's JACCL backend, as mlx.launch starts it: the coordinator on rank 0's host, the RDMA device matrix in
+    a file (MLX_IBV_DEVICES), the rank in MLX_RANK; HARNESS_MLX_BACKEND tells the worker which backend to init."""
+    devices = workdir / "ibv-devices.json"
+    devices.write_text(json.dumps(ibv_devices(hosts)))
+    env = {"HARNESS_MLX_BACKEND": hosts[0].backend, "MLX_JACCL_COORDINATOR": f"{hosts[0].address}:{port}",
+           "MLX_IBV_DEVICES": str(devices), **({"MLX_JACCL_RING": "1"} if hosts[0].backend == "jaccl-ring" else {})}
+    return [(None, r, {**env, "MLX_RANK": str(r)}) for r in range(len(hosts))]
 
 
 def _hybrid_wiring(workdir: Path, stage_tp: list[int], addresses: list[str], ring_ports: list[int],
@@ -346,6 +361,8 @@ def _over_ssh(host: Host, argv: list[str], ring_rank: int, n: int, hostfile: Pat
     (not this machine's environment), and no core pinning (this machine's cores mean nothing there)."""
     env = compute_env(ring_rank, n, blas_path, None, ncpu) | extra
     files = {}
+    if "MLX_IBV_DEVICES" in env:   # a file here: its content travels, written to a file there
+        files["MLX_IBV_DEVICES"] = Path(env.pop("MLX_IBV_DEVICES")).read_text()
     if hostfile is not None:
         env["MLX_RANK"] = str(ring_rank)
         files["MLX_HOSTFILE"] = Path(hostfile).read_text()

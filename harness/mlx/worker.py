@@ -499,6 +499,18 @@ def serve(engine: Engine, timer: StageTimer | None, rank: int, inp, out: Replies
                    "tiers": engine.kept.counts()})
 
 
+def distributed_group(mx):
+    """The ring (MLX_HOSTFILE), JACCL (HARNESS_MLX_BACKEND, from a hostfile's backend) or a group of one."""
+    backend = os.environ.get("HARNESS_MLX_BACKEND") or ("ring" if "MLX_HOSTFILE" in os.environ else None)
+    if backend is None:
+        return mx.distributed.init()
+    name = "jaccl" if backend.startswith("jaccl") else backend    # jaccl-ring: JACCL with MLX_JACCL_RING=1
+    if not mx.distributed.is_available(backend=name):
+        raise SystemExit(f"MLX's {name} backend is not available on this host (mlx {mx.__version__}): JACCL needs "
+                         "macOS 26.2 or later with RDMA over Thunderbolt 5 enabled; use backend \"ring\" otherwise")
+    return mx.distributed.init(backend=name, strict=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     pin_core()
     _exit_with_parent()
@@ -523,8 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     hops = Hops.from_env()
     if hops is not None:
         hops.listen()                # before loading: peers may connect while this rank loads
-    multi = "MLX_HOSTFILE" in os.environ
-    group = mx.distributed.init(backend="ring", strict=True) if multi else mx.distributed.init()
+    group = distributed_group(mx)
     rank, size = (hops.rank, hops.size) if hops else (group.rank(), group.size())
     counts = [int(x) for x in args.split.split(",") if x] or None
     if args.tp > 1 and (args.tp != size or len(counts or [0]) != 1):

@@ -45,7 +45,13 @@ def test_reads_mlx_launch_list_and_object_forms(tmp_path):
     ({"hosts": "mac1"}, "a list of hosts"),
     ([{"ssh": "mac1"}], "hosts[0].ips: the ring backend needs the IP"),
     ([{"ssh": "mac1", "ips": ["1.2.3.4"], "port": 22}], "hosts[0]: unknown key 'port'"),
-    ({"backend": "jaccl", "hosts": [{"ssh": "mac1", "ips": ["1.2.3.4"]}]}, "backend 'jaccl'"),
+    ({"backend": "nccl", "hosts": [{"ssh": "mac1", "ips": ["1.2.3.4"]}]}, "backend 'nccl'"),
+    ({"backend": "jaccl", "hosts": [{"ssh": "a", "ips": ["1.2.3.4"]}, {"ssh": "b", "ips": ["1.2.3.5"]}]},
+     "hosts[0].rdma has 0 entries for 2 hosts"),
+    ({"backend": "jaccl", "hosts": [{"ssh": "a", "ips": ["1.2.3.4"], "rdma": ["rdma_en3", "rdma_en4"]},
+                                    {"ssh": "b", "ips": ["1.2.3.5"], "rdma": ["rdma_en3", None]}]},
+     "hosts[0].rdma[0] is 'rdma_en3'; a host's entry for itself must be null"),
+    ({"backend": "jaccl", "hosts": [{"ssh": "a", "ips": ["1.2.3.4"], "rdma": "rdma_en3"}]}, "hosts[0].rdma: expected a list"),
     ([{"ssh": "", "ips": ["1.2.3.4"]}], "hosts[0].ssh: expected a non-empty string"),
     ([{"ssh": "a", "ips": ["1.2.3.4"], "name": "x"}, {"ssh": "b", "ips": ["1.2.3.5"], "name": "x"}], "'x' is used twice"),
     ([{"ssh": "a", "ips": ["1.2.3.4"], "envs": ["no equals"]}], "is not NAME=VALUE"),
@@ -70,6 +76,44 @@ def test_ranks_map_to_hosts_by_node_name_else_in_layer_order():
         hostmod.hosts_for_ranks([a, b], ["a", "d"], [1, 0])
     with pytest.raises(UserError, match="3 hosts for 2 ranks"):
         hostmod.hosts_for_ranks([a, b, c], ["x", "y"], [1, 0])
+
+
+def _jaccl_file(tmp_path, rdma, backend="jaccl"):
+    return hostmod.read_hostfile(_write(tmp_path, {"backend": backend, "hosts": [
+        {"ssh": "127.0.0.1", "ips": [f"10.0.0.{i}"], "name": name, "rdma": row} for i, (name, row) in enumerate(rdma)]}))
+
+
+def test_jaccl_devices_follow_the_ranks_not_the_file_order(tmp_path):
+    """mlx.launch indexes rdma by file position; ranks map to hosts by plan node, so the matrix is re-indexed."""
+    a, b, c = _jaccl_file(tmp_path, [("a", [None, "rdma_ab", "rdma_ac"]), ("b", ["rdma_ba", None, "rdma_bc"]),
+                                     ("c", ["rdma_ca", "rdma_cb", None])])
+    assert hostmod.ibv_devices([c, a, b]) == [[None, "rdma_ca", "rdma_cb"], ["rdma_ac", None, "rdma_ab"],
+                                             ["rdma_bc", "rdma_ba", None]]
+    with pytest.raises(UserError, match="every rank its own host"):
+        hostmod.ibv_devices([a, a])
+
+
+def test_jaccl_names_the_pair_without_a_cable_and_the_ring_needs_neighbours_only(tmp_path):
+    names = "abcd"
+    # a and c (not neighbours on a 4-ring) have no cable between them
+    rows = [[None if i == j or {names[i], names[j]} == {"a", "c"} else f"rdma_{names[i]}{names[j]}" for j in range(4)]
+            for i in range(4)]
+    full = _jaccl_file(tmp_path, list(zip(names, rows)))
+    with pytest.raises(UserError, match="no RDMA device on a reaching c"):
+        hostmod.ibv_devices(full)
+    ring = _jaccl_file(tmp_path, list(zip(names, rows)), backend="jaccl-ring")
+    assert hostmod.ibv_devices(ring)[0] == [None, "rdma_ab", None, "rdma_ad"]
+
+
+def test_jaccl_where_mlx_has_no_rdma_fails_naming_the_backend(tiny, tmp_path):
+    """JACCL cannot run on this Linux host: the ranks are started as mlx.launch would start them and the error
+    says which backend is missing and what it needs, instead of a bare RuntimeError from mx.distributed.init."""
+    layers = json.loads((tiny / "config.json").read_text())["num_hidden_layers"]
+    plan = _plan(layers, (("mac-a",), layers // 2), (("mac-b",), layers - layers // 2))
+    hosts = _jaccl_file(tmp_path, [("mac-a", [None, "rdma_en3"]), ("mac-b", ["rdma_en3", None])])
+    with pytest.raises(Exception, match="jaccl backend is not available on this host") as err:
+        asyncio.run(asyncio.wait_for(_greedy(tiny, plan, hosts), GUARD_S))
+    assert "Thunderbolt 5" in str(err.value)
 
 
 def test_remote_script_sets_env_and_files_then_execs(tmp_path):
@@ -150,3 +194,20 @@ def test_run_with_a_bad_hostfile_fails_before_any_work(tmp_path):
     assert done.returncode == 2
     assert "hosts[0].ips: the ring backend needs the IP" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@needs_lab
+@pytest.mark.slow
+def test_jaccl_over_ssh_carries_the_device_file_and_fails_naming_the_backend(tiny):
+    """Over ssh the RDMA device matrix travels as a file written on the host (as mlx.launch passes it); the rank
+    there reaches mx.distributed and reports that this host has no JACCL."""
+    layers = json.loads((tiny / "config.json").read_text())["num_hidden_layers"]
+    plan = _plan(layers, (("mac-a",), layers // 2), (("mac-b",), layers - layers // 2))
+    with sshlab.SshLab(2) as lab:
+        path = lab.hostfile(names=["mac-a", "mac-b"], backend="jaccl")
+        data = json.loads(path.read_text())
+        for i, h in enumerate(data["hosts"]):
+            h["rdma"] = [None if j == i else "rdma_en3" for j in range(2)]
+        path.write_text(json.dumps(data))
+        with pytest.raises(Exception, match="jaccl backend is not available on this host"):
+            asyncio.run(asyncio.wait_for(_greedy(tiny, plan, hostmod.read_hostfile(path)), GUARD_S))

@@ -66,8 +66,8 @@ MODEL_MAP = {
 # 512)"); mlx-lm prefills prompt_step/prefill_step_size = 2048 tokens at a time (mlx_lm generate_step default)
 ENGINE_CHUNK = {"llama.cpp": 512, "mlx-lm": 2048}
 ENGINE_NAMES = {"mlx": "mlx-lm"}   # engine_family -> the profile's engine names
-TERMS = ("moe", "engine", "generation", "attention")
-# what the committed fitted.json carries; attention moves dense plans
+TERMS = ("moe", "engine", "generation", "attention", "transport")
+# what the committed fitted.json carries; attention and transport move dense plans (and the golden runs)
 DEFAULT_TERMS = ("moe", "engine", "generation")
 
 
@@ -456,7 +456,77 @@ def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = No
         profile = replace(profile, per_generation=gens)
     if "engine" in terms:
         profile = replace(profile, engines=fit_engines(obs, profile))
+    if "transport" in terms:
+        fit = fit_transport()
+        if fit["tcp_hop_latencies"] is not None:
+            profile = replace(profile, tcp_hop_latencies=fit["tcp_hop_latencies"])
     return profile
+
+
+# ------------------------------------------------------------------------------------ multi-node: transports
+
+def row_link_kind(text: str, chip: Chip) -> str | None:
+    """The catalog link kind a multi-node row's `link` cell names (None: not stated well enough, e.g.
+    "Ethernet" without its speed)."""
+    t = text.lower()
+    if "rdma" in t:
+        return "tb5-rdma"
+    if "wi-fi" in t or "wifi" in t:
+        return "wifi"
+    if "thunderbolt" in t:
+        return "tb5-tcp" if "5" in chip.thunderbolt else "tb4-tcp"
+    for kind in ("10gbe", "2.5gbe", "1gbe"):
+        if kind.replace("gbe", "") + " gb" in t or kind in t:
+            return kind
+    return None
+
+
+def transport_pairs(path: str | Path = MULTINODE) -> list[dict]:
+    """Published pairs that differ only in the link: the same source, model, node count and pipeline, one
+    stream. Their per-token time difference is the hops' difference, whatever the model: a pipeline of n
+    nodes makes n hops a token (n - 1 activations forward, the token id back)."""
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if _num(r["tg_tok_s"]) and (_num(r["concurrency"]) or 1) == 1
+                and r["strategy"] == "pipeline" and r["confidence"] in ("medium", "high")]
+    kinds = catalog.link_kinds()
+    pairs = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            same = all(a[k] == b[k] for k in ("model", "nodes", "chip", "gen_tokens", "context_depth"))
+            if not same or source_key(a["source"]) != source_key(b["source"]) or a["link"] == b["link"]:
+                continue
+            chip = catalog.find_chip(a["chip"])
+            ka, kb = row_link_kind(a["link"], chip), row_link_kind(b["link"], chip)
+            if ka is None or kb is None:
+                continue
+            slow, fast = (a, b) if _num(a["tg_tok_s"]) < _num(b["tg_tok_s"]) else (b, a)
+            ks, kf = (ka, kb) if slow is a else (kb, ka)
+            pairs.append({"source": source_key(a["source"]), "model": a["model"], "nodes": int(_num(a["nodes"])),
+                          "slow_link": ks, "fast_link": kf, "slow_tok_s": _num(slow["tg_tok_s"]),
+                          "fast_tok_s": _num(fast["tg_tok_s"]), "slow_latency_us": kinds[ks]["latency_us"],
+                          "fast_latency_us": kinds[kf]["latency_us"]})
+    return pairs
+
+
+def fit_transport(path: str | Path = MULTINODE) -> dict:
+    """tcp_hop_latencies from the link-only pairs: per hop, t_slow - t_fast = k lat_slow - cost_fast, with
+    cost_fast the RDMA latency (or k lat_fast for a TCP fast side); least squares over the pairs. None
+    without a usable pair. Also each pair's own k and what the fit implies for a Thunderbolt-bridge TCP hop."""
+    pairs = transport_pairs(path)
+    ks = []
+    for p in pairs:
+        per_hop_us = (1.0 / p["slow_tok_s"] - 1.0 / p["fast_tok_s"]) * 1e6 / p["nodes"]
+        if p["fast_link"].endswith("rdma"):
+            k = (per_hop_us + p["fast_latency_us"]) / p["slow_latency_us"]
+        else:
+            k = per_hop_us / (p["slow_latency_us"] - p["fast_latency_us"])
+        p["tcp_hop_latencies"] = round(k, 2)
+        ks.append(k)
+    k = round(float(np.clip(np.mean(ks), 1.0, 100.0)), 2) if ks else None
+    tb = catalog.link_kinds()["tb5-tcp"]["latency_us"]
+    return {"tcp_hop_latencies": k, "pairs": pairs,
+            "implied_tb_tcp_hop_us": round(k * tb, 0) if k else None,
+            "method": "pipeline pairs of one source that differ only in the link; n hops a token"}
 
 
 GENERATIONS = ("M1", "M2", "M3", "M4", "M5")
@@ -589,7 +659,8 @@ def profile_json(profile: Profile, summary: dict, summary_global: dict, skipped:
             "ssd_basis": "kept from default.json (not in the calibration data)",
             "link_basis": "link_overhead_us kept from default.json (single-device data cannot fit it)",
             "per_chip": profile.per_chip,
-            **{k: getattr(profile, k) for k in ("expert_eta", "expert_fill_tokens", "attn_eta_bw", "attn_mu")
+            **{k: getattr(profile, k) for k in ("expert_eta", "expert_fill_tokens", "attn_eta_bw", "attn_mu",
+                                                "tcp_hop_latencies")
                if getattr(profile, k) != costmodel.Profile.__dataclass_fields__[k].default},
             **({"moe_basis": MOE_BASIS} if profile.expert_eta != 1.0 or profile.expert_fill_tokens else {}),
             **({"engines": profile.engines} if profile.engines else {}),

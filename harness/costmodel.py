@@ -29,9 +29,10 @@ PROFILE_DIR = Path(__file__).parent / "profiles"
 REQUIRED = ("eta_bw", "mu_compute", "step_overhead_s", "layer_overhead_s", "link_overhead_us", "ssd_gbs")
 # Terms a profile may add; their defaults are the plain roofline, so a profile without them prices as before.
 OPTIONAL = {"overlap": 1.0, "seq_layer_overhead_s": 0.0, "prefill_ramp_tokens": 0.0, "iteration_gap_s": 0.0,
-            "attn_eta_bw": 0.0, "attn_mu": 0.0}
+            "attn_eta_bw": 0.0, "attn_mu": 0.0, "tcp_hop_latencies": 1.0, "rdma_hop_overhead_us": 0.0}
 OPTIONAL_RANGES = {"overlap": (0.0, 1.0), "seq_layer_overhead_s": (0.0, np.inf), "prefill_ramp_tokens": (0.0, np.inf),
                    "iteration_gap_s": (0.0, np.inf), "attn_eta_bw": (0.0, 1.0), "attn_mu": (0.0, 1.0),
+                   "tcp_hop_latencies": (1.0, 100.0), "rdma_hop_overhead_us": (0.0, np.inf),
                    "expert_eta": (0.05, 1.0), "expert_fill_tokens": (0.0, np.inf),
                    "request_overhead_s": (0.0, np.inf), "prefill_chunk_tokens": (0.0, np.inf)}
 # MoE terms: one value per profile (or engine), not per chip: they scale the work, not a chip's rate
@@ -78,6 +79,11 @@ class Profile:
     engine: str = DEFAULT_ENGINE        # the engine this profile prices
     request_overhead_s: float = 0.0     # the engine's fixed cost per request (TTFT floor)
     prefill_chunk_tokens: float = 0.0   # tokens the engine prefills per forward (0: the whole prompt)
+    # per-hop cost by transport: a TCP message (MLX ring, llama.cpp RPC, exo's ring) waits this many of its
+    # link's one-way latencies (1: the latency alone; small messages under load pay ACK-clocked round trips),
+    # an RDMA message (JACCL) this much software time on top of the verbs latency
+    tcp_hop_latencies: float = 1.0
+    rdma_hop_overhead_us: float = 0.0
 
     def __post_init__(self):
         check_optional_terms(self.__dict__, f"profile {self.name}", partial=False)
@@ -389,9 +395,25 @@ def prefill_work(model: ModelSpec, start: int, end: int, tokens: int, context_be
 TOKEN_ID_BYTES = 4   # what the last stage sends back to the first: one int32 per sequence
 
 
+def link_transport(link: Link) -> str:
+    """"rdma" for an RDMA link kind (Thunderbolt 5 verbs: MLX JACCL, exo's MlxJaccl), else "tcp" (MLX ring,
+    llama.cpp RPC and exo's ring run over TCP on Thunderbolt bridges, Ethernet and Wi-Fi)."""
+    return "rdma" if "rdma" in link.kind else "tcp"
+
+
+def hop_latency_s(link: Link, profile: Profile) -> float:
+    """A message's fixed cost over a link, by transport: TCP waits tcp_hop_latencies one-way latencies, RDMA its
+    latency plus rdma_hop_overhead_us; both plus the profile's per-message software overhead."""
+    if link_transport(link) == "rdma":
+        us = link.latency_us + profile.rdma_hop_overhead_us
+    else:
+        us = link.latency_us * profile.tcp_hop_latencies if profile.tcp_hop_latencies != 1.0 else link.latency_us
+    return (us + profile.link_overhead_us) * 1e-6
+
+
 def link_time(link: Link, nbytes: float, profile: Profile) -> float:
-    """One message over a link: latency + software overhead + serialisation."""
-    return (link.latency_us + profile.link_overhead_us) * 1e-6 + nbytes * 8 / (link.bandwidth_gbps * 1e9)
+    """One message over a link: latency (by transport) + software overhead + serialisation."""
+    return hop_latency_s(link, profile) + nbytes * 8 / (link.bandwidth_gbps * 1e9)
 
 
 def allreduce_time(link: Link, nbytes: float, ranks: int, profile: Profile) -> float:

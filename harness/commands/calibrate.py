@@ -40,8 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-per-chip", action="store_true", help="fit one set of factors for every chip")
     p.add_argument("--terms", default=None, metavar="LIST",
                    help="optional terms fitted beside the roofline, comma-separated from moe, engine, generation, "
-                        "attention (default moe,engine,generation: what the committed fitted.json carries; "
-                        "attention moves dense plans, so propose it with --out)")
+                        "attention, transport (default moe,engine,generation: what the committed fitted.json "
+                        "carries; attention and transport move dense plans, so propose them with --out)")
     p.add_argument("--dry-run", action="store_true", help="fit and report, write nothing")
     p.add_argument("--json", action="store_true", help="print the per-row table and fit as JSON")
     p.add_argument("--show-skipped", action="store_true", help="list rows that could not be used and why")
@@ -75,6 +75,7 @@ def run(args) -> int:
     loso = cal.loso_summary(held_rows, held_notes)
     gens = cal.generation_table(profile, obs) if "generation" in terms else None
     data = cal.profile_json(profile, summary, summary_global, len(skipped), loso, gens)
+    data["fit"]["transport"] = cal.fit_transport()   # the published link-only pairs (multi-node rows)
     if not (args.with_public or args.data):   # the public rows the default fit never sees: a true held-out check
         public, _ = cal.load_observations([cal.PUBLIC])
         held = [r for r in cal.error_table(public, profile) if r["batch"] == 1]
@@ -103,7 +104,8 @@ def render(table: list[dict], data: dict, skipped: list[str] | None) -> str:
     lines.append("")
     lines.append(f"fitted: eta_bw={data['eta_bw']} mu_compute={data['mu_compute']} "
                  f"step_overhead_s={data['step_overhead_s']} layer_overhead_s={data['layer_overhead_s']}")
-    named = [k for k in ("expert_eta", "expert_fill_tokens", "attn_eta_bw", "attn_mu") if k in data]
+    named = [k for k in ("expert_eta", "expert_fill_tokens", "attn_eta_bw", "attn_mu", "tcp_hop_latencies")
+             if k in data]
     if named:
         lines.append("named terms: " + " ".join(f"{k}={data[k]}" for k in named))
     for gen, entry in data.get("per_generation", {}).items():
@@ -123,6 +125,7 @@ def render(table: list[dict], data: dict, skipped: list[str] | None) -> str:
         lines.extend(render_loso(data["fit"]["public_rows_never_fitted"],
                                  f"{PUBLIC_NAME} rows, never fitted (newer chips, mlx-lm, MoE; predicted by this "
                                  "fit: theoretical, published: measured):"))
+    lines.extend(render_transport(data["fit"]["transport"], data.get("tcp_hop_latencies")))
     lines.append(f"rows skipped: {data['fit']['rows_skipped']}")
     if skipped:
         lines.extend(f"  {s}" for s in skipped)
@@ -153,6 +156,25 @@ def render_loso(loso: dict, title: str = LOSO_TITLE) -> list[str]:
         lines.extend(line(title, value, m) for value, m in loso[key].items())
     lines.extend(f"  {n}" for n in loso["not_held_out"])
     return lines
+
+
+def render_transport(fit: dict, in_profile) -> list[str]:
+    """The per-hop transport term from published pairs that differ only in the link."""
+    lines = ["", f"{MULTINODE_NAME} pipeline pairs differing only in the link (published: measured; the term: "
+             "theoretical):"]
+    for p in fit["pairs"]:
+        lines.append(f"  {p['source'].replace('https://github.com/', '')}: {p['model']}, {p['nodes']} nodes, "
+                     f"{p['slow_link']} {p['slow_tok_s']} vs {p['fast_link']} {p['fast_tok_s']} tok/s -> a TCP hop "
+                     f"costs {p['tcp_hop_latencies']} one-way latencies")
+    if fit["tcp_hop_latencies"] is None:
+        return lines + ["  none usable: tcp_hop_latencies stays 1"]
+    where = "in this profile" if in_profile else "not in this profile (calibrate --terms ...,transport)"
+    lines.append(f"  tcp_hop_latencies={fit['tcp_hop_latencies']} ({where}); implied Thunderbolt-bridge TCP hop "
+                 f"{fit['implied_tb_tcp_hop_us']:.0f} us")
+    return lines
+
+
+MULTINODE_NAME = "public_mac_multinode.csv"
 
 
 def _from_runs(args) -> int:

@@ -52,7 +52,7 @@ MULTINODE = DATA.with_name("public_mac_multinode.csv")
 # published model names -> catalog presets with the same architecture
 MODEL_MAP = {
     "LLaMA-2 7B": "llama-2-7b", "LLaMA 7B": "llama-2-7b", "LLaMA 7B (as in #4167 comparison)": "llama-2-7b",
-    "Llama 3 8B": "llama-3.1-8b", "Llama 3 70B": "llama-3.1-70b", "Meta-Llama-3-70B-Instruct": "llama-3.1-70b",
+    "Llama 3 8B": "llama-3.1-8b", "Llama 3.1 8B": "llama-3.1-8b", "Llama 3 70B": "llama-3.1-70b", "Meta-Llama-3-70B-Instruct": "llama-3.1-70b",
     "Qwen2.5-Coder-7B": "qwen2.5-7b", "Qwen3-Coder-30B-A3B-Instruct": "qwen3-30b-a3b",
     "Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b", "Llama 3.2 3B Instruct": "llama-3.2-3b",
     # Llama 3.3 70B keeps the Llama 3.1 70B architecture; Qwen3-30B-A3B is the catalog's MoE preset

@@ -55,7 +55,7 @@ from itertools import combinations, permutations
 
 import numpy as np
 
-from harness.costmodel import expert_fill_flops, prefill_read_bytes, read_bytes
+from harness.costmodel import expert_fill_flops, prefill_attention_work, prefill_read_bytes, read_bytes
 from strategies.partitioning._plans import (TOKEN_ID_BYTES, Unit, allreduce_per_layer_s, build_plan, by_memory,
                                             by_speed, hop_s, no_arrangement, require_fit, require_total_fit,
                                             unit_available_bytes, unit_stage)
@@ -351,17 +351,21 @@ class _Search:
     def _build_lower(self, unit: Unit):
         m, o, p, L, tp = self.model, self.options, self.options.profile, self.L, len(unit)
         idx = np.arange(L + 1)
+        apart = p.attention_apart   # attention's own time per layer then adds to the roofline side
         if o.objective == "goodput":
             matrix, last = self.prefill(unit)
-            work = np.array([m.prefill_flops(0, j, o.prompt_tokens, 0) for j in idx]) / tp
+            work = np.array([m.decode_flops(0, j, o.prompt_tokens, 0) if apart else
+                             m.prefill_flops(0, j, o.prompt_tokens, 0) for j in idx]) / tp
             rate = min(p.flops(self.cluster.node(n).chip) for n in unit)
         else:
             matrix, last = self.costs(unit)
             work = (np.array([read_bytes(m, p, 0, j, 1) for j in idx])
-                    + o.context_tokens * idx * m.kv_bytes_per_token_layer()) / tp
+                    + (0.0 if apart else o.context_tokens * idx * m.kv_bytes_per_token_layer())) / tp
             rate = min(p.bandwidth(self.cluster.node(n).chip) for n in unit)
         chips = [self.cluster.node(n).chip for n in unit]
         per_layer = min(p.overhead(c, 1) - p.overhead(c, 0) for c in chips)
+        if apart:   # the member with the slowest roofline side pays at least the fastest member's attention
+            per_layer += min(self._attention_per_layer(c, tp, o.objective == "goodput") for c in chips)
         comm = 0.0
         if tp > 1:
             tokens = o.prompt_tokens if o.objective == "goodput" else 1
@@ -459,8 +463,10 @@ class _Search:
     def _build_costs(self, unit: Unit):
         m, o, p, L, tp = self.model, self.options, self.options.profile, self.L, len(unit)
         idx = np.arange(L + 1)
-        read = np.array([read_bytes(m, p, 0, j, 1) for j in idx]) + o.context_tokens * idx * m.kv_bytes_per_token_layer()
-        flops = np.array([m.decode_flops(0, j, 1, o.context_tokens) for j in idx])
+        apart, layers = p.attention_apart, idx[None, :] - idx[:, None]
+        ctx = 0 if apart else o.context_tokens   # attention apart: its own time per layer, added below
+        read = np.array([read_bytes(m, p, 0, j, 1) for j in idx]) + ctx * idx * m.kv_bytes_per_token_layer()
+        flops = np.array([m.decode_flops(0, j, 1, ctx) for j in idx])
         d_read = (read[None, :] - read[:, None]) / tp
         d_flops = (flops[None, :] - flops[:, None]) / tp
         step = np.full((L + 1, L + 1), -np.inf)
@@ -468,6 +474,8 @@ class _Search:
         for name in unit:
             chip = self.cluster.node(name).chip
             bw, fl, ovh = p.bandwidth(chip), p.flops(chip), self._overhead(chip)
+            if apart:
+                ovh = ovh + layers * self._attention_per_layer(chip, tp, False, 1, o.context_tokens)
             step = np.maximum(step, np.maximum(d_read / bw, d_flops / fl) + ovh)
             last = np.maximum(last, np.maximum((d_read[:, L] + m.head_bytes()) / bw,
                                                (d_flops[:, L] + m.head_flops(1)) / fl) + ovh[:, L])
@@ -674,15 +682,18 @@ class _Search:
         m, o, p, L, tp = self.model, self.options, self.options.profile, self.L, len(unit)
         idx = np.arange(L + 1)
         # costmodel.prefill_work: a MoE model reads the experts the prompt touches and pays their GEMM fill
-        reads = np.array([prefill_read_bytes(m, p, 0, j, o.prompt_tokens) + o.prompt_tokens * m.kv_bytes_per_token(0, j)
+        apart, P = p.attention_apart, o.prompt_tokens
+        reads = np.array([prefill_read_bytes(m, p, 0, j, P) + (0.0 if apart else P * m.kv_bytes_per_token(0, j))
                           for j in idx])
-        flops = np.array([m.prefill_flops(0, j, o.prompt_tokens, 0) + expert_fill_flops(m, p, 0, j, o.prompt_tokens)
-                          for j in idx])
+        flops = np.array([(m.decode_flops(0, j, P, 0) if apart else m.prefill_flops(0, j, P, 0))
+                          + expert_fill_flops(m, p, 0, j, P) for j in idx])
         reads, flops = (reads[None, :] - reads[:, None]) / tp, (flops[None, :] - flops[:, None]) / tp
         pre, pre_last = np.full((L + 1, L + 1), -np.inf), np.full(L + 1, -np.inf)
         for name in unit:
             chip = self.cluster.node(name).chip
             bw, fl, ovh = p.bandwidth(chip), p.flops(chip), self._overhead(chip)
+            if apart:
+                ovh = ovh + (idx[None, :] - idx[:, None]) * self._attention_per_layer(chip, tp, True)
             pre = np.maximum(pre, np.maximum(reads / bw, flops / fl) + ovh)
             pre_last = np.maximum(pre_last, np.maximum((reads[:, L] + m.head_bytes()) / bw,
                                                        (flops[:, L] + m.head_flops(1)) / fl) + ovh[:, L])
@@ -698,6 +709,15 @@ class _Search:
         matrix[..., ~fits] = np.inf
         last[..., ~fits[:, self.L]] = np.inf
         return matrix, last
+
+    def _attention_per_layer(self, chip, tp: int, prefill: bool, seqs: int = 1, ctx: float = 0.0) -> float:
+        """Attention apart (Profile.attention_apart): one layer's attention time on a member, for the reference
+        prompt's prefill or a decode step of `seqs` sequences at `ctx` tokens each (linear in the layers)."""
+        m, p = self.model, self.options.profile
+        if prefill:
+            return p.attention_s(chip, *prefill_attention_work(m, 0, 1, self.options.prompt_tokens, 0, tp))
+        return p.attention_s(chip, seqs * ctx * m.kv_bytes_per_token_layer() / tp,
+                             seqs * ctx * m._attn_flops_per_position() / tp)
 
     def _overhead(self, chip) -> np.ndarray:
         """overhead[i, j]: the profile's step overhead of layers [i, j) on the chip."""
@@ -719,12 +739,16 @@ class _Search:
         d_read = (read[:, None, :] - read[:, :, None]) / tp
         d_flops = (flops[:, None, :] - flops[:, :, None]) / tp
         step, last = np.full(d_read.shape, -np.inf), np.full(d_read.shape[:2], -np.inf)
+        ctx = self.options.mean_decode_context
         for name in unit:
             chip = self.cluster.node(name).chip
             bw, fl, ovh = p.bandwidth(chip), p.flops(chip), self._overhead(chip)
+            if p.attention_apart:   # per batch size: its attention per layer times the layers
+                attn = np.array([self._attention_per_layer(chip, tp, False, int(n), ctx) for n in B])
+                ovh = ovh[None, :, :] + attn[:, None, None] * (idx[None, :] - idx[:, None])[None, :, :]
             step = np.maximum(step, np.maximum(d_read / bw, d_flops / fl) + ovh)
             last = np.maximum(last, np.maximum((d_read[:, :, L] + m.head_bytes()) / bw,
-                                               (d_flops[:, :, L] + m.head_flops(1) * B[:, None]) / fl) + ovh[:, L])
+                                               (d_flops[:, :, L] + m.head_flops(1) * B[:, None]) / fl) + ovh[..., L])
         if tp > 1:
             stage = unit_stage(self.cluster, m, unit, 0, 1, False)
             comm = np.array([stage.allreduce_per_layer_s(m, p, int(n)) for n in B])
@@ -736,6 +760,8 @@ class _Search:
         """Bytes read and FLOPs of one decode step over layers [0, j), per batch size: arrays [b, j]."""
         if self._work is None:
             m, ctx, idx, p = self.model, self.options.mean_decode_context, np.arange(self.L + 1), self.options.profile
+            if p.attention_apart:   # attention is priced apart (_build_batched_steps)
+                ctx = 0
             kv = m.kv_bytes_per_token_layer()
             read = np.array([[read_bytes(m, p, 0, j, int(n)) + n * ctx * j * kv for j in idx] for n in self.batches])
             flops = np.array([[m.decode_flops(0, j, int(n), ctx) for j in idx] for n in self.batches])

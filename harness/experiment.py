@@ -2,7 +2,8 @@
 
 Top-level keys: name, backend, cluster, model (a preset, a config.json or parameter counts such as
 "params=70b,layers=80"), quant (4, 4.5 bits per weight or "mixed:4/6"), group_size, strategy, objective, cache,
-kv_reserve_tokens, profile (a cost-model profile name or file; default: the fitted one), link (what if every
+cache_l4_gb (tiered_lru's L4 tier in GB: network storage or a peer Mac's memory), kv_reserve_tokens,
+profile (a cost-model profile name or file; default: the fitted one), link (what if every
 link were this kind), add_nodes (a list of "CHIP[/CORES]:MEM" Macs added to the cluster) and failover (after
 a [[faults]] node_down or permanent link_down in the sim backend, or a rank that dies or stalls on real ranks: plan
 again on the nodes left, reload, and serve on); tables: [workload] (harness.workloads dict), [load] (warmup, max_duration_s),
@@ -24,8 +25,8 @@ from harness.workloads import check_workload
 
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "runs" / "default.toml"
 SCALARS = {"name": str, "backend": str, "cluster": str, "model": str, "quant": (int, float, str),
-           "group_size": int, "strategy": str, "objective": str, "cache": str, "kv_reserve_tokens": int,
-           "profile": str, "link": str, "failover": bool}
+           "group_size": int, "strategy": str, "objective": str, "cache": str, "cache_l4_gb": (int, float),
+           "kv_reserve_tokens": int, "profile": str, "link": str, "failover": bool}
 TABLES = {"workload": dict, "load": dict, "targets": list, "mlx": dict, "faults": list, "add_nodes": list}
 FAULT_KINDS = ("node_down", "straggler", "slow_link", "link_down")
 FAULT_KEYS = ("kind", "node", "peer", "at_s", "factor", "duration_s")
@@ -70,7 +71,7 @@ def check_experiment(data: dict, origin: str) -> None:
     reject_unknown(data, list(SCALARS) + list(TABLES), origin)
     for key, value in data.items():
         kind = SCALARS.get(key) or TABLES[key]
-        if key == "quant":      # 4, 4.5 or "mixed:4/6": quant_value checks the type with the value
+        if key in ("quant", "cache_l4_gb"):   # 4, 4.5 or "mixed:4/6"; a number: checked with the value below
             continue
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise UserError(f"{origin}: {key} must be {kind.__name__}, got {value!r}")
@@ -87,6 +88,8 @@ def _check_scalar_ranges(data: dict, origin: str) -> None:
         raise UserError(f"{origin}: group_size: found {data['group_size']}; allowed: 32, 64 or 128")
     if "kv_reserve_tokens" in data:
         integer_in(data["kv_reserve_tokens"], f"{origin}: kv_reserve_tokens", 0, MAX_KV_RESERVE_TOKENS)
+    if "cache_l4_gb" in data:
+        number_in(data["cache_l4_gb"], f"{origin}: cache_l4_gb", 0.0, 1e6, low_open=False)
 
 
 def _check_load(load: dict, origin: str) -> None:

@@ -67,6 +67,7 @@ def build_backend(exp: dict, cluster, model, profile, plan):
     planned = Planned(cluster, model, plan, profile, model_source=exp["model"])
     mlx = exp.get("mlx", {})
     options = BackendOptions(planned=lambda: planned, cache=exp.get("cache", "none"),
+                             cache_l4_gb=float(exp.get("cache_l4_gb", 0.0)),
                              max_running=int(mlx.get("max_running", 16)), twin_head_dim=int(mlx.get("head_dim", 16)),
                              twin_seed=int(mlx.get("seed", 0)), emulate_links=bool(mlx.get("emulate_links")),
                              emulate_latency=bool(mlx.get("emulate_latency")), hostfile=mlx.get("hostfile"),

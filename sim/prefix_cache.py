@@ -3,8 +3,9 @@
 The policy decides; this module turns its decisions into time and memory the engine understands:
   * L1 (unified memory inside the GPU working set) is carved out of the engine's KV pool, so a hit's KV is
     already resident and the request needs new KV only for the tokens after it;
-  * L2 (the RAM outside the GPU wired limit, KV stored at 8 bits) and L3 (local SSD) hits must be loaded
-    before the request can start: load time = block bytes / the tier's read rate;
+  * L2 (the RAM outside the GPU wired limit, KV stored at 8 bits), L3 (local SSD) and, when given a size, L4
+    (network storage or a peer Mac's memory, read over the cluster's slowest link) hits must be loaded before
+    the request can start: load time = block bytes / the tier's read rate;
   * a lower-tier block is used only while loading it beats recomputing it (the policy's check), and the
     recompute cost of a block is its prefill time through the plan's stages.
 A cached prefix is not prefilled again: the engine prefills only prompt - cached tokens (sim.admission carries
@@ -28,6 +29,7 @@ BLOCK_TOKENS = 64
 L1_SHARE = 0.25          # of the KV pool kept for cached prefixes (vLLM-style: cached blocks compete with running ones)
 SSD_CACHE_GB = 64.0      # L3 budget on each node's SSD
 L2_KV_BYTES = 1          # 8-bit KV in the L2 tier (halves the bytes of fp16 KV)
+L4_ALONE_GBPS = 10.0     # a one-Mac cluster has no link: its L4 (a NAS) is taken to be on 10 GbE
 
 
 @dataclass
@@ -38,18 +40,24 @@ class CacheHit:
 
 class PrefixCache:
     def __init__(self, policy: str, cluster, model, plan, profile, pool_tokens: int,
-                 block_tokens: int = BLOCK_TOKENS, l1_share: float = L1_SHARE, ssd_cache_gb: float = SSD_CACHE_GB):
+                 block_tokens: int = BLOCK_TOKENS, l1_share: float = L1_SHARE, ssd_cache_gb: float = SSD_CACHE_GB,
+                 l4_gb: float = 0.0):
         if not 0 < l1_share < 1:
             raise UserError(f"the L1 share of the KV pool must be in (0, 1), got {l1_share}")
         self.block = block_tokens
         self.l1_tokens = int(pool_tokens * l1_share) // block_tokens * block_tokens
         self.engine_kv_tokens = pool_tokens - self.l1_tokens   # what is left for running requests
-        self.config = self._tiers(cluster, model, plan, profile, ssd_cache_gb)
+        if not 0 <= l4_gb <= 1e6:
+            raise UserError(f"the L4 cache size must be 0 (none) to 1e6 GB, got {l4_gb}")
+        self.config = self._tiers(cluster, model, plan, profile, ssd_cache_gb, l4_gb)
         self.policy = get_cache_policy(policy)(self.config)
+        if l4_gb and len(getattr(self.policy, "tiers", ())) < len(self.config.tiers):
+            raise UserError(f"cache policy {policy!r} keeps one tier: an L4 size needs a policy with tiers "
+                            "(tiered_lru)")
         self.policy_name = policy
         self.saved_tokens = 0
 
-    def _tiers(self, cluster, model, plan, profile, ssd_cache_gb) -> CacheConfig:
+    def _tiers(self, cluster, model, plan, profile, ssd_cache_gb, l4_gb) -> CacheConfig:
         nodes = [cluster.node(n) for s in plan.stages for n in s.nodes]
         block_bytes = self.block * model.kv_bytes_per_token()          # the whole pipeline's share of a block
         l2_block = block_bytes * L2_KV_BYTES / model.kv_bytes_per_value
@@ -59,11 +67,12 @@ class PrefixCache:
         per_node_share = len(nodes)                                      # each node holds its layers' part
         recompute = sum(costmodel.prefill_time(cluster.node(s.nodes[0]).chip, profile, model, s.layer_start,
                                                s.layer_end, self.block, tp=s.tp_degree) for s in plan.stages)
-        return CacheConfig(tiers=(
-            Tier("L1", self.l1_tokens // self.block),
-            Tier("L2", int(outside * per_node_share / l2_block), l2_block / ram_rate),
-            Tier("L3", int(ssd_cache_gb * GB * per_node_share / block_bytes), block_bytes / per_node_share / ssd_rate),
-        ), recompute_s_per_block=recompute)
+        tiers = (Tier("L1", self.l1_tokens // self.block),
+                 Tier("L2", int(outside * per_node_share / l2_block), l2_block / ram_rate),
+                 Tier("L3", int(ssd_cache_gb * GB * per_node_share / block_bytes), block_bytes / per_node_share / ssd_rate))
+        if l4_gb > 0:   # the whole pipeline's blocks in one store; each node reads its share over its own link
+            tiers += (Tier("L4", int(l4_gb * GB / block_bytes), block_bytes / per_node_share / l4_rate(cluster, nodes)),)
+        return CacheConfig(tiers=tiers, recompute_s_per_block=recompute)
 
     # -- keys -------------------------------------------------------------------------------------------
     def keys_from_tokens(self, token_ids) -> list:
@@ -103,6 +112,13 @@ class PrefixCache:
         out["tiers"] = [{"name": t.name, "capacity_blocks": t.capacity_blocks, "load_s_per_block": t.load_s_per_block}
                         for t in self.config.tiers]
         return out
+
+
+def l4_rate(cluster, nodes) -> float:
+    """Bytes/s an L4 read gets: the slowest link touching the plan's nodes (the store sits across the network)."""
+    names = {n.name for n in nodes}
+    gbps = [link.bandwidth_gbps for link in cluster.links if link.a in names or link.b in names]
+    return min(gbps or [L4_ALONE_GBPS]) * 1e9 / 8
 
 
 def make_prefix_cache(policy: str, cluster, model, plan, profile, kv_cap_tokens: int = 0, **kw) -> PrefixCache | None:

@@ -41,6 +41,7 @@ class BackendOptions:
     speed: float = 1.0                 # virtual seconds per wall second
     max_waiting: int | None = None     # QueueFull beyond this many requests waiting
     cache: str = "none"                # prefix-cache policy (sim, and mlx when it runs a plan's twin)
+    cache_l4_gb: float = 0.0           # an L4 tier of this size (network storage), for a policy with tiers
     faults: tuple = ()                 # injected faults (sim only): sim.Engine.inject dicts
     # failover (sim, and mlx running a plan's twin): given the failed nodes, the plan on the nodes left
     # (DoesNotFit when none holds it)
@@ -77,20 +78,29 @@ def _planned(options: BackendOptions, backend: str) -> Planned:
     return options.planned()
 
 
+def prefix_cache(options: BackendOptions, p: Planned):
+    """The plan's prefix cache, sized and keyed the same for every backend (None for policy "none")."""
+    import os
+    from sim.prefix_cache import make_prefix_cache
+    l4_dir = os.environ.get("HARNESS_L4_DIR")
+    if options.cache_l4_gb and l4_dir and not os.path.isdir(l4_dir):
+        raise UserError(f"HARNESS_L4_DIR={l4_dir}: not a folder (mount the shared storage there, or unset it)")
+    return make_prefix_cache(options.cache, p.cluster, p.model, p.plan, p.profile, l4_gb=options.cache_l4_gb)
+
+
 def _sim_backend(options: BackendOptions):
     from harness.backends.sim import SimBackend, SimBackendConfig
-    from sim.prefix_cache import make_prefix_cache
     if not options.speed > 0:
         raise UserError(f"speed must be > 0, got {options.speed}")
     p = _planned(options, "sim")
-    cache = make_prefix_cache(options.cache, p.cluster, p.model, p.plan, p.profile)
+    cache = prefix_cache(options, p)
     from sim.engine import Engine
     Engine.check_fault_nodes(options.faults, p.cluster)
     replan = None
     if options.replan is not None:
         def replan(failed: frozenset):   # the new plan, and a fresh cache sized for it (the old KV died)
             q = options.replan(failed)
-            return q.cluster, q.plan, make_prefix_cache(options.cache, q.cluster, q.model, q.plan, q.profile)
+            return q.cluster, q.plan, prefix_cache(options, q)
     config = SimBackendConfig(speed=options.speed, max_waiting=options.max_waiting,
                               model_id=options.model_id or p.model.name, faults=tuple(options.faults),
                               replan=replan)
@@ -135,7 +145,6 @@ def _mlx_twin_backend(options: BackendOptions):
     from harness.mlx.modelbuild import build, twin_config
     from sim.costs import kv_pool_tokens, stage_models
     from sim.engine import EngineConfig
-    from sim.prefix_cache import make_prefix_cache
     p = _planned(options, "mlx")
     _hosts(options)   # a bad hostfile fails before the twin is built
     config = twin_config(p.model_source, head_dim=options.twin_head_dim)
@@ -143,7 +152,7 @@ def _mlx_twin_backend(options: BackendOptions):
     twin = build(config, seed=options.twin_seed)
     links = links_for_plan(p.plan, p.cluster) if options.emulate_links else None
     # the policy sized and keyed exactly as the sim backend's, so both make the same hit/miss decisions
-    cache = make_prefix_cache(options.cache, p.cluster, p.model, p.plan, p.profile)
+    cache = prefix_cache(options, p)
     # the KV budget the simulator's engine gets for this plan (less the cache's L1 share), in its blocks
     kv_tokens = cache.engine_kv_tokens if cache else kv_pool_tokens(p.cluster, stage_models(p.cluster, p.model, p.plan))
     return MlxBackend(twin.path, p.plan, model_id=options.model_id or f"{p.model_source}-twin",
@@ -160,12 +169,11 @@ def _mlx_replan(options: BackendOptions, config: dict, shaped: bool):
         return None
     from harness.backends.mlx import links_for_plan, rank_layout
     from sim.costs import kv_pool_tokens, stage_models
-    from sim.prefix_cache import make_prefix_cache
 
     def replan(failed: frozenset) -> dict:
         q = options.replan(failed)
         rank_layout(q.plan, config)
-        cache = make_prefix_cache(options.cache, q.cluster, q.model, q.plan, q.profile)
+        cache = prefix_cache(options, q)
         kv = cache.engine_kv_tokens if cache else kv_pool_tokens(q.cluster, stage_models(q.cluster, q.model, q.plan))
         return {"plan": q.plan, "links": links_for_plan(q.plan, q.cluster) if shaped else None, "cache": cache,
                 "kv_budget_tokens": kv}

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from harness.costmodel import OBJECTIVES
     o.add_argument("--objective", default=None, choices=list(OBJECTIVES), help="hybrid_optimal's objective")
     o.add_argument("--cache", default=None, help=f"prefix-cache policy: {', '.join(cache_policy_names())}")
+    o.add_argument("--cache-l4-gb", type=float, default=None,
+                   help="tiered_lru: an L4 tier of this many GB (network storage or a peer Mac's memory); on real "
+                        "ranks it is the folder HARNESS_L4_DIR names (a shared mount), else a temporary one")
     o.add_argument("--kv-reserve-tokens", type=int, default=None, help="KV tokens each stage keeps room for")
     o.add_argument("--failover", action="store_true", default=None,
                    help="after a node failure (sim: an injected one; mlx: a rank that dies or stalls), plan again "

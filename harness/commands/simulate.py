@@ -123,6 +123,9 @@ def add_arguments(p) -> None:
     e.add_argument("--cache", default="none",
                    help=f"prefix-KV cache policy: {', '.join(cache_policy_names())} (default %(default)s); "
                         "requests with a shared prefix (conversations, traces with prefix_id) reuse its KV")
+    e.add_argument("--cache-l4-gb", type=float, default=0.0,
+                   help="tiered_lru: add an L4 tier of this many GB (network storage or a peer Mac's memory, "
+                        "read over the cluster's slowest link); default none")
 
 
 def engine_config(args):
@@ -184,13 +187,15 @@ def run_one(args) -> int:
               "quant_bits": model.quant, "group_size": model.group_size, "strategy": plan.strategy,
               "objective": args.objective, "profile": args.profile or DEFAULT_PROFILE, "workload": spec,
               "engine": cfg.to_dict(), "include_load": not args.no_load, "cache": args.cache,
+              "cache_l4_gb": args.cache_l4_gb,
               "weights_local": sorted(local) if local else None, "slo": slo or None, "faults": faults,
               "argv": sys.argv[1:]}
     from sim.prefix_cache import make_prefix_cache
     profile = load_profile(args.profile).for_engine(getattr(args, "engine", None))
     if getattr(args, "engine", None):
         config["cost_engine"] = profile.engine
-    cache = make_prefix_cache(args.cache, cluster, model, plan, profile, kv_cap_tokens=args.kv_tokens)
+    cache = make_prefix_cache(args.cache, cluster, model, plan, profile, kv_cap_tokens=args.kv_tokens,
+                              l4_gb=args.cache_l4_gb)
     bar = None if args.quiet else Progress(len(workload))
     with RunWriter(args.out, label=f"sim-{plan.strategy}", run_id=args.run_id) as writer:
         writer.write_json("config.json", config)

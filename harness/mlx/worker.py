@@ -339,12 +339,13 @@ class Engine:
 
 class KeptTiers:
     """A kept entry's KV in the tier the driver's policy puts it: L1 the per-layer caches as computed, L2 each
-    layer's keys and values 8-bit quantized in memory, L3 a safetensors file on this host's disk."""
+    layer's keys and values 8-bit quantized in memory, L3 a safetensors file on this host's disk, L4 one in the
+    folder HARNESS_L4_DIR names (a mount standing for network storage), else a temporary folder of its own."""
     GROUP = 64      # quantization group over the flattened tensor: twins' head_dim (8, 16) is below mlx's minimum
 
     def __init__(self):
         self.tier: dict[str, str] = {}
-        self._dir: str | None = None
+        self._dirs: dict[str, str] = {}
 
     def move(self, entry: str, kept, tier: str):
         caches = self.materialize(entry, kept)
@@ -352,7 +353,7 @@ class KeptTiers:
         if tier == "L2":
             kept = [_quantized(c, self.GROUP) for c in caches]
         elif tier in ("L3", "L4"):
-            kept = self._spill(entry, caches)
+            kept = self._spill(entry, caches, tier)
         else:
             kept, tier = caches, "L1"
         self.tier[entry] = tier
@@ -368,8 +369,9 @@ class KeptTiers:
         return kept
 
     def forget(self, entry: str) -> None:
-        if self.tier.pop(entry, "L1") in ("L3", "L4"):
-            path = os.path.join(self.dir, f"{entry}.safetensors")
+        tier = self.tier.pop(entry, "L1")
+        if tier in ("L3", "L4"):
+            path = os.path.join(self.dir(tier), f"{entry}.safetensors")
             if os.path.exists(path):
                 os.remove(path)
 
@@ -384,20 +386,25 @@ class KeptTiers:
             return 0
         return sum(sum(a.nbytes for a in c["parts"]) if isinstance(c, dict) else getattr(c, "nbytes", 0) for c in kept)
 
-    @property
-    def dir(self) -> str:
-        if self._dir is None:   # this host's disk; removed with the rank
+    def dir(self, tier: str) -> str:
+        """This rank's own folder for a spilled tier, made on first use and removed with the rank."""
+        if tier not in self._dirs:
             import atexit
             import shutil
             import tempfile
-            self._dir = tempfile.mkdtemp(prefix="harness-l3-")
-            atexit.register(shutil.rmtree, self._dir, True)
-        return self._dir
+            base = os.environ.get("HARNESS_L4_DIR") if tier == "L4" else None
+            if base and not os.path.isdir(base):
+                raise SystemExit(f"HARNESS_L4_DIR={base}: not a folder on this host (mount the shared storage "
+                                 "there, or unset it for a temporary folder)")
+            # one folder per rank even in a shared mount: ranks of a pipeline keep different layers
+            self._dirs[tier] = tempfile.mkdtemp(prefix=f"harness-{tier.lower()}-", dir=base or None)
+            atexit.register(shutil.rmtree, self._dirs[tier], True)
+        return self._dirs[tier]
 
-    def _spill(self, entry: str, caches: list) -> str:
+    def _spill(self, entry: str, caches: list, tier: str) -> str:
         from mlx_lm.models.cache import save_prompt_cache
         used = [i for i, c in enumerate(caches) if getattr(c, "keys", None) is not None]
-        path = os.path.join(self.dir, f"{entry}.safetensors")
+        path = os.path.join(self.dir(tier), f"{entry}.safetensors")
         # a pipeline rank's list has empty caches for the layers it does not run: only the used ones are saved
         save_prompt_cache(path, [caches[i] for i in used], {"layers": ",".join(map(str, used)),
                                                              "count": str(len(caches))})

@@ -72,3 +72,41 @@ def test_tiered_lru_on_real_ranks_spills_to_disk_and_matches_the_simulator(plann
     moved = real.cache.stats()["tier_moves"]
     assert moved.get("L3", 0) >= 1 and moved.get("L1", 0) >= 1, moved   # spilled to disk and brought back
     assert [ids for _, ids in real_out] == [ids for _, ids in plain_out]
+
+
+def test_l4_spills_into_the_folder_harness_l4_dir_names(tmp_path, monkeypatch):
+    """L4 stands for network storage: a shared mount the ranks write their layers' part into, one folder each."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+    monkeypatch.setenv("HARNESS_L4_DIR", str(tmp_path))
+    kept = worker.KeptTiers()
+    l4 = kept.move("e7", [KVCache(), _kv()], "L4")
+    assert l4.startswith(str(tmp_path)) and os.path.exists(l4) and kept.counts()["L4"] == 1
+    back = kept.move("e7", l4, "L1")
+    assert back[0].keys is None and mx.array_equal(back[1].keys[..., :5, :], _kv().keys[..., :5, :])
+    assert not os.path.exists(l4)
+
+
+def _deep_tiers(p):
+    """tiered_lru with one block in each of L1, L2 and L3 and an L4 tier, so the trace's prefixes reach L4."""
+    from sim.prefix_cache import make_prefix_cache
+    cache = make_prefix_cache("tiered_lru", p.cluster, p.model, p.plan, p.profile, l4_gb=1.0)
+    l1, l2, l3, l4 = cache.config.tiers
+    small = tuple(replace(t, capacity_blocks=1) for t in (l1, l2, l3))
+    cache.config = replace(cache.config, tiers=(*small, replace(l4, load_s_per_block=0.0)))  # always worth loading
+    cache.policy = get_cache_policy("tiered_lru")(cache.config)
+    return cache
+
+
+@pytest.mark.slow
+def test_an_l4_tier_on_real_ranks_matches_the_simulator(planned, tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_L4_DIR", str(tmp_path))
+    sim = SimBackend(planned.cluster, planned.model, planned.plan, planned.profile,
+                     config=SimBackendConfig(speed=1000.0), cache=_deep_tiers(planned))
+    sim_out = asyncio.run(asyncio.wait_for(_serve_in_turn(sim, _trace()), GUARD_S))
+    real = make_backend("mlx", BackendOptions(planned=lambda: planned, cache="tiered_lru"))
+    real.cache = RankCache(_deep_tiers(planned))
+    real_out = asyncio.run(asyncio.wait_for(_serve_in_turn(real, _trace()), GUARD_S))
+    assert [c for c, _ in real_out] == [c for c, _ in sim_out]
+    assert real.cache.stats()["tier_moves"].get("L4", 0) >= 1, real.cache.stats()["tier_moves"]
+    assert not list(tmp_path.iterdir())     # the ranks' L4 folders go with them

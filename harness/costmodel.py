@@ -19,6 +19,7 @@ file (harness/profiles/*.json), never in code; a missing or malformed profile is
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +130,8 @@ class Profile:
         own = self.per_chip.get(chip.name)
         if own is not None and key in own:
             return own[key]
-        if self.per_generation:
-            gen = self.per_generation.get(chip_generation(chip))
+        if self.per_generation:   # this runs several times per stage per engine step: the name split is cached
+            gen = self.per_generation.get(_generation(chip.name))
             if gen is not None and key in gen:
                 return gen[key]
         return getattr(self, key)
@@ -162,7 +163,12 @@ class Profile:
 
 def chip_generation(chip: Chip) -> str:
     """A chip's generation: the first word of its name ("M4 Max" -> "M4")."""
-    return chip.name.split()[0]
+    return _generation(chip.name)
+
+
+@lru_cache(maxsize=None)
+def _generation(name: str) -> str:
+    return name.split()[0]
 
 
 def check_optional_terms(values: dict, origin: str, partial: bool = True) -> None:

@@ -87,3 +87,13 @@ def test_spec_rejects_typos_and_bad_values():
         spec_from_dict({**base, "load": {"levels": [1.5]}}, "t")
     with pytest.raises(UserError, match="gate"):
         spec_from_dict({**base, "gate": {"mean_tpot": 5}}, "t")
+
+
+def test_spec_topology_with_tensor_parallel_stages():
+    spec = spec_from_dict({"model": "tiny", "topologies": [{"name": "tp2", "split": [6], "tp": [2]},
+                                                           {"split": [4, 2], "tp": [2, 1]}, {"split": [3, 3]}]}, "t")
+    assert [(t.ranks, t.degrees, t.tp) for t in spec.topologies] == [(2, (2,), (2,)), (3, (2, 1), (2, 1)),
+                                                                     (2, (1, 1), ())]
+    assert spec.topologies[1].name == "3-rank"
+    with pytest.raises(UserError, match=r"topologies\[0\].tp must list one TP degree >= 1 per stage"):
+        spec_from_dict({"model": "tiny", "topologies": [{"split": [4, 2], "tp": [2]}]}, "t")

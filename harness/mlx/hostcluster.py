@@ -48,17 +48,22 @@ def _measured(link: dict) -> dict:
     return out
 
 
-def host_plan(cluster: dict, split: list[int], model: str = "model", quant_bits: int = 16) -> PartitionPlan:
-    """Stage i = node i with split[i] layers, in layer order (what MlxBackend runs and the simulator prices)."""
+def host_plan(cluster: dict, split: list[int], model: str = "model", quant_bits: int = 16,
+              tp: list[int] | None = None) -> PartitionPlan:
+    """Stage i runs split[i] layers in layer order on the next tp[i] nodes (one each by default; more make a
+    tensor-parallel group): what MlxBackend runs and the simulator prices."""
     nodes = [n["name"] for n in cluster["nodes"]]
-    if len(split) > len(nodes):
-        raise UserError(f"split {split} has {len(split)} stages but cluster {cluster['name']} has {len(nodes)} ranks")
-    if any(not isinstance(c, int) or c < 1 for c in split):
-        raise UserError(f"split {split}: every stage needs at least one layer")
-    stages, start = [], 0
-    for node, count in zip(nodes, split):
-        stages.append(Stage(nodes=(node,), layer_start=start, layer_end=start + count))
-        start += count
+    tp = list(tp or [1] * len(split))
+    if len(tp) != len(split) or sum(tp) > len(nodes):
+        raise UserError(f"split {split} has {len(split)} stages with TP degrees {tp}: {sum(tp)} ranks, but cluster "
+                        f"{cluster['name']} has {len(nodes)}")
+    if any(not isinstance(c, int) or c < 1 for c in [*split, *tp]):
+        raise UserError(f"split {split}, tp {tp}: every stage needs at least one layer and one rank")
+    stages, start, used = [], 0, 0
+    for count, degree in zip(split, tp):
+        members = tuple(nodes[used:used + degree])
+        stages.append(Stage(nodes=members, layer_start=start, layer_end=start + count, tp_degree=degree))
+        start, used = start + count, used + degree
     return PartitionPlan(strategy="manual", objective="latency", cluster=cluster["name"], model=model,
                          quant_bits=quant_bits, num_layers=start, stages=tuple(stages))
 

@@ -75,14 +75,15 @@ def run_topology(spec: ValidationSpec, topo: Topology, model_path: Path, cluster
     from harness.serving.server import EmbeddedServer
     from harness.mlx.hostcluster import host_plan
     cluster_data = json.loads(Path(cluster_path).read_text())
-    plan = host_plan(cluster_data, list(topo.split))
+    plan = host_plan(cluster_data, list(topo.split), tp=list(topo.degrees))
     backend = MlxBackend(model_path, plan, max_running=spec.max_running, prefill_step_size=spec.prefill_step_size,
                          model_id=model_path.name)
     vocab = int(backend.config["vocab_size"])
     context = {"topology": topo.name, "cluster": cluster_data, "model_config": backend.config,
                "model_name": model_path.name, "quant_bits": model_bits(backend.config)}
     with EmbeddedServer(backend) as server:
-        print(f"{topo.name}: {topo.ranks} real rank(s), split {list(topo.split)}, server {server.url}", flush=True)
+        print(f"{topo.name}: {topo.ranks} real rank(s), split {list(topo.split)}"
+              + (f", TP {list(topo.tp)}" if topo.tp else "") + f", server {server.url}", flush=True)
         sat_dir, sat_rate = _saturation(spec, topo, server, vocab, context, points_dir)
         dirs = [sat_dir]
         for k, level in enumerate([*spec.levels, *([spec.overload] if spec.overload else [])]):
@@ -113,7 +114,8 @@ def _point(spec, topo, server, vocab, context, points_dir, level, workload, kind
     config = {"command": "validate", "target": "embedded", "strategy": "manual", "mode": {"kind": kind, "value": value},
               "workload": workload.spec,
               "validation": {**context, "level": level_label(level), "rate_rps": rate, "max_running": spec.max_running,
-                             "prefill_step_size": spec.prefill_step_size, "split": list(topo.split)}}
+                             "prefill_step_size": spec.prefill_step_size, "split": list(topo.split),
+                             "tp": list(topo.degrees)}}
     label = f"{topo.name}-{level_label(level)}"
     print(f"  {label}: {len(workload)} requests" + (f" at {rate:.3f}/s (Poisson)" if rate else f", {value:g} in flight"),
           flush=True)

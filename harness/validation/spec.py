@@ -4,9 +4,10 @@
     model = "150m"                 # a harness.mlx.modelbuild size, or a path to a local mlx-lm model folder
     max_running = 8                # the decode batch limit, the same on both sides
     prefill_step_size = 512        # mlx-lm's prefill chunk, the same on both sides
-    [[topologies]]                 # this host as N ranks; split = layers per rank in layer order
+    [[topologies]]                 # this host as N ranks; split = layers per stage in layer order
     name = "1-rank"
     split = [12]
+    # tp = [2]                     # optional: ranks per stage (a tensor-parallel group; default 1 each)
     [workload]
     prompt_tokens = 128            # exact token ids are sent, so both sides see the same lengths
     output_tokens = 64             # pinned with min_tokens + ignore_eos
@@ -29,7 +30,7 @@ from harness.specs import UserError, reject_unknown
 
 TOP_KEYS = ("name", "model", "max_running", "prefill_step_size", "topologies", "workload", "load", "gate",
             "ttft_abs_ms")
-TOPOLOGY_KEYS = ("name", "split")
+TOPOLOGY_KEYS = ("name", "split", "tp")
 WORKLOAD_KEYS = ("prompt_tokens", "output_tokens", "requests_per_level", "seed")
 LOAD_KEYS = ("saturation_requests", "levels", "overload")
 DEFAULT_GATE = {"mean_tpot_ms": 5.0, "mean_e2el_ms": 10.0, "p99_e2el_ms": 15.0, "median_ttft_ms": 10.0}
@@ -39,10 +40,15 @@ DEFAULT_GATE = {"mean_tpot_ms": 5.0, "mean_e2el_ms": 10.0, "p99_e2el_ms": 15.0, 
 class Topology:
     name: str
     split: tuple[int, ...]
+    tp: tuple[int, ...] = ()       # ranks per stage; () means one each
+
+    @property
+    def degrees(self) -> tuple[int, ...]:
+        return self.tp or (1,) * len(self.split)
 
     @property
     def ranks(self) -> int:
-        return len(self.split)
+        return sum(self.degrees)
 
 
 @dataclass(frozen=True)
@@ -111,4 +117,9 @@ def _topology(raw, origin: str, i: int) -> Topology:
     split = raw.get("split")
     if not isinstance(split, list) or not split or any(not isinstance(x, int) or x < 1 for x in split):
         raise UserError(f"{origin}: topologies[{i}].split must be a list of layer counts >= 1, got {split!r}")
-    return Topology(name=str(raw.get("name", f"{len(split)}-rank")), split=tuple(split))
+    tp = raw.get("tp", [1] * len(split))
+    if not isinstance(tp, list) or len(tp) != len(split) or any(not isinstance(x, int) or x < 1 for x in tp):
+        raise UserError(f"{origin}: topologies[{i}].tp must list one TP degree >= 1 per stage of split {split}, "
+                        f"got {tp!r}")
+    return Topology(name=str(raw.get("name", f"{sum(tp)}-rank")), split=tuple(split),
+                    tp=tuple(tp) if max(tp) > 1 else ())

@@ -73,3 +73,12 @@ def test_real_two_rank_cluster_carries_the_measured_chip_and_link(two_rank_files
     assert [n.name for n in cluster.nodes] == ["rank-stage0", "rank-stage1"]
     assert all(n.chip.mem_bw_gbs == prof["chip"]["mem_bw_gbs"] for n in cluster.nodes)
     assert cluster.link("rank-stage0", "rank-stage1").latency_us == prof["link"]["latency_us"]
+
+
+def test_plan_puts_a_tp_stage_on_the_next_ranks(tmp_path):
+    data = json.loads(write_host_files(PROFILE, tmp_path, 3).read_text())
+    plan = host_plan(data, [5, 3], tp=[2, 1])
+    assert [(s.nodes, s.tp_degree, s.layer_start, s.layer_end) for s in plan.stages] == [
+        (("rank-stage0", "rank-stage1"), 2, 0, 5), (("rank-stage2",), 1, 5, 8)]
+    with pytest.raises(UserError, match="4 ranks, but cluster"):
+        host_plan(data, [5, 3], tp=[2, 2])

@@ -327,6 +327,11 @@ def fit_prefill(rows: list[Obs], overheads: Overheads, attention: tuple[float, f
     return 1.0 / inv_mu
 
 
+# a chip cannot stream or compute faster than its peak: a per-chip or per-generation fit above it (the M3 rows
+# with the M1/M2-era per-layer overhead) is held at the peak
+PEAK = 1.0
+
+
 def fit_attention(tg: list[Obs], pp: list[Obs]) -> tuple[float, Overheads, float, float, float]:
     """(eta_bw, overheads, mu_compute, attn_eta_bw, attn_mu) with attention apart: decode
     t = weights/eta + KV/attn_eta + c_step + c_layer L, prefill t - overhead = matmul/mu + pairs/attn_mu."""
@@ -434,9 +439,9 @@ def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = No
             mine_tg = [o for o in tg if o.chip.name == name]
             mine_pp = [o for o in pp if o.chip.name == name]
             if len(mine_tg) >= 2:
-                entry["eta_bw"] = round(fit_decode(mine_tg, overheads, attention)[0], 4)
+                entry["eta_bw"] = round(min(fit_decode(mine_tg, overheads, attention)[0], PEAK), 4)
             if len(mine_pp) >= 2:
-                entry["mu_compute"] = round(fit_prefill(mine_pp, overheads, attention), 4)
+                entry["mu_compute"] = round(min(fit_prefill(mine_pp, overheads, attention), PEAK), 4)
             if entry:
                 chips[name] = entry
     base = base or costmodel.load_profile("default")  # SSD and link figures the data cannot fit
@@ -452,7 +457,7 @@ def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = No
         for gen in sorted({costmodel.chip_generation(o.chip) for o in tg}):
             mine = [o for o in tg if costmodel.chip_generation(o.chip) == gen]
             if len(mine) >= 2:
-                gens[gen] = {"eta_bw": round(fit_decode(mine, overheads, attention)[0], 4)}
+                gens[gen] = {"eta_bw": round(min(fit_decode(mine, overheads, attention)[0], PEAK), 4)}
         profile = replace(profile, per_generation=gens)
     if "engine" in terms:
         profile = replace(profile, engines=fit_engines(obs, profile))

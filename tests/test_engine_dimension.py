@@ -82,3 +82,13 @@ def test_plan_engine_flag(capsys):
     assert main(["plan", "--cluster", "m2ultra-4x-tb4", "--model", "llama-3.1-8b", "--quant", "4",
                  "--engine", "llama.cpp"]) == 0
     assert "engine llama.cpp" in capsys.readouterr().out
+
+
+def test_simulate_engine_flag(tmp_path, capsys):
+    args = ["simulate", "--cluster", "m2ultra-4x-tb4", "--model", "qwen3-30b-a3b", "--quant", "4", "--workload",
+            "poisson,rate=0.5,n=6,prompt=600,output=8,seed=1", "--out", str(tmp_path), "--quiet", "--no-load"]
+    assert main(args + ["--engine", "llama.cpp"]) == 0
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert json.loads((run / "config.json").read_text())["cost_engine"] == "llama.cpp"
+    assert main(args + ["--engine", "nope"]) != 0
+    assert "no engine 'nope'" in capsys.readouterr().err

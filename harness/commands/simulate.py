@@ -179,7 +179,16 @@ def run_one(args) -> int:
     if args.seed is not None:
         spec["seed"] = args.seed
     workload = build_workload(spec)
-    cluster, model, plan = make_plan(args)
+    if getattr(args, "engine", None):   # the plan is chosen on the engine's costs too
+        import dataclasses
+
+        from harness.planning import load_inputs, plan_options, plan_with
+        cluster, model = load_inputs(args)
+        options = plan_options(args)
+        options = dataclasses.replace(options, profile=options.profile.for_engine(args.engine))
+        plan = plan_with(args.strategy, cluster, model, options)
+    else:
+        cluster, model, plan = make_plan(args)
     local = set(args.weights_local.split(",")) if args.weights_local else None
     faults = parse_faults(args, cluster)
     config = {"command": "simulate", "backend": "sim", "cluster": args.cluster, "link": args.link,

@@ -240,10 +240,13 @@ def _expert_bytes_time(o: Obs) -> float:
     return (o.model.decode_read_bytes(0, L, o.batch) - o.model._range("dense", 0, L)) / (o.chip.mem_bw_gbs * 1e9)
 
 
-def _fill_flops_time(o: Obs) -> float:
-    """A MoE prefill's expert-fill FLOPs per token of expert_fill_tokens, over peak FLOPS, at the row's chunk."""
-    unit = replace(costmodel.load_profile("default"), expert_fill_tokens=1.0, prefill_chunk_tokens=float(o.chunk))
+def _fill_flops_time(o: Obs, fill: float) -> float:
+    """A MoE prefill's expert-fill FLOPs at expert_fill_tokens = fill, over peak FLOPS, at the row's chunk."""
+    unit = replace(costmodel.load_profile("default"), expert_fill_tokens=fill, prefill_chunk_tokens=float(o.chunk))
     return costmodel.expert_fill_flops(o.model, unit, 0, o.model.num_layers, o.tokens) / (o.chip.fp16_tflops * 1e12)
+
+
+FILL_GRID = np.round(np.arange(0.0, 256.0 + 1e-9, 0.25), 2)   # expert_fill_tokens searched (tokens per expert)
 
 
 def _kv_time(o: Obs) -> float:
@@ -380,27 +383,34 @@ def fit_moe(tg: list[Obs], pp: list[Obs], eta: float, mu: float, overheads: Over
         out["expert_eta"] = round(float(np.clip(1.0 / (eta * inv), 0.05, 1.0)) if inv > 0 else 1.0, 4)
     moe_pp = [o for o in pp if o.model.moe]
     if moe_pp:
-        g = np.array([_fill_flops_time(o) for o in moe_pp])
         f = np.array([_prefill_flops_time(o) for o in moe_pp])
         t = np.array([o.step_s for o in moe_pp])
         known = f / mu + np.array([_overhead(o, overheads) for o in moe_pp])
         if attention:
             a = np.array([_attn_flops_time(o) for o in moe_pp])
             known += a / attention[1] - a / mu
-        w = 1.0 / t
-        fill = mu * float(np.sum(g * w * (t - known) * w) / np.sum((g * w) ** 2)) if np.any(g) else 0.0
-        out["expert_fill_tokens"] = round(max(fill, 0.0), 2)
+        # the waste is min(fill, tokens per expert): not linear in fill, so the least-squares fill is searched
+        resid = [float(np.sum(((known + np.array([_fill_flops_time(o, x) for o in moe_pp]) / mu - t) / t) ** 2))
+                 for x in FILL_GRID]
+        out["expert_fill_tokens"] = float(FILL_GRID[int(np.argmin(resid))])
     return out
 
 
-def fit_engines(obs: list[Obs], profile: Profile, default: str = costmodel.DEFAULT_ENGINE) -> dict:
+def fit_engines(obs: list[Obs], profile: Profile, default: str = costmodel.DEFAULT_ENGINE,
+                moe: dict | None = None) -> dict:
     """Per engine other than the default with batch-1 decode rows: the per-step cost over the profile's own
-    (the mean residual step time, >= 0), and the engine's prefill chunk (ENGINE_CHUNK)."""
+    (the mean residual step time, >= 0), the engine's prefill chunk (ENGINE_CHUNK) and its MoE terms
+    (`moe`: {engine: fit_moe's result}, fitted on that engine's rows: the expert GEMM fill is its kernels')."""
+    moe = moe or {}
     engines = {}
-    for name in sorted({profile_engine(o.engine) for o in obs} - {default}):
+    for name in sorted(({profile_engine(o.engine) for o in obs} | set(moe)) - {default}):
         entry = {}
         if name in ENGINE_CHUNK:
             entry["prefill_chunk_tokens"] = ENGINE_CHUNK[name]
+        entry.update(moe.get(name, {}))
+        engines[name] = entry
+    profile = replace(profile, engines={n: dict(e) for n, e in engines.items()})
+    for name, entry in engines.items():
         tg = [o for o in obs if o.kind == "tg" and o.batch == 1 and profile_engine(o.engine) == name]
         if tg:
             t = np.array([o.step_s for o in tg])
@@ -408,8 +418,10 @@ def fit_engines(obs: list[Obs], profile: Profile, default: str = costmodel.DEFAU
             w = 1.0 / t
             extra = float(np.sum((t - pred) * w * w) / np.sum(w * w))
             entry["step_overhead_s"] = round(profile.step_overhead_s + max(extra, 0.0), 6)
-        entry["basis"] = f"fitted on {len(tg)} decode rows of {name}" if tg else "engine default chunk only"
-        engines[name] = entry
+        what = [f"{len(tg)} decode rows"] if tg else []
+        if name in moe:
+            what.append("its MoE rows for " + ", ".join(moe[name]))
+        entry["basis"] = f"fitted on {' and '.join(what)} of {name}" if what else "engine default chunk only"
     return engines
 
 
@@ -431,7 +443,17 @@ def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = No
     else:
         eta, overheads = fit_decode(tg)
         mu = fit_prefill(pp, overheads)
-    moe = fit_moe(tg, pp, eta, mu, overheads, attention) if "moe" in terms else {}
+    # the MoE terms per engine (an expert GEMM's fill is its engine's kernels): the default engine's are the
+    # profile's own, another engine's go to its engines entry
+    moe, engine_moe = {}, {}
+    if "moe" in terms:
+        for name in sorted({profile_engine(o.engine) for o in tg + pp if o.model.moe}):
+            mine = fit_moe([o for o in tg if profile_engine(o.engine) == name],
+                           [o for o in pp if profile_engine(o.engine) == name], eta, mu, overheads, attention)
+            if name == costmodel.DEFAULT_ENGINE:
+                moe = mine
+            elif mine:
+                engine_moe[name] = mine
     chips: dict[str, dict] = {}
     if per_chip:
         for name in sorted({o.chip.name for o in obs}):
@@ -459,8 +481,9 @@ def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = No
             if len(mine) >= 2:
                 gens[gen] = {"eta_bw": round(min(fit_decode(mine, overheads, attention)[0], PEAK), 4)}
         profile = replace(profile, per_generation=gens)
-    if "engine" in terms:
-        profile = replace(profile, engines=fit_engines(obs, profile))
+    if "engine" in terms or engine_moe:
+        profile = replace(profile, engines=fit_engines(obs, profile, moe=engine_moe) if "engine" in terms
+                          else {n: {**e, "basis": f"its MoE rows for {', '.join(e)}"} for n, e in engine_moe.items()})
     if "transport" in terms:
         fit = fit_transport()
         if fit["tcp_hop_latencies"] is not None:

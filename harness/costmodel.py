@@ -281,16 +281,23 @@ def read_bytes(model: ModelSpec, profile: Profile | None, start: int, end: int, 
 
 
 def expert_fill_flops(model: ModelSpec, profile: Profile | None, start: int, end: int, tokens: float) -> float:
-    """Compute a forward of `tokens` tokens wastes on its routed experts' small GEMMs: each touched expert (an
-    expected E (1 - (1 - k/E)^T) per MoE layer and engine chunk) pays expert_fill_tokens tokens of compute on
-    top of its T k / touched tokens (tiles half-empty, one launch per expert), so a 512-token chunk over 256
-    experts (16 tokens each) runs far below the GEMM rate while a 4096-token one (128 each) nearly reaches it."""
+    """Compute a forward of `tokens` tokens wastes on its routed experts' small GEMMs.
+
+    Each touched expert (an expected E (1 - (1 - k/E)^T) per MoE layer and engine chunk) gets m = T k / touched
+    of the chunk's tokens and pays min(expert_fill_tokens, m) tokens of compute on top: a GEMM tile is filled
+    to its height whatever m is (about half a tile wasted on average once m is large), and below that an
+    engine switches to mat-vec kernels, so the waste never exceeds the expert's own rows. A 512-token chunk
+    over 256 experts (16 tokens each) thus runs at half the GEMM rate, a 4096-token one (128 each) near it,
+    and a forward of a few tokens (decode-like) stays bandwidth-bound."""
     fill = profile.expert_fill_tokens if profile is not None else 0.0
     if not fill or not model.moe or tokens <= 0:
         return 0.0
     per_expert = 2.0 * 3 * model.hidden * model.moe_ffn
-    touched = sum(experts_touched(model, c) for c in prefill_chunks(tokens, profile.prefill_chunk_tokens))
-    return fill * touched * per_expert * _moe_layers(model, start, end)
+    wasted = 0.0
+    for c in prefill_chunks(tokens, profile.prefill_chunk_tokens):
+        touched = experts_touched(model, c)
+        wasted += touched * min(fill, c * model.active_experts / touched)
+    return wasted * per_expert * _moe_layers(model, start, end)
 
 
 def prefill_read_bytes(model: ModelSpec, profile: Profile | None, start: int, end: int, tokens: int) -> float:

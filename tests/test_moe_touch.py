@@ -50,8 +50,13 @@ def test_expert_fill_prices_small_chunks_per_touched_expert(moe, chip):
     L = moe.num_layers
     p = dataclasses.replace(BASE, expert_fill_tokens=24.0)
     per_expert = 2 * 3 * moe.hidden * moe.moe_ffn * L
-    assert costmodel.expert_fill_flops(moe, p, 0, L, 512) == pytest.approx(
-        24.0 * costmodel.experts_touched(moe, 512) * per_expert)
+    touched = costmodel.experts_touched(moe, 512)
+    assert 512 * 8 / touched > 24   # 32 tokens per expert: the whole fill is paid
+    assert costmodel.expert_fill_flops(moe, p, 0, L, 512) == pytest.approx(24.0 * touched * per_expert)
+    # a forward of 20 tokens gives each touched expert under 2 of them: the waste is those rows, not the fill
+    few = costmodel.experts_touched(moe, 20)
+    assert costmodel.expert_fill_flops(moe, p, 0, L, 20) == pytest.approx(20 * 8 * per_expert)
+    assert few * 24 * per_expert > 10 * costmodel.expert_fill_flops(moe, p, 0, L, 20)
     # an engine that prefills 512 at a time touches (nearly) every expert in each of 8 chunks of a 4096 prompt
     chunked = dataclasses.replace(p, prefill_chunk_tokens=512)
     assert costmodel.expert_fill_flops(moe, chunked, 0, L, 4096) == pytest.approx(
@@ -90,21 +95,28 @@ def test_calibrate_reads_the_stated_chunk_and_the_engine_default():
 
 
 def test_fitted_moe_terms_recover_a_synthetic_truth():
-    """MoE rows priced by a profile with a known fill and read efficiency: the fit finds them again."""
+    """MoE rows priced by a profile with a known fill and read efficiency: given the dense factors, the MoE fit
+    finds them again; the whole fit puts them in the engine's entry (llama.cpp rows) or the profile's own."""
     truth = dataclasses.replace(BASE, expert_eta=0.8, expert_fill_tokens=20.0)
     obs, _ = cal.load_observations([cal.DATA, cal.PUBLIC])
     clean = [dataclasses.replace(o, published_tok_s=cal.predict(o, truth)) for o in obs if o.batch == 1]
-    got = cal.fit_profile(clean, per_chip=False, base=truth)
-    # mu_compute is fitted over every prefill row, the MoE ones included, so the recovery is close, not exact
-    assert got.expert_fill_tokens == pytest.approx(20.0, rel=0.1)
-    assert got.expert_eta == pytest.approx(0.8, rel=0.1)
+    cpp = [o for o in clean if cal.profile_engine(o.engine) == "llama.cpp"]
+    got = cal.fit_moe([o for o in cpp if o.kind == "tg"], [o for o in cpp if o.kind == "pp"],
+                      truth.eta_bw, truth.mu_compute, (truth.step_overhead_s, truth.layer_overhead_s))
+    assert got["expert_fill_tokens"] == pytest.approx(20.0, abs=0.5)
+    assert got["expert_eta"] == pytest.approx(0.8, rel=0.02)
+    whole = cal.fit_profile(clean, per_chip=False, base=truth)
+    # mu_compute is fitted over every prefill row, the MoE ones included, so here the recovery is rougher
+    assert whole.engines["llama.cpp"]["expert_fill_tokens"] == pytest.approx(20.0, rel=0.3)
+    assert whole.expert_fill_tokens == pytest.approx(20.0, rel=0.3)   # mlx-lm#406's rows: the default engine's
 
 
 def test_committed_profile_prices_moe_prefill_by_chunk():
-    """The committed fit carries a non-zero expert fill (from the MoE rows), so DeepSeek's llama.cpp pp512
-    (256 experts, 512-token chunks: 16 tokens per expert) is priced well below its plain roofline."""
-    p = costmodel.load_profile()
-    assert p.expert_fill_tokens > 0
+    """The committed fit gives llama.cpp a non-zero expert fill (from its MoE rows), so DeepSeek's llama.cpp
+    pp512 (256 experts, 512-token chunks: 16 tokens per expert) is priced well below its plain roofline; the
+    default engine (mlx-lm) has no MoE prefill rows in the default fit and no fill."""
+    p = costmodel.load_profile().for_engine("llama.cpp")
+    assert p.expert_fill_tokens > 0 and costmodel.load_profile().expert_fill_tokens == 0
     r1 = catalog.load_model("deepseek-v3", 4)
     chip = catalog.find_chip("M3 Ultra")
     plain = dataclasses.replace(p, expert_fill_tokens=0.0)

@@ -110,3 +110,26 @@ def test_an_l4_tier_on_real_ranks_matches_the_simulator(planned, tmp_path, monke
     assert [c for c, _ in real_out] == [c for c, _ in sim_out]
     assert real.cache.stats()["tier_moves"].get("L4", 0) >= 1, real.cache.stats()["tier_moves"]
     assert not list(tmp_path.iterdir())     # the ranks' L4 folders go with them
+
+
+def _pinned_lru(p, prefix):
+    """lru with three blocks of L1 and the shared prefix's three blocks pinned: the other prompt cannot push it out."""
+    from sim.prefix_cache import make_prefix_cache
+    cache = make_prefix_cache("lru", p.cluster, p.model, p.plan, p.profile)
+    cache.config = replace(cache.config, tiers=(replace(cache.config.tiers[0], capacity_blocks=3),))
+    cache.policy = get_cache_policy("lru")(cache.config)
+    cache.policy.pin(cache.keys_from_tokens(prefix))
+    return cache
+
+
+@pytest.mark.slow
+def test_pinned_blocks_stay_kept_on_real_ranks_as_in_the_simulator(planned):
+    prefix = _trace()[0][:192]          # the shared prefix's three full blocks
+    sim = SimBackend(planned.cluster, planned.model, planned.plan, planned.profile,
+                     config=SimBackendConfig(speed=1000.0), cache=_pinned_lru(planned, prefix))
+    sim_out = asyncio.run(asyncio.wait_for(_serve_in_turn(sim, _trace()), GUARD_S))
+    real = make_backend("mlx", BackendOptions(planned=lambda: planned, cache="lru"))
+    real.cache = RankCache(_pinned_lru(planned, prefix))
+    real_out = asyncio.run(asyncio.wait_for(_serve_in_turn(real, _trace()), GUARD_S))
+    assert [c for c, _ in real_out] == [c for c, _ in sim_out]
+    assert [c for c, _ in real_out][2] == 192 and [c for c, _ in real_out][4] == 192   # every later base turn hits

@@ -61,6 +61,16 @@ async def drain(queue) -> AsyncIterator[TokenEvent]:
             return
 
 
+class ReadyEvents(Protocol):
+    """What a stream from `generate()` may offer besides `__anext__` (optional; the instant backend's does):
+    `ready(limit)` returns the events it holds already, at most `limit`, without waiting, and [] when the next
+    one is still coming or the stream has ended. It raises what `__anext__` would (QueueFull on the first call).
+    The server sends everything ready in one write per event-loop tick; a stream without it gets one write per
+    token, which is the same bytes."""
+
+    def ready(self, limit: int) -> list[TokenEvent]: ...
+
+
 class Backend(Protocol):
     name: str                        # its name in harness.backends.BACKEND_NAMES (summary.json records it)
     model_id: str                    # what /v1/models lists and requests must name

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from typing import AsyncIterator
 
 from harness.backends.base import (BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent,
                                    plain_chat_prompt, step_frame)
@@ -77,40 +76,10 @@ class InstantBackend:
         return LoadReport(load_s_per_node={"local": 0.0}, memory_bytes_per_node={"local": 0},
                           source="measured", notes=("instant backend: no model",))
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    def generate(self, request: GenerationRequest) -> "_InstantStream":
         if not self._loaded:
             raise BackendUnavailable("instant backend not loaded")
-        return self._stream(request)
-
-    async def _stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        # Checked when the stream starts (first anext), like any async-generator backend, so the count
-        # below is only ever raised by a stream whose `finally` will lower it again.
-        if self.max_running is not None and self._running >= self.max_running:
-            raise QueueFull(f"{self._running} requests running, limit {self.max_running}")
-        self._running += 1
-        finished = False
-        try:
-            for position in range(request.max_tokens):
-                if self.token_interval_s > 0:
-                    await asyncio.sleep(self.token_interval_s)
-                token = output_token(request, position)
-                stopped = token in request.stop_token_ids and position + 1 >= request.min_tokens
-                last = position + 1 == request.max_tokens or stopped
-                if last:   # done before the final yield: a consumer may close us right after it
-                    finished = True
-                    self._served += 1
-                yield TokenEvent(token_id=token, text=self.tokenizer.token_text(token), time_s=time.monotonic(),
-                                 finish_reason=("stop" if stopped else "length") if last else None,
-                                 prompt_tokens=len(request.prompt))
-                if last:
-                    break
-                if self.token_interval_s <= 0:
-                    # Yield to the loop between tokens, as any real backend does, so one long request cannot
-                    # starve the others; this is the only cost the instant backend adds.
-                    await asyncio.sleep(0)
-        finally:
-            self._running -= 1
-            self._cancelled += not finished
+        return _InstantStream(self, request)
 
     def stats(self) -> dict:
         return {"healthy": self._loaded, "num_requests_running": self._running, "num_requests_waiting": 0,
@@ -122,3 +91,88 @@ class InstantBackend:
 
     async def close(self) -> None:
         self._loaded = False
+
+
+class _InstantStream:
+    """One request's tokens, as an async iterator that also hands over every token ready now (`ready`, see
+    base.ReadyEvents). Unpaced, every token is ready; paced, token k is due `(k + 1) * token_interval_s` after
+    the stream started, on a fixed schedule like a real engine's, so a consumer that fell behind finds several
+    due at once."""
+
+    def __init__(self, backend: InstantBackend, request: GenerationRequest):
+        self.backend, self.request = backend, request
+        self.position = 0
+        self.started_at: float | None = None
+        self.finished = False      # the last token was handed over
+        self._holding = False      # counted in backend._running
+
+    def __aiter__(self) -> "_InstantStream":
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        self._begin()
+        if self.finished:
+            raise StopAsyncIteration
+        interval = self.backend.token_interval_s
+        if interval > 0:
+            wait = self.started_at + (self.position + 1) * interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        elif self.position > 0:
+            # Yield to the loop between tokens, as any real backend does, so one long request cannot starve the
+            # others; this is the only cost the instant backend adds.
+            await asyncio.sleep(0)
+        return self._next_event()
+
+    def ready(self, limit: int) -> list[TokenEvent]:
+        self._begin()
+        if self.finished:
+            return []
+        left = self.request.max_tokens - self.position
+        interval = self.backend.token_interval_s
+        if interval > 0:
+            due = int((time.monotonic() - self.started_at) / interval)
+            left = min(left, due - self.position)
+        events = []
+        while len(events) < min(limit, left) and not self.finished:
+            events.append(self._next_event())
+        return events
+
+    def _begin(self) -> None:
+        # Checked when the stream starts (its first take), like any async-generator backend.
+        if self.started_at is not None:
+            return
+        backend = self.backend
+        if backend.max_running is not None and backend._running >= backend.max_running:
+            raise QueueFull(f"{backend._running} requests running, limit {backend.max_running}")
+        backend._running += 1
+        self._holding = True
+        self.started_at = time.monotonic()
+
+    def _next_event(self) -> TokenEvent:
+        request, position = self.request, self.position
+        self.position += 1
+        token = output_token(request, position)
+        stopped = token in request.stop_token_ids and position + 1 >= request.min_tokens
+        last = position + 1 == request.max_tokens or stopped
+        if last:   # done before the event leaves: a consumer may close us right after it
+            self.finished = True
+            self.backend._served += 1
+            self._release()
+        return TokenEvent(token_id=token, text=self.backend.tokenizer.token_text(token), time_s=time.monotonic(),
+                          finish_reason=("stop" if stopped else "length") if last else None,
+                          prompt_tokens=len(request.prompt))
+
+    def _release(self) -> None:
+        if self._holding:
+            self._holding = False
+            self.backend._running -= 1
+            self.backend._cancelled += not self.finished
+
+    async def aclose(self) -> None:
+        self._release()
+        self.finished = True
+
+    def __del__(self) -> None:
+        # dropped without aclose (an async generator would be closed by the loop's finalizer): still counted
+        self._release()

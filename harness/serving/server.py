@@ -6,7 +6,10 @@ GET /health, GET /metrics (Prometheus text). vLLM's extensions `min_tokens`, `ig
 
 Streaming sends one chunk per generated token, the first one already carrying text (no role-only chunk),
 `finish_reason` on the last content chunk, then the usage chunk when `stream_options.include_usage` is set,
-then `data: [DONE]`.
+then `data: [DONE]`. A valid streaming body takes a fast path in plain ASGI (`_serve_stream`, from the guard
+that read the body; FastAPI never sees it): the events of every token the backend holds ready (its stream's
+optional `ready`, base.ReadyEvents) go out in one write per event-loop tick, and a hang-up is watched by one
+pending receive(), started the first time the stream has to wait.
 
 Start it in-process with `EmbeddedServer(backend).start()` (returns the URL, serves from a background
 thread on 127.0.0.1) or standalone with `python -m harness serve`.
@@ -40,7 +43,7 @@ import h11
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, CONTENT_TYPE_LATEST
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -76,6 +79,9 @@ class ServerLimits:
 # their cadence; shorter ones stay on the loop, where a thread hop would cost more than the tokenizing.
 _TOKENIZE_INLINE_CHARS = 32 * 1024
 _TOKEN_ID = Annotated[int, Field(ge=0, lt=2**31)]
+# At most this many ready tokens go out in one write: it bounds one stream's share of an event-loop tick (the
+# server yields between writes), and 64 tokens are ~10 KiB of SSE.
+_COALESCE_MAX_TOKENS = 64
 
 
 # ---------------------------------------------------------------------------------------------- request bodies
@@ -247,6 +253,34 @@ async def _unless_disconnect(request: Request, awaitable):
     return task.result()
 
 
+class _DisconnectWatch:
+    """Cancels `scope` (around a whole stream) when the client hangs up: one pending receive() in one task,
+    started only the first time the stream has to wait for its backend, instead of a watcher per wait. A stream
+    whose tokens are all ready never starts it: it never waits, and uvicorn drops its writes to a gone client."""
+
+    def __init__(self, receive):
+        self.receive = receive
+        self.scope = anyio.CancelScope()
+        self.task: asyncio.Task | None = None
+        self.ended = False
+
+    def arm(self) -> None:
+        if self.task is None and not self.ended:
+            self.task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        if not self.ended:   # uvicorn also says http.disconnect once the response is complete
+            self.scope.cancel()
+
+    def end(self) -> None:
+        """Before the response's last write, which makes receive() say http.disconnect."""
+        self.ended = True
+        if self.task is not None:
+            self.task.cancel()
+
+
 class _Generation:
     """One request's token stream: applies stop strings, counts tokens, feeds the metrics."""
 
@@ -260,6 +294,7 @@ class _Generation:
         self.first: TokenEvent | None = None
         self._counted_running = False
         self._closed = False
+        self._ready = getattr(stream, "ready", None)   # base.ReadyEvents: optional, so probed
         app_state.metrics.waiting += 1
 
     async def start(self, request: Request) -> None:
@@ -274,6 +309,36 @@ class _Generation:
         self.s.metrics.waiting -= 1
         self.s.metrics.running += 1
         self._counted_running = True
+
+    async def next_events(self, watch: _DisconnectWatch) -> tuple[list[TokenEvent], bool]:
+        """Every event the backend holds ready, else the next one awaited while `watch` looks out for a hang-up;
+        and whether it awaited the backend (where a backend yields the loop). [] once the stream ends."""
+        if self._ready is not None:
+            events = self._ready(_COALESCE_MAX_TOKENS)
+            if events:
+                return events, False
+        watch.arm()
+        event = await anext(self.stream, None)
+        if event is None:
+            return [], True
+        if self._ready is None:
+            return [event], True
+        return [event, *self._ready(_COALESCE_MAX_TOKENS - 1)], True
+
+    def sse(self, events: list[TokenEvent], render: "_Renderer") -> bytes:
+        """The SSE events for `events`, up to the one that finishes the request (later ones are dropped: the
+        stop string ended it); [] is the end of a stream that never said why, a "length" finish."""
+        if not events:
+            self.finish_reason = "length"
+            return render.chunk("", "length")
+        parts = []
+        for event in events:
+            text = self._take(event)
+            if text or self.finish_reason is not None:
+                parts.append(render.chunk(text, self.finish_reason))
+            if self.finish_reason is not None:
+                break
+        return b"".join(parts)
 
     async def pieces(self) -> AsyncIterator[tuple[str, str | None]]:
         """(text, finish_reason) per token; the last one has a finish reason."""
@@ -504,37 +569,80 @@ def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _sse_stream(gen: _Generation, render: _Renderer, include_usage: bool) -> AsyncIterator[bytes]:
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+
+async def _serve_stream(state: _AppState, body: CompletionBody | ChatBody, scope, receive, send) -> None:
+    """A streaming completion in plain ASGI, the fast path of both generation routes (issue 15): no routing or
+    response layers, no task per wait, and every ready token in one write per event-loop tick."""
+    arrived = time.monotonic()
     try:
-        async for text, finish in gen.pieces():
-            if text or finish is not None:
-                yield render.chunk(text, finish)
-        if include_usage:
-            yield render.usage_chunk(gen.usage())
+        stop = _stop_list(body.stop, state.limits)   # cheap checks first: a bad body costs no tokenizing
+        gen_request = await _generation_request(state, body)
+        stream = state.backend.generate(gen_request)
+    except (ApiError, QueueFull, BackendUnavailable) as exc:
+        return await _send_error(state, _map_backend_error(state, exc), scope, receive, send)
+    gen = _Generation(state, stream, len(gen_request.prompt), stop, arrived)
+    watch = _DisconnectWatch(receive)
+    try:
+        with watch.scope:   # a hang-up cancels it: the backend's request goes at gen.close()
+            await _stream_events(state, body, gen, watch, scope, receive, send)
+    finally:
+        watch.end()
+        await gen.close()
+
+
+async def _stream_events(state: _AppState, body, gen: _Generation, watch: _DisconnectWatch, scope, receive,
+                         send) -> None:
+    try:   # the first token before the headers, so QueueFull or BackendUnavailable still become a status code
+        events, waited = await gen.next_events(watch)
+    except Exception as exc:
+        return await _send_error(state, _map_backend_error(state, exc), scope, receive, send)
+    gen._to_running()
+    render = _Renderer(isinstance(body, ChatBody), state.backend.model_id)
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+    unsent = tail = b""
+    try:
+        while True:
+            unsent = gen.sse(events, render)
+            if gen.finish_reason is not None:
+                break
+            await send({"type": "http.response.body", "body": unsent, "more_body": True})
+            unsent = b""
+            if not waited:   # one write per tick: the other streams get the loop before this one's next
+                await asyncio.sleep(0)
+            events, waited = await gen.next_events(watch)
+        if body.stream_options and body.stream_options.include_usage:
+            tail = render.usage_chunk(gen.usage())
     except Exception as exc:
         # Headers are gone already: report the failure in-band, as vLLM does (any backend error, since a
         # raise here would only cut the connection without saying why).
-        yield _sse(ApiError(503, f"backend failed: {exc}", type_="server_error").body())
-    finally:
-        await gen.close()
-    yield b"data: [DONE]\n\n"
+        tail = _sse(ApiError(503, f"backend failed: {exc}", type_="server_error").body())
+    watch.end()
+    await gen.close()   # before [DONE]: a client that reads it finds the request counted and the backend done
+    await send({"type": "http.response.body", "body": unsent + tail + b"data: [DONE]\n\n", "more_body": False})
 
 
-class _GenerationResponse(StreamingResponse):
-    """Closes the generation even when the client leaves before the body starts streaming."""
+async def _send_error(state: _AppState, err: ApiError, scope, receive, send) -> None:
+    state.metrics.failed.labels(str(err.status)).inc()
+    await _error_response(err)(scope, receive, send)
 
-    def __init__(self, gen: _Generation, body: AsyncIterator[bytes]):
-        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.gen = gen
+
+class _StreamResponse(Response):
+    """A streaming completion answered from FastAPI's route: the bodies the fast path leaves to it (a JSON
+    content type other than application/json, say) stream the same way."""
+
+    def __init__(self, state: _AppState, body: CompletionBody | ChatBody):
+        super().__init__()
+        self.state, self.request_body = state, body
 
     async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.gen.close()
+        await _serve_stream(self.state, self.request_body, scope, receive, send)
 
 
 async def _complete(state: _AppState, request: Request, body: CompletionBody | ChatBody) -> Response:
+    if body.stream:
+        return _StreamResponse(state, body)
     arrived = time.monotonic()
     stop = _stop_list(body.stop, state.limits)   # cheap checks first: a bad body costs no tokenizing
     gen_request = await _generation_request(state, body)
@@ -549,9 +657,6 @@ async def _complete(state: _AppState, request: Request, body: CompletionBody | C
         await gen.close()
         raise _map_backend_error(state, exc)
     render = _Renderer(isinstance(body, ChatBody), state.backend.model_id)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _GenerationResponse(gen, _sse_stream(gen, render, include_usage))
     try:
         text = await _unless_disconnect(request, _collect(gen))
     except BaseException as exc:
@@ -588,11 +693,12 @@ def _map_backend_error(state: _AppState, exc: BaseException) -> BaseException:
 
 class _Guard:
     """Pure ASGI middleware: the API key, a bound on the request body (size and time) read before the app parses
-    it, and the last word on anything unexpected: an OpenAI-shaped 500 that leaves the connection usable (an
-    exception reaching uvicorn after the response started makes it drop the connection)."""
+    it, the fast path for streaming completions (served from the body read here, never reaching FastAPI), and
+    the last word on anything unexpected: an OpenAI-shaped 500 that leaves the connection usable (an exception
+    reaching uvicorn after the response started makes it drop the connection)."""
 
-    def __init__(self, app, api_key: str | None, open_paths: frozenset[str], limits: ServerLimits):
-        self.app, self.open_paths, self.limits = app, open_paths, limits
+    def __init__(self, app, api_key: str | None, open_paths: frozenset[str], state: _AppState):
+        self.app, self.open_paths, self.state, self.limits = app, open_paths, state, state.limits
         self.expected = b"Bearer " + api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
@@ -630,6 +736,9 @@ class _Guard:
         if too_big:
             err = ApiError(413, f"request body larger than {self.limits.max_body_bytes} bytes", code="body_too_large")
             return await _error_response(err)(scope, receive, send)
+        streaming = _streaming_body(scope, body)
+        if streaming is not None:
+            return await _serve_stream(self.state, streaming, scope, receive, send)
         return await self.app(scope, _replay(body, receive), send)
 
     def _authorized(self, scope) -> bool:
@@ -649,6 +758,30 @@ class _Guard:
             parts.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(parts), False
+
+
+_STREAM_ROUTES = {"/v1/completions": CompletionBody, "/v1/chat/completions": ChatBody}
+
+
+def _streaming_body(scope, raw: bytes) -> CompletionBody | ChatBody | None:
+    """The parsed body of a valid streaming completion, else None: everything else (invalid bodies included,
+    so every error keeps its one source) goes through FastAPI. It parses JSON only where FastAPI would: no
+    content type, or application/json."""
+    model = _STREAM_ROUTES.get(scope["path"])
+    if model is None or b'"stream"' not in raw or not _json_content_type(scope):
+        return None
+    try:
+        body = model.model_validate_json(raw)
+    except ValueError:   # pydantic's ValidationError, invalid JSON included
+        return None
+    return body if body.stream else None
+
+
+def _json_content_type(scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"application/json"
+    return True
 
 
 def _replay(body: bytes, receive):
@@ -738,7 +871,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: ServerLi
     app.add_exception_handler(_ClientGone, lambda _r, _e: Response(status_code=499))
     _routes(app, state)
     open_paths = frozenset({"/health", "/metrics"} if metrics_open else {"/health"})
-    app.add_middleware(_Guard, api_key=api_key, open_paths=open_paths, limits=limits)
+    app.add_middleware(_Guard, api_key=api_key, open_paths=open_paths, state=state)
     return app
 
 

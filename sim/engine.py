@@ -32,6 +32,7 @@ import simpy
 
 from harness.costmodel import TOKEN_ID_BYTES, DecodeTerms, Profile, hop_links, stage_models
 from harness.specs import Cluster, ModelSpec, PartitionPlan, UserError
+from sim import steady
 from sim.costs import kv_pool_tokens
 
 WAITING, RUNNING, DONE, FAILED = 1, 2, 3, 4
@@ -54,6 +55,7 @@ class EngineConfig:
     kv_tokens: int = 0                 # cap the KV pool (tokens); 0 = what memory allows
     record_steps: bool = True
     fast_forward: bool = True          # batch runs of identical decode steps into one event (see _fast_forward)
+    fast_forward_schedulers: bool = True   # and several schedulers' steady decode at once (sim.steady)
     scheduler: str = "continuous"      # "continuous" (vLLM-like, above) or "mlx-lm" (BatchGenerator, below)
     prefill_batch: int = 8             # mlx-lm: prompts prefilled together in one forward (prefill_batch_size)
     prefill_step_tokens: int = 512     # mlx-lm: tokens of each prompt per prefill forward (prefill_step_size)
@@ -83,7 +85,8 @@ class _Sched:
     small contiguous arrays instead of gathering from the engine's per-request arrays (the hot loop's cost).
     The engine's arrays are brought up to date (`Engine._sync`) whenever membership changes.
     """
-    __slots__ = ("running", "prefilling", "comp", "blk", "nxt", "left", "ctx", "min_left")
+    __slots__ = ("running", "prefilling", "comp", "blk", "nxt", "left", "ctx", "min_left", "flight", "wake",
+                 "table")
 
     def __init__(self):
         self.running = np.empty(0, dtype=np.int64)   # decoding sequences, oldest admission first
@@ -92,6 +95,9 @@ class _Sched:
         self.comp = self.blk = self.nxt = self.left = empty   # tokens in KV, KV blocks, next token slot, tokens left
         self.ctx = 0                                     # sum over running of (comp + 1): KV read by the next step
         self.min_left = 0
+        self.flight = None           # (micro-batch, emit time) in flight; micro-batch None: a fast-forwarded run
+        self.wake = None             # the timeout it waits for (sim.steady may replace it by a later one)
+        self.table = None            # sim.steady's decode times for the current decoding set
 
 
 class Engine:
@@ -120,6 +126,7 @@ class Engine:
         self._decode_terms: dict[int, list[DecodeTerms]] = {}   # per batch size, one per stage
         self._init_records()
         self.preemptions = 0
+        self.steady_steps = 0               # micro-batches that sim.steady's windows took (the rest one by one)
         self.down: str | None = None        # why the cluster stopped serving (a node failed), once it did
         self.down_node: str | None = None   # which node that was
         self._slow = [1.0] * len(self.stages)   # straggler factor per stage (fault injection)
@@ -416,36 +423,66 @@ class Engine:
             ev.succeed()
 
     def _scheduler(self, sc: _Sched, t0: float):
+        """One scheduler's loop. Its state between wake-ups lives in `sc` (flight: what lands on the next
+        wake-up), so sim.steady can advance it and replace the wake-up it waits for."""
         env = self.env
         if t0 > env.now:
             yield env.timeout(t0 - env.now)
+        at_stage = False          # woke from waiting for the first stage: straight back to that check
         while not self.down:
-            if sc.running.size == 0 and not sc.prefilling and not self.waiting:
-                self._idle += 1                           # nothing to do: sleep until work arrives
-                yield self._wake
-                self._idle -= 1
-                continue
-            while self._stage_free[0] > env.now:      # another micro-batch holds the first stage
-                yield env.timeout(self._stage_free[0] - env.now)
-            if self._can_fast_forward(sc):
-                ff = self._fast_forward(sc)
-                if ff is not None:
-                    t_emit, t_back = ff
-                    yield env.timeout(t_back - env.now)
-                    if self.down:
-                        return
-                    self._finish_fast_forward(sc, t_emit)
+            if not at_stage:
+                flight, sc.flight = sc.flight, None
+                if flight is not None:
+                    self._land(sc, flight)
+                if sc.running.size == 0 and not sc.prefilling and not self.waiting:
+                    self._idle += 1                       # nothing to do: sleep until work arrives
+                    yield self._wake
+                    self._idle -= 1
                     continue
-            mb = self._form(sc)
-            if mb is None:
-                self._idle += 1
-                yield self._wake
-                self._idle -= 1
-                continue
-            t_emit, t_back = self._traverse(mb)
-            yield env.timeout(t_back - env.now)
-            if self.down:               # the micro-batch in flight was lost with the node
-                return
+            at_stage = self._stage_free[0] > env.now      # another micro-batch holds the first stage
+            if at_stage:
+                ev = sc.wake = env.timeout(self._stage_free[0] - env.now)
+            elif steady.can_start(self, sc) and steady.run_window(self, sc):
+                ev = sc.wake                              # several schedulers' steady decode, in one go
+            else:
+                ev = self._launch(sc)
+                if ev is None:
+                    self._idle += 1
+                    yield self._wake
+                    self._idle -= 1
+                    continue
+            yield ev
+            while ev is not sc.wake:                      # a steady window moved this wake-up later
+                ev = sc.wake
+                yield ev
+            if sc.flight is not None:                     # ... and sent a micro-batch meanwhile
+                at_stage = False
+
+    def _launch(self, sc: _Sched):
+        """Send this scheduler's next micro-batch (or a fast-forwarded run of them); returns the timeout for its
+        token ids coming back, or None when it has nothing to send."""
+        env = self.env
+        if self._can_fast_forward(sc):
+            ff = self._fast_forward(sc)
+            if ff is not None:
+                t_emit, t_back = ff
+                sc.flight = (None, t_emit)
+                sc.wake = env.timeout(t_back - env.now)
+                return sc.wake
+        mb = self._form(sc)
+        if mb is None:
+            return None
+        t_emit, t_back = self._traverse(mb)
+        sc.flight = (mb, t_emit)
+        sc.wake = env.timeout(t_back - env.now)
+        return sc.wake
+
+    def _land(self, sc: _Sched, flight) -> None:
+        """Account what came back: a micro-batch's tokens, or the end of a fast-forwarded run."""
+        mb, t_emit = flight
+        if mb is None:
+            self._finish_fast_forward(sc, t_emit)
+        else:
             self._complete(sc, mb, t_emit)
 
     # ------------------------------------------------------------------ fast-forwarding steady decode

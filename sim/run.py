@@ -146,7 +146,8 @@ def _load_report(engine: Engine, load_end: dict, included: bool) -> LoadReport:
 def _stats(engine: Engine, t_ready: float, wall: float) -> dict:
     peak = engine.kv_peak_bytes()
     return {"source": "simulated", "serving_start_s": t_ready, "virtual_end_s": engine.env.now,
-            "engine_steps": engine._step, "preemptions": engine.preemptions,
+            "engine_steps": engine._step,
+            "steady_window_steps": engine.steady_steps, "preemptions": engine.preemptions,
             "kv_capacity_tokens": engine.kv_capacity_tokens, "kv_peak_tokens": engine.peak_blocks * engine.block,
             "kv_peak_bytes_per_node": peak,
             "weights_bytes_per_node": {n: st.weight_bytes_node for st in engine.stages for n in st.nodes},

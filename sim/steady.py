@@ -1,0 +1,299 @@
+"""Steady decode of several schedulers at once: one SimPy event instead of one per micro-batch.
+
+While nobody waits, nobody prefills and the pipeline is not degraded, every busy scheduler ("virtual engine") only
+repeats: wait for its token ids, account them, wait for the first stage, form a decode micro-batch, send it
+through the stages. Until the next event from outside the schedulers (an arrival, a fault, a probe, a stop), until
+a sequence finishes, or until the KV pool runs short, that is fully determined. `run_window` replays it in plain
+Python on local state, in exactly the order SimPy would (same wake-up times, computed with the same float
+operations, ties broken by event creation order), then hands each scheduler its next wake-up as a real event.
+The result is bit for bit the step-by-step one (tests/sim/test_steady.py compares them row for row).
+
+The schedulers' own pending wake-ups are told apart from outside events by identity (`_Sched.wake`), and a
+wake-up that a window replaced is marked `stale`: its process wakes, sees it was replaced, and waits for the new
+one. Reading SimPy's event queue (`env._queue`) is the SimPy internals used here; a
+replaced wake-up is put in that queue at its exact time (`_wake_at`).
+"""
+from __future__ import annotations
+
+import math
+from heapq import heappop, heappush
+
+import numpy as np
+from simpy.events import NORMAL
+
+from harness.costmodel import TOKEN_ID_BYTES
+
+MAX_STEPS = 4096          # micro-batches per window: bounds the record block (below Engine.STREAM_ROWS)
+MIN_STEPS = 4             # a shorter window is not worth its set-up; step by step instead
+NEW = 1 << 60             # event order of wake-ups created in a window: after every event already queued
+FLIGHT, FLIGHT_FF, WAIT = 0, 1, 2   # what a pending wake-up lands: a decode micro-batch, a single-FF run, nothing
+
+
+def can_start(engine, trigger) -> bool:
+    """Cheap conditions, checked at every scheduler loop top before anything is built."""
+    cfg = engine.cfg
+    if not (cfg.fast_forward and cfg.fast_forward_schedulers) or engine._degraded or engine.on_tokens is not None:
+        return False
+    if engine.waiting or cfg.scheduler != "continuous" or trigger.running.size == 0:
+        return False
+    busy = 0
+    for sc in engine.scheds:
+        if sc.prefilling:
+            return False
+        busy += sc.running.size > 0
+    return busy >= 2
+
+
+def run_window(engine, trigger) -> bool:
+    """Advance every busy scheduler's steady decode up to the next outside event; True when it did (then the
+    trigger's next wake-up is `trigger.wake`), False when too little qualifies (nothing changed)."""
+    window = _Window(engine, trigger)
+    if not window.collect() or window.replay() < MIN_STEPS:
+        return False
+    window.commit()
+    return True
+
+
+class _Window:
+    def __init__(self, engine, trigger):
+        self.e, self.trigger = engine, trigger
+        self.scheds = [sc for sc in engine.scheds if sc.running.size]
+
+    # ------------------------------------------------------------------ the state at the window's start
+
+    def collect(self) -> bool:
+        """Horizon (first outside event) and each scheduler's pending wake-up; False if one is missing."""
+        e, now = self.e, self.e.env.now
+        index = {id(sc.wake): j for j, sc in enumerate(self.scheds) if sc is not self.trigger and sc.wake is not None}
+        self.horizon = math.inf
+        self.heap = []
+        self.phase = [WAIT] * len(self.scheds)
+        for time, _prio, eid, ev in e.env._queue:
+            j = index.get(id(ev))
+            if j is not None and self.scheds[j].wake is ev:
+                self.heap.append((time, eid, j))
+                flight = self.scheds[j].flight
+                self.phase[j] = WAIT if flight is None else (FLIGHT_FF if flight[0] is None else FLIGHT)
+            elif not getattr(ev, "stale", False):
+                self.horizon = min(self.horizon, time)
+        if len(self.heap) != len(self.scheds) - 1 or self.horizon <= now:
+            return False
+        jt = self.scheds.index(self.trigger)
+        self.heap.append((now, -1, jt))       # the trigger forms now, before anything else due now
+        self.heap.sort()
+        self.original = {j: eid for _, eid, j in self.heap}
+        self._tables(now)
+        return True
+
+    def _tables(self, now: float) -> None:
+        """Per scheduler: decode times per stage and cumulative KV blocks, indexed by completions so far."""
+        e = self.e
+        self.n = [int(sc.running.size) for sc in self.scheds]
+        self.durs, self.cum_blocks, self.limit = [], [], []
+        for sc, n in zip(self.scheds, self.n):
+            table = sc.table
+            first = -1 if table is None or table.running is not sc.running else (sc.ctx - table.ctx0) // n
+            if not 0 <= first < len(table.cum_blocks if table else ()):    # a new decoding set, or run out
+                table, first = _Table(e, sc), 0
+                sc.table = table
+            k = min(len(table.cum_blocks) - first, int(sc.min_left))
+            trip = sum(table.durs[first])                # the shortest round trip (times grow with the context)
+            if math.isfinite(self.horizon) and trip > 0:
+                k = min(k, int((self.horizon - now) / trip) + 2)
+            self.durs.append(table.durs[first:first + k])
+            self.cum_blocks.append(table.cum_blocks[first:first + k])
+            self.limit.append(k)
+        hops = e._hops
+        self.hop_keys = [key for key, _, _ in hops] + ([e._back[0]] if e._back is not None else [])
+        self.hop_busy = [[n * e._act_bytes / rate for _, _, rate in hops] for n in self.n]
+        self.hop_lat = [lat for _, lat, _ in hops]
+        self.back = e._back
+        self.back_busy = [TOKEN_ID_BYTES * n / e._back[2] for n in self.n] if e._back is not None else None
+
+    # ------------------------------------------------------------------ replaying the events
+
+    def replay(self) -> int:
+        """Process the schedulers' events in SimPy's order while they stay steady decode; returns the steps."""
+        e, scheds, heap, phase = self.e, self.scheds, self.heap, self.phase
+        m = len(scheds)
+        sf = list(e._stage_free)
+        keys = list(dict.fromkeys(self.hop_keys))
+        lfree = [e._link_free.get(k, -math.inf) for k in keys]
+        hop_slot = [keys.index(k) for k, _, _ in e._hops]
+        back_slot = keys.index(self.back[0]) if self.back is not None else -1
+        back_lat = self.back[1] if self.back is not None else 0.0
+        hop_lat, gap, last = self.hop_lat, e.profile.iteration_gap_s, len(sf) - 1
+        c = [0] * m                                   # completions accounted in the window
+        left = [int(sc.min_left) for sc in scheds]
+        blk = [int(sc.blk.sum()) for sc in scheds]
+        emit = [sc.flight[1] if sc.flight is not None else 0.0 for sc in scheds]
+        emits = [[] for _ in range(m)]
+        formed_at_c = [-1] * m                        # completions before each scheduler's last formation
+        free, total, peak = e.free_blocks, e.total_blocks, e.peak_blocks
+        times, ints = [], []
+        order = NEW
+        steps = 0
+        horizon = self.horizon
+        while heap:
+            T, _, j = heap[0]
+            ph = phase[j]
+            if T >= horizon:
+                break
+            cj = c[j]
+            if ph == FLIGHT:
+                if left[j] == 1:
+                    break                             # that completion retires a sequence: membership changes
+                cj += 1
+            elif ph == FLIGHT_FF and left[j] == 0:
+                break
+            form = not sf[0] > T
+            if form:
+                if cj >= self.limit[j] or steps >= MAX_STEPS:
+                    break
+                need = self.cum_blocks[j][cj] - blk[j]
+                if need > free:
+                    break                             # the pool is short: a preemption, step by step
+            heappop(heap)
+            if ph == FLIGHT:
+                emits[j].append(emit[j])
+                c[j] = cj
+                left[j] -= 1
+            order += 1
+            if not form:                              # wait for the first stage, as the loop top does
+                heappush(heap, (T + (sf[0] - T), order, j))
+                phase[j] = WAIT
+                continue
+            blk[j] += need
+            free -= need
+            if total - free > peak:
+                peak = total - free
+            d, hb = self.durs[j][cj], self.hop_busy[j]
+            t = T
+            row = []
+            links = []
+            for i in range(last + 1):                 # Lindley recursion, as Engine._traverse
+                f = sf[i]
+                begin = t if t > f else f
+                t = begin + d[i]
+                sf[i] = t
+                row += (begin, t)
+                if i < last:
+                    s = hop_slot[i]
+                    lf = lfree[s]
+                    begin = t if t > lf else lf
+                    done = begin + hb[i]
+                    lfree[s] = done
+                    t = done + hop_lat[i]
+                    links += (begin, t)
+            emit[j] = t
+            if back_slot >= 0:
+                lf = lfree[back_slot]
+                begin = t if t > lf else lf
+                done = begin + self.back_busy[j]
+                lfree[back_slot] = done
+                t = done + back_lat
+                links += (begin, t)
+            times += row
+            times += links
+            ints += (0, self.n[j], self.n[j], total - free)
+            formed_at_c[j] = cj
+            steps += 1
+            heappush(heap, (T + ((t + gap) - T), order, j))
+            phase[j] = FLIGHT
+        self.result = (sf, keys, lfree, c, left, emit, emits, formed_at_c, free, peak, times, ints, steps)
+        return steps
+
+    # ------------------------------------------------------------------ handing the state back
+
+    def commit(self) -> None:
+        e = self.e
+        sf, keys, lfree, c, left, emit, emits, formed_at_c, free, peak, times, ints, steps = self.result
+        e._stage_free[:] = sf
+        for k, v in zip(keys, lfree):
+            if v != -math.inf:
+                e._link_free[k] = v
+        self._write_records(times, ints, steps)
+        for j, sc in enumerate(self.scheds):
+            self._advance_sched(j, sc, c[j], emits[j], formed_at_c[j], emit[j])
+        e.free_blocks, e.peak_blocks = free, peak
+        self._reschedule()
+
+    def _write_records(self, times: list, ints: list, steps: int) -> None:
+        e = self.e
+        if e._rec_times is not None:
+            row = e._reserve_rows(steps)
+            e._rec_times[row:row + steps] = np.array(times).reshape(steps, -1)
+            e._rec_ints[row:row + steps] = np.array(ints, dtype=np.int64).reshape(steps, 4)
+        e._step += steps
+        e.steady_steps += steps
+
+    def _advance_sched(self, j: int, sc, done: int, emits: list, formed_at: int, last_emit: float) -> None:
+        """Apply `done` completions (as Engine._complete would) and the blocks of the last formation."""
+        B, n = self.e.block, self.n[j]
+        if done:
+            self.e.tok_t[sc.nxt[None, :] + np.arange(done)[:, None]] = np.array(emits)[:, None]
+            sc.nxt = sc.nxt + done
+            comp0 = sc.comp
+            sc.comp = sc.comp + done
+            sc.left = sc.left - done
+            sc.ctx += done * n
+            sc.min_left -= done
+        else:
+            comp0 = sc.comp
+        if formed_at >= 0:
+            sc.blk = (comp0 + formed_at + B) // B
+        if formed_at >= 0 and self.phase[j] == FLIGHT:     # its last micro-batch is in flight
+            sc.flight = ((sc.running, [], 0.0), last_emit)
+        elif self.phase[j] == WAIT:                          # it waits for the first stage, tokens accounted
+            sc.flight = None
+
+    def _reschedule(self) -> None:
+        """Real wake-ups for the pending events the window created, in the order it created them (ties in
+        time then resolve as SimPy would have)."""
+        new = sorted((order, time, j) for time, order, j in self.heap if order >= NEW or order == -1)
+        for _, time, j in new:
+            sc = self.scheds[j]
+            if sc.wake is not None and sc is not self.trigger:
+                sc.wake.stale = True
+            sc.wake = _wake_at(self.e.env, time)
+
+
+def _wake_at(env, at: float):
+    """A triggered event due at exactly `at`, as Event.succeed would schedule it but at an absolute time: a
+    Timeout from now lands on now + delay, and some times are no such sum (from a small `now`, every sum can be a
+    rounding tie that skips them), while the window computed `at` the way the scheduler's own Timeout would have."""
+    ev = env.event()
+    ev._ok, ev._value = True, None
+    heappush(env._queue, (at, NORMAL, next(env._eid), ev))
+    return ev
+
+
+class _Table:
+    """A decoding set's future, built once per membership (a window reuses it where the last one stopped): per
+    number of completions c from now, every stage's decode time at the context it will have, and the KV blocks
+    the set holds once it grew for that step."""
+
+    def __init__(self, engine, sc):
+        n, B = int(sc.running.size), engine.block
+        self.running, self.ctx0 = sc.running, sc.ctx
+        c = np.arange(max(1, min(int(sc.min_left), MAX_STEPS)), dtype=np.int64)
+        ctx = (sc.ctx + c * n).astype(np.float64)
+        self.durs = decode_times(engine._stage_decode_terms(n), ctx).T.tolist()
+        self.cum_blocks = ((sc.comp[None, :] + c[:, None] + B) // B).sum(axis=1).tolist()
+
+
+def decode_times(terms: list, ctx: np.ndarray) -> np.ndarray:
+    """(stages, len(ctx)) decode times, bit for bit DecodeTerms.at per stage and context: one array expression
+    over all stages (members padded by repeating the first, which leaves the max unchanged) instead of a
+    DecodeTerms.vector call per stage. Attention priced apart goes through DecodeTerms.vector."""
+    if any(t.attn_s_per_ctx for t in terms):
+        return np.array([t.vector(ctx) for t in terms])
+    width = max(len(t.members) for t in terms)
+    members = np.array([list(t.members) + [t.members[0]] * (width - len(t.members)) for t in terms])
+    bw, fl, exposed, fixed = (members[:, :, i, None] for i in range(4))         # (stages, members, 1)
+    col = np.array([[t.nbytes, t.flops, t.kv_bytes, t.attn_flops] for t in terms])[:, :, None]
+    b = col[:, 0] + ctx * col[:, 2]                                              # (stages, contexts)
+    f = col[:, 1] + ctx * col[:, 3]
+    memory, compute = b[:, None, :] / bw, f[:, None, :] / fl
+    t = np.maximum(memory, compute) + exposed * np.minimum(memory, compute) + fixed
+    return t.max(axis=1)

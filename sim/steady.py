@@ -15,6 +15,7 @@ replaced wake-up is put in that queue at its exact time (`_wake_at`).
 """
 from __future__ import annotations
 
+import functools
 import math
 from heapq import heappop, heappush
 
@@ -24,6 +25,7 @@ from simpy.events import NORMAL
 from harness.costmodel import TOKEN_ID_BYTES
 
 MAX_STEPS = 4096          # micro-batches per window: bounds the record block (below Engine.STREAM_ROWS)
+NEAR_END = 2             # tokens left below which a window is not tried (it would stop at that finish)
 MIN_STEPS = 4             # a shorter window is not worth its set-up; step by step instead
 NEW = 1 << 60             # event order of wake-ups created in a window: after every event already queued
 FLIGHT, FLIGHT_FF, WAIT = 0, 1, 2   # what a pending wake-up lands: a decode micro-batch, a single-FF run, nothing
@@ -40,7 +42,10 @@ def can_start(engine, trigger) -> bool:
     for sc in engine.scheds:
         if sc.prefilling:
             return False
-        busy += sc.running.size > 0
+        if sc.running.size:
+            if sc.min_left <= NEAR_END:
+                return False          # a sequence finishes within a round or two: the window would end there
+            busy += 1
     return busy >= 2
 
 
@@ -130,7 +135,10 @@ class _Window:
         emits = [[] for _ in range(m)]
         formed_at_c = [-1] * m                        # completions before each scheduler's last formation
         free, total, peak = e.free_blocks, e.total_blocks, e.peak_blocks
-        times, ints = [], []
+        stage_times, link_times, used, who = [], [], [], []        # per step, in record column order
+        stage_app, link_app, used_app, who_app = stage_times.append, link_times.append, used.append, who.append
+        durs, hop_busy, back_busy, limit, cum_blocks = self.durs, self.hop_busy, self.back_busy, self.limit, self.cum_blocks
+        hop_stages = range(last)
         order = NEW
         steps = 0
         horizon = self.horizon
@@ -148,9 +156,9 @@ class _Window:
                 break
             form = not sf[0] > T
             if form:
-                if cj >= self.limit[j] or steps >= MAX_STEPS:
+                if cj >= limit[j] or steps >= MAX_STEPS:
                     break
-                need = self.cum_blocks[j][cj] - blk[j]
+                need = cum_blocks[j][cj] - blk[j]
                 if need > free:
                     break                             # the pool is short: a preemption, step by step
             heappop(heap)
@@ -167,40 +175,50 @@ class _Window:
             free -= need
             if total - free > peak:
                 peak = total - free
-            d, hb = self.durs[j][cj], self.hop_busy[j]
+            d, hb = durs[j][cj], hop_busy[j]
             t = T
-            row = []
-            links = []
-            for i in range(last + 1):                 # Lindley recursion, as Engine._traverse
+            for i in hop_stages:                      # Lindley recursion, as Engine._traverse; max as there
                 f = sf[i]
-                begin = t if t > f else f
-                t = begin + d[i]
+                if f > t:
+                    t = f
+                stage_app(t)
+                t += d[i]
                 sf[i] = t
-                row += (begin, t)
-                if i < last:
-                    s = hop_slot[i]
-                    lf = lfree[s]
-                    begin = t if t > lf else lf
-                    done = begin + hb[i]
-                    lfree[s] = done
-                    t = done + hop_lat[i]
-                    links += (begin, t)
+                stage_app(t)
+                s = hop_slot[i]
+                lf = lfree[s]
+                if lf > t:
+                    t = lf
+                link_app(t)
+                done = t + hb[i]
+                lfree[s] = done
+                t = done + hop_lat[i]
+                link_app(t)
+            f = sf[last]
+            if f > t:
+                t = f
+            stage_app(t)
+            t += d[last]
+            sf[last] = t
+            stage_app(t)
             emit[j] = t
             if back_slot >= 0:
                 lf = lfree[back_slot]
-                begin = t if t > lf else lf
-                done = begin + self.back_busy[j]
+                if lf > t:
+                    t = lf
+                link_app(t)
+                done = t + back_busy[j]
                 lfree[back_slot] = done
                 t = done + back_lat
-                links += (begin, t)
-            times += row
-            times += links
-            ints += (0, self.n[j], self.n[j], total - free)
+                link_app(t)
+            used_app(total - free)
+            who_app(j)
             formed_at_c[j] = cj
             steps += 1
             heappush(heap, (T + ((t + gap) - T), order, j))
             phase[j] = FLIGHT
-        self.result = (sf, keys, lfree, c, left, emit, emits, formed_at_c, free, peak, times, ints, steps)
+        times = (stage_times, link_times)
+        self.result = (sf, keys, lfree, c, left, emit, emits, formed_at_c, free, peak, times, (used, who), steps)
         return steps
 
     # ------------------------------------------------------------------ handing the state back
@@ -218,12 +236,22 @@ class _Window:
         e.free_blocks, e.peak_blocks = free, peak
         self._reschedule()
 
-    def _write_records(self, times: list, ints: list, steps: int) -> None:
+    def _write_records(self, times: tuple, ints: tuple, steps: int) -> None:
+        """Step records in Engine._traverse's layout: stage begin/end pairs, then the links'; kind 0 (decode),
+        batch and tokens = the scheduler's sequences, KV blocks in use."""
         e = self.e
         if e._rec_times is not None:
             row = e._reserve_rows(steps)
-            e._rec_times[row:row + steps] = np.array(times).reshape(steps, -1)
-            e._rec_ints[row:row + steps] = np.array(ints, dtype=np.int64).reshape(steps, 4)
+            rows = e._rec_times[row:row + steps]
+            col = e._link_col
+            rows[:, :col] = np.array(times[0]).reshape(steps, col)
+            if col < rows.shape[1]:
+                rows[:, col:] = np.array(times[1]).reshape(steps, -1)
+            used, who = ints
+            ints = e._rec_ints[row:row + steps]
+            ints[:, 0] = 0
+            ints[:, 1] = ints[:, 2] = np.array(self.n, dtype=np.int64)[who]
+            ints[:, 3] = used
         e._step += steps
         e.steady_steps += steps
 
@@ -288,12 +316,18 @@ def decode_times(terms: list, ctx: np.ndarray) -> np.ndarray:
     DecodeTerms.vector call per stage. Attention priced apart goes through DecodeTerms.vector."""
     if any(t.attn_s_per_ctx for t in terms):
         return np.array([t.vector(ctx) for t in terms])
-    width = max(len(t.members) for t in terms)
-    members = np.array([list(t.members) + [t.members[0]] * (width - len(t.members)) for t in terms])
-    bw, fl, exposed, fixed = (members[:, :, i, None] for i in range(4))         # (stages, members, 1)
-    col = np.array([[t.nbytes, t.flops, t.kv_bytes, t.attn_flops] for t in terms])[:, :, None]
-    b = col[:, 0] + ctx * col[:, 2]                                              # (stages, contexts)
-    f = col[:, 1] + ctx * col[:, 3]
-    memory, compute = b[:, None, :] / bw, f[:, None, :] / fl
+    base, per_ctx, bw, fl, exposed, fixed = _stacked(tuple(terms))
+    load = base + ctx * per_ctx                                  # (2, stages, contexts): bytes, FLOPs
+    memory, compute = load[0][:, None, :] / bw, load[1][:, None, :] / fl
     t = np.maximum(memory, compute) + exposed * np.minimum(memory, compute) + fixed
     return t.max(axis=1)
+
+
+@functools.lru_cache(maxsize=256)
+def _stacked(terms: tuple):
+    """The stages' decode terms as arrays shaped for decode_times (built once per batch size)."""
+    width = max(len(t.members) for t in terms)
+    members = np.array([list(t.members) + [t.members[0]] * (width - len(t.members)) for t in terms])
+    base = np.array([[t.nbytes for t in terms], [t.flops for t in terms]])[:, :, None]
+    per_ctx = np.array([[t.kv_bytes for t in terms], [t.attn_flops for t in terms]])[:, :, None]
+    return (base, per_ctx, *(members[:, :, i, None] for i in range(4)))

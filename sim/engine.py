@@ -948,8 +948,8 @@ class Engine:
         names = pa.array([st.nodes[0] for st in self.stages])
         n = m * per
 
-        def dict_col(codes, values):
-            return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), values).cast(pa.string())
+        def dict_col(codes, values):     # a take from the few distinct strings: cheaper than a dictionary cast
+            return values.take(pa.array(codes.astype(np.int32)))
 
         return pa.table({
             "step": np.repeat(np.arange(self._rec_base, self._rec_base + m, dtype=np.int64), per),

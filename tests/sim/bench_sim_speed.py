@@ -41,14 +41,14 @@ def one(n: int, rate: float, record_steps: bool) -> dict:
     """Simulate once in this process; returns measured wall time, peak RSS and a few simulated facts."""
     import tempfile
 
-    import pyarrow.parquet as pq
+    from harness.runfolder import parquet_writer
 
     from harness.metrics import STEP_COLUMNS, arrow_schema
     from sim import EngineConfig, simulate
     args = setup(n, rate)
     with tempfile.TemporaryDirectory() as tmp:
         # step records stream to a parquet file, as `python -m harness simulate` does
-        sink = pq.ParquetWriter(f"{tmp}/steps.parquet", arrow_schema(STEP_COLUMNS)) if record_steps else None
+        sink = parquet_writer(f"{tmp}/steps.parquet", arrow_schema(STEP_COLUMNS)) if record_steps else None
         t0 = time.perf_counter()
         res = simulate(*args, config=EngineConfig(record_steps=record_steps), include_load=False,
                        step_sink=sink.write_table if sink else None)

@@ -52,10 +52,20 @@ def chats(args):
                            "arrival": {"process": "poisson", "rate": 1.0}, "seed": args.seed})
 
 
-def measured(policy, *setup, args) -> dict:
-    """request id -> (TTFT s, cached tokens) on real ranks: the fastest of --reps runs of the trace (each from a
-    cold cache on fresh ranks), since on a shared machine noise only ever adds time; decisions must not vary."""
-    runs = [measured_once(policy, *setup, args) for _ in range(args.reps)]
+def measured(policies, *setup, args) -> dict:
+    """policy -> request id -> (TTFT s, cached tokens) on real ranks: the fastest of --reps runs of the trace
+    (each from a cold cache on fresh ranks), since on a shared machine noise only ever adds time. The policies
+    take turns within each repetition, so a busy spell on the machine does not land on one policy alone.
+    Decisions must not vary between repetitions."""
+    runs = {policy: [] for policy in policies}
+    for rep in range(args.reps):
+        for policy in policies:
+            print(f"  {policy}: repetition {rep + 1} of {args.reps} on real ranks", flush=True)
+            runs[policy].append(measured_once(policy, *setup, args))
+    return {policy: fastest(policy, r) for policy, r in runs.items()}
+
+
+def fastest(policy, runs) -> dict:
     if any({k: c for k, (_, c) in r.items()} != {k: c for k, (_, c) in runs[0].items()} for r in runs):
         raise SystemExit(f"{policy}: cached tokens differ between repetitions of the same trace")
     return {k: (min(r[k][0] for r in runs if k in r), c) for k, (_, c) in runs[0].items()}
@@ -135,11 +145,10 @@ def main() -> int:
         policies.insert(0, "none")     # the baseline every saving is measured against
     model_path, cluster, plan, model, profile = setup(args)
     workload = chats(args)
-    results = {}
-    for policy in policies:
-        print(f"{policy}: {len(workload)} requests on real ranks, then simulated ...", flush=True)
-        results[policy] = (measured(policy, model_path, cluster, plan, model, profile, workload, args=args),
-                           simulated(policy, cluster, plan, model, profile, workload, args))
+    print(f"{len(workload)} requests per run, policies {', '.join(policies)}", flush=True)
+    real = measured(policies, model_path, cluster, plan, model, profile, workload, args=args)
+    results = {policy: (real[policy], simulated(policy, cluster, plan, model, profile, workload, args))
+               for policy in policies}
     real0, sim0 = results["none"]
     base = {"real": sum(t for t, _ in real0.values()) / len(real0), "sim": sum(t for t, _ in sim0.values()) / len(sim0)}
     print(f"\n{model_path.name}, split {args.split}, profile {profile.name}, min of {args.reps} real runs; "

@@ -1,6 +1,6 @@
 """Steady decode of several schedulers at once: one SimPy event instead of one per micro-batch.
 
-While nobody waits, nobody prefills and the pipeline is not degraded, every busy scheduler ("virtual engine") only
+While nobody waits and the pipeline is not degraded, every scheduler ("virtual engine") that only decodes
 repeats: wait for its token ids, account them, wait for the first stage, form a decode micro-batch, send it
 through the stages. Until the next event from outside the schedulers (an arrival, a fault, a probe, a stop), until
 a sequence finishes, or until the KV pool runs short, that is fully determined. `run_window` replays it in plain
@@ -26,27 +26,27 @@ from harness.costmodel import TOKEN_ID_BYTES
 
 MAX_STEPS = 4096          # micro-batches per window: bounds the record block (below Engine.STREAM_ROWS)
 NEAR_END = 2             # tokens left below which a window is not tried (it would stop at that finish)
-MIN_STEPS = 4             # a shorter window is not worth its set-up; step by step instead
+MIN_STEPS = 2             # one step: its set-up and hand-back cost about what stepping it does
 NEW = 1 << 60             # event order of wake-ups created in a window: after every event already queued
 FLIGHT, FLIGHT_FF, WAIT = 0, 1, 2   # what a pending wake-up lands: a decode micro-batch, a single-FF run, nothing
 
 
 def can_start(engine, trigger) -> bool:
-    """Cheap conditions, checked at every scheduler loop top before anything is built."""
+    """Cheap conditions, checked at every scheduler loop top before anything is built. The window replays the
+    schedulers that only decode; one that prefills takes part as an outside event (its wake-up ends the window).
+    At least two schedulers must be awake: with one alone Engine._fast_forward runs instead (the step-by-step
+    loop top would take it), and a window must not change which of the two runs."""
     cfg = engine.cfg
     if not (cfg.fast_forward and cfg.fast_forward_schedulers) or engine._degraded or engine.on_tokens is not None:
         return False
-    if engine.waiting or cfg.scheduler != "continuous" or trigger.running.size == 0:
+    if engine.waiting or cfg.scheduler != "continuous" or trigger.running.size == 0 or trigger.prefilling:
         return False
-    busy = 0
+    if engine._idle > len(engine.scheds) - 2:
+        return False
     for sc in engine.scheds:
-        if sc.prefilling:
-            return False
-        if sc.running.size:
-            if sc.min_left <= NEAR_END:
-                return False          # a sequence finishes within a round or two: the window would end there
-            busy += 1
-    return busy >= 2
+        if sc.running.size and not sc.prefilling and sc.min_left <= NEAR_END:
+            return False          # a sequence finishes within a round or two: the window would end there
+    return True
 
 
 def run_window(engine, trigger) -> bool:
@@ -62,7 +62,7 @@ def run_window(engine, trigger) -> bool:
 class _Window:
     def __init__(self, engine, trigger):
         self.e, self.trigger = engine, trigger
-        self.scheds = [sc for sc in engine.scheds if sc.running.size]
+        self.scheds = [sc for sc in engine.scheds if sc.running.size and not sc.prefilling]   # steady decoders
 
     # ------------------------------------------------------------------ the state at the window's start
 
@@ -82,6 +82,10 @@ class _Window:
             elif not getattr(ev, "stale", False):
                 self.horizon = min(self.horizon, time)
         if len(self.heap) != len(self.scheds) - 1 or self.horizon <= now:
+            return False
+        # formations before the horizon are at least a first-stage decode step apart (one sequence, no context):
+        # when fewer than MIN_STEPS fit, the window is not worth building its tables
+        if (self.horizon - now) < (MIN_STEPS - 1) * e._stage_decode_terms(1)[0].at(0.0):
             return False
         jt = self.scheds.index(self.trigger)
         self.heap.append((now, -1, jt))       # the trigger forms now, before anything else due now

@@ -97,3 +97,15 @@ def test_spec_topology_with_tensor_parallel_stages():
     assert spec.topologies[1].name == "3-rank"
     with pytest.raises(UserError, match=r"topologies\[0\].tp must list one TP degree >= 1 per stage"):
         spec_from_dict({"model": "tiny", "topologies": [{"split": [4, 2], "tp": [2]}]}, "t")
+
+
+def test_spec_prompt_tokens_may_be_a_range():
+    from harness.validation.run import prompt_lengths
+    base = {"model": "tiny", "topologies": [{"split": [6]}]}
+    spec = spec_from_dict({**base, "workload": {"prompt_tokens": [64, 320]}}, "t")
+    assert spec.prompt_tokens == (64, 320)
+    assert prompt_lengths(spec.prompt_tokens) == {"dist": "uniform", "low": 64, "high": 320}
+    assert prompt_lengths(128) == {"dist": "fixed", "value": 128}
+    for bad in ([320, 64], [0, 8], [1, 2, 3], "many"):
+        with pytest.raises(UserError, match="prompt_tokens must be an integer >= 1 or"):
+            spec_from_dict({**base, "workload": {"prompt_tokens": bad}}, "t")

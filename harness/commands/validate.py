@@ -100,7 +100,8 @@ def _spec_dict(d: dict) -> dict:
             "prefill_step_size": d["prefill_step_size"], "ttft_abs_ms": d["ttft_abs_ms"],
             "topologies": [{"name": t["name"], "split": list(t["split"]), **({"tp": list(t["tp"])} if t["tp"] else {})}
                            for t in d["topologies"]],
-            "workload": {k: d[k] for k in work}, "load": {k: (list(d[k]) if k == "levels" else d[k]) for k in load},
+            "workload": {k: (list(d[k]) if isinstance(d[k], (tuple, list)) else d[k]) for k in work},
+            "load": {k: (list(d[k]) if k == "levels" else d[k]) for k in load},
             "gate": d["gate"]}
 
 

@@ -65,8 +65,15 @@ def _workload(spec: ValidationSpec, n: int, rate: float, seed: int):
     from harness.workloads import build_workload
     arrival = {"process": "poisson", "rate": rate} if rate > 0 else {"process": "poisson", "rate": 1.0}
     return build_workload({"kind": "synthetic", "num_requests": n, "seed": seed, "arrival": arrival,
-                           "prompt": {"dist": "fixed", "value": spec.prompt_tokens},
+                           "prompt": prompt_lengths(spec.prompt_tokens),
                            "output": {"dist": "fixed", "value": spec.output_tokens}})
+
+
+def prompt_lengths(tokens) -> dict:
+    """A fixed prompt length, or uniform over [low, high]."""
+    if isinstance(tokens, tuple):
+        return {"dist": "uniform", "low": tokens[0], "high": tokens[-1]}
+    return {"dist": "fixed", "value": tokens}
 
 
 def run_topology(spec: ValidationSpec, topo: Topology, model_path: Path, cluster_path: Path, points_dir: Path) -> list[Path]:

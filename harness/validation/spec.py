@@ -9,7 +9,8 @@
     split = [12]
     # tp = [2]                     # optional: ranks per stage (a tensor-parallel group; default 1 each)
     [workload]
-    prompt_tokens = 128            # exact token ids are sent, so both sides see the same lengths
+    prompt_tokens = 128            # exact token ids are sent, so both sides see the same lengths; [64, 512]:
+                                   # uniform in that range, so a fit sees how prefill grows with the prompt
     output_tokens = 64             # pinned with min_tokens + ignore_eos
     requests_per_level = 24
     seed = 0
@@ -58,7 +59,7 @@ class ValidationSpec:
     topologies: tuple[Topology, ...]
     max_running: int = 8
     prefill_step_size: int = 512
-    prompt_tokens: int = 128
+    prompt_tokens: int | tuple[int, int] = 128
     output_tokens: int = 64
     requests_per_level: int = 24
     seed: int = 0
@@ -69,7 +70,12 @@ class ValidationSpec:
     ttft_abs_ms: float = 5.0    # a TTFT statistic under 50 ms also passes when within this many ms
 
     def __post_init__(self):
-        for name in ("max_running", "prefill_step_size", "prompt_tokens", "output_tokens", "requests_per_level",
+        lengths = self.prompt_tokens if isinstance(self.prompt_tokens, tuple) else (self.prompt_tokens,)
+        whole = all(isinstance(x, int) and x >= 1 for x in lengths)
+        if not (whole and 1 <= len(lengths) <= 2 and list(lengths) == sorted(lengths)):
+            raise UserError(f"validation spec: workload.prompt_tokens must be an integer >= 1 or [low, high], got "
+                            f"{self.prompt_tokens!r}")
+        for name in ("max_running", "prefill_step_size", "output_tokens", "requests_per_level",
                      "saturation_requests"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"validation spec: {name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -106,7 +112,8 @@ def spec_from_dict(data: dict, origin: str) -> ValidationSpec:
     return ValidationSpec(name=str(data.get("name", "validate")), model=str(data["model"]),
                           topologies=tuple(_topology(t, origin, i) for i, t in enumerate(data.get("topologies", []))),
                           max_running=data.get("max_running", 8), prefill_step_size=data.get("prefill_step_size", 512),
-                          **{k: work[k] for k in WORKLOAD_KEYS if k in work},
+                          **{k: (tuple(work[k]) if isinstance(work[k], list) else work[k])
+                             for k in WORKLOAD_KEYS if k in work},
                           **{k: (tuple(load[k]) if k == "levels" else load[k]) for k in LOAD_KEYS if k in load},
                           gate={k: float(v) for k, v in gate.items()},
                           ttft_abs_ms=float(data.get("ttft_abs_ms", 5.0)))

@@ -1,13 +1,18 @@
-"""Server fast path vs a bare floor (issue 15, measured on this machine, both in the same run).
+"""Server fast path vs a bare floor (issue 15, measured on this machine, everything in the same run).
 
-Starts `python -m harness serve --backend instant` and a bare Starlette SSE app that streams the same OpenAI
-chat-chunk JSON (64 tokens, pre-rendered, no validation, no middleware) on 127.0.0.1, drives both with `wrk`
-(a Lua script POSTing a streaming chat completion) at 1, 16 and 64 connections, and prints req/s, our
-server's ratio to the floor, and the p99 gap between SSE events of one stream, measured by a small httpx
-client of this file (a coarse figure: events that arrive in one TCP read show near-zero gaps, so a
-server that sends a whole stream in one tick looks gap-free). Every figure is measured; with 2 shared cores they are noisy, so compare only the ratios.
+Starts `python -m harness serve --backend instant` and bare Starlette SSE apps that stream the same OpenAI
+chat-chunk JSON (64 tokens, pre-rendered, no validation, no middleware) on 127.0.0.1, and prints ratios:
 
-    python benchmarks/server_vs_bare.py [--duration 5] [--connections 1,16,64]
+1. throughput: `wrk` (a Lua script POSTing a streaming chat completion) at 1, 16 and 64 connections, req/s
+   of our server over the floor's. Two floors: `bare` writes each token's chunk on its own (the issue's floor),
+   `bare-1w` writes a whole stream in one write, the least a server can do for tokens that are all ready.
+2. per-token latency: the same servers with tokens paced on a fixed schedule (--interval-ms, as from a real
+   engine, where coalescing cannot help), a small raw-socket client timestamping every read of 1, 16 and 64
+   concurrent streams; the p50 and p99 gap between consecutive token events, ours over the floor's.
+
+Every figure is measured; with 2 shared cores they are noisy, so compare only the ratios.
+
+    python benchmarks/server_vs_bare.py [--duration 5] [--connections 1,16,64] [--interval-ms 10]
 
 `wrk` must be on PATH (apt-get install -y wrk).
 """
@@ -38,25 +43,42 @@ wrk.body = '{json.dumps(BODY)}'
 """
 
 
+def _chunk(text: str, finish) -> bytes:
+    obj = {"id": "chatcmpl-bare", "object": "chat.completion.chunk", "created": int(time.time()),
+           "model": "instant", "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _bare_events(interval_s: float):
+    """One pre-rendered chunk per token; paced, token k is due (k + 1) intervals after the stream started."""
+    async def events():
+        started = time.monotonic()
+        for i in range(TOKENS):
+            if interval_s > 0:
+                await asyncio.sleep(max(0.0, started + (i + 1) * interval_s - time.monotonic()))
+            yield _chunk("tok ", "length" if i == TOKENS - 1 else None)
+        yield b"data: [DONE]\n\n"
+    return events
+
+
+async def _one_write():
+    yield b"".join([_chunk("tok ", "length" if i == TOKENS - 1 else None) for i in range(TOKENS)]
+                   + [b"data: [DONE]\n\n"])
+
+
 def bare_app():
-    """The floor: Starlette's StreamingResponse, one pre-rendered chunk per token, like a server with no work."""
+    """The floor: Starlette's StreamingResponse, one write per token, like a server with no work. With
+    BARE_ONE_WRITE=1 the whole stream goes in one write; BARE_INTERVAL_MS paces the tokens."""
     from starlette.applications import Starlette
     from starlette.responses import StreamingResponse
     from starlette.routing import Route
 
-    def chunk(text: str, finish):
-        obj = {"id": "chatcmpl-bare", "object": "chat.completion.chunk", "created": int(time.time()),
-               "model": "instant", "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
-        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-    async def events():
-        for i in range(TOKENS):
-            yield chunk("tok ", "length" if i == TOKENS - 1 else None)
-        yield b"data: [DONE]\n\n"
+    one_write = os.environ.get("BARE_ONE_WRITE") == "1"
+    events = _bare_events(float(os.environ.get("BARE_INTERVAL_MS", "0")) / 1000)
 
     async def chat(request):
         await request.body()
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(_one_write() if one_write else events(), media_type="text/event-stream")
 
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
 
@@ -72,13 +94,17 @@ def _wait_port(port: int, timeout_s: float = 30.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
 
 
-def _start(kind: str, port: int) -> subprocess.Popen:
+def _start(kind: str, port: int, interval_ms: float = 0.0) -> subprocess.Popen:
+    """kind: "ours", "bare" (one write per token) or "bare-1w" (one write per stream)."""
+    env = dict(os.environ)
     if kind == "ours":
-        cmd = [sys.executable, "-m", "harness", "serve", "--backend", "instant", "--port", str(port)]
+        cmd = [sys.executable, "-m", "harness", "serve", "--backend", "instant", "--port", str(port),
+               "--token-interval-ms", str(interval_ms)]
     else:
+        env.update(BARE_ONE_WRITE="1" if kind == "bare-1w" else "0", BARE_INTERVAL_MS=str(interval_ms))
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "server_vs_bare:bare_app", "--port", str(port),
                "--log-level", "warning", "--no-access-log", "--app-dir", str(Path(__file__).parent)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_port(port)
     return proc
 
@@ -93,27 +119,84 @@ def wrk_rps(port: int, connections: int, duration_s: int, lua: str) -> float:
     return float(found.group(1))
 
 
-async def _gap_p99(port: int, streams: int, requests_per_stream: int) -> float:
-    """p99 of the time between two SSE events of one stream, over `streams` concurrent streams."""
-    import httpx
+_REQUEST = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(json.dumps(BODY)), json.dumps(BODY).encode()))
+_BODY_END = b"0\r\n\r\n"   # a chunked body's last chunk
+
+
+async def _stream_gaps(port: int, requests: int, gaps: list[float]) -> None:
+    """Sends `requests` streaming requests one after another on one kept-alive connection and appends the time
+    from each token event to the next (events of one read share its time: the client saw them together)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for _ in range(requests):
+            writer.write(_REQUEST)
+            last, pending, done = None, b"", False
+            while not (done and pending.endswith(_BODY_END)):
+                data = await reader.read(65536)
+                if not data:
+                    raise RuntimeError("server closed the connection mid-stream")
+                now = time.perf_counter()
+                *events, pending = (pending + data).split(b"\n\n")
+                for event in events:   # chunk-size lines of the chunked encoding come along: look for data
+                    done = done or b"data: [DONE]" in event
+                    if b"data: {" in event:
+                        if last is not None:
+                            gaps.append(now - last)
+                        last = now
+    finally:
+        writer.close()
+
+
+def _gap_percentiles(port: int, streams: int, requests_per_stream: int) -> tuple[float, float]:
     gaps: list[float] = []
 
-    async def one_stream(client):
-        for _ in range(requests_per_stream):
-            async with client.stream("POST", "/v1/chat/completions", json=BODY) as r:
-                last = None
-                async for _line in r.aiter_lines():
-                    now = time.perf_counter()
-                    if _line and last is not None:
-                        gaps.append(now - last)
-                    if _line:
-                        last = now
-
-    limits = httpx.Limits(max_connections=streams)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=30) as client:
-        await asyncio.gather(*(one_stream(client) for _ in range(streams)))
+    async def run():
+        await asyncio.gather(*(_stream_gaps(port, requests_per_stream, gaps) for _ in range(streams)))
+    asyncio.run(run())
     gaps.sort()
-    return gaps[int(0.99 * (len(gaps) - 1))] if gaps else float("nan")
+    return gaps[len(gaps) // 2], gaps[int(0.99 * (len(gaps) - 1))]
+
+
+def _throughput(ports: dict, conns: list[int], args, lua: str) -> None:
+    print(f"1. throughput, tokens all ready: median req/s of {args.repeat} wrk runs of {args.duration} s, "
+          f"{TOKENS}-token streams")
+    print(f"{'conns':>5} {'ours':>7} {'bare':>7} {'bare-1w':>7} {'ours/bare':>9} {'ours/bare-1w':>12}")
+    for c in conns:
+        runs = {k: [] for k in ports}
+        for _ in range(args.repeat):   # alternate, so a noisy neighbour hits all alike
+            for k, port in ports.items():
+                runs[k].append(wrk_rps(port, c, args.duration, lua))
+        rps = {k: statistics.median(v) for k, v in runs.items()}
+        print(f"{c:>5} {rps['ours']:>7.0f} {rps['bare']:>7.0f} {rps['bare-1w']:>7.0f} "
+              f"{rps['ours'] / rps['bare']:>9.2f} {rps['ours'] / rps['bare-1w']:>12.2f}")
+
+
+def _latency(ports: dict, conns: list[int], args) -> None:
+    print(f"\n2. per-token gaps, tokens paced every {args.interval_ms:g} ms: p50 and p99 in ms over "
+          f"{args.paced_requests} streams per connection, median of {args.paced_repeat} runs")
+    print(f"{'conns':>5} {'ours p50':>8} {'bare p50':>8} {'ours p99':>8} {'bare p99':>8} {'p99 ours/bare':>13}")
+    for c in conns:
+        runs = {k: [] for k in ports}
+        for _ in range(args.paced_repeat):   # a p99 is one noisy moment: the median of several runs
+            for k, port in ports.items():
+                runs[k].append(_gap_percentiles(port, c, args.paced_requests))
+        p50 = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
+        p99 = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
+        print(f"{c:>5} {p50['ours'] * 1e3:>8.2f} {p50['bare'] * 1e3:>8.2f} {p99['ours'] * 1e3:>8.2f} "
+              f"{p99['bare'] * 1e3:>8.2f} {p99['ours'] / p99['bare']:>13.2f}")
+
+
+def _serving(kinds: list[str], interval_ms: float = 0.0):
+    from harness.mlx.launcher import free_ports
+    ports = dict(zip(kinds, free_ports(len(kinds))))
+    return ports, [_start(k, port, interval_ms) for k, port in ports.items()]
+
+
+def _stop(procs) -> None:
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
 
 
 def main() -> int:
@@ -121,38 +204,32 @@ def main() -> int:
     p.add_argument("--duration", type=int, default=5, help="seconds of wrk per point (default %(default)s)")
     p.add_argument("--connections", default="1,16,64", help="comma-separated connection counts")
     p.add_argument("--repeat", type=int, default=3,
-                   help="wrk runs per point, alternating the two servers; the median is printed (default %(default)s)")
+                   help="runs per point, alternating the servers; the median is printed (default %(default)s)")
+    p.add_argument("--interval-ms", type=float, default=10.0, help="token pacing of part 2 (default %(default)s)")
+    p.add_argument("--paced-requests", type=int, default=4,
+                   help="streams one after another per connection in part 2 (default %(default)s)")
+    p.add_argument("--paced-repeat", type=int, default=5,
+                   help="runs per point of part 2, alternating; the median p50/p99 is printed (default %(default)s)")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         print("error: wrk not found on PATH; install it (apt-get install -y wrk)", file=sys.stderr)
         return 2
     conns = [int(c) for c in args.connections.split(",")]
     sys.path.insert(0, str(ROOT))
-    from harness.mlx.launcher import free_ports
-    ours, bare = free_ports(2)
-    ports = {"ours": ours, "bare": bare}
-    procs = {k: _start(k, port) for k, port in ports.items()}
+    print("measured, this machine, all servers in this one run")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(WRK_LUA)
+    ports, procs = _serving(["ours", "bare", "bare-1w"])
     try:
-        print(f"measured, this machine, {TOKENS}-token streams, median of {args.repeat} wrk runs of "
-              f"{args.duration} s per point")
-        print(f"{'conns':>5} {'ours req/s':>11} {'bare req/s':>11} {'ratio':>6} {'ours gap p99 ms':>16} "
-              f"{'bare gap p99 ms':>16} {'gap ratio':>9}")
-        for c in conns:
-            runs = {k: [] for k in ports}
-            for _ in range(args.repeat):   # alternate, so a noisy neighbour hits both alike
-                for k, port in ports.items():
-                    runs[k].append(wrk_rps(port, c, args.duration, f.name))
-            rps = {k: statistics.median(v) for k, v in runs.items()}
-            gap = {k: asyncio.run(_gap_p99(port, c, max(2, 64 // c))) for k, port in ports.items()}
-            print(f"{c:>5} {rps['ours']:>11.0f} {rps['bare']:>11.0f} {rps['ours'] / rps['bare']:>6.2f} "
-                  f"{gap['ours'] * 1e3:>16.3f} {gap['bare'] * 1e3:>16.3f} {gap['ours'] / gap['bare']:>9.2f}")
+        _throughput(ports, conns, args, f.name)
     finally:
         os.unlink(f.name)
-        for proc in procs.values():
-            proc.terminate()
-            proc.wait(10)
+        _stop(procs)
+    ports, procs = _serving(["ours", "bare"], args.interval_ms)
+    try:
+        _latency(ports, conns, args)
+    finally:
+        _stop(procs)
     return 0
 
 

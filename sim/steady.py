@@ -90,7 +90,6 @@ class _Window:
         jt = self.scheds.index(self.trigger)
         self.heap.append((now, -1, jt))       # the trigger forms now, before anything else due now
         self.heap.sort()
-        self.original = {j: eid for _, eid, j in self.heap}
         self._tables(now)
         return True
 

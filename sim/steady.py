@@ -262,7 +262,9 @@ class _Window:
         """Apply `done` completions (as Engine._complete would) and the blocks of the last formation."""
         B, n = self.e.block, self.n[j]
         if done:
-            self.e.tok_t[sc.nxt[None, :] + np.arange(done)[:, None]] = np.array(emits)[:, None]
+            tok_t = self.e.tok_t
+            for start in sc.nxt.tolist():         # a slice per sequence: few sequences, each a run of tokens
+                tok_t[start:start + done] = emits
             sc.nxt = sc.nxt + done
             comp0 = sc.comp
             sc.comp = sc.comp + done

@@ -26,6 +26,14 @@ def steps_frame(backend, result):
     return backend.step_table(result.t0_monotonic, result.wall_start_unix)
 
 
+def fault_clock_zero(backend, result) -> float | None:
+    """Where the sim backend's virtual 0 (its load, what fault and failover times count from) is on the run's
+    clock, so the report can draw them exactly; None for other backends or a sped-up clock."""
+    if not hasattr(backend, "wall_of") or getattr(getattr(backend, "config", None), "speed", None) != 1.0:
+        return None
+    return float(backend.wall_of(0.0) - result.t0_monotonic)
+
+
 def summarize(requests, result, backend, load_report=None, slo=None, plan=None, config=None) -> dict:
     """summary.json body (harness.summary, schema 2): vLLM-named metrics of the request rows plus what the
     run-level targets need (load time, memory in use), labelled with their source."""
@@ -35,6 +43,9 @@ def summarize(requests, result, backend, load_report=None, slo=None, plan=None, 
     stats = backend.stats() if backend is not None else {}
     run = {"load_mode": result.mode.label, "warmup_requests": result.warmup_requests, "model": result.model,
            **{k: stats[k] for k in ("preemptions", "error", "failovers") if stats.get(k) is not None}}
+    zero = fault_clock_zero(backend, result)
+    if zero is not None and (stats.get("failovers") or config.get("faults")):
+        run["fault_clock_zero_s"] = zero
     return summary.build(config.get("command", "bench"), row_source(backend),
                          getattr(backend, "name", "external"), figures,
                          plan=plan.to_dict() if plan is not None else None, cluster=getattr(backend, "cluster", None),

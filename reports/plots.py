@@ -473,7 +473,9 @@ def outage_timeline(run: Run, bins: int = 60) -> Plot | None:
     failed = np.histogram(ends[~ok.to_numpy()], edges)[0]
     ax.bar(edges[:-1], done, width, align="edge", color="#4c8c4a", label="finished")
     ax.bar(edges[:-1], failed, width, bottom=done, align="edge", color="#c0392b", label="failed")
-    shift = fault_clock_shift(req[~ok], faults, t0)
+    zero = ((run.summary or {}).get("run") or {}).get("fault_clock_zero_s")
+    # the backend's recorded clock is exact; else the first request a fault failed dates it
+    shift = float(zero) - t0 if zero is not None else fault_clock_shift(req[~ok], faults, t0)
     for fault in faults if shift is not None else ():
         at = float(fault.get("at_s", 0.0)) + shift
         ax.axvline(at, color="black", linestyle="--", linewidth=1)
@@ -492,8 +494,8 @@ def outage_timeline(run: Run, bins: int = 60) -> Plot | None:
     ax.legend(fontsize=8, loc="upper right")
     return Plot("Outage timeline", _sources(req.get("source", [])), _png(fig),
                 f"{int((~ok).sum())} of {len(req)} requests failed; bars count requests by when they ended. "
-                + ("Dashed lines: the faults (injected, or a rank lost on real ranks), placed by the first request a node or "
-                   "link failure failed (fault "
+                + ("Dashed lines: the faults (injected, or a rank lost on real ranks), placed on the backend's recorded "
+                   "clock or by the first request a node or link failure failed (fault "
                    "times count from the backend's start, before warm-up)." if shift is not None else
                    "Fault times count from the backend's start and no request failure dates them on this clock, "
                    "so they are not drawn." if faults else ""))

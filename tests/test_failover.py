@@ -48,3 +48,20 @@ def test_without_failover_every_later_request_fails(tmp_path):
     assert "failovers" not in summary["run"]
     late = requests[requests["start_s"] > 1.0]
     assert len(late) > 0 and not late["success"].any()
+
+
+def test_the_fault_is_drawn_on_the_backends_clock_even_when_nothing_failed_in_flight(tmp_path):
+    """A fault with no request in flight fails only later arrivals (503 while reloading), so no failure dates it:
+    the sim backend's recorded clock places it instead, before the first 503."""
+    import reports
+    from reports import plots
+    summary, _ = run_folder(tmp_path, failover=True)
+    run = reports.load_run(run_folder.last)
+    busy = run.requests["error"].fillna("").str.contains("node studio1 failed")
+    run.requests = run.requests[~busy]                      # as if none had been in flight
+    plot = plots.outage_timeline(run)
+    assert plot is not None and "Dashed lines" in plot.caption
+    zero, t0 = summary["run"]["fault_clock_zero_s"], plots.clock_zero(run)
+    at = zero + 0.5 - t0                                    # the fault, on the plot's axis
+    refused = run.requests[run.requests["error"].fillna("").str.contains("failing over")]
+    assert at <= float(refused["start_s"].min()) - t0 + 1e-6

@@ -137,7 +137,8 @@ def planned(cluster, model, options, bounds=True):
         return None
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# 20 random cluster pairs (36 s at 40 on this 2-core machine); the exact-table and bounded = unbounded tests cover more
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(pair=cluster_and_part(), model=small_models(), objective=st.sampled_from(["latency", "throughput"]))
 def test_a_cluster_never_gets_a_worse_plan_than_any_of_its_sub_clusters(pair, model, objective):
     whole, part = pair

@@ -36,6 +36,8 @@ def setup(args):
     config = json.loads((model_path / "config.json").read_text())
     hosts = Path(args.hosts or tempfile.mkdtemp(prefix="cache-parity-hosts-"))
     cluster_path = host_files(hosts, len(args.split), reuse=hosts)
+    if not args.hosts:
+        print(f"host files in {hosts}: pass --hosts {hosts} to measure again without profiling", flush=True)
     cluster_data = fit.resolve_host_profiles(json.loads(cluster_path.read_text()), cluster_path.parent)
     bits = model_bits(config)
     plan = host_plan(cluster_data, list(args.split), model=model_path.name, quant_bits=bits)

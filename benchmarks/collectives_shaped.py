@@ -4,11 +4,11 @@ all-reduce for the same link (a TP layer waits for two of these). Root and Linux
 
     .venv/bin/python benchmarks/collectives_shaped.py [--gbps 1,10] [--ranks 2]
 
-Measured: the median of the ranks' own timing (harness.mlx.hostbench allsum); theoretical: costmodel.allreduce_time
-over a link of that bandwidth with links.json's loopback latency. The ratio says how far the TP term is from this
-host at each size. Measured here (2 cores, 2026-12-03): at 1 Gbit/s, 1-4 MiB within 7-17 % of the model; at 10
-Gbit/s the CPU's reduction dominates (3-8x the model at 1-4 MiB); under the shaper's burst (64 KiB at 1 Gbit/s)
-faster than the model.
+Measured: profile-host's collectives (harness.mlx.profile.collectives: the median of the ranks' own timing);
+theoretical: the cost model's ring all-reduce over a link of that bandwidth with links.json's loopback latency.
+The ratio says how far the TP term is from this host at each size. Two runs here (2 shared cores, 2026-12-03),
+measured / model: 1 Gbit/s, 1 MiB 1.17-1.65x and 4 MiB 1.04-1.07x; 10 Gbit/s, where the CPU's reduction
+dominates, 1 MiB 8.0-13.2x and 4 MiB 2.4-3.2x; messages up to 64 KiB 0.3-1.9x (the shaper lets a burst through).
 """
 from __future__ import annotations
 
@@ -19,16 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def measure(gbps: float, ranks: int) -> dict:
+def measured_and_model(gbps: float, ranks: int) -> dict:
+    """profile-host's own collectives measurement, with every rank's link shaped to `gbps` and the cost model
+    priced over the same rate: {"median_s": {size: s}, "cost_model_s": {size: s}}."""
+    from harness.catalog import link_kinds
     from harness.mlx import profile
     from harness.mlx.launcher import LinkShape
-    return profile._ring_bench("allsum", ranks, True, 300, [LinkShape(gbps)] * ranks, False)["median_s"]
-
-
-def predicted(gbps: float, ranks: int, size: int) -> float:
-    from harness.catalog import make_link
-    from harness.costmodel import allreduce_time, load_profile
-    return allreduce_time(make_link("a", "b", "loopback", bandwidth_gbps=gbps), size, ranks, load_profile())
+    link = {"latency_us": link_kinds()["loopback"]["latency_us"], "bandwidth_gbps": gbps}
+    return profile.collectives(link, True, groups=(ranks,), timeout_s=300, links=[LinkShape(gbps)])[str(ranks)]
 
 
 def main() -> int:
@@ -40,8 +38,9 @@ def main() -> int:
     rows = [("link Gbit/s", "message bytes", "measured ms", "cost model ms", "measured / model")]
     for gbps in (float(x) for x in args.gbps.split(",")):
         print(f"all_sum on {args.ranks} ranks over {gbps:g} Gbit/s links ...", flush=True)
-        for size, seconds in sorted(measure(gbps, args.ranks).items(), key=lambda kv: int(kv[0])):
-            model = predicted(gbps, args.ranks, int(size))
+        figures = measured_and_model(gbps, args.ranks)
+        for size, seconds in sorted(figures["median_s"].items(), key=lambda kv: int(kv[0])):
+            model = figures["cost_model_s"][size]
             rows.append((f"{gbps:g}", size, f"{1e3 * seconds:.3f}", f"{1e3 * model:.3f}", f"{seconds / model:.2f}"))
     print("\nring all_sum, measured (shaped namespaces) vs theoretical (cost model)")
     print(text_table(rows))

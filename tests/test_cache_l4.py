@@ -32,7 +32,7 @@ def test_l4_is_sized_in_gb_and_read_over_the_slowest_link(pair):
     slowest = min(link.bandwidth_gbps for link in cluster.links) * 1e9 / 8
     stages = len([n for s in plan.stages for n in s.nodes])
     assert l4.load_s_per_block == pytest.approx(block_bytes / stages / slowest)
-    assert l4.load_s_per_block > deep.config.tiers[2].load_s_per_block or slowest > 8e9   # slower than the SSD here
+    assert l4.load_s_per_block > deep.config.tiers[2].load_s_per_block   # a 20 Gbit/s link is slower than the SSD
 
 
 def test_l4_needs_a_policy_with_tiers_and_a_sane_size(pair):
@@ -64,3 +64,13 @@ def test_experiment_cache_l4_gb_is_range_checked():
         check_experiment({"cache_l4_gb": -3}, "e.toml")
     with pytest.raises(UserError, match="cache_l4_gb"):
         check_experiment({"cache_l4_gb": "big"}, "e.toml")
+
+
+def test_a_wrong_harness_l4_dir_stops_real_ranks_before_they_start_and_not_the_simulator(pair, monkeypatch):
+    from harness.backends import BackendOptions, Planned, make_backend
+    monkeypatch.setenv("HARNESS_L4_DIR", "/nonexistent/l4")
+    planned = Planned(*pair, model_source="qwen2.5-0.5b")
+    options = BackendOptions(planned=lambda: planned, cache="tiered_lru", cache_l4_gb=1.0)
+    assert make_backend("sim", options) is not None          # the simulator has no folder to write
+    with pytest.raises(UserError, match="HARNESS_L4_DIR=/nonexistent/l4: not a folder"):
+        make_backend("mlx", options)

@@ -80,11 +80,7 @@ def _planned(options: BackendOptions, backend: str) -> Planned:
 
 def prefix_cache(options: BackendOptions, p: Planned):
     """The plan's prefix cache, sized and keyed the same for every backend (None for policy "none")."""
-    import os
     from sim.prefix_cache import make_prefix_cache
-    l4_dir = os.environ.get("HARNESS_L4_DIR")
-    if options.cache_l4_gb and l4_dir and not os.path.isdir(l4_dir):
-        raise UserError(f"HARNESS_L4_DIR={l4_dir}: not a folder (mount the shared storage there, or unset it)")
     return make_prefix_cache(options.cache, p.cluster, p.model, p.plan, p.profile, l4_gb=options.cache_l4_gb)
 
 
@@ -147,6 +143,7 @@ def _mlx_twin_backend(options: BackendOptions):
     from sim.engine import EngineConfig
     p = _planned(options, "mlx")
     _hosts(options)   # a bad hostfile fails before the twin is built
+    _check_l4_dir(options)
     config = twin_config(p.model_source, head_dim=options.twin_head_dim)
     rank_layout(p.plan, config)   # a plan the ranks cannot run fails now, not after a long build
     twin = build(config, seed=options.twin_seed)
@@ -160,6 +157,15 @@ def _mlx_twin_backend(options: BackendOptions):
                       emulate_latency=options.emulate_latency and links is not None, cache=cache,
                       kv_budget_tokens=kv_tokens, kv_block_tokens=EngineConfig().kv_block_tokens,
                       hosts=_hosts(options), replan=_mlx_replan(options, config, links is not None))
+
+
+def _check_l4_dir(options: BackendOptions) -> None:
+    """Ranks started here spill L4 into HARNESS_L4_DIR: a wrong one fails now, not at the first spill (a remote
+    host's own value is checked by its rank)."""
+    import os
+    l4_dir = os.environ.get("HARNESS_L4_DIR")
+    if options.cache_l4_gb and l4_dir and not os.path.isdir(l4_dir):
+        raise UserError(f"HARNESS_L4_DIR={l4_dir}: not a folder (mount the shared storage there, or unset it)")
 
 
 def _mlx_replan(options: BackendOptions, config: dict, shaped: bool):

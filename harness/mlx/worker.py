@@ -513,8 +513,9 @@ def distributed_group(mx):
         return mx.distributed.init()
     name = "jaccl" if backend.startswith("jaccl") else backend    # jaccl-ring: JACCL with MLX_JACCL_RING=1
     if not mx.distributed.is_available(backend=name):
-        raise SystemExit(f"MLX's {name} backend is not available on this host (mlx {mx.__version__}): JACCL needs "
-                         "macOS 26.2 or later with RDMA over Thunderbolt 5 enabled; use backend \"ring\" otherwise")
+        needs = ("JACCL needs macOS 26.2 or later with RDMA over Thunderbolt 5 enabled; use backend \"ring\" "
+                 "otherwise" if name == "jaccl" else "reinstall mlx with its distributed backends")
+        raise SystemExit(f"MLX's {name} backend is not available on this host (mlx {mx.__version__}): {needs}")
     return mx.distributed.init(backend=name, strict=True)
 
 

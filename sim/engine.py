@@ -487,13 +487,17 @@ class Engine:
 
     # ------------------------------------------------------------------ fast-forwarding steady decode
 
+    def _steady_decode(self, sc: _Sched) -> bool:
+        """What both fast-forwards (this one's and sim.steady's) need: the scheduler only decodes, nobody waits,
+        step costs are constant (not degraded) and fast-forward is on. Off when tokens are streamed
+        (on_tokens), since a real-time consumer needs each token at its own virtual time."""
+        return (self.cfg.fast_forward and not self._degraded and self.on_tokens is None and not self.waiting
+                and not sc.prefilling and sc.running.size > 0)
+
     def _can_fast_forward(self, sc: _Sched) -> bool:
         """Alone in the pipeline with only decodes and nobody waiting: the next steps are fully determined
-        until a request finishes or something arrives, so they can be computed in one go. Off when tokens
-        are streamed (on_tokens), since a real-time consumer needs each token at its own virtual time."""
-        return (self.cfg.fast_forward and not self._degraded and self.on_tokens is None and not self.waiting
-                and not sc.prefilling
-                and sc.running.size > 0 and self._idle == len(self.scheds) - 1)
+        until a request finishes or something arrives, so they can be computed in one go."""
+        return self._steady_decode(sc) and self._idle == len(self.scheds) - 1
 
     def _fast_forward(self, sc: _Sched, max_steps: int = 4096):
         """Run k decode steps of this scheduler at once, exactly as k calls of _form/_traverse/_complete would

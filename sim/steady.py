@@ -37,9 +37,7 @@ def can_start(engine, trigger) -> bool:
     At least two schedulers must be awake: with one alone Engine._fast_forward runs instead (the step-by-step
     loop top would take it), and a window must not change which of the two runs."""
     cfg = engine.cfg
-    if not (cfg.fast_forward and cfg.fast_forward_schedulers) or engine._degraded or engine.on_tokens is not None:
-        return False
-    if engine.waiting or cfg.scheduler != "continuous" or trigger.running.size == 0 or trigger.prefilling:
+    if not (cfg.fast_forward_schedulers and cfg.scheduler == "continuous" and engine._steady_decode(trigger)):
         return False
     if engine._idle > len(engine.scheds) - 2:
         return False
@@ -75,7 +73,7 @@ class _Window:
         self.phase = [WAIT] * len(self.scheds)
         for time, _prio, eid, ev in e.env._queue:
             j = index.get(id(ev))
-            if j is not None and self.scheds[j].wake is ev:
+            if j is not None:                 # that scheduler's own wake-up (ids of live objects are unique)
                 self.heap.append((time, eid, j))
                 flight = self.scheds[j].flight
                 self.phase[j] = WAIT if flight is None else (FLIGHT_FF if flight[0] is None else FLIGHT)
@@ -111,12 +109,13 @@ class _Window:
             self.durs.append(table.durs[first:first + k])
             self.cum_blocks.append(table.cum_blocks[first:first + k])
             self.limit.append(k)
-        hops = e._hops
-        self.hop_keys = [key for key, _, _ in hops] + ([e._back[0]] if e._back is not None else [])
-        self.hop_busy = [[n * e._act_bytes / rate for _, _, rate in hops] for n in self.n]
-        self.hop_lat = [lat for _, lat, _ in hops]
-        self.back = e._back
-        self.back_busy = [TOKEN_ID_BYTES * n / e._back[2] for n in self.n] if e._back is not None else None
+        # link i follows stage i: the forward hops, then (when there is one) the token ids' way back
+        hops, back = e._hops, e._back
+        links = hops + ([back] if back is not None else [])
+        self.link_keys = [key for key, _, _ in links]
+        self.link_lat = [lat for _, lat, _ in links]
+        self.link_busy = [[n * e._act_bytes / rate for _, _, rate in hops]
+                          + ([TOKEN_ID_BYTES * n / back[2]] if back is not None else []) for n in self.n]
 
     # ------------------------------------------------------------------ replaying the events
 
@@ -125,12 +124,10 @@ class _Window:
         e, scheds, heap, phase = self.e, self.scheds, self.heap, self.phase
         m = len(scheds)
         sf = list(e._stage_free)
-        keys = list(dict.fromkeys(self.hop_keys))
+        keys = list(dict.fromkeys(self.link_keys))
         lfree = [e._link_free.get(k, -math.inf) for k in keys]
-        hop_slot = [keys.index(k) for k, _, _ in e._hops]
-        back_slot = keys.index(self.back[0]) if self.back is not None else -1
-        back_lat = self.back[1] if self.back is not None else 0.0
-        hop_lat, gap, last = self.hop_lat, e.profile.iteration_gap_s, len(sf) - 1
+        slot = [keys.index(k) for k in self.link_keys]
+        link_lat, gap, last, links = self.link_lat, e.profile.iteration_gap_s, len(sf) - 1, len(slot)
         c = [0] * m                                   # completions accounted in the window
         left = [int(sc.min_left) for sc in scheds]
         blk = [int(sc.blk.sum()) for sc in scheds]
@@ -140,8 +137,8 @@ class _Window:
         free, total, peak = e.free_blocks, e.total_blocks, e.peak_blocks
         stage_times, link_times, used, who = [], [], [], []        # per step, in record column order
         stage_app, link_app, used_app, who_app = stage_times.append, link_times.append, used.append, who.append
-        durs, hop_busy, back_busy, limit, cum_blocks = self.durs, self.hop_busy, self.back_busy, self.limit, self.cum_blocks
-        hop_stages = range(last)
+        durs, link_busy, limit, cum_blocks = self.durs, self.link_busy, self.limit, self.cum_blocks
+        stages = range(len(sf))
         order = NEW
         steps = 0
         horizon = self.horizon
@@ -178,9 +175,9 @@ class _Window:
             free -= need
             if total - free > peak:
                 peak = total - free
-            d, hb = durs[j][cj], hop_busy[j]
+            d, lb = durs[j][cj], link_busy[j]
             t = T
-            for i in hop_stages:                      # Lindley recursion, as Engine._traverse; max as there
+            for i in stages:                          # Lindley recursion, as Engine._traverse; max as there
                 f = sf[i]
                 if f > t:
                     t = f
@@ -188,32 +185,17 @@ class _Window:
                 t += d[i]
                 sf[i] = t
                 stage_app(t)
-                s = hop_slot[i]
-                lf = lfree[s]
-                if lf > t:
-                    t = lf
-                link_app(t)
-                done = t + hb[i]
-                lfree[s] = done
-                t = done + hop_lat[i]
-                link_app(t)
-            f = sf[last]
-            if f > t:
-                t = f
-            stage_app(t)
-            t += d[last]
-            sf[last] = t
-            stage_app(t)
-            emit[j] = t
-            if back_slot >= 0:
-                lf = lfree[back_slot]
-                if lf > t:
-                    t = lf
-                link_app(t)
-                done = t + back_busy[j]
-                lfree[back_slot] = done
-                t = done + back_lat
-                link_app(t)
+                if i < links:                         # as Engine._send: FIFO per direction, then latency
+                    s = slot[i]
+                    lf = lfree[s]
+                    if lf > t:
+                        t = lf
+                    link_app(t)
+                    done = t + lb[i]
+                    lfree[s] = done
+                    t = done + link_lat[i]
+                    link_app(t)
+            emit[j] = sf[last]                        # tokens ready: the last stage's end, before the way back
             used_app(total - free)
             who_app(j)
             formed_at_c[j] = cj
@@ -221,14 +203,14 @@ class _Window:
             heappush(heap, (T + ((t + gap) - T), order, j))
             phase[j] = FLIGHT
         times = (stage_times, link_times)
-        self.result = (sf, keys, lfree, c, left, emit, emits, formed_at_c, free, peak, times, (used, who), steps)
+        self.result = (sf, keys, lfree, c, emit, emits, formed_at_c, free, peak, times, (used, who), steps)
         return steps
 
     # ------------------------------------------------------------------ handing the state back
 
     def commit(self) -> None:
         e = self.e
-        sf, keys, lfree, c, left, emit, emits, formed_at_c, free, peak, times, ints, steps = self.result
+        sf, keys, lfree, c, emit, emits, formed_at_c, free, peak, times, ints, steps = self.result
         e._stage_free[:] = sf
         for k, v in zip(keys, lfree):
             if v != -math.inf:
@@ -261,18 +243,16 @@ class _Window:
     def _advance_sched(self, j: int, sc, done: int, emits: list, formed_at: int, last_emit: float) -> None:
         """Apply `done` completions (as Engine._complete would) and the blocks of the last formation."""
         B, n = self.e.block, self.n[j]
+        comp0 = sc.comp
         if done:
             tok_t = self.e.tok_t
             for start in sc.nxt.tolist():         # a slice per sequence: few sequences, each a run of tokens
                 tok_t[start:start + done] = emits
             sc.nxt = sc.nxt + done
-            comp0 = sc.comp
             sc.comp = sc.comp + done
             sc.left = sc.left - done
             sc.ctx += done * n
             sc.min_left -= done
-        else:
-            comp0 = sc.comp
         if formed_at >= 0:
             sc.blk = (comp0 + formed_at + B) // B
         if formed_at >= 0 and self.phase[j] == FLIGHT:     # its last micro-batch is in flight

@@ -34,6 +34,23 @@ def make_plan(model, groups: list[tuple[str, ...]], splits: list[int]) -> Partit
                          quant_bits=model.quant_bits, num_layers=model.num_layers, stages=tuple(stages))
 
 
+def feed_and_probe(env, engine, wl, every: float, sample) -> None:
+    """Processes that submit the workload's requests at their arrival times and call sample() every `every`
+    simulated seconds (an outside reader of the engine), created in that order."""
+    def feed():
+        for i in range(len(wl)):
+            yield env.timeout(max(wl.arrival_s[i] - env.now, 0))
+            engine.submit(int(wl.prompt_tokens[i]), int(wl.output_tokens[i]))
+
+    def probe():
+        while True:
+            yield env.timeout(every)
+            sample()
+
+    env.process(feed())
+    env.process(probe())
+
+
 @pytest.fixture(scope="session")
 def llama7b():
     return load_model("llama-2-7b", 4)

@@ -9,7 +9,7 @@ from harness import costmodel
 from harness.specs import UserError
 from harness.workloads import build_workload
 from sim import Engine, EngineConfig, simulate
-from tests.sim.conftest import make_cluster, make_plan, make_profile
+from tests.sim.conftest import feed_and_probe, make_cluster, make_plan, make_profile
 
 PROMPT, OUT = 300, 6
 
@@ -108,19 +108,8 @@ def test_littles_law_on_a_long_steady_run(llama7b, profile):
     env = simpy.Environment()
     eng = Engine(env, cl, llama7b, plan, profile)
     samples = []
-
-    def feed():
-        for i in range(len(wl)):
-            yield env.timeout(max(wl.arrival_s[i] - env.now, 0))
-            eng.submit(int(wl.prompt_tokens[i]), int(wl.output_tokens[i]))
-
-    def probe():
-        while True:
-            yield env.timeout(0.5)
-            samples.append((env.now, eng.n - int(np.count_nonzero(eng.status[:eng.n] >= 3))))
-
-    env.process(feed())
-    env.process(probe())
+    feed_and_probe(env, eng, wl, 0.5,
+                   lambda: samples.append((env.now, eng.n - int(np.count_nonzero(eng.status[:eng.n] >= 3)))))
     env.run(until=wl.arrival_s[-1])
     df = eng.requests_table().to_pandas()
     t = np.array([s[0] for s in samples])

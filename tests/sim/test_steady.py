@@ -2,19 +2,21 @@
 stepping them one micro-batch at a time: every request and step row compared value for value."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import simpy
 
 from harness import catalog
 from harness.catalog import load_model
-from harness.costmodel import PlanOptions, load_profile
+from harness.costmodel import PlanOptions, load_profile, stage_models
 from harness.workloads import build_workload, parse_workload
 from sim import Engine, EngineConfig, simulate
 from sim.prefix_cache import make_prefix_cache
 from sim.steady import decode_times
 from strategies.registry import get_strategy
-from tests.sim.conftest import make_cluster, make_plan, make_profile
+from tests.sim.conftest import feed_and_probe, make_cluster, make_plan, make_profile
 from tests.sim.test_sim_golden import CHATS, _rows
 
 
@@ -37,7 +39,7 @@ def _both(setup, workload, config=EngineConfig(), **kw):
     """(fast, step by step) results of one seeded run."""
     out = []
     for steady in (True, False):
-        cfg = EngineConfig(**(config.to_dict() | {"fast_forward_schedulers": steady}))
+        cfg = dataclasses.replace(config, fast_forward_schedulers=steady)
         out.append(simulate(*setup, build_workload(workload), cfg, include_load=False, **kw))
     return out
 
@@ -102,19 +104,8 @@ def test_a_probe_reading_the_engine_sees_the_step_by_step_state():
         env = simpy.Environment()
         eng = Engine(env, *setup, EngineConfig(fast_forward_schedulers=steady))
         samples = seen[steady] = []
-
-        def feed():
-            for i in range(len(wl)):
-                yield env.timeout(max(wl.arrival_s[i] - env.now, 0))
-                eng.submit(int(wl.prompt_tokens[i]), int(wl.output_tokens[i]))
-
-        def probe():
-            while True:
-                yield env.timeout(0.37)
-                samples.append((env.now, eng._step, eng.free_blocks, eng._stage_free[0]))
-
-        env.process(feed())
-        env.process(probe())
+        feed_and_probe(env, eng, wl, 0.37,
+                       lambda: samples.append((env.now, eng._step, eng.free_blocks, eng._stage_free[0])))
         env.run(until=float(wl.arrival_s[-1]) + 30)
         samples.append(_rows(eng.requests_table()))
     assert seen[True] == seen[False]
@@ -124,11 +115,7 @@ def test_a_probe_reading_the_engine_sees_the_step_by_step_state():
 def test_decode_times_are_the_cost_model_bit_for_bit(attention_apart):
     cluster, model, plan, profile = _small(tp=True)
     if attention_apart:
-        try:
-            profile = make_profile(attn_eta_bw=0.6, attn_mu=0.4)
-        except TypeError:
-            pytest.skip("this cost model has no attention terms")
-    from harness.costmodel import stage_models
+        profile = make_profile(attn_eta_bw=0.6, attn_mu=0.4)     # Profile.attention_apart
     for n in (1, 3, 17):
         terms = [st.decode_terms(model, profile, n) for st in stage_models(cluster, model, plan)]
         ctx = (np.arange(40, dtype=np.int64) * n + 1000 * n).astype(np.float64)

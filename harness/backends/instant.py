@@ -134,13 +134,16 @@ class _InstantStream:
             due = int((time.monotonic() - self.started_at) / interval)
             left = min(left, due - self.position)
         events = []
-        while len(events) < min(limit, left) and not self.finished:
+        for _ in range(min(limit, left)):
             events.append(self._next_event())
+            if self.finished:   # a stop token before max_tokens
+                break
         return events
 
     def _begin(self) -> None:
-        # Checked when the stream starts (its first take), like any async-generator backend.
-        if self.started_at is not None:
+        # Checked when the stream starts (its first take), like any async-generator backend; one closed before
+        # it started never starts, as an async generator closed before its first anext.
+        if self.started_at is not None or self.finished:
             return
         backend = self.backend
         if backend.max_running is not None and backend._running >= backend.max_running:

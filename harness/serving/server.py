@@ -230,33 +230,11 @@ class _ClientGone(Exception):
     pass
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnect(request: Request, awaitable):
-    """Await `awaitable`, but cancel it and raise _ClientGone if the client hangs up first."""
-    task = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            # let the backend's generator unwind before anyone closes it (aclose on a running one fails)
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait({task})
-    if task.cancelled():
-        raise _ClientGone()
-    return task.result()
-
-
 class _DisconnectWatch:
-    """Cancels `scope` (around a whole stream) when the client hangs up: one pending receive() in one task,
-    started only the first time the stream has to wait for its backend, instead of a watcher per wait. A stream
-    whose tokens are all ready never starts it: it never waits, and uvicorn drops its writes to a gone client."""
+    """Cancels `scope` (around a whole generation, streamed or collected) when the client hangs up: one pending
+    receive() in one task, started only the first time the generation has to wait for its backend, instead of a
+    watcher per wait. One whose tokens are all ready never starts it: it never waits, and uvicorn drops its
+    writes to a gone client. The backend's stream is cancelled in the request's own task: unwound by gen.close()."""
 
     def __init__(self, receive):
         self.receive = receive
@@ -291,67 +269,55 @@ class _Generation:
         self.arrived, self.first_at, self.last_at = arrived, None, None
         self.text = ""
         self.finish_reason: str | None = None
-        self.first: TokenEvent | None = None
         self._counted_running = False
         self._closed = False
         self._ready = getattr(stream, "ready", None)   # base.ReadyEvents: optional, so probed
+        self._took_ready = False   # the last batch came without awaiting the backend (which yields the loop)
         app_state.metrics.waiting += 1
 
-    async def start(self, request: Request) -> None:
-        """Wait for the first token (so QueueFull/BackendUnavailable still become a status code)."""
-        try:
-            self.first = await _unless_disconnect(request, anext(self.stream))
-        except StopAsyncIteration:
-            self.first = None
-        self._to_running()
-
-    def _to_running(self) -> None:
-        self.s.metrics.waiting -= 1
-        self.s.metrics.running += 1
-        self._counted_running = True
-
-    async def next_events(self, watch: _DisconnectWatch) -> tuple[list[TokenEvent], bool]:
-        """Every event the backend holds ready, else the next one awaited while `watch` looks out for a hang-up;
-        and whether it awaited the backend (where a backend yields the loop). [] once the stream ends."""
+    async def next_events(self, watch: _DisconnectWatch) -> list[TokenEvent]:
+        """Every event the backend holds ready (at most _COALESCE_MAX_TOKENS), else the next one awaited while
+        `watch` looks out for a hang-up, with those ready after it; [] once the stream ends. A batch taken
+        without awaiting yields the loop before the next one: one batch per stream per tick. The first call
+        raises what the backend refuses with (QueueFull, BackendUnavailable), before any token is counted."""
+        events: list[TokenEvent] = []
         if self._ready is not None:
+            if self._took_ready:
+                await asyncio.sleep(0)
             events = self._ready(_COALESCE_MAX_TOKENS)
-            if events:
-                return events, False
-        watch.arm()
-        event = await anext(self.stream, None)
-        if event is None:
-            return [], True
-        if self._ready is None:
-            return [event], True
-        return [event, *self._ready(_COALESCE_MAX_TOKENS - 1)], True
+        self._took_ready = bool(events)
+        if not events:
+            watch.arm()
+            event = await anext(self.stream, None)
+            if event is not None:
+                events = [event, *self._ready(_COALESCE_MAX_TOKENS - 1)] if self._ready is not None else [event]
+        if not self._counted_running:   # the backend took the request: waiting -> running
+            self.s.metrics.waiting -= 1
+            self.s.metrics.running += 1
+            self._counted_running = True
+        return events
 
-    def sse(self, events: list[TokenEvent], render: "_Renderer") -> bytes:
-        """The SSE events for `events`, up to the one that finishes the request (later ones are dropped: the
-        stop string ended it); [] is the end of a stream that never said why, a "length" finish."""
+    def take(self, events: list[TokenEvent]) -> list[str]:
+        """The text of `events`, one per token, up to the one that finishes the request (later ones are dropped:
+        a stop string ended it); [] is the end of a stream that never said why, a "length" finish, no text."""
         if not events:
             self.finish_reason = "length"
-            return render.chunk("", "length")
-        parts = []
+            return [""]
+        texts = []
         for event in events:
-            text = self._take(event)
-            if text or self.finish_reason is not None:
-                parts.append(render.chunk(text, self.finish_reason))
+            texts.append(self._take(event))
             if self.finish_reason is not None:
                 break
-        return b"".join(parts)
+        return texts
 
-    async def pieces(self) -> AsyncIterator[tuple[str, str | None]]:
-        """(text, finish_reason) per token; the last one has a finish reason."""
-        event = self.first
-        while event is not None:
-            text = self._take(event)
-            yield text, self.finish_reason
-            if self.finish_reason is not None:
-                return
-            event = await anext(self.stream, None)
-        if self.finish_reason is None:   # the backend ended without saying why
-            self.finish_reason = "length"
-            yield "", self.finish_reason
+    def sse(self, events: list[TokenEvent], render: "_Renderer") -> bytes:
+        """The SSE events for `events` (see take): a chunk per token with text, and the finishing one."""
+        texts = self.take(events)
+        if self.finish_reason is None:
+            return b"".join([render.chunk(text, None) for text in texts if text])
+        *running, last = texts
+        chunks = [render.chunk(text, None) for text in running if text]
+        return b"".join([*chunks, render.chunk(last, self.finish_reason)])
 
     def _take(self, event: TokenEvent) -> str:
         now = time.monotonic()
@@ -572,17 +538,25 @@ def _sse(obj: dict) -> bytes:
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
+async def _open_generation(state: _AppState, body: CompletionBody | ChatBody) -> _Generation:
+    """The checked request handed to the backend; ApiError for a bad body or a backend that refuses at once."""
+    arrived = time.monotonic()
+    stop = _stop_list(body.stop, state.limits)   # cheap checks first: a bad body costs no tokenizing
+    gen_request = await _generation_request(state, body)
+    try:
+        stream = state.backend.generate(gen_request)
+    except (QueueFull, BackendUnavailable) as exc:
+        raise _map_backend_error(state, exc)
+    return _Generation(state, stream, len(gen_request.prompt), stop, arrived)
+
+
 async def _serve_stream(state: _AppState, body: CompletionBody | ChatBody, scope, receive, send) -> None:
     """A streaming completion in plain ASGI, the fast path of both generation routes (issue 15): no routing or
     response layers, no task per wait, and every ready token in one write per event-loop tick."""
-    arrived = time.monotonic()
     try:
-        stop = _stop_list(body.stop, state.limits)   # cheap checks first: a bad body costs no tokenizing
-        gen_request = await _generation_request(state, body)
-        stream = state.backend.generate(gen_request)
+        gen = await _open_generation(state, body)
     except (ApiError, QueueFull, BackendUnavailable) as exc:
-        return await _send_error(state, _map_backend_error(state, exc), scope, receive, send)
-    gen = _Generation(state, stream, len(gen_request.prompt), stop, arrived)
+        return await _counted_error(state, _map_backend_error(state, exc))(scope, receive, send)
     watch = _DisconnectWatch(receive)
     try:
         with watch.scope:   # a hang-up cancels it: the backend's request goes at gen.close()
@@ -595,10 +569,9 @@ async def _serve_stream(state: _AppState, body: CompletionBody | ChatBody, scope
 async def _stream_events(state: _AppState, body, gen: _Generation, watch: _DisconnectWatch, scope, receive,
                          send) -> None:
     try:   # the first token before the headers, so QueueFull or BackendUnavailable still become a status code
-        events, waited = await gen.next_events(watch)
+        events = await gen.next_events(watch)
     except Exception as exc:
-        return await _send_error(state, _map_backend_error(state, exc), scope, receive, send)
-    gen._to_running()
+        return await _counted_error(state, _map_backend_error(state, exc))(scope, receive, send)
     render = _Renderer(isinstance(body, ChatBody), state.backend.model_id)
     await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
     unsent = tail = b""
@@ -609,9 +582,7 @@ async def _stream_events(state: _AppState, body, gen: _Generation, watch: _Disco
                 break
             await send({"type": "http.response.body", "body": unsent, "more_body": True})
             unsent = b""
-            if not waited:   # one write per tick: the other streams get the loop before this one's next
-                await asyncio.sleep(0)
-            events, waited = await gen.next_events(watch)
+            events = await gen.next_events(watch)   # one write per tick: it yields the loop first
         if body.stream_options and body.stream_options.include_usage:
             tail = render.usage_chunk(gen.usage())
     except Exception as exc:
@@ -623,9 +594,10 @@ async def _stream_events(state: _AppState, body, gen: _Generation, watch: _Disco
     await send({"type": "http.response.body", "body": unsent + tail + b"data: [DONE]\n\n", "more_body": False})
 
 
-async def _send_error(state: _AppState, err: ApiError, scope, receive, send) -> None:
+def _counted_error(state: _AppState, err: ApiError) -> JSONResponse:
+    """The answer to `err`, counted in harness:request_failure: what the app's ApiError handler answers."""
     state.metrics.failed.labels(str(err.status)).inc()
-    await _error_response(err)(scope, receive, send)
+    return _error_response(err)
 
 
 class _StreamResponse(Response):
@@ -643,31 +615,28 @@ class _StreamResponse(Response):
 async def _complete(state: _AppState, request: Request, body: CompletionBody | ChatBody) -> Response:
     if body.stream:
         return _StreamResponse(state, body)
-    arrived = time.monotonic()
-    stop = _stop_list(body.stop, state.limits)   # cheap checks first: a bad body costs no tokenizing
-    gen_request = await _generation_request(state, body)
-    try:
-        stream = state.backend.generate(gen_request)
-        gen = _Generation(state, stream, len(gen_request.prompt), stop, arrived)
-    except (QueueFull, BackendUnavailable) as exc:
-        raise _map_backend_error(state, exc)
-    try:
-        await gen.start(request)
-    except BaseException as exc:
-        await gen.close()
-        raise _map_backend_error(state, exc)
+    gen = await _open_generation(state, body)
     render = _Renderer(isinstance(body, ChatBody), state.backend.model_id)
+    watch = _DisconnectWatch(request.receive)
     try:
-        text = await _unless_disconnect(request, _collect(gen))
+        with watch.scope:   # a hang-up cancels it: the backend's request goes at gen.close()
+            text = await _collect(gen, watch)
+        if watch.scope.cancelled_caught:
+            raise _ClientGone()
     except BaseException as exc:
         raise _map_backend_error(state, exc)
     finally:
+        watch.end()
         await gen.close()
-    return JSONResponse(render.full(text, gen.finish_reason or "length", gen.usage()))
+    return JSONResponse(render.full(text, gen.finish_reason, gen.usage()))
 
 
-async def _collect(gen: _Generation) -> str:
-    return "".join([text async for text, _ in gen.pieces()])
+async def _collect(gen: _Generation, watch: _DisconnectWatch) -> str:
+    """The whole completion's text, taken as a stream takes it (ready tokens at once, one batch per tick)."""
+    texts: list[str] = []
+    while gen.finish_reason is None:
+        texts += gen.take(await gen.next_events(watch))
+    return "".join(texts)
 
 
 def _queue_full(state: _AppState, exc: Exception) -> ApiError:
@@ -854,8 +823,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: ServerLi
     failed = state.metrics.failed
 
     def api_error(_request, err: ApiError) -> JSONResponse:
-        failed.labels(str(err.status)).inc()
-        return _error_response(err)
+        return _counted_error(state, err)
 
     def invalid(_request, exc: RequestValidationError) -> JSONResponse:
         failed.labels("400").inc()

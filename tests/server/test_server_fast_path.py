@@ -9,6 +9,7 @@ import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -200,7 +201,9 @@ def test_a_chat_stream_left_between_tokens_cancels_the_request(paced_server):
 
 def test_a_paced_stream_hands_over_every_due_token_at_once(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr(instant.time, "monotonic", lambda: now[0])
+    # the instant module's clock only: patching time.monotonic itself would stop every event loop in the
+    # process (the module's servers run in background threads) while the test runs
+    monkeypatch.setattr(instant, "time", SimpleNamespace(monotonic=lambda: now[0]))
     backend = InstantBackend(token_interval_s=0.01)
     asyncio.run(backend.load())
     stream = backend.generate(GenerationRequest("r", (1, 2), max_tokens=8))

@@ -240,9 +240,10 @@ def _expert_bytes_time(o: Obs) -> float:
     return (o.model.decode_read_bytes(0, L, o.batch) - o.model._range("dense", 0, L)) / (o.chip.mem_bw_gbs * 1e9)
 
 
-def _fill_flops_time(o: Obs, fill: float) -> float:
-    """A MoE prefill's expert-fill FLOPs at expert_fill_tokens = fill, over peak FLOPS, at the row's chunk."""
-    unit = replace(costmodel.load_profile("default"), expert_fill_tokens=fill, prefill_chunk_tokens=float(o.chunk))
+def _fill_flops_time(o: Obs, fill: float, base: Profile) -> float:
+    """A MoE prefill's expert-fill FLOPs at expert_fill_tokens = fill, over peak FLOPS, at the row's chunk (`base`:
+    any profile, only those two terms are read)."""
+    unit = replace(base, expert_fill_tokens=fill, prefill_chunk_tokens=float(o.chunk))
     return costmodel.expert_fill_flops(o.model, unit, 0, o.model.num_layers, o.tokens) / (o.chip.fp16_tflops * 1e12)
 
 
@@ -261,14 +262,18 @@ def _attn_flops_time(o: Obs) -> float:
     return f / (o.chip.fp16_tflops * 1e12)
 
 
-def _ls_positive(cols: list[np.ndarray], t: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Least squares of t ~ sum(c_i x_i) on relative error with every c_i >= 0: the best subset whose
-    unconstrained solution is non-negative (the columns are few)."""
+def _ls_positive(cols: list[np.ndarray], t: np.ndarray, w: np.ndarray, required: int = 0) -> np.ndarray:
+    """Least squares of t ~ sum(c_i x_i) weighted by w with every c_i >= 0: the best subset whose unconstrained
+    solution is non-negative (the columns are few; the first `required` are in every subset, the others may be
+    pinned at 0)."""
     from itertools import combinations
     best = None
     n = len(cols)
-    for r in range(n, 0, -1):
-        for keep in combinations(range(n), r):
+    for r in range(n - required, -1, -1):
+        for optional in combinations(range(required, n), r):
+            keep = (*range(required), *optional)
+            if not keep:
+                continue
             a = np.column_stack([cols[i] * w for i in keep])
             coef, *_ = np.linalg.lstsq(a, t * w, rcond=None)
             if np.any(coef < 0):
@@ -279,6 +284,11 @@ def _ls_positive(cols: list[np.ndarray], t: np.ndarray, w: np.ndarray) -> np.nda
                 full[list(keep)] = coef
                 best = (resid, full)
     return best[1] if best else np.zeros(n)
+
+
+def _ls_scale(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    """The one coefficient s minimising sum((w (s x - y))^2): y ~ s x on relative error (w = 1 / t)."""
+    return float(np.sum(x * w * y * w) / np.sum((x * w) ** 2))
 
 
 def _overhead(o: Obs, ovh: Overheads) -> float:
@@ -297,24 +307,13 @@ def fit_decode(rows: list[Obs], overheads: Overheads | None = None,
     t = np.array([o.step_s for o in rows])
     w = 1.0 / t                                       # relative errors: divide each equation by its t
     if overheads is None:
-        best = None
-        for use_step, use_layer in ((True, True), (False, True), (True, False), (False, False)):
-            cols = [x * w] + ([w] if use_step else []) + ([layers * w] if use_layer else [])
-            coef, *_ = np.linalg.lstsq(np.column_stack(cols), t * w, rcond=None)
-            if np.any(coef < 0):
-                continue
-            it = iter(coef[1:])
-            ovh = (float(next(it)) if use_step else 0.0, float(next(it)) if use_layer else 0.0)
-            resid = float(np.sum((np.column_stack(cols) @ coef - t * w) ** 2))
-            if best is None or resid < best[0]:
-                best = (resid, 1.0 / coef[0], ovh)
-        return best[1], best[2]
+        inv_eta, step, layer = _ls_positive([x, np.ones_like(t), layers], t, w, required=1)
+        return 1.0 / inv_eta, (float(step), float(layer))
     c = np.array([_overhead(o, overheads) for o in rows])
     if attention:   # the KV reads at their own rate: known time, not the weights'
         kv = np.array([_kv_time(o) for o in rows])
         x, c = x - kv, c + kv / attention[0]
-    inv_eta = float(np.sum(x * w * (t - c) * w) / np.sum((x * w) ** 2))
-    return 1.0 / inv_eta, overheads
+    return 1.0 / _ls_scale(x, t - c, w), overheads
 
 
 def fit_prefill(rows: list[Obs], overheads: Overheads, attention: tuple[float, float] | None = None) -> float:
@@ -325,9 +324,7 @@ def fit_prefill(rows: list[Obs], overheads: Overheads, attention: tuple[float, f
     if attention:
         a = np.array([_attn_flops_time(o) for o in rows])
         f, c = f - a, c + a / attention[1]
-    w = 1.0 / t
-    inv_mu = float(np.sum(f * w * (t - c) * w) / np.sum((f * w) ** 2))
-    return 1.0 / inv_mu
+    return 1.0 / _ls_scale(f, t - c, 1.0 / t)
 
 
 # a chip cannot stream or compute faster than its peak: a per-chip or per-generation fit above it (the M3 rows
@@ -378,8 +375,7 @@ def fit_moe(tg: list[Obs], pp: list[Obs], eta: float, mu: float, overheads: Over
         if attention:
             kv = np.array([_kv_time(o) for o in moe_tg])
             known += kv / attention[0] - kv / eta
-        w = 1.0 / t
-        inv = float(np.sum(xe * w * (t - known) * w) / np.sum((xe * w) ** 2))   # 1 / (eta * expert_eta)
+        inv = _ls_scale(xe, t - known, 1.0 / t)   # 1 / (eta * expert_eta)
         out["expert_eta"] = round(float(np.clip(1.0 / (eta * inv), 0.05, 1.0)) if inv > 0 else 1.0, 4)
     moe_pp = [o for o in pp if o.model.moe]
     if moe_pp:
@@ -390,7 +386,8 @@ def fit_moe(tg: list[Obs], pp: list[Obs], eta: float, mu: float, overheads: Over
             a = np.array([_attn_flops_time(o) for o in moe_pp])
             known += a / attention[1] - a / mu
         # the waste is min(fill, tokens per expert): not linear in fill, so the least-squares fill is searched
-        resid = [float(np.sum(((known + np.array([_fill_flops_time(o, x) for o in moe_pp]) / mu - t) / t) ** 2))
+        base = costmodel.load_profile("default")   # read once: the search prices every row at every grid point
+        resid = [float(np.sum(((known + np.array([_fill_flops_time(o, x, base) for o in moe_pp]) / mu - t) / t) ** 2))
                  for x in FILL_GRID]
         out["expert_fill_tokens"] = float(FILL_GRID[int(np.argmin(resid))])
     return out
@@ -678,6 +675,10 @@ def error_summary(table: list[dict]) -> dict:
     return out
 
 
+# the named terms a profile file carries where the fit moved them off their neutral default
+NAMED_TERMS = ("expert_eta", "expert_fill_tokens", "attn_eta_bw", "attn_mu", "tcp_hop_latencies")
+
+
 def profile_json(profile: Profile, summary: dict, summary_global: dict, skipped: int,
                  loso: dict | None = None, generations: dict | None = None) -> dict:
     return {"name": profile.name, "source": profile.source,
@@ -687,8 +688,7 @@ def profile_json(profile: Profile, summary: dict, summary_global: dict, skipped:
             "ssd_basis": "kept from default.json (not in the calibration data)",
             "link_basis": "link_overhead_us kept from default.json (single-device data cannot fit it)",
             "per_chip": profile.per_chip,
-            **{k: getattr(profile, k) for k in ("expert_eta", "expert_fill_tokens", "attn_eta_bw", "attn_mu",
-                                                "tcp_hop_latencies")
+            **{k: getattr(profile, k) for k in NAMED_TERMS
                if getattr(profile, k) != costmodel.Profile.__dataclass_fields__[k].default},
             **({"moe_basis": MOE_BASIS} if profile.expert_eta != 1.0 or profile.expert_fill_tokens else {}),
             **({"engines": profile.engines} if profile.engines else {}),

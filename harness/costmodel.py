@@ -345,9 +345,8 @@ def decode_work(model: ModelSpec, start: int, end: int, batch: int = 1, context_
                 with_head: bool = False, profile: Profile | None = None) -> tuple[float, float]:
     """(bytes read, FLOPs) of one decode step: what decode_time puts through the roofline (the profile, if
     given, for the MoE read efficiency)."""
-    weights = read_bytes(model, profile, start, end, batch) if profile is not None and model.moe \
-        else model.decode_read_bytes(start, end, batch)
-    nbytes = (weights + batch * context_tokens * model.kv_bytes_per_token(start, end)) / tp
+    kv = batch * context_tokens * model.kv_bytes_per_token(start, end)
+    nbytes = (read_bytes(model, profile, start, end, batch) + kv) / tp
     flops = model.decode_flops(start, end, batch, context_tokens) / tp
     if with_head:
         nbytes += model.head_bytes()
@@ -420,7 +419,7 @@ def hop_latency_s(link: Link, profile: Profile) -> float:
     if link_transport(link) == "rdma":
         us = link.latency_us + profile.rdma_hop_overhead_us
     else:
-        us = link.latency_us * profile.tcp_hop_latencies if profile.tcp_hop_latencies != 1.0 else link.latency_us
+        us = link.latency_us * profile.tcp_hop_latencies
     return (us + profile.link_overhead_us) * 1e-6
 
 
@@ -650,11 +649,11 @@ class StageModel:
             return self.prefill_s(model, profile, *chunks[0])
         s, e, kvpt = self.start, self.end, model.kv_bytes_per_token(self.start, self.end)
         tokens = n_dec + sum(t for t, _ in chunks)
-        weights = prefill_read_bytes(model, profile, s, e, tokens) if model.moe else model.decode_read_bytes(s, e, tokens)
+        weights = prefill_read_bytes(model, profile, s, e, tokens)   # dense: weight_bytes, i.e. decode_read_bytes
         if profile.attention_apart:   # attention over the context leaves the weights' roofline
-            kv = dec_ctx_sum * kvpt + sum(prefill_attention_work(model, s, e, t, c)[0] for t, c in chunks)
-            af = dec_ctx_sum * (e - s) * model._attn_flops_per_position() + sum(
-                prefill_attention_work(model, s, e, t, c)[1] for t, c in chunks)
+            kv, af = decode_attention_work(model, s, e, dec_ctx_sum)
+            work = [prefill_attention_work(model, s, e, t, c) for t, c in chunks]
+            kv, af = kv + sum(w[0] for w in work), af + sum(w[1] for w in work)
             nbytes = weights
             flops = model.decode_flops(s, e, 1, 0) * n_dec + sum(model.decode_flops(s, e, t, 0) for t, _ in chunks)
         else:

@@ -51,20 +51,15 @@ def test_request_overhead_is_paid_once_per_request_on_the_first_stage():
         costmodel.prefill_time(chip, cpp, m, 0, 32, 512) + 0.05)
 
 
-def test_profile_file_engines_are_checked(tmp_path):
+@pytest.mark.parametrize("entry, message", [({"step_overhead_s": "slow"}, "engines.exo.step_overhead_s must be a number"),
+                                            ({"warp_factor": 2}, "warp_factor"),
+                                            ({"request_overhead_s": -1.0}, "request_overhead_s")])
+def test_profile_file_engines_are_checked(tmp_path, entry, message):
     data = json.loads((costmodel.PROFILE_DIR / "fitted.json").read_text())
-    data["engines"] = {"exo": {"step_overhead_s": "slow"}}
+    data["engines"] = {"exo": entry}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
-    with pytest.raises(UserError, match="engines.exo.step_overhead_s must be a number"):
-        load_profile(bad)
-    data["engines"] = {"exo": {"warp_factor": 2}}
-    bad.write_text(json.dumps(data))
-    with pytest.raises(UserError, match="warp_factor"):
-        load_profile(bad)
-    data["engines"] = {"exo": {"request_overhead_s": -1.0}}
-    bad.write_text(json.dumps(data))
-    with pytest.raises(UserError, match="request_overhead_s"):
+    with pytest.raises(UserError, match=message):
         load_profile(bad)
 
 

@@ -43,14 +43,12 @@ def test_generation_factors_leave_the_fitted_chips_alone():
     assert set(p.per_generation) == {"M1", "M2"}
 
 
-def test_per_generation_is_checked(tmp_path):
+@pytest.mark.parametrize("factors, message", [({"eta_bw": -1}, "per_generation.M3.eta_bw must be a positive number"),
+                                              ({"bogus": 1}, "bogus")])
+def test_per_generation_is_checked(tmp_path, factors, message):
     data = json.loads((PROFILE_DIR / "fitted.json").read_text())
-    data["per_generation"] = {"M3": {"eta_bw": -1}}
+    data["per_generation"] = {"M3": factors}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
-    with pytest.raises(UserError, match="per_generation.M3.eta_bw must be a positive number"):
-        load_profile(bad)
-    data["per_generation"] = {"M3": {"bogus": 1}}
-    bad.write_text(json.dumps(data))
-    with pytest.raises(UserError, match="bogus"):
+    with pytest.raises(UserError, match=message):
         load_profile(bad)

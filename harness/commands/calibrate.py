@@ -104,8 +104,8 @@ def render(table: list[dict], data: dict, skipped: list[str] | None) -> str:
     lines.append("")
     lines.append(f"fitted: eta_bw={data['eta_bw']} mu_compute={data['mu_compute']} "
                  f"step_overhead_s={data['step_overhead_s']} layer_overhead_s={data['layer_overhead_s']}")
-    named = [k for k in ("expert_eta", "expert_fill_tokens", "attn_eta_bw", "attn_mu", "tcp_hop_latencies")
-             if k in data]
+    from harness.calibrate import NAMED_TERMS
+    named = [k for k in NAMED_TERMS if k in data]
     if named:
         lines.append("named terms: " + " ".join(f"{k}={data[k]}" for k in named))
     for gen, entry in data.get("per_generation", {}).items():

@@ -1,11 +1,13 @@
 """`python -m harness plan`: split a model's layers over a cluster with one strategy, or compare them all."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 
 from harness.cli import text_table
+from harness.costmodel import DEFAULT_ENGINE
 from harness.planning import add_plan_arguments, load_inputs, plan_options, plan_with, strategies_for
 from harness.specs import DoesNotFit, PartitionPlan
 
@@ -37,8 +39,7 @@ def run(args) -> int:
     names = strategies_for("all" if args.all else args.strategy)
     cluster, model = load_inputs(args)
     options = plan_options(args)
-    if getattr(args, "engine", None):
-        import dataclasses
+    if args.engine:
         options = dataclasses.replace(options, profile=options.profile.for_engine(args.engine))
     started = time.perf_counter()
     if len(names) == 1:
@@ -101,7 +102,7 @@ def header(cluster, model, options) -> str:
             f"cluster {cluster.name}: {nodes}\n"
             f"objective {options.objective}; KV reserve {options.kv_reserve_tokens} tokens; "
             f"decode predicted at {options.context_tokens} tokens of context; profile {options.profile.name}"
-            f"{'' if options.profile.engine == 'mlx-lm' else f', engine {options.profile.engine}'}\n")
+            f"{'' if options.profile.engine == DEFAULT_ENGINE else f', engine {options.profile.engine}'}\n")
 
 
 def plan_table(plan: PartitionPlan) -> str:

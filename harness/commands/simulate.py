@@ -1,6 +1,7 @@
 """`python -m harness simulate`: serve a workload on a simulated cluster and write a run folder."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -167,8 +168,8 @@ def run_one(args) -> int:
     import resource
 
     from harness import metrics
-    from harness.costmodel import DEFAULT_PROFILE, load_profile
-    from harness.planning import make_plan
+    from harness.costmodel import DEFAULT_PROFILE
+    from harness.planning import load_inputs, plan_options, plan_with
     from harness.runfolder import RunWriter, environment
     from harness.workloads import build_workload, parse_workload
     from sim.run import simulate
@@ -179,16 +180,11 @@ def run_one(args) -> int:
     if args.seed is not None:
         spec["seed"] = args.seed
     workload = build_workload(spec)
-    if getattr(args, "engine", None):   # the plan is chosen on the engine's costs too
-        import dataclasses
-
-        from harness.planning import load_inputs, plan_options, plan_with
-        cluster, model = load_inputs(args)
-        options = plan_options(args)
-        options = dataclasses.replace(options, profile=options.profile.for_engine(args.engine))
-        plan = plan_with(args.strategy, cluster, model, options)
-    else:
-        cluster, model, plan = make_plan(args)
+    engine = getattr(args, "engine", None)   # a sweep point's args may not carry it
+    cluster, model = load_inputs(args)
+    options = plan_options(args)
+    profile = options.profile.for_engine(engine)   # the plan is chosen on the engine's costs too
+    plan = plan_with(args.strategy, cluster, model, dataclasses.replace(options, profile=profile))
     local = set(args.weights_local.split(",")) if args.weights_local else None
     faults = parse_faults(args, cluster)
     config = {"command": "simulate", "backend": "sim", "cluster": args.cluster, "link": args.link,
@@ -200,8 +196,7 @@ def run_one(args) -> int:
               "weights_local": sorted(local) if local else None, "slo": slo or None, "faults": faults,
               "argv": sys.argv[1:]}
     from sim.prefix_cache import make_prefix_cache
-    profile = load_profile(args.profile).for_engine(getattr(args, "engine", None))
-    if getattr(args, "engine", None):
+    if engine:
         config["cost_engine"] = profile.engine
     cache = make_prefix_cache(args.cache, cluster, model, plan, profile, kv_cap_tokens=args.kv_tokens,
                               l4_gb=args.cache_l4_gb)

@@ -55,7 +55,7 @@ from itertools import combinations, permutations
 
 import numpy as np
 
-from harness.costmodel import expert_fill_flops, prefill_attention_work, prefill_read_bytes, read_bytes
+from harness.costmodel import decode_attention_work, prefill_attention_work, prefill_work, read_bytes
 from strategies.partitioning._plans import (TOKEN_ID_BYTES, Unit, allreduce_per_layer_s, build_plan, by_memory,
                                             by_speed, hop_s, no_arrangement, require_fit, require_total_fit,
                                             unit_available_bytes, unit_stage)
@@ -681,18 +681,14 @@ class _Search:
     def _build_prefill(self, unit: Unit):
         m, o, p, L, tp = self.model, self.options, self.options.profile, self.L, len(unit)
         idx = np.arange(L + 1)
-        # costmodel.prefill_work: a MoE model reads the experts the prompt touches and pays their GEMM fill
-        apart, P = p.attention_apart, o.prompt_tokens
-        reads = np.array([prefill_read_bytes(m, p, 0, j, P) + (0.0 if apart else P * m.kv_bytes_per_token(0, j))
-                          for j in idx])
-        flops = np.array([(m.decode_flops(0, j, P, 0) if apart else m.prefill_flops(0, j, P, 0))
-                          + expert_fill_flops(m, p, 0, j, P) for j in idx])
+        # the prompt's work over layers [0, j): a MoE model reads the experts it touches and pays their GEMM fill
+        reads, flops = np.array([prefill_work(m, 0, j, o.prompt_tokens, profile=p) for j in idx]).T
         reads, flops = (reads[None, :] - reads[:, None]) / tp, (flops[None, :] - flops[:, None]) / tp
         pre, pre_last = np.full((L + 1, L + 1), -np.inf), np.full(L + 1, -np.inf)
         for name in unit:
             chip = self.cluster.node(name).chip
             bw, fl, ovh = p.bandwidth(chip), p.flops(chip), self._overhead(chip)
-            if apart:
+            if p.attention_apart:
                 ovh = ovh + (idx[None, :] - idx[:, None]) * self._attention_per_layer(chip, tp, True)
             pre = np.maximum(pre, np.maximum(reads / bw, flops / fl) + ovh)
             pre_last = np.maximum(pre_last, np.maximum((reads[:, L] + m.head_bytes()) / bw,
@@ -716,8 +712,7 @@ class _Search:
         m, p = self.model, self.options.profile
         if prefill:
             return p.attention_s(chip, *prefill_attention_work(m, 0, 1, self.options.prompt_tokens, 0, tp))
-        return p.attention_s(chip, seqs * ctx * m.kv_bytes_per_token_layer() / tp,
-                             seqs * ctx * m._attn_flops_per_position() / tp)
+        return p.attention_s(chip, *decode_attention_work(m, 0, 1, seqs * ctx, tp))
 
     def _overhead(self, chip) -> np.ndarray:
         """overhead[i, j]: the profile's step overhead of layers [i, j) on the chip."""

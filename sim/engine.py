@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
-from harness.costmodel import TOKEN_ID_BYTES, DecodeTerms, Profile, hop_links, stage_models
+from harness.costmodel import TOKEN_ID_BYTES, DecodeTerms, Profile, hop_latency_s, hop_links, stage_models
 from harness.specs import Cluster, ModelSpec, PartitionPlan, UserError
 from sim import steady
 from sim.costs import kv_pool_tokens
@@ -268,12 +268,12 @@ class Engine:
 
     def _init_links(self, cluster: Cluster) -> None:
         fwd, back = hop_links(cluster, self.stages)
-        over = self.profile.link_overhead_us
-        # (direction key, latency s, bytes per s) per forward hop, and for the token-id return
-        self._hops = [((a.nodes[0], b.nodes[0]), (l.latency_us + over) * 1e-6, l.bandwidth_gbps * 1e9 / 8)
+        # (direction key, latency s, bytes per s) per forward hop, and for the token-id return; the fixed cost is
+        # the planner's (hop_latency_s: by transport), so a plan's predicted hop and the simulated one agree
+        self._hops = [((a.nodes[0], b.nodes[0]), hop_latency_s(l, self.profile), l.bandwidth_gbps * 1e9 / 8)
                       for (a, b), l in zip(zip(self.stages, self.stages[1:]), fwd)]
         self._back = None if back is None else (
-            (self.stages[-1].nodes[0], self.stages[0].nodes[0]), (back.latency_us + over) * 1e-6,
+            (self.stages[-1].nodes[0], self.stages[0].nodes[0]), hop_latency_s(back, self.profile),
             back.bandwidth_gbps * 1e9 / 8)
         self._hop_pairs = [frozenset([frozenset(key)]) for key, _, _ in self._hops] + \
             ([frozenset([frozenset(self._back[0])])] if self._back is not None else [])

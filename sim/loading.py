@@ -46,6 +46,6 @@ def _load_one(env, cluster, profile, st: StageModel, name: str, have: set, links
             read = costmodel.load_time(nbytes, profile, cluster.node(src).ssd_gbs)
             send = nbytes * 8 / (link.bandwidth_gbps * 1e9)
             yield env.timeout(max(read, send))
-        yield env.timeout((link.latency_us + profile.link_overhead_us) * 1e-6)
+        yield env.timeout(costmodel.hop_latency_s(link, profile))
     done[name] = env.now
     rows.append((st.index, name, begin, env.now, int(nbytes)))

@@ -1,6 +1,8 @@
 """Analytic checks of the simulator against the cost model it is built on."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import simpy
@@ -42,8 +44,18 @@ def test_one_request_one_node_matches_cost_model(llama7b, profile):
     assert row["output_tokens"] == OUT and row["success"]
 
 
-def test_adding_a_stage_adds_exactly_link_and_stage_terms(llama7b, profile):
-    cl = make_cluster(2)
+def with_link_kind(cluster, kind):
+    return replace(cluster, links=tuple(replace(link, kind=kind) for link in cluster.links))
+
+
+# the hop's fixed cost by transport (costmodel.hop_latency_s) is what the planner prices: the simulator must agree
+TRANSPORTS = [("tb4-tcp", {}), ("tb4-tcp", {"tcp_hop_latencies": 3.5}), ("tb5-rdma", {"rdma_hop_overhead_us": 40.0})]
+
+
+@pytest.mark.parametrize("kind, terms", TRANSPORTS)
+def test_adding_a_stage_adds_exactly_link_and_stage_terms(llama7b, kind, terms):
+    profile = make_profile(**terms)
+    cl = with_link_kind(make_cluster(2), kind)
     chip, link = cl.nodes[0].chip, cl.link("n0", "n1")
     res = run(cl, llama7b, make_plan(llama7b, [("n0",), ("n1",)], [12, 20]), profile, one_request())
     row = res.requests.to_pylist()[0]
@@ -185,9 +197,10 @@ def test_seeded_runs_reproduce_exactly(llama7b, profile):
     assert not a.requests.equals(c.requests)
 
 
-def test_loading_reads_ssd_or_receives_from_a_peer(llama7b):
-    profile = make_profile(ssd_gbs=2.0)
-    cl = make_cluster(2, bandwidth_gbps=8.0)
+@pytest.mark.parametrize("kind, terms", TRANSPORTS)
+def test_loading_reads_ssd_or_receives_from_a_peer(llama7b, kind, terms):
+    profile = make_profile(ssd_gbs=2.0, **terms)
+    cl = with_link_kind(make_cluster(2, bandwidth_gbps=8.0), kind)
     plan = make_plan(llama7b, [("n0",), ("n1",)], [16, 16])
     res = simulate(cl, llama7b, plan, profile, one_request(), weights_local={"n0"})
     from sim.costs import stage_models
@@ -195,7 +208,7 @@ def test_loading_reads_ssd_or_receives_from_a_peer(llama7b):
     assert res.load.load_s_per_node["n0"] == pytest.approx(st[0].weight_bytes_node / 2e9)
     link = cl.link("n0", "n1")
     send = st[1].weight_bytes_node * 8 / 8e9
-    assert res.load.load_s_per_node["n1"] == pytest.approx(send + (link.latency_us + 20) * 1e-6)
+    assert res.load.load_s_per_node["n1"] == pytest.approx(send + costmodel.hop_latency_s(link, profile))
     first = res.requests.to_pylist()[0]
     assert first["start_s"] == pytest.approx(max(res.load.load_s_per_node.values()))
 

@@ -584,6 +584,9 @@ class StageModel:
     tp_links: tuple[Link, ...]    # every link inside the group (empty without tensor parallelism)
     kv_bytes_per_token_node: float   # KV bytes per cached token on each member node
     weight_bytes_node: float      # bytes each member node loads
+    # every rank of a real pipeline computes the output head at once (mlx-lm all-gathers the last hidden state),
+    # so where k ranks are pinned to one CPU core the head takes k times as long: the shared-cores term
+    head_share: int = 1
 
     @property
     def tp(self) -> int:
@@ -604,6 +607,7 @@ class StageModel:
         caches these per batch size)."""
         s, e, tp = self.start, self.end, self.tp
         nbytes, flops = decode_work(model, s, e, batch, 0, tp, self.last, profile)
+        nbytes, flops = nbytes + self._shared_head_bytes(model), flops + self._shared_head_flops(model, batch)
         fixed = self.allreduce_s(model, profile, batch)
         members = tuple((profile.bandwidth(c), profile.flops(c), profile.exposed(c), profile.overhead(c, e - s, batch) + fixed)
                         for c in self.chips)
@@ -637,7 +641,14 @@ class StageModel:
         nbytes, flops = prefill_work(model, self.start, self.end, tokens, ctx_before, self.tp, self.last, profile)
         if self.last and seqs > 1:   # every sequence's last position gets its logits
             flops += model.head_flops(seqs) - model.head_flops(1)
-        return nbytes, flops
+        return nbytes + self._shared_head_bytes(model), flops + self._shared_head_flops(model, seqs)
+
+    def _shared_head_bytes(self, model: ModelSpec) -> float:
+        """The head's extra reads where head_share ranks time-share a core (0 on a last stage of its own)."""
+        return (self.head_share - 1) * model.head_bytes() if self.last else 0.0
+
+    def _shared_head_flops(self, model: ModelSpec, seqs: int) -> float:
+        return (self.head_share - 1) * model.head_flops(seqs) if self.last else 0.0
 
     def mixed_s(self, model: ModelSpec, profile: Profile, n_dec: int, dec_ctx_sum: float,
                 chunks: list[tuple[int, int]]) -> float:
@@ -664,8 +675,8 @@ class StageModel:
             flops += expert_fill_flops(model, profile, s, e, tokens)
         nbytes, flops = nbytes / self.tp, flops / self.tp
         if self.last:
-            nbytes += model.head_bytes()
-            flops += model.head_flops(n_dec + len(chunks))
+            nbytes += self.head_share * model.head_bytes()
+            flops += self.head_share * model.head_flops(n_dec + len(chunks))
         t = self._slowest(profile, nbytes, flops, tokens, n_dec + len(chunks)) + self.allreduce_s(model, profile, tokens)
         if profile.attention_apart:
             t += max(profile.attention_s(c, kv / self.tp, af / self.tp) for c in self.chips)
@@ -681,13 +692,21 @@ class StageModel:
 
 
 def stage_model(cluster: Cluster, model: ModelSpec, nodes: tuple[str, ...], start: int, end: int, last: bool,
-                index: int = 0) -> StageModel:
+                index: int = 0, head_share: int = 1) -> StageModel:
     """The StageModel of layers [start, end) on `nodes` (one node, or a tensor-parallel group)."""
     tp = len(nodes)
     return StageModel(index=index, nodes=tuple(nodes), chips=tuple(cluster.node(n).chip for n in nodes),
                       start=start, end=end, last=last, tp_links=group_links(cluster, tuple(nodes)),
                       kv_bytes_per_token_node=model.kv_bytes_per_token(start, end) / tp,
-                      weight_bytes_node=stage_memory_bytes(model, start, end, tp))
+                      weight_bytes_node=stage_memory_bytes(model, start, end, tp), head_share=head_share)
+
+
+def head_share(cluster: Cluster, plan: PartitionPlan) -> int:
+    """Most of the plan's ranks pinned to one CPU core (nodes' cpu_core; 1 where none is shared): they all
+    compute the output head at the same time."""
+    cores = [cluster.node(n).cpu_core for st in plan.stages for n in st.nodes]
+    labelled = [c for c in cores if c is not None]
+    return max((labelled.count(c) for c in labelled), default=1)
 
 
 def stage_models(cluster: Cluster, model: ModelSpec, plan: PartitionPlan) -> tuple[StageModel, ...]:
@@ -702,8 +721,8 @@ def stage_models(cluster: Cluster, model: ModelSpec, plan: PartitionPlan) -> tup
     if unknown:
         i, n = unknown[0]
         raise UserError(f"plan stage {i} names node {n!r} which is not in cluster {cluster.name}")
-    k = len(plan.stages)
-    return tuple(stage_model(cluster, model, st.nodes, st.layer_start, st.layer_end, i == k - 1, i)
+    k, share = len(plan.stages), head_share(cluster, plan)
+    return tuple(stage_model(cluster, model, st.nodes, st.layer_start, st.layer_end, i == k - 1, i, share)
                  for i, st in enumerate(plan.stages))
 
 

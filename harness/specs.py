@@ -129,6 +129,7 @@ class Node:
     ssd_gbs: float | None = None   # local SSD read rate; None = the profile's default
     host: str | None = None   # address for real runs
     role: str | None = None
+    cpu_core: str | None = None   # the CPU core a rank is pinned to; ranks naming the same one time-share it
 
     @property
     def usable_bytes(self) -> float:

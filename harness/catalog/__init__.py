@@ -7,9 +7,11 @@ models are HF/mlx-lm config.json files under models/. Cluster files are JSON in 
     {"nodes": [{"name", "ip", "memory_gb", "gpu_cores", "role", "chip"?}], "backend": "ring",
      "network_interface": "...", "use_thunderbolt": true}
   rich:
-    {"name": ..., "nodes": [{"name", "chip", "gpu_cores"?, "memory_gb", "usable_fraction"?, "ssd_gbs"?, "host"?}],
+    {"name": ..., "nodes": [{"name", "chip", "gpu_cores"?, "memory_gb", "usable_fraction"?, "ssd_gbs"?, "host"?,
+                "cpu_core"?}],
     a node's "chip" may also be an object with mem_bw_gbs, fp16_tflops, max_mem_gb (a chip not in the catalog),
     or the node may name "host_profile": a `python -m harness profile-host` file (this machine, measured);
+    "cpu_core" labels the core a rank is pinned to: ranks of one plan naming the same label time-share it;
      "links": [{"a", "b", "kind", "latency_us"?, "bandwidth_gbps"?}], "default_link": "tb4-tcp"}
 
 Pairs without an explicit link get the default link kind (a full mesh, as a switch or Thunderbolt mesh gives).
@@ -150,7 +152,7 @@ def default_usable_fraction(memory_gb: float) -> float:
 CLUSTER_KEYS = ("name", "nodes", "links", "default_link",                          # rich shape
                 "backend", "network_interface", "use_thunderbolt", "ethernet")      # simple shape
 NODE_KEYS = ("name", "chip", "gpu_cores", "memory_gb", "usable_fraction", "ssd_gbs", "host", "host_profile",
-             "ip", "role")
+             "ip", "role", "cpu_core")
 LINK_KEYS = ("a", "b", "kind", "latency_us", "bandwidth_gbps")
 
 
@@ -204,7 +206,7 @@ def _parse_node(raw, i: int, origin: str) -> Node:
     name = raw.get("name") or raw.get("ip") or f"node{i}"
     if not isinstance(name, str):
         raise UserError(f"{where}.name: expected a string, got {shown(name)}")
-    for key in ("host", "ip", "role", "host_profile"):
+    for key in ("host", "ip", "role", "host_profile", "cpu_core"):
         if raw.get(key) is not None:
             of_type(raw[key], str, f"{where}.{key}", "a string")
     if raw.get("chip") is not None and not isinstance(raw["chip"], (str, dict)):
@@ -234,7 +236,7 @@ def _parse_node(raw, i: int, origin: str) -> Node:
     ssd = raw.get("ssd_gbs")
     return Node(name=name, chip=chip, memory_gb=memory, usable_fraction=frac,
                 ssd_gbs=None if ssd is None else finite_positive(ssd, f"{where}.ssd_gbs"),
-                host=raw.get("host") or raw.get("ip"), role=raw.get("role"))
+                host=raw.get("host") or raw.get("ip"), role=raw.get("role"), cpu_core=raw.get("cpu_core"))
 
 
 CHIP_FIELDS = ("mem_bw_gbs", "fp16_tflops", "max_mem_gb")

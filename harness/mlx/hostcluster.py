@@ -2,9 +2,9 @@
 
 Node i runs pipeline stage i (layer order); every node's chip is the `profile-host --ranks N` measurement of one
 rank (its own BLAS threads and core pinning); every pair of ranks is joined by the measured loopback ring link.
-Ranks beyond the core count share cores; the file says so in "_about" and `ranks_per_core` (mlx-lm's pipeline
-runs its stages one after another, so sharing costs little except where every rank works at once: the output
-head after the all_gather).
+Ranks beyond the core count share cores; each node names its pinned core (`cpu_core`). mlx-lm's pipeline runs
+its stages one after another, so sharing costs little except where every rank works at once: the output head
+after the all_gather, which the cost model prices k times over where k ranks share a core (`head_share`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def host_cluster(profile_path: str | Path, ranks: int, name: str | None = None) 
     prof = json.loads(profile_path.read_text())
     memory = math.floor(float(prof["chip"]["max_mem_gb"]) / ranks * 1000) / 1000   # never above the chip's
     nodes = [{"name": node_name(i), "host_profile": profile_path.name, "memory_gb": memory,
-              "usable_fraction": 0.9} for i in range(ranks)]
+              "usable_fraction": 0.9, **_pinned_core(prof, i, ranks)} for i in range(ranks)]
     link = prof.get("link") or {}
     links = [{"a": node_name(i), "b": node_name(j), "kind": "loopback", **_measured(link)}
              for i in range(ranks) for j in range(i + 1, ranks)]
@@ -36,6 +36,13 @@ def host_cluster(profile_path: str | Path, ranks: int, name: str | None = None) 
              f"profile-host --ranks {ranks}; {rank.get('ranks_per_core', 1)} rank(s) per core")
     return {"name": name or f"host-{ranks}ranks", "_about": about, "nodes": nodes, "links": links,
             "default_link": "loopback"}
+
+
+def _pinned_core(prof: dict, rank: int, ranks: int) -> dict:
+    """The core the launcher pins rank `rank` of `ranks` to (one process is not pinned): ranks naming the same
+    core time-share it, which the cost model prices where every rank works at once (the output head)."""
+    cores = int(prof.get("rank", {}).get("cores") or prof.get("host", {}).get("cpus") or 0)
+    return {"cpu_core": f"core{rank % cores}"} if ranks > 1 and cores > 0 else {}
 
 
 def _measured(link: dict) -> dict:

@@ -82,3 +82,32 @@ def test_plan_puts_a_tp_stage_on_the_next_ranks(tmp_path):
         (("rank-stage0", "rank-stage1"), 2, 0, 5), (("rank-stage2",), 1, 5, 8)]
     with pytest.raises(UserError, match="4 ranks, but cluster"):
         host_plan(data, [5, 3], tp=[2, 2])
+
+
+def test_each_rank_names_the_core_the_launcher_pins_it_to(tmp_path):
+    cluster = load_cluster(str(write_host_files(PROFILE, tmp_path, 3)))
+    pinned = [launcher.compute_env(r, 3, None, [0, 1], 2)["HARNESS_CPU_CORE"] for r in range(3)]
+    assert [n.cpu_core for n in cluster.nodes] == [f"core{c}" for c in pinned] == ["core0", "core1", "core0"]
+    assert load_cluster(str(write_host_files(PROFILE, tmp_path / "one", 1))).nodes[0].cpu_core is None
+
+
+def test_three_ranks_on_two_cores_price_the_head_twice(tmp_path):
+    """Every rank computes the output head at once; two of three share core 0, so the last stage pays it twice."""
+    from harness import costmodel
+    from harness.specs import model_from_config
+    from harness.mlx.modelbuild import qwen2_config
+
+    data = json.loads(write_host_files(PROFILE, tmp_path, 3).read_text())
+    cluster, model = load_cluster(str(tmp_path / "cluster-3ranks.json")), model_from_config(qwen2_config("40m"), "40m")
+    tp_pp, pair = host_plan(data, [5, 3], tp=[2, 1]), host_plan(data, [5, 3])
+    assert costmodel.head_share(cluster, tp_pp) == 2 and costmodel.head_share(cluster, pair) == 1
+    shared, alone = costmodel.stage_models(cluster, model, tp_pp)[-1], costmodel.stage_models(cluster, model, pair)[-1]
+    assert shared.head_share == 2 and alone.head_share == 1
+    profile = costmodel.load_profile()
+    with_share, without = shared.decode_terms(model, profile, 3), alone.decode_terms(model, profile, 3)
+    assert with_share.nbytes - without.nbytes == pytest.approx(model.head_bytes())
+    assert with_share.flops - without.flops == pytest.approx(model.head_flops(3))
+    (b2, f2), (b1, f1) = shared.prefill_work(model, 64, 0, 2, profile), alone.prefill_work(model, 64, 0, 2, profile)
+    assert (b2 - b1, f2 - f1) == pytest.approx((model.head_bytes(), model.head_flops(2)))
+    mixed = [st.mixed_s(model, profile, 2, 100.0, [(32, 0)]) for st in (shared, alone)]
+    assert mixed[0] > mixed[1]

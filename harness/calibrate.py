@@ -40,13 +40,14 @@ import numpy as np
 
 from harness import catalog, costmodel
 from harness.costmodel import Profile
-from harness.specs import GIB, Chip, ModelSpec, UserError
+from harness.specs import GIB, Chip, Cluster, Link, ModelSpec, Node, PartitionPlan, Stage, UserError
 
 DATA = Path(__file__).parent / "catalog" / "calibration" / "apple_silicon_single_device_calibration.csv"
 # published M3/M4-era rows (llama.cpp and mlx-lm) found for issue 11; not in the default fit, so the committed
 # fitted.json stays what DATA gives: add them with `calibrate --with-public`
 PUBLIC = DATA.with_name("public_mac_measurements.csv")
-# published multi-Mac runs (nodes, link, strategy columns); data only for now: no catalog config for their models
+# published multi-Mac runs (nodes, link, strategy, concurrency columns): never in the roofline fit; predicted with
+# the planner's own pipeline/tensor-parallel pricing (costmodel.decode_steps_s) and reported apart
 MULTINODE = DATA.with_name("public_mac_multinode.csv")
 
 # published model names -> catalog presets with the same architecture
@@ -58,6 +59,7 @@ MODEL_MAP = {
     # Llama 3.3 70B keeps the Llama 3.1 70B architecture; Qwen3-30B-A3B is the catalog's MoE preset
     "Llama 3.3 70B Instruct": "llama-3.1-70b", "Llama-3.3-70B-Instruct-4bit": "llama-3.1-70b",
     "Qwen3-30B-A3B": "qwen3-30b-a3b", "DeepSeek R1": "deepseek-v3",
+    "GLM-5": "glm-5", "GLM-5.3-Flash": "glm-5.3-flash",
 }
 
 
@@ -102,6 +104,9 @@ class Obs:
     source: str = ""         # first URL of the row's source cell: the unit held out by leave-one-source-out
     nodes: int = 1           # Macs in the run (the single-device tables: 1)
     chunk: int = 0           # the engine's physical prefill batch (n_ubatch) for this row; 0: one forward
+    link: str = ""           # multi-node: the catalog link kind between the Macs (row_link_kind)
+    strategy: str = ""       # multi-node: "pipeline" (one stage a node) or "tensor" (one tensor-parallel group)
+    mem_gb: float = 0.0      # multi-node: each Mac's memory (0: not stated, the chip's largest)
 
     @property
     def step_s(self) -> float:
@@ -128,6 +133,12 @@ def quantized(model: ModelSpec, quant: str, weights_gib: float | None) -> ModelS
     q = quant.lower()
     if q in ("f16", "bf16", "fp16"):
         return model.with_quant(16)
+    if not q.strip() and weights_gib:   # quant not stated, the file size is: its bits per weight, scales included
+        return model.with_quant(round(weights_gib * GIB * 8 / model.total_params, 3))
+    if "mxfp" in q:   # OCP microscaling: one 8-bit (E8M0) scale per block of 32 elements
+        m = re.search(r"mxfp(\d)", q)
+        if m and int(m.group(1)) in (4, 8):
+            return replace(model, quant_bits=int(m.group(1)), group_size=128)   # 8/32 = 32/128 bits a weight
     m = re.search(r"(\d)", q)
     if not m or int(m.group(1)) not in (2, 3, 4, 5, 6, 8):
         return None
@@ -178,32 +189,61 @@ def _load_one(path: Path) -> tuple[list[Obs], list[str]]:
 def _row_obs(line: int, row: dict) -> tuple[list[Obs], str]:
     preset = MODEL_MAP.get(row["model"])
     if preset is None:
+        if "not stated" in row["model"]:
+            return [], "the source does not state the model's size, so no config can price it"
         return [], "no catalog config for this model"
     cores = _int_prefix(row["gpu_cores"])
     try:
         chip = catalog.find_chip(row["chip"], cores)
     except UserError as exc:
         return [], str(exc)
-    # a size may be labelled "(inferred: ...)": its leading number
-    m = re.match(r"\s*(\d+(?:\.\d+)?)", row["weights_gib"] or "")
-    model = quantized(catalog.load_model(preset, 16), row["quant"], float(m.group(1)) if m else None)
+    model = quantized(catalog.load_model(preset, 16), row["quant"], weights_gib(row["weights_gib"]))
     if model is None:
         return [], f"quantization {row['quant']!r} not modelled"
-    batch = int(_num(row["batch"]) or 1)
+    nodes = int(_num(row.get("nodes")) or 1)
+    topology = {}
+    if nodes > 1:
+        strategy = row.get("strategy", "").strip()
+        if strategy not in ("pipeline", "tensor"):
+            return [], f"strategy {strategy!r} not stated as pipeline or tensor"
+        kind = row_link_kind(row.get("link", ""), chip)
+        if kind is None:
+            return [], f"link {row.get('link', '')!r} not stated well enough to name a link kind"
+        topology = dict(nodes=nodes, link=kind, strategy=strategy, mem_gb=_num(_lead(row.get("mem_gb"))) or 0.0)
+    # the multi-node table gives concurrent streams; the single-device tables a batch
+    batch = int(_num(row.get("batch") or row.get("concurrency")) or 1)
     depth = _num(row["context_depth"]) or 0.0
     common = dict(row=line, engine=row["engine"], model_name=row["model"], quant=row["quant"], chip=chip,
                   model=model, batch=batch, confidence=row["confidence"],
                   source=source_key(row["source"]),
-                  chunk=stated_chunk(row["engine"], row.get("engine_version", ""), row.get("notes", "")))
+                  chunk=stated_chunk(row["engine"], row.get("engine_version", ""), row.get("notes", "")), **topology)
     out = []
     prompt, gen = _num(row["prompt_tokens"]), _num(row["gen_tokens"])
     if _num(row["tg_tok_s"]) and gen:
         out.append(Obs(kind="tg", tokens=int(gen), context=depth + gen / 2, published_tok_s=_num(row["tg_tok_s"]),
                        **common))
     if _num(row["pp_tok_s"]) and prompt and batch == 1:
-        out.append(Obs(kind="pp", tokens=int(prompt), context=depth, published_tok_s=_num(row["pp_tok_s"]),
+        # a multi-node row is one run, a prompt then its generation: its context_depth is the prompt's own, so the
+        # prompt starts from depth - prompt (a llama-bench row's pp test starts from the depth)
+        before = max(depth - prompt, 0.0) if "nodes" in row else depth
+        out.append(Obs(kind="pp", tokens=int(prompt), context=before, published_tok_s=_num(row["pp_tok_s"]),
                        **common))
     return out, "" if out else "no prompt/generation length given with the rate"
+
+
+def _lead(text: str | None) -> str:
+    """The leading number of a cell ("80 (assumed)" -> "80")."""
+    m = re.match(r"\s*(\d+(?:\.\d+)?)", text or "")
+    return m.group(1) if m else ""
+
+
+def weights_gib(text: str | None) -> float | None:
+    """A weights cell in GiB: its leading number, read as decimal gigabytes where the cell says "GB" (a size may
+    be labelled "(inferred: ...)")."""
+    lead = _num(_lead(text))
+    if lead is None:
+        return None
+    return lead * 1e9 / GIB if re.search(r"\d\s*GB\b", text or "") else lead
 
 
 # ------------------------------------------------------------------------------------------------ fitting
@@ -423,12 +463,14 @@ def fit_engines(obs: list[Obs], profile: Profile, default: str = costmodel.DEFAU
 
 
 def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = None,
-                terms: tuple[str, ...] = DEFAULT_TERMS) -> Profile:
-    """A Profile fitted to the batch-1 observations; link and SSD figures are kept from `base`. `terms` names
-    the optional terms fitted beside the roofline's (TERMS)."""
+                terms: tuple[str, ...] = DEFAULT_TERMS, exclude_sources: tuple[str, ...] = ()) -> Profile:
+    """A Profile fitted to the single-device batch-1 observations (multi-node rows are never in the roofline
+    fit); link and SSD figures are kept from `base`. `terms` names the optional terms fitted beside the
+    roofline's (TERMS); the transport term's link-only pairs leave out `exclude_sources` (a held-out source)."""
     unknown = set(terms) - set(TERMS)
     if unknown:
         raise UserError(f"unknown calibration term(s) {', '.join(sorted(unknown))}; choose from {', '.join(TERMS)}")
+    obs = [o for o in obs if o.nodes == 1]
     tg = [o for o in obs if o.kind == "tg" and o.batch == 1]
     pp = [o for o in obs if o.kind == "pp"]
     if not tg or not pp:
@@ -482,7 +524,7 @@ def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = No
         profile = replace(profile, engines=fit_engines(obs, profile, moe=engine_moe) if "engine" in terms
                           else {n: {**e, "basis": f"its MoE rows for {', '.join(e)}"} for n, e in engine_moe.items()})
     if "transport" in terms:
-        fit = fit_transport()
+        fit = fit_transport(exclude_sources=exclude_sources)
         if fit["tcp_hop_latencies"] is not None:
             profile = replace(profile, tcp_hop_latencies=fit["tcp_hop_latencies"])
     return profile
@@ -506,13 +548,15 @@ def row_link_kind(text: str, chip: Chip) -> str | None:
     return None
 
 
-def transport_pairs(path: str | Path = MULTINODE) -> list[dict]:
+def transport_pairs(path: str | Path = MULTINODE, exclude_sources: tuple[str, ...] = ()) -> list[dict]:
     """Published pairs that differ only in the link: the same source, model, node count and pipeline, one
     stream. Their per-token time difference is the hops' difference, whatever the model: a pipeline of n
-    nodes makes n hops a token (n - 1 activations forward, the token id back)."""
+    nodes makes n hops a token (n - 1 activations forward, the token id back). Sources in `exclude_sources`
+    (one held out by leave-one-source-out) give no pair."""
     with open(path, newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if _num(r["tg_tok_s"]) and (_num(r["concurrency"]) or 1) == 1
-                and r["strategy"] == "pipeline" and r["confidence"] in ("medium", "high")]
+                and r["strategy"] == "pipeline" and r["confidence"] in ("medium", "high")
+                and source_key(r["source"]) not in exclude_sources]
     kinds = catalog.link_kinds()
     pairs = []
     for i, a in enumerate(rows):
@@ -533,11 +577,11 @@ def transport_pairs(path: str | Path = MULTINODE) -> list[dict]:
     return pairs
 
 
-def fit_transport(path: str | Path = MULTINODE) -> dict:
+def fit_transport(path: str | Path = MULTINODE, exclude_sources: tuple[str, ...] = ()) -> dict:
     """tcp_hop_latencies from the link-only pairs: per hop, t_slow - t_fast = k lat_slow - cost_fast, with
     cost_fast the RDMA latency (or k lat_fast for a TCP fast side); least squares over the pairs. None
     without a usable pair. Also each pair's own k and what the fit implies for a Thunderbolt-bridge TCP hop."""
-    pairs = transport_pairs(path)
+    pairs = transport_pairs(path, exclude_sources)
     ks = []
     for p in pairs:
         per_hop_us = (1.0 / p["slow_tok_s"] - 1.0 / p["fast_tok_s"]) * 1e6 / p["nodes"]
@@ -576,9 +620,54 @@ def generation_table(profile: Profile, obs: list[Obs]) -> dict:
     return out
 
 
+def row_cluster(o: Obs):
+    """A multi-node row's run as the planner prices it: (cluster, stage models). o.nodes Macs of the row's chip,
+    every pair on the row's link kind; pipeline: one stage a Mac, the layers split evenly in ring order (the
+    first stages take the remainder); tensor: one tensor-parallel group of every Mac over all layers."""
+    kind = catalog.link_kinds()[o.link]
+    mem = o.mem_gb or o.chip.max_mem_gb
+    nodes = tuple(Node(f"n{i}", o.chip, mem, catalog.default_usable_fraction(mem)) for i in range(o.nodes))
+    links = tuple(Link(a.name, b.name, o.link, float(kind["latency_us"]), float(kind["bandwidth_gbps"]))
+                  for i, a in enumerate(nodes) for b in nodes[i + 1:])
+    cluster = Cluster(f"{o.nodes}x {o.chip.label} {o.link}", nodes, links)
+    L = o.model.num_layers
+    if o.strategy == "tensor":
+        groups, splits = [tuple(n.name for n in nodes)], [L]
+    else:
+        q, r = divmod(L, o.nodes)
+        groups, splits = [(n.name,) for n in nodes], [q + (i < r) for i in range(o.nodes)]
+    stages, start = [], 0
+    for g, n in zip(groups, splits):
+        stages.append(Stage(nodes=g, layer_start=start, layer_end=start + n, tp_degree=len(g)))
+        start += n
+    plan = PartitionPlan(strategy=o.strategy, objective="latency", cluster=cluster.name, model=o.model.name,
+                         quant_bits=o.model.quant_bits, num_layers=L, stages=tuple(stages))
+    return cluster, costmodel.stage_models(cluster, o.model, plan)
+
+
+def _predict_multinode(o: Obs, profile: Profile) -> float:
+    """Tokens/s of a multi-node row with the planner's pricing. Decode: `batch` concurrent streams split into one
+    micro-batch per stage (fewer with fewer streams); a token round is the longer of one micro-batch's trip
+    through every stage (each step with its outgoing hop) and the bottleneck stage serving every micro-batch
+    (costmodel.pipeline_round_s, as costmodel.concurrent_decode); the aggregate rate is streams / round. Prefill:
+    the prompt through every stage in turn plus its forward hops."""
+    cluster, stages = row_cluster(o)
+    if o.kind == "pp":
+        fwd, _ = costmodel.hop_links(cluster, stages)
+        t = sum(st.prefill_s(o.model, profile, o.tokens, int(o.context)) for st in stages)
+        t += sum(costmodel.link_time(link, o.model.activation_bytes(o.tokens), profile) for link in fwd)
+        return o.tokens / t
+    micro = min(len(stages), o.batch)
+    per_micro = -(-o.batch // micro)
+    steps = costmodel.decode_steps_s(cluster, o.model, stages, profile, per_micro, o.context)
+    return o.batch / costmodel.pipeline_round_s(steps, micro)
+
+
 def predict(o: Obs, profile: Profile) -> float:
     """Predicted tokens/s for an observation, with the cost model's own functions."""
     L, profile = o.model.num_layers, row_profile(o, profile)
+    if o.nodes > 1:
+        return _predict_multinode(o, profile)
     if o.kind == "pp":
         return o.tokens / costmodel.prefill_time(o.chip, profile, o.model, 0, L, o.tokens, int(o.context),
                                                  with_head=True)
@@ -593,7 +682,8 @@ def error_table(obs: list[Obs], profile: Profile) -> list[dict]:
                      "chip": o.chip.label, "batch": o.batch, "tokens": o.tokens, "context": o.context,
                      "published_tok_s": o.published_tok_s, "predicted_tok_s": round(pred, 2),
                      "error_pct": round(100.0 * (pred - o.published_tok_s) / o.published_tok_s, 1),
-                     "fitted": o.batch == 1, "confidence": o.confidence, "source": o.source,
+                     "fitted": o.batch == 1 and o.nodes == 1, "nodes": o.nodes, "link": o.link,
+                     "strategy": o.strategy, "confidence": o.confidence, "source": o.source,
                      **groups(o)})
     return rows
 
@@ -610,13 +700,14 @@ def engine_family(engine: str) -> str:
 def groups(o: Obs) -> dict:
     """The dimensions the leave-one-source-out error is broken down by."""
     return {"engine_family": engine_family(o.engine), "generation": o.chip.name.split()[0],
-            "arch": "MoE" if o.model.moe else "dense", "topology": "single" if o.nodes == 1 else "multi-node"}
+            "arch": "MoE" if o.model.moe else "dense", "topology": "single" if o.nodes == 1 else "multi-node",
+            "plan": "single device" if o.nodes == 1 else f"{o.strategy} x{o.nodes} over {o.link}"}
 
 
 # ------------------------------------------------------------------------------------ leave-one-source-out
 
 BREAKDOWN = (("engine", "engine_family"), ("chip generation", "generation"), ("dense/MoE", "arch"),
-             ("nodes", "topology"))
+             ("nodes", "topology"), ("plan", "plan"))
 
 
 def leave_one_source_out(obs: list[Obs], per_chip: bool = True, base: Profile | None = None,
@@ -633,7 +724,8 @@ def leave_one_source_out(obs: list[Obs], per_chip: bool = True, base: Profile | 
         if not held:
             continue
         try:
-            profile = fit_profile([o for o in obs if o.source != source], per_chip=per_chip, base=base, terms=terms)
+            profile = fit_profile([o for o in obs if o.source != source], per_chip=per_chip, base=base, terms=terms,
+                                  exclude_sources=(source,))
         except UserError as exc:
             notes.append(f"{source}: not held out ({exc})")
             continue

@@ -25,8 +25,10 @@ examples:
 
 Every run also reports leave-one-source-out error: each publication (the first URL of a row's source) is held
 out in turn, the profile is refitted on the others and the held-out rows are predicted; the median |error| is
-broken down by engine, chip generation, dense/MoE and single/multi-node, printed and written under
-fit.leave_one_source_out of the profile JSON."""
+broken down by engine, chip generation, dense/MoE, single/multi-node and plan (strategy x nodes over link),
+printed and written under fit.leave_one_source_out of the profile JSON. The multi-node rows
+(public_mac_multinode.csv) are never in the roofline fit: they are priced as the planner prices a pipeline or
+tensor-parallel group of identical Macs, held out by source, and listed row by row (fit.multinode_rows)."""
 
 
 def add_arguments(p) -> None:
@@ -70,15 +72,22 @@ def run(args) -> int:
     summary = cal.error_summary(table)
     # the global factors do not depend on the per-chip ones: the same profile without them
     summary_global = cal.error_summary(cal.error_table(obs, dataclasses.replace(profile, per_chip={}, per_generation={})))
+    # the multi-node rows are never in the roofline fit: predicted with the planner's pipeline / tensor-parallel
+    # pricing, held out by source like every other row (the transport term, when fitted, leaves their source out)
+    multi, multi_skipped = cal.load_observations([cal.MULTINODE])
+    skipped = skipped + [f"{cal.MULTINODE.name} {s}" for s in multi_skipped]
     # in-sample error flatters the model: each source is also predicted by a fit that never saw it
-    held_rows, held_notes = cal.leave_one_source_out(obs, per_chip=not args.no_per_chip, terms=terms)
+    held_rows, held_notes = cal.leave_one_source_out(obs + multi, per_chip=not args.no_per_chip, terms=terms)
     loso = cal.loso_summary(held_rows, held_notes)
     gens = cal.generation_table(profile, obs) if "generation" in terms else None
     data = cal.profile_json(profile, summary, summary_global, len(skipped), loso, gens)
     data["fit"]["transport"] = cal.fit_transport()   # the published link-only pairs (multi-node rows)
+    held_multi = {(r["line"], r["kind"]): r["predicted_tok_s"] for r in held_rows if r["nodes"] > 1}
+    data["fit"]["multinode_rows"] = [{**r, "held_out_predicted_tok_s": held_multi.get((r["line"], r["kind"]))}
+                                     for r in cal.error_table(multi, profile)]
     if not (args.with_public or args.data):   # the public rows the default fit never sees: a true held-out check
         public, _ = cal.load_observations([cal.PUBLIC])
-        held = [r for r in cal.error_table(public, profile) if r["batch"] == 1]
+        held = [r for r in cal.error_table(public + multi, profile) if r["batch"] == 1]
         data["fit"]["public_rows_never_fitted"] = cal.loso_summary(held, [])
     if args.json:
         json.dump({"profile": data, "rows": table, "held_out_rows": held_rows, "skipped": skipped},
@@ -125,6 +134,7 @@ def render(table: list[dict], data: dict, skipped: list[str] | None) -> str:
         lines.extend(render_loso(data["fit"]["public_rows_never_fitted"],
                                  f"{PUBLIC_NAME} rows, never fitted (newer chips, mlx-lm, MoE; predicted by this "
                                  "fit: theoretical, published: measured):"))
+    lines.extend(render_multinode(data["fit"]["multinode_rows"]))
     lines.extend(render_transport(data["fit"]["transport"], data.get("tcp_hop_latencies")))
     lines.append(f"rows skipped: {data['fit']['rows_skipped']}")
     if skipped:
@@ -155,6 +165,22 @@ def render_loso(loso: dict, title: str = LOSO_TITLE) -> list[str]:
     for title, key in BREAKDOWN + (("source", "source"),):
         lines.extend(line(title, value, m) for value, m in loso[key].items())
     lines.extend(f"  {n}" for n in loso["not_held_out"])
+    return lines
+
+
+def render_multinode(rows: list[dict]) -> list[str]:
+    """Each multi-node row: published, predicted by this fit, and predicted by the fit without its source."""
+    lines = ["", f"{MULTINODE_NAME} rows, never in the roofline fit (published: measured; predicted: theoretical, "
+             "by this fit and by the fit without the row's source):",
+             f"{'line':>4} {'kind':<4} {'model':<14} {'plan':<26} {'B':>3} {'ctx':>7} {'published':>10} "
+             f"{'predicted':>10} {'error':>7} {'held out':>9} {'error':>7}"]
+    for r in rows:
+        held = r["held_out_predicted_tok_s"]
+        cells = (f"{held:>9.2f} {100 * (held - r['published_tok_s']) / r['published_tok_s']:>6.1f}%"
+                 if held is not None else f"{'(B>1)':>9} {'':>7}")
+        lines.append(f"{r['line']:>4} {r['kind']:<4} {r['model'][:14]:<14} {r['plan'][:26]:<26} {r['batch']:>3} "
+                     f"{r['context']:>7.0f} {r['published_tok_s']:>10.2f} {r['predicted_tok_s']:>10.2f} "
+                     f"{r['error_pct']:>6.1f}% {cells}")
     return lines
 
 

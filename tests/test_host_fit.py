@@ -103,3 +103,20 @@ def test_broken_point_folders_name_the_problem(tmp_path):
         fit.expand_point_dirs([tmp_path / "missing"])
     with pytest.raises(UserError, match="--hold-out"):
         fit.parse_hold_out(["speed=1"])
+
+
+
+def test_a_rate_that_never_binds_is_bounded_not_infinite():
+    """Full overlap and the compute side larger in every row (weights in cache): the solve leaves 1/eta_bw at 0,
+    an infinite bandwidth (Infinity in the profile JSON). The data only say it never binds: the slowest such
+    value is kept (never slower than the base), and every fitted row's time is unchanged."""
+    import numpy as np
+    rows = fit.Rows(mem=np.array([0.010, 0.020, 0.004]), comp=np.array([0.002, 0.001, 0.003]),
+                    tokens=np.array([0, 0, 64]), layers=np.array([5, 3, 5]), seqs=np.array([1, 2, 1]),
+                    measured=np.array([0.02, 0.02, 0.03]), prefill=np.array([False, False, True]))
+    best = {"coef": np.array([0.0, 2.0, 0.004, 0.002, 0.0]), "overlap": 1.0, "prefill_ramp_tokens": 0.0}
+    out = fit.bounded_rates(rows, best, fit.base_coefficients(BASE))
+    assert out["coef"][0] == pytest.approx(min(0.002 * 2 / 0.010, 0.001 * 2 / 0.020, 0.003 * 2 / 0.004))
+    assert fit.predict(rows, out["coef"], 0.0, 0.0) == pytest.approx(fit.predict(rows, best["coef"], 0.0, 0.0))
+    partly = {**best, "overlap": 0.5}   # min(mem, comp) is charged: the rate is seen, nothing to bound
+    assert fit.bounded_rates(rows, partly, fit.base_coefficients(BASE)) is partly

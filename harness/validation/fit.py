@@ -206,6 +206,22 @@ def _best_of(rows, overlaps, ramps, mask, base_coef) -> dict:
     return best
 
 
+def bounded_rates(rows: Rows, best: dict, base_coef: np.ndarray) -> dict:
+    """A rate whose roofline side never binds (full overlap, the other side larger in every row) comes out of
+    the solve as 0, i.e. an infinitely fast resource; the data only say it is at least so fast that it never
+    binds. It gets the slowest such value, never slower than the base profile's: the fitted rows' times are
+    unchanged, and a larger model or batch on this host is not priced as free bandwidth."""
+    coef, comp = best["coef"].copy(), ramped(rows, best["prefill_ramp_tokens"])
+    if best["overlap"] < 1.0:   # min(mem, comp) is charged: both sides are seen
+        return best
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if coef[0] == 0 and coef[1] > 0:
+            coef[0] = min(base_coef[0], float(np.min(np.where(rows.mem > 0, comp * coef[1] / rows.mem, np.inf))))
+        if coef[1] == 0 and coef[0] > 0:
+            coef[1] = min(base_coef[1], float(np.min(np.where(comp > 0, rows.mem * coef[0] / comp, np.inf))))
+    return {**best, "coef": coef}
+
+
 # ----------------------------------------------------------------------------------------------- profile
 def fitted_profile(base: Profile, best: dict, chips: set[str], source: str) -> Profile:
     """The base profile with the fitted terms; per-chip overrides of the fitted chips dropped (they would hide
@@ -231,7 +247,7 @@ def fit_host_profile(samples, base: Profile, names: list[str] | None = None,
         raise UserError("fit_host_profile needs at least one (steps, plan, model, cluster) sample")
     rows = concat_rows([sample_rows(s, p, m, c, base) for s, p, m, c in samples])
     free = free_terms(rows)
-    best = grid_search(rows, base, free)
+    best = bounded_rates(rows, grid_search(rows, base, free), base_coefficients(base))
     chips = {n.chip.name for _, _, _, c in samples for n in c.nodes}
     profile = replace(fitted_profile(base, best, chips, source), iteration_gap_s=_sig(iteration_gap_s(samples)))
     names = names or [f"sample {i}" for i in range(len(samples))]

@@ -23,7 +23,9 @@ Fit (closed-form weighted least squares on relative error, no optimiser dependen
    the M2 family reaches 0.92-0.95 of peak, the M1 family 0.75-0.90; prefill compute efficiency does not group
    by generation, 0.61-0.69 in both, so it stays global); generations without rows are flagged as estimated;
 7. engines: for each engine with rows of its own besides the default (mlx-lm), its per-step cost over the
-   profile's (engines.<name>.step_overhead_s, non-negative) and its prefill chunk.
+   profile's (engines.<name>.step_overhead_s, non-negative) and its prefill chunk; an engine seen only on
+   clusters (exo) gets its per-step cost from its multi-node rows (one stream, zero depth, priced links), paid
+   once per stage per engine step, the roofline fixed (fit_multinode_engine).
 Rows with batch > 1 are not fitted; they are reported as a check of batched-decode scaling.
 Then every row is predicted with harness.costmodel itself and the error is reported.
 """
@@ -463,13 +465,17 @@ def fit_engines(obs: list[Obs], profile: Profile, default: str = costmodel.DEFAU
 
 
 def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = None,
-                terms: tuple[str, ...] = DEFAULT_TERMS, exclude_sources: tuple[str, ...] = ()) -> Profile:
+                terms: tuple[str, ...] = DEFAULT_TERMS, exclude_sources: tuple[str, ...] = (),
+                multinode_engines: bool = True) -> Profile:
     """A Profile fitted to the single-device batch-1 observations (multi-node rows are never in the roofline
     fit); link and SSD figures are kept from `base`. `terms` names the optional terms fitted beside the
-    roofline's (TERMS); the transport term's link-only pairs leave out `exclude_sources` (a held-out source)."""
+    roofline's (TERMS); the transport term's link-only pairs leave out `exclude_sources` (a held-out source).
+    With the engine term, an engine whose only rows are multi-node (exo) gets its per-step cost from those rows
+    in `obs` (fit_multinode_engine; multinode_engines=False leaves it out, for the before/after report)."""
     unknown = set(terms) - set(TERMS)
     if unknown:
         raise UserError(f"unknown calibration term(s) {', '.join(sorted(unknown))}; choose from {', '.join(TERMS)}")
+    multi = [o for o in obs if o.nodes > 1 and o.source not in exclude_sources]
     obs = [o for o in obs if o.nodes == 1]
     tg = [o for o in obs if o.kind == "tg" and o.batch == 1]
     pp = [o for o in obs if o.kind == "pp"]
@@ -527,8 +533,92 @@ def fit_profile(obs: list[Obs], per_chip: bool = True, base: Profile | None = No
         fit = fit_transport(exclude_sources=exclude_sources)
         if fit["tcp_hop_latencies"] is not None:
             profile = replace(profile, tcp_hop_latencies=fit["tcp_hop_latencies"])
+    if "engine" in terms and multinode_engines:   # after transport: a TCP row is usable once its hops are priced
+        engines = dict(profile.engines)
+        for name in multinode_engine_names(multi, profile):
+            fit = fit_multinode_engine(multi, profile, name, tcp_priced="transport" in terms)
+            if fit is not None:
+                engines[name] = {**engines.get(name, {}), "step_overhead_s": fit["step_overhead_s"],
+                                 "basis": fit["basis"]}
+        profile = replace(profile, engines=engines)
     return profile
 
+
+# ------------------------------------------------------------------------------ multi-node: an engine's step cost
+
+def multinode_engine_names(multi: list[Obs], profile: Profile) -> list[str]:
+    """Engines of the multi-node rows whose per-step cost no single-device row fits: not the default engine (its
+    step cost is the profile's own, fitted on single devices) and no engines entry with a fitted step cost."""
+    return sorted(n for n in {profile_engine(o.engine) for o in multi} - {costmodel.DEFAULT_ENGINE}
+                  if "step_overhead_s" not in profile.engines.get(n, {}))
+
+
+def multinode_step_rows(multi: list[Obs], name: str, tcp_priced: bool = False) -> list[Obs]:
+    """The multi-node rows of engine `name` its per-step cost is fitted on: one stream's decode (batched rows are
+    checks, as on single devices) with nothing cached before the generation (the cost is the intercept at zero
+    depth: a deep context's attention, which the roofline under-prices, is not the engine's), over links whose
+    hops the profile prices: RDMA (the verbs latency) always, TCP only with a fitted tcp_hop_latencies
+    (`tcp_priced`; otherwise a Wi-Fi hop's unpriced waits would be read as the engine's cost)."""
+    return [o for o in multi if o.kind == "tg" and o.batch == 1 and profile_engine(o.engine) == name
+            and o.context - o.tokens / 2 <= 0.5
+            and (tcp_priced or all(costmodel.link_transport(link) == "rdma" for link in row_cluster(o)[0].links))]
+
+
+def fit_multinode_engine(multi: list[Obs], profile: Profile, name: str, tcp_priced: bool = False) -> dict | None:
+    """Engine `name`'s step_overhead_s from its multi-node rows (multinode_step_rows), the profile fixed: the
+    cost model charges step_overhead_s once per stage per engine step (Profile.overhead inside every
+    StageModel step; a tensor-parallel group is one stage stepping in lockstep), so a one-stream token of a
+    k-stage plan pays it k times: t = t_model + k x extra, extra by least squares on relative error (>= 0) and
+    step_overhead_s = the profile's own + extra. None without a usable row. With the rows and sources it came
+    from (its provenance) and each row's own per-stage residual."""
+    rows = multinode_step_rows(multi, name, tcp_priced)
+    if not rows:
+        return None
+    own = profile.step_overhead_s
+    base = replace(profile, engines={**profile.engines, name: {**profile.engines.get(name, {}), "step_overhead_s": own}})
+    t = np.array([o.step_s for o in rows])
+    pred = np.array([o.batch / predict(o, base) for o in rows])
+    k = np.array([len(row_cluster(o)[1]) for o in rows], dtype=float)   # stages a token crosses
+    w = 1.0 / t
+    extra = max(float(np.sum((t - pred) * k * w * w) / np.sum((k * w) ** 2)), 0.0)
+    step = round(own + extra, 6)
+    sources = sorted({o.source for o in rows})
+    lines = ", ".join(str(o.row) for o in rows)
+    short = ", ".join(s.replace("https://github.com/", "") for s in sources)
+    return {"engine": name, "step_overhead_s": step, "rows": [
+                {"line": o.row, "source": o.source, "plan": groups(o)["plan"], "stages": int(n),
+                 "published_tok_s": o.published_tok_s, "residual_ms_per_stage": round(float(1e3 * (ti - pi) / n), 2)}
+                for o, ti, pi, n in zip(rows, t, pred, k)],
+            "sources": sources,
+            "basis": f"step_overhead_s fitted on {len(rows)} multi-node decode rows of {name} ({MULTINODE.name} "
+                     f"lines {lines}; {short}): one stream, nothing cached before the generation, "
+                     f"{'RDMA or priced TCP' if tcp_priced else 'RDMA'} links; paid once per stage per engine "
+                     "step (a tensor-parallel group is one stage)"}
+
+
+
+def multinode_engine_fits(obs: list[Obs], multi: list[Obs], terms: tuple[str, ...] = DEFAULT_TERMS,
+                          per_chip: bool = True) -> dict:
+    """Provenance of each engine step cost fitted on multi-node rows (fit_multinode_engine): the value the profile
+    fitted on `obs` + `multi` carries, with its rows and sources, and the value each leave-one-source-out fit
+    used (fitted on the other sources' multi-node rows only)."""
+    out = {"method": "t = t_model + stages x extra on one-stream decode rows at zero depth over RDMA (or priced "
+                     "TCP) links, least squares on relative error; step_overhead_s = the profile's own + extra, "
+                     "paid once per stage per engine step", "engines": {}}
+    if "engine" not in terms:
+        return out
+    base = fit_profile(obs + multi, per_chip=per_chip, terms=terms, multinode_engines=False)
+    for name in multinode_engine_names(multi, base):
+        fit = fit_multinode_engine(multi, base, name, tcp_priced="transport" in terms)
+        if fit is None:
+            continue
+        held = {}
+        for source in sorted({o.source for o in multi}):
+            rest = fit_profile([o for o in obs + multi if o.source != source], per_chip=per_chip, terms=terms,
+                               exclude_sources=(source,))
+            held[source] = rest.engines.get(name, {}).get("step_overhead_s")
+        out["engines"][name] = {**fit, "held_out_step_overhead_s": held}
+    return out
 
 # ------------------------------------------------------------------------------------ multi-node: transports
 
@@ -711,21 +801,23 @@ BREAKDOWN = (("engine", "engine_family"), ("chip generation", "generation"), ("d
 
 
 def leave_one_source_out(obs: list[Obs], per_chip: bool = True, base: Profile | None = None,
-                         terms: tuple[str, ...] = DEFAULT_TERMS) -> tuple[list[dict], list[str]]:
+                         terms: tuple[str, ...] = DEFAULT_TERMS, multinode_engines: bool = True,
+                         sources: set[str] | None = None) -> tuple[list[dict], list[str]]:
     """Each source held out in turn: refit on every other source, predict the held-out batch-1 rows.
 
     A source is one publication (its first URL), so rows sharing a methodology are held out together and
     the error says how the model does on a publication it has not seen. Sources whose removal leaves no
-    decode or no prefill row to fit are listed as not held out.
+    decode or no prefill row to fit are listed as not held out. `sources`: hold out only these (all: None);
+    multinode_engines=False: the fits without the multi-node engine step cost (fit_profile).
     """
     rows, notes = [], []
-    for source in sorted({o.source for o in obs}):
+    for source in sorted({o.source for o in obs} if sources is None else set(sources)):
         held = [o for o in obs if o.source == source and o.batch == 1]
         if not held:
             continue
         try:
             profile = fit_profile([o for o in obs if o.source != source], per_chip=per_chip, base=base, terms=terms,
-                                  exclude_sources=(source,))
+                                  exclude_sources=(source,), multinode_engines=multinode_engines)
         except UserError as exc:
             notes.append(f"{source}: not held out ({exc})")
             continue

@@ -95,10 +95,15 @@ def test_transport_term_leaves_a_held_out_source_out():
     assert cal.fit_profile(single, terms=terms, exclude_sources=(EXO_2295,)).tcp_hop_latencies == 1.0
 
 
-def test_multinode_rows_stay_out_of_the_fit():
+def test_multinode_rows_stay_out_of_the_roofline_fit():
     single, _ = cal.load_observations([cal.DATA])
     multi, _ = cal.load_observations(cal.MULTINODE)
-    assert cal.fit_profile(single + multi) == cal.fit_profile(single)
+    assert cal.fit_profile(single + multi, multinode_engines=False) == cal.fit_profile(single)
+    # they fit only the step cost of the engine seen on clusters alone (exo): one new engines entry
+    both = cal.fit_profile(single + multi)
+    assert set(both.engines) - set(cal.fit_profile(single).engines) == {"exo"}
+    assert dataclasses.replace(both, engines={k: v for k, v in both.engines.items() if k != "exo"}) == \
+        cal.fit_profile(single)
 
 
 def test_cli_prints_and_writes_the_multinode_breakdown(capsys, tmp_path):
@@ -106,6 +111,8 @@ def test_cli_prints_and_writes_the_multinode_breakdown(capsys, tmp_path):
     assert main(["calibrate", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "multi-node" in text and "public_mac_multinode.csv rows" in text
+    assert "multi-node leave-one-source-out median |error|, before -> after the engine step cost: decode 35.2 % " \
+           "-> 16.0 % (7 rows)" in text
     fit = json.loads(out.read_text())["fit"]
     multi = fit["leave_one_source_out"]["topology"]["multi-node"]
     assert multi["decode_rows"] == 7 and multi["decode_median_abs_error_pct"] is not None
@@ -113,3 +120,5 @@ def test_cli_prints_and_writes_the_multinode_breakdown(capsys, tmp_path):
     rows = fit["multinode_rows"]
     assert len(rows) == 12 and all(r["nodes"] > 1 for r in rows)
     assert all((r["held_out_predicted_tok_s"] is None) == (r["batch"] > 1) for r in rows)
+    assert all((r["held_out_without_engine_step_tok_s"] is None) == (r["batch"] > 1) for r in rows)
+    assert fit["multinode_engines"]["leave_one_source_out"]["before"]["decode_median_abs_error_pct"] == 35.2

@@ -28,7 +28,11 @@ out in turn, the profile is refitted on the others and the held-out rows are pre
 broken down by engine, chip generation, dense/MoE, single/multi-node and plan (strategy x nodes over link),
 printed and written under fit.leave_one_source_out of the profile JSON. The multi-node rows
 (public_mac_multinode.csv) are never in the roofline fit: they are priced as the planner prices a pipeline or
-tensor-parallel group of identical Macs, held out by source, and listed row by row (fit.multinode_rows)."""
+tensor-parallel group of identical Macs, held out by source, and listed row by row (fit.multinode_rows). They fit
+one term only: the per-step cost of an engine seen only on clusters (exo: engines.exo.step_overhead_s, paid once
+per stage per engine step), from its one-stream zero-depth rows over RDMA (and TCP with the transport term); the
+table shows each row held out before and after it, and fit.multinode_engines its rows, sources and the value each
+held-out fit used."""
 
 
 def add_arguments(p) -> None:
@@ -64,7 +68,12 @@ def run(args) -> int:
     paths = list(args.data or [cal.DATA]) + ([cal.PUBLIC] if args.with_public else [])
     terms = cal.DEFAULT_TERMS if args.terms is None else tuple(t.strip() for t in args.terms.split(",") if t.strip())
     obs, skipped = cal.load_observations(paths)
-    profile = cal.fit_profile(obs, per_chip=not args.no_per_chip, terms=terms)
+    # the multi-node rows are never in the roofline fit: predicted with the planner's pipeline / tensor-parallel
+    # pricing, held out by source like every other row (the transport term, when fitted, leaves their source out);
+    # an engine seen only on clusters (exo) gets its per-step cost from them (the engine term)
+    multi, multi_skipped = cal.load_observations([cal.MULTINODE])
+    skipped = skipped + [f"{cal.MULTINODE.name} {s}" for s in multi_skipped]
+    profile = cal.fit_profile(obs + multi, per_chip=not args.no_per_chip, terms=terms)
     if len(paths) > 1 or args.data:
         names = ", ".join(str(p) for p in paths)
         profile = dataclasses.replace(profile, source=f"fitted: python -m harness calibrate on {names}")
@@ -72,10 +81,6 @@ def run(args) -> int:
     summary = cal.error_summary(table)
     # the global factors do not depend on the per-chip ones: the same profile without them
     summary_global = cal.error_summary(cal.error_table(obs, dataclasses.replace(profile, per_chip={}, per_generation={})))
-    # the multi-node rows are never in the roofline fit: predicted with the planner's pipeline / tensor-parallel
-    # pricing, held out by source like every other row (the transport term, when fitted, leaves their source out)
-    multi, multi_skipped = cal.load_observations([cal.MULTINODE])
-    skipped = skipped + [f"{cal.MULTINODE.name} {s}" for s in multi_skipped]
     # in-sample error flatters the model: each source is also predicted by a fit that never saw it
     held_rows, held_notes = cal.leave_one_source_out(obs + multi, per_chip=not args.no_per_chip, terms=terms)
     loso = cal.loso_summary(held_rows, held_notes)
@@ -83,11 +88,22 @@ def run(args) -> int:
     data = cal.profile_json(profile, summary, summary_global, len(skipped), loso, gens)
     data["fit"]["transport"] = cal.fit_transport()   # the published link-only pairs (multi-node rows)
     held_multi = {(r["line"], r["kind"]): r["predicted_tok_s"] for r in held_rows if r["nodes"] > 1}
-    data["fit"]["multinode_rows"] = [{**r, "held_out_predicted_tok_s": held_multi.get((r["line"], r["kind"]))}
+    # before/after the multi-node engine step cost: the same held-out fits without it (only the multi-node sources)
+    without, _ = cal.leave_one_source_out(obs + multi, per_chip=not args.no_per_chip, terms=terms,
+                                          multinode_engines=False, sources={o.source for o in multi})
+    held_without = {(r["line"], r["kind"]): r["predicted_tok_s"] for r in without if r["nodes"] > 1}
+    data["fit"]["multinode_rows"] = [{**r, "held_out_predicted_tok_s": held_multi.get((r["line"], r["kind"])),
+                                      "held_out_without_engine_step_tok_s": held_without.get((r["line"], r["kind"]))}
                                      for r in cal.error_table(multi, profile)]
+    data["fit"]["multinode_engines"] = cal.multinode_engine_fits(obs, multi, terms, not args.no_per_chip)
+    data["fit"]["multinode_engines"]["leave_one_source_out"] = {
+        "before": cal._medians([r for r in without if r["nodes"] > 1]),
+        "after": cal._medians([r for r in held_rows if r["nodes"] > 1])}
     if not (args.with_public or args.data):   # the public rows the default fit never sees: a true held-out check
         public, _ = cal.load_observations([cal.PUBLIC])
-        held = [r for r in cal.error_table(public + multi, profile) if r["batch"] == 1]
+        # the multi-node rows now fit the exo step cost: theirs are the held-out predictions, not this fit's
+        held = [r for r in cal.error_table(public, profile) if r["batch"] == 1] + \
+            [r for r in held_rows if r["nodes"] > 1]
         data["fit"]["public_rows_never_fitted"] = cal.loso_summary(held, [])
     if args.json:
         json.dump({"profile": data, "rows": table, "held_out_rows": held_rows, "skipped": skipped},
@@ -134,7 +150,7 @@ def render(table: list[dict], data: dict, skipped: list[str] | None) -> str:
         lines.extend(render_loso(data["fit"]["public_rows_never_fitted"],
                                  f"{PUBLIC_NAME} rows, never fitted (newer chips, mlx-lm, MoE; predicted by this "
                                  "fit: theoretical, published: measured):"))
-    lines.extend(render_multinode(data["fit"]["multinode_rows"]))
+    lines.extend(render_multinode(data["fit"]["multinode_rows"], data["fit"].get("multinode_engines")))
     lines.extend(render_transport(data["fit"]["transport"], data.get("tcp_hop_latencies")))
     lines.append(f"rows skipped: {data['fit']['rows_skipped']}")
     if skipped:
@@ -168,19 +184,46 @@ def render_loso(loso: dict, title: str = LOSO_TITLE) -> list[str]:
     return lines
 
 
-def render_multinode(rows: list[dict]) -> list[str]:
-    """Each multi-node row: published, predicted by this fit, and predicted by the fit without its source."""
+def render_multinode(rows: list[dict], engines: dict | None = None) -> list[str]:
+    """Each multi-node row: published, predicted by this fit, and predicted by the fit without its source, with
+    and without the engine step cost fitted on multi-node rows (before/after); then that term's provenance and the
+    held-out median |error| before and after it."""
     lines = ["", f"{MULTINODE_NAME} rows, never in the roofline fit (published: measured; predicted: theoretical, "
-             "by this fit and by the fit without the row's source):",
+             "by this fit and by the fit without the row's source, before and after the engine step cost "
+             "fitted on multi-node rows):",
              f"{'line':>4} {'kind':<4} {'model':<14} {'plan':<26} {'B':>3} {'ctx':>7} {'published':>10} "
-             f"{'predicted':>10} {'error':>7} {'held out':>9} {'error':>7}"]
+             f"{'predicted':>10} {'error':>7} {'held out':>9} {'before':>7} {'held out':>9} {'after':>7}"]
+
+    def held(value, published) -> str:
+        if value is None:
+            return f"{'(B>1)':>9} {'':>7}"
+        return f"{value:>9.2f} {100 * (value - published) / published:>6.1f}%"
+
     for r in rows:
-        held = r["held_out_predicted_tok_s"]
-        cells = (f"{held:>9.2f} {100 * (held - r['published_tok_s']) / r['published_tok_s']:>6.1f}%"
-                 if held is not None else f"{'(B>1)':>9} {'':>7}")
+        pub = r["published_tok_s"]
         lines.append(f"{r['line']:>4} {r['kind']:<4} {r['model'][:14]:<14} {r['plan'][:26]:<26} {r['batch']:>3} "
-                     f"{r['context']:>7.0f} {r['published_tok_s']:>10.2f} {r['predicted_tok_s']:>10.2f} "
-                     f"{r['error_pct']:>6.1f}% {cells}")
+                     f"{r['context']:>7.0f} {pub:>10.2f} {r['predicted_tok_s']:>10.2f} {r['error_pct']:>6.1f}% "
+                     f"{held(r.get('held_out_without_engine_step_tok_s'), pub)} "
+                     f"{held(r['held_out_predicted_tok_s'], pub)}")
+    if not engines:
+        return lines
+    for name, fit in engines.get("engines", {}).items():
+        used = ", ".join(f"{s.replace('https://github.com/', '')} {1e3 * v:.2f} ms" if v is not None else
+                         f"{s.replace('https://github.com/', '')} none"
+                         for s, v in fit["held_out_step_overhead_s"].items())
+        lines.append(f"  engine {name} step_overhead_s={fit['step_overhead_s']} per stage per step, from lines "
+                     f"{', '.join(str(r['line']) for r in fit['rows'])} (residual ms per stage: "
+                     f"{', '.join(str(r['residual_ms_per_stage']) for r in fit['rows'])}); "
+                     f"held out, fitted on the other source: {used}")
+    loso = engines.get("leave_one_source_out")
+    if loso:
+        def med(m, label):
+            v = m[f"{label}_median_abs_error_pct"]
+            return "-" if v is None else f"{v:.1f} %"
+        b, a = loso["before"], loso["after"]
+        lines.append(f"  multi-node leave-one-source-out median |error|, before -> after the engine step cost: "
+                     f"decode {med(b, 'decode')} -> {med(a, 'decode')} ({a['decode_rows']} rows), "
+                     f"prefill {med(b, 'prefill')} -> {med(a, 'prefill')} ({a['prefill_rows']} rows)")
     return lines
 
 

@@ -649,13 +649,17 @@ class Engine:
         return int(self.prompt[s] + self.generated[s] - self.computed[s])
 
     def _batchgen_durs(self, n_dec: int, ctx_sum: float, chunks: list) -> list[float]:
-        """Every stage's time in one mlx-lm iteration: its decode, prefill and join forwards one after another."""
+        """Every stage's time in one mlx-lm iteration: its decode, prefill and join forwards one after another.
+        A join forward is one new token per sequence over its cached prompt: a decode forward, priced as one (the
+        prefill compute ramp, fitted on prompt chunks, does not reach down to one token)."""
         k = self._join_count
         durs = self._decode_durs(n_dec, ctx_sum) if n_dec else [0.0] * len(self.stages)
-        for group in (chunks[:len(chunks) - k], chunks[len(chunks) - k:]):
-            if group:
-                pairs = [(t, c) for _, t, c in group]
-                durs = [d + st.mixed_s(self.model, self.profile, 0, 0.0, pairs) for d, st in zip(durs, self.stages)]
+        prompts, joins = chunks[:len(chunks) - k], chunks[len(chunks) - k:]
+        if prompts:
+            pairs = [(t, c) for _, t, c in prompts]
+            durs = [d + st.mixed_s(self.model, self.profile, 0, 0.0, pairs) for d, st in zip(durs, self.stages)]
+        if joins:
+            durs = [d + j for d, j in zip(durs, self._decode_durs(len(joins), sum(c + 1 for _, _, c in joins)))]
         return durs
 
     def _grow_running(self, sc: _Sched) -> np.ndarray:

@@ -6,7 +6,7 @@ import pytest
 
 from harness.specs import UserError
 from sim import EngineConfig
-from tests.sim.conftest import make_cluster, make_plan
+from tests.sim.conftest import make_cluster, make_plan, make_profile
 from tests.sim.test_sim_engine import chunk_times, one_request, run
 
 L, OUT = 300, 6
@@ -21,14 +21,18 @@ def stage(cl, model, plan):
     return stage_models(cl, model, plan)
 
 
-def test_lone_request_prefill_then_join_then_first_token(llama7b, profile):
+@pytest.mark.parametrize("ramp", [0.0, 32.0])
+def test_lone_request_prefill_then_join_then_first_token(llama7b, ramp):
+    profile = make_profile(prefill_ramp_tokens=ramp)   # the ramp must not reach the one-token join
     cl = make_cluster(1)
     plan = make_plan(llama7b, [("n0",)], [32])
     (st,) = stage(cl, llama7b, plan)
     res = run(cl, llama7b, plan, profile, one_request(L, OUT), **mlx())
     row = res.requests.to_pylist()[0]
-    # iteration A prefills all but the last token; B runs the last token alone; C's decode hands out token 1
-    expected = (st.prefill_s(llama7b, profile, L - 1, 0) + st.prefill_s(llama7b, profile, 1, L - 1)
+    # iteration A prefills all but the last token; B runs the last token alone, a decode forward over the L - 1
+    # cached tokens and itself (the real join rows cost 1.1-1.2x a batch-1 decode, far from a 1-token prefill
+    # chunk with the GEMM ramp); C's decode hands out token 1
+    expected = (st.prefill_s(llama7b, profile, L - 1, 0) + st.decode_s(llama7b, profile, 1, L)
                 + st.decode_s(llama7b, profile, 1, L + 1))
     assert row["first_token_s"] - row["start_s"] == pytest.approx(expected, rel=1e-12)
     gaps = [st.decode_s(llama7b, profile, 1, L + 1 + k) for k in range(1, OUT)]

@@ -10,9 +10,16 @@ chat-chunk JSON (64 tokens, pre-rendered, no validation, no middleware) on 127.0
    engine, where coalescing cannot help), a small raw-socket client timestamping every read of 1, 16 and 64
    concurrent streams; the p50 and p99 gap between consecutive token events, ours over the floor's.
 
+3. the sim backend's streams with their `ready()` (base.ReadyEvents: every token the engine has emitted goes
+   out in one write) against the same streams with it hidden (one write per token, as before it had one), both
+   `harness serve`'s backend and server (llama-3.1-8b on seed-64gb, ~22 ms a simulated decode step), at each
+   --sim-speeds speed (virtual seconds per wall second; at 10^4 a step is ~2 us of wall time, tokens as good as
+   all ready): HTTP writes per stream from a raw-socket client and `wrk` req/s, with over without.
+
 Every figure is measured; with 2 shared cores they are noisy, so compare only the ratios.
 
     python benchmarks/server_vs_bare.py [--duration 5] [--connections 1,16,64] [--interval-ms 10]
+                                        [--parts 1,2,3] [--sim-speeds 100,10000]
 
 `wrk` must be on PATH (apt-get install -y wrk).
 """
@@ -36,11 +43,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 64
 BODY = {"model": "instant", "stream": True, "max_tokens": TOKENS,
         "messages": [{"role": "user", "content": "hello there"}]}
-WRK_LUA = f"""wrk.method = "POST"
+SIM_PLAN = ["--cluster", "seed-64gb", "--model", "llama-3.1-8b", "--strategy", "uniform"]
+SIM_BODY = {**BODY, "model": "llama-3.1-8b", "ignore_eos": True}
+
+
+def _wrk_lua(body: dict) -> str:
+    return f"""wrk.method = "POST"
 wrk.path = "/v1/chat/completions"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{json.dumps(BODY)}'
+wrk.body = '{json.dumps(body)}'
 """
+
+
+WRK_LUA = _wrk_lua(BODY)
 
 
 def _chunk(text: str, finish) -> bytes:
@@ -94,10 +109,46 @@ def _wait_port(port: int, timeout_s: float = 30.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
 
 
-def _start(kind: str, port: int, interval_ms: float = 0.0) -> subprocess.Popen:
-    """kind: "ours", "bare" (one write per token) or "bare-1w" (one write per stream)."""
+class _NoReady:
+    """A stream with its optional `ready` hidden: what the server does with a backend that has none."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        return self.stream.__anext__()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def serve_sim(port: int, speed: float, ready: bool) -> None:
+    """`harness serve --backend sim` (its arguments, backend and server), with the streams' `ready` hidden
+    unless `ready`: both sides of part 3 start here, so they differ in that alone."""
+    from harness.commands import serve
+    p = argparse.ArgumentParser()
+    serve.add_arguments(p)
+    args = p.parse_args(["--backend", "sim", *SIM_PLAN, "--speed", str(speed), "--port", str(port)])
+    backend = serve.build_backend(args)
+    if not ready:
+        generate = backend.generate
+        backend.generate = lambda request: _NoReady(generate(request))
+    from harness.serving.server import serve_forever
+    serve_forever(backend, host="127.0.0.1", port=port, limits=serve.limits_from_args(args), log_level="warning")
+
+
+def _start(kind: str, port: int, interval_ms: float = 0.0, sim_speed: float = 1.0) -> subprocess.Popen:
+    """kind: "ours", "bare" (one write per token), "bare-1w" (one write per stream), "sim" or "sim-plain"
+    (the sim backend with and without its streams' ready())."""
     env = dict(os.environ)
-    if kind == "ours":
+    if kind.startswith("sim"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-sim", str(port), "--speed", str(sim_speed)]
+        if kind == "sim-plain":
+            cmd.append("--no-ready")
+    elif kind == "ours":
         cmd = [sys.executable, "-m", "harness", "serve", "--backend", "instant", "--port", str(port),
                "--token-interval-ms", str(interval_ms)]
     else:
@@ -187,10 +238,70 @@ def _latency(ports: dict, conns: list[int], args) -> None:
               f"{p99['bare'] * 1e3:>8.2f} {p99['ours'] / p99['bare']:>13.2f}")
 
 
-def _serving(kinds: list[str], interval_ms: float = 0.0):
+async def _count_writes(port: int, body: dict, requests: int, writes: list[int], tokens: list[int]) -> None:
+    """Sends `requests` streaming requests one after another on one kept-alive connection; appends each one's
+    count of HTTP chunks (one per server write) and of token events."""
+    payload = json.dumps(body).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for _ in range(requests):
+            writer.write(request)
+            await reader.readuntil(b"\r\n\r\n")          # the response head (chunked: SSE)
+            chunks = events = 0
+            while True:
+                size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+                data = await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                chunks += 1
+                events += data.count(b'"finish_reason":')
+            writes.append(chunks)
+            tokens.append(events)
+    finally:
+        writer.close()
+
+
+def _writes_per_stream(port: int, body: dict, streams: int, requests_per_stream: int) -> tuple[float, float]:
+    writes: list[int] = []
+    tokens: list[int] = []
+
+    async def run():
+        await asyncio.gather(*(_count_writes(port, body, requests_per_stream, writes, tokens)
+                               for _ in range(streams)))
+    asyncio.run(run())
+    return statistics.mean(writes), statistics.mean(tokens)
+
+
+def _sim_ready(conns: list[int], args, speed: float, lua: str) -> None:
+    ports, procs = _serving(["sim", "sim-plain"], sim_speed=speed)
+    try:
+        print(f"\n3. sim backend at speed {speed:g} (virtual seconds per wall second), {TOKENS}-token streams: "
+              f"ready() vs hidden (one write per token); HTTP writes per stream "
+              f"({args.paced_requests} streams per connection), median req/s of {args.repeat} wrk runs of "
+              f"{args.duration} s")
+        print(f"{'conns':>5} {'tokens':>6} {'writes':>7} {'w/o':>7} {'w/o:with':>8} {'req/s':>7} {'w/o':>7} "
+              f"{'with/w/o':>8}")
+        for c in conns:
+            (w_ready, tok), (w_plain, tok_plain) = (_writes_per_stream(ports[k], SIM_BODY, c, args.paced_requests)
+                                                    for k in ("sim", "sim-plain"))
+            assert tok == tok_plain == TOKENS, (tok, tok_plain)
+            runs = {k: [] for k in ports}
+            for _ in range(args.repeat):   # alternate, so a noisy neighbour hits both alike
+                for k, port in ports.items():
+                    runs[k].append(wrk_rps(port, c, args.duration, lua))
+            rps = {k: statistics.median(v) for k, v in runs.items()}
+            print(f"{c:>5} {tok:>6.0f} {w_ready:>7.1f} {w_plain:>7.1f} {w_plain / w_ready:>8.1f} "
+                  f"{rps['sim']:>7.0f} {rps['sim-plain']:>7.0f} {rps['sim'] / rps['sim-plain']:>8.2f}")
+    finally:
+        _stop(procs)
+
+
+def _serving(kinds: list[str], interval_ms: float = 0.0, sim_speed: float = 1.0):
     from harness.mlx.launcher import free_ports
     ports = dict(zip(kinds, free_ports(len(kinds))))
-    return ports, [_start(k, port, interval_ms) for k, port in ports.items()]
+    return ports, [_start(k, port, interval_ms, sim_speed) for k, port in ports.items()]
 
 
 def _stop(procs) -> None:
@@ -210,26 +321,47 @@ def main() -> int:
                    help="streams one after another per connection in part 2 (default %(default)s)")
     p.add_argument("--paced-repeat", type=int, default=5,
                    help="runs per point of part 2, alternating; the median p50/p99 is printed (default %(default)s)")
+    p.add_argument("--parts", default="1,2,3", help="which parts to run (default %(default)s)")
+    p.add_argument("--sim-speeds", default="100,10000",
+                   help="sim backend speeds of part 3, virtual seconds per wall second (default %(default)s)")
+    p.add_argument("--serve-sim", type=int, metavar="PORT", help=argparse.SUPPRESS)   # part 3's servers
+    p.add_argument("--speed", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--no-ready", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.serve_sim is not None:
+        sys.path.insert(0, str(ROOT))
+        serve_sim(args.serve_sim, args.speed, ready=not args.no_ready)
+        return 0
+    parts = {int(x) for x in args.parts.split(",")}
     if shutil.which("wrk") is None:
         print("error: wrk not found on PATH; install it (apt-get install -y wrk)", file=sys.stderr)
         return 2
     conns = [int(c) for c in args.connections.split(",")]
     sys.path.insert(0, str(ROOT))
     print("measured, this machine, all servers in this one run")
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(WRK_LUA)
-    ports, procs = _serving(["ours", "bare", "bare-1w"])
-    try:
-        _throughput(ports, conns, args, f.name)
-    finally:
-        os.unlink(f.name)
-        _stop(procs)
-    ports, procs = _serving(["ours", "bare"], args.interval_ms)
-    try:
-        _latency(ports, conns, args)
-    finally:
-        _stop(procs)
+    if 1 in parts:
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+            f.write(WRK_LUA)
+        ports, procs = _serving(["ours", "bare", "bare-1w"])
+        try:
+            _throughput(ports, conns, args, f.name)
+        finally:
+            os.unlink(f.name)
+            _stop(procs)
+    if 2 in parts:
+        ports, procs = _serving(["ours", "bare"], args.interval_ms)
+        try:
+            _latency(ports, conns, args)
+        finally:
+            _stop(procs)
+    if 3 in parts:
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+            f.write(_wrk_lua(SIM_BODY))
+        try:
+            for speed in (float(x) for x in args.sim_speeds.split(",")):
+                _sim_ready(conns, args, speed, f.name)
+        finally:
+            os.unlink(f.name)
     return 0
 
 

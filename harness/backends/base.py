@@ -7,8 +7,9 @@ over backend names.
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 from harness.specs import LoadReport, PartitionPlan  # noqa: F401  (part of the protocol's vocabulary)
 
@@ -49,22 +50,100 @@ class InvalidRequest(ValueError):
     the server answers 400, and the backend stays healthy."""
 
 
-async def drain(queue) -> AsyncIterator[TokenEvent]:
-    """TokenEvents a backend's worker puts on an asyncio queue, up to the one that finishes the request;
-    an exception put on the queue is raised here, in the consumer."""
-    while True:
-        item = await queue.get()
+class QueueStream:
+    """A request's TokenEvents as a backend's worker puts them on an asyncio queue, as an async iterator that
+    also hands over every event queued already (`ready`, see ReadyEvents): the sim and mlx backends' streams.
+    An exception put on the queue is raised in the consumer, after every event queued before it.
+
+    It behaves as the async generator it replaces would: `start()` is awaited on the first `__anext__` (it
+    checks and admits the request and returns its queue and an `end` callback); what it raises (QueueFull,
+    BackendUnavailable, InvalidRequest) comes out of that first `__anext__`, and a stream closed before it never
+    starts. Once started, `end()` runs exactly once, on the stream's event loop, when the stream is over: at its
+    finishing event, at an error (queued, or the cancellation of a waiting `__anext__`), at `aclose()`, or when
+    the stream is dropped unclosed (as a generator's `finally`, run by the loop's finalizer)."""
+
+    def __init__(self, start: Callable[[], Awaitable[tuple[asyncio.Queue, Callable[[], None]]]]):
+        self._start = start
+        self._queue: asyncio.Queue | None = None
+        self._end: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._over = False                         # no events to come: finished, failed or closed
+        self._error: BaseException | None = None   # queued behind the events ready() took: __anext__ raises it
+
+    def __aiter__(self) -> "QueueStream":
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._over:
+            raise StopAsyncIteration
+        if self._queue is None:
+            try:
+                self._queue, self._end = await self._start()
+            except BaseException:
+                self._over = True
+                raise
+            self._loop = asyncio.get_running_loop()
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._finish()
+            raise error
+        try:
+            item = await self._queue.get()
+        except BaseException:   # cancelled while waiting: over, as a generator an exception leaves
+            self._finish()
+            raise
         if isinstance(item, BaseException):
+            self._finish()
             raise item
-        yield item
         if item.finish_reason is not None:
-            return
+            self._finish()
+        return item
+
+    def ready(self, limit: int) -> list[TokenEvent]:
+        """The events queued already, at most `limit`, in order, up to the finishing one; [] before the first
+        `__anext__` started the stream, once it is over, or when the next item is an error (the awaited
+        `__anext__` raises it, so the events before it go out first, as they would one at a time)."""
+        if self._over or self._queue is None or self._error is not None:
+            return []
+        queue, events = self._queue, []
+        while len(events) < limit and not queue.empty():
+            item = queue.get_nowait()
+            if isinstance(item, BaseException):
+                self._error = item
+                break
+            events.append(item)
+            if item.finish_reason is not None:
+                self._finish()
+                break
+        return events
+
+    async def aclose(self) -> None:
+        self._error = None
+        self._finish()
+
+    def _finish(self) -> None:
+        self._over = True
+        end, self._end = self._end, None
+        if end is not None:
+            end()
+
+    def __del__(self) -> None:
+        # dropped unclosed: end it on its loop, where the backend's state lives, as the loop would close an
+        # async generator (never here: a garbage collection may run in the middle of the backend's own code)
+        end, self._end = self._end, None
+        if end is not None:
+            try:
+                self._loop.call_soon_threadsafe(end)
+            except RuntimeError:   # the loop is closed: nobody left to tell
+                pass
 
 
 class ReadyEvents(Protocol):
     """What a stream from `generate()` may offer besides `__anext__` (optional; the instant backend's does):
-    `ready(limit)` returns the events it holds already, at most `limit`, without waiting, and [] when the next
-    one is still coming or the stream has ended. It raises what `__anext__` would (QueueFull on the first call).
+    `ready(limit)` returns the events it holds already, at most `limit`, in order, without waiting, and [] when
+    the next one is still coming or the stream has ended. An error is either raised as `__anext__` would raise it
+    (the instant stream: QueueFull on the first call) or left to the next `__anext__`, with [] (QueueStream: the
+    sim and mlx backends, whose streams also answer [] until their first `__anext__` has started them).
     The server sends everything ready in one write per event-loop tick; a stream without it gets one write per
     token, which is the same bytes."""
 

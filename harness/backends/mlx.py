@@ -23,6 +23,7 @@ seconds from `run_start_epoch` (set it to the run's t=0; defaults to when load()
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import selectors
@@ -31,10 +32,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
 
 from harness.backends.base import (BackendUnavailable, GenerationRequest, InvalidRequest, LoadReport, QueueFull,
-                                   TokenEvent, drain, step_frame)
+                                   QueueStream, TokenEvent, step_frame)
 from harness.backends.mlx_cache import RankCache
 from harness.mlx import launcher
 from harness.mlx.errors import UserError
@@ -642,7 +642,14 @@ class MlxBackend:
             req.deliver(exc)
 
     # ------------------------------------------------------------------ Backend API
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    def generate(self, request: GenerationRequest) -> QueueStream:
+        """The request's tokens: a QueueStream, so the server takes every token the driver has delivered and the
+        client has not had yet in one write (base.ReadyEvents). The request is checked and queued for the ranks
+        on the stream's first `__anext__`."""
+        return QueueStream(functools.partial(self._admit, request))
+
+    async def _admit(self, request: GenerationRequest):
+        """Checks and queues the request; its token queue and what ends it (QueueStream's start)."""
         self._validate(request)
         with self._cv:
             if self._error is not None:
@@ -664,18 +671,19 @@ class MlxBackend:
                 self.records_dropped += 1     # the oldest record gives way
             self._all.append(req)
             self._cv.notify()
-        try:
-            async for item in drain(req.queue):
-                yield item
-        finally:
-            if req.finish is None and req.error is None:   # the client went away: free its batch slot
-                with self._cv:
-                    req.cancelled = True
-                    req.end = req.end or time.time()
-                    if req.uid is not None and self._running.pop(req.uid, None) is not None:
-                        self._removals.append(req.uid)
-                        self._release_kv(req)
-                    self._cv.notify()
+        return req.queue, functools.partial(self._leave, req)
+
+    def _leave(self, req: _Req) -> None:
+        """The stream is over: if the request is neither finished nor failed, its client went away; free its
+        batch slot."""
+        if req.finish is None and req.error is None:
+            with self._cv:
+                req.cancelled = True
+                req.end = req.end or time.time()
+                if req.uid is not None and self._running.pop(req.uid, None) is not None:
+                    self._removals.append(req.uid)
+                    self._release_kv(req)
+                self._cv.notify()
 
     def _validate(self, request: GenerationRequest) -> None:
         # checked here, not in the ranks: a bad request must fail alone, not crash every rank

@@ -22,15 +22,15 @@ for a given seed, and counts prompts with the same word tokenizer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import numpy as np
 
-from harness.backends.base import (BackendUnavailable, GenerationRequest, LoadReport, QueueFull, TokenEvent, drain,
-                                   plain_chat_prompt, step_frame)
+from harness.backends.base import (BackendUnavailable, GenerationRequest, LoadReport, QueueFull, QueueStream,
+                                   TokenEvent, plain_chat_prompt, step_frame)
 from harness.backends.instant import WordTokenizer, output_token
 
 
@@ -249,13 +249,17 @@ class SimBackend:
 
     # ------------------------------------------------------------------ Backend API
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    def generate(self, request: GenerationRequest) -> QueueStream:
+        """The request's tokens: a QueueStream, so the server takes every token the pacer has emitted and the
+        client has not had yet in one write (base.ReadyEvents). The request enters the engine on the stream's
+        first `__anext__`."""
         if self.engine is None or self._closed or self._error is not None:
             why = f" ({self._error!r})" if self._error else ""
             raise BackendUnavailable(f"sim backend not loaded or closed{why}")
-        return self._stream(request)
+        return QueueStream(functools.partial(self._admit, request))
 
-    async def _stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def _admit(self, request: GenerationRequest):
+        """Submits the request; its token queue and what ends it (QueueStream's start)."""
         engine = self.engine
         if self.virtual_now() < engine.env.now:   # failing over: the weights that moved are still loading
             raise BackendUnavailable(f"failing over after {self._failover_cause()}: serving "
@@ -283,15 +287,16 @@ class SimBackend:
         if slot in engine.errors:
             del self._pending[slot]
             raise BackendUnavailable(engine.errors[slot])
-        try:
-            async for item in drain(pending.queue):
-                yield item
-        finally:   # (after a failover the slot number may belong to the new engine's request: compare)
-            if self._pending.get(slot) is pending and self._pending.pop(slot) and not pending.done:
-                self.cancelled += 1
-                cancel = getattr(engine, "cancel", None)
-                if cancel is not None:   # free its batch slot and KV when the engine supports it
-                    cancel(slot)
+        return pending.queue, functools.partial(self._leave, engine, slot, pending)
+
+    def _leave(self, engine, slot: int, pending: _Pending) -> None:
+        """The stream is over (finished, failed or closed by its client): a request still running leaves the
+        engine. After a failover the slot number may belong to the new engine's request: compare."""
+        if self._pending.get(slot) is pending and self._pending.pop(slot) and not pending.done:
+            self.cancelled += 1
+            cancel = getattr(engine, "cancel", None)
+            if cancel is not None:   # free its batch slot and KV when the engine supports it
+                cancel(slot)
 
     def _failover_cause(self) -> str:
         """What the cluster is failing over from: "NODE failed", or the dropped link's "link A-B down"."""

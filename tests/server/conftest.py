@@ -40,3 +40,20 @@ def wait_healthy(url: str, bound_s: float = 20.0) -> None:
         except httpx.HTTPError:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up within {bound_s:.0f} s")
+
+
+class PlainStream:
+    """A backend's stream with its optional `ready` hidden (base.ReadyEvents): what the server does with a
+    backend that offers only `__anext__`, one write per token, for the same tokens."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        return self.stream.__anext__()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

@@ -114,7 +114,7 @@ def test_concurrent_streaming_clients_see_the_non_streaming_text(instant_server,
 
 
 class _PlainStreams(InstantBackend):
-    """The instant backend behind plain async generators: no `ready`, as the sim and mlx backends."""
+    """The instant backend behind plain async generators: no `ready`, as a backend that offers only `__anext__`."""
 
     def generate(self, request):
         stream = super().generate(request)

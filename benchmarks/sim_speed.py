@@ -6,6 +6,10 @@ is what to compare across machines.
 
     .venv/bin/python benchmarks/sim_speed.py [--requests 10000] [--reps 3] [--step-by-step] [--slow-100k]
 
+Each case is also timed with summary step records (EngineConfig step_records="summary", `simulate --step-records
+summary`: per-window aggregates written to step_summary.parquet instead of a row per micro-batch and stage), and
+its wall time printed as a ratio to the full records' in the same run.
+
 --step-by-step also times each case with the several-scheduler fast-forward off (EngineConfig
 fast_forward_schedulers=False: one event per micro-batch, what the simulator did before sim.steady) and prints the
 speed-up. --slow-100k times 100,000 requests of the slow case (4 stages, 0.2 req/s) once.
@@ -37,9 +41,10 @@ def inputs(strategy: str, rate: float, n: int):
     return cluster, model, plan, profile, workload
 
 
-def timed(strategy: str, rate: float, n: int, steady: bool = True) -> tuple[float, int, int]:
+def timed(strategy: str, rate: float, n: int, steady: bool = True, records: str = "full") -> tuple[float, int, int]:
     """(wall seconds, engine steps, steps taken in steady windows) of one simulation with its step records
-    streamed to a parquet file."""
+    streamed to a parquet file (records="summary": the per-window summary written to one at the end)."""
+    import pyarrow.parquet as pq
     from harness.runfolder import parquet_writer
     from harness.metrics import STEP_COLUMNS, arrow_schema
     from sim import EngineConfig
@@ -48,9 +53,11 @@ def timed(strategy: str, rate: float, n: int, steady: bool = True) -> tuple[floa
     with tempfile.TemporaryDirectory() as tmp:
         sink = parquet_writer(f"{tmp}/steps.parquet", arrow_schema(STEP_COLUMNS))
         start = time.perf_counter()
-        result = simulate(*args, EngineConfig(fast_forward_schedulers=steady), include_load=False,
-                          step_sink=sink.write_table)
+        result = simulate(*args, EngineConfig(fast_forward_schedulers=steady, step_records=records),
+                          include_load=False, step_sink=sink.write_table)
         sink.close()
+        if result.step_summary is not None:
+            pq.write_table(result.step_summary, f"{tmp}/step_summary.parquet")
         wall = time.perf_counter() - start
     return wall, int(result.stats["engine_steps"]), int(result.stats["steady_window_steps"])
 
@@ -65,27 +72,31 @@ def main() -> int:
     p.add_argument("--slow-100k", action="store_true", help="also time 100,000 requests of the slow case once")
     args = p.parse_args()
     head = ["case", "strategy", "rate req/s", "wall s", "us per request", "engine steps", "in steady windows",
-            "us per step", "x reference"]
+            "us per step", "x reference", "summary us per request", "summary / full"]
     rows = [tuple(head + (["step-by-step us per request", "speed-up"] if args.step_by_step else []))]
     for label, strategy, rate in CASES:
         wall, steps, steady = min(timed(strategy, rate, args.requests) for _ in range(args.reps))
+        summary = min(timed(strategy, rate, args.requests, records="summary")[0] for _ in range(args.reps))
         ref = min(reference_work_s() for _ in range(args.reps))
         row = [label, strategy, f"{rate:g}", f"{wall:.2f}", f"{1e6 * wall / args.requests:.0f}", f"{steps:,}",
-               f"{steady / steps:.0%}", f"{1e6 * wall / steps:.1f}", f"{wall / ref:.1f}"]
+               f"{steady / steps:.0%}", f"{1e6 * wall / steps:.1f}", f"{wall / ref:.1f}",
+               f"{1e6 * summary / args.requests:.0f}", f"{summary / wall:.2f}"]
         if args.step_by_step:
             slow = min(timed(strategy, rate, args.requests, steady=False)[0] for _ in range(args.reps))
             row += [f"{1e6 * slow / args.requests:.0f}", f"{slow / wall:.1f}x"]
         rows.append(tuple(row))
         print(f"  {label} {strategy} {rate:g} req/s: {wall:.2f} s", file=sys.stderr, flush=True)
-    print(f"simulator speed (measured, min of {args.reps}), {args.requests:,} requests, step records on:")
+    print(f"simulator speed (measured, min of {args.reps}), {args.requests:,} requests, full step records "
+          "(summary: per-window step summaries instead):")
     print(text_table(rows))
     print("x reference = wall time / a fixed SimPy workload timed in the same run (sim.run.reference_work_s)")
     if args.slow_100k:
-        wall, steps, _ = timed("uniform", 0.2, 100_000)
-        ref = min(reference_work_s() for _ in range(args.reps))
-        print(f"slow case (4 stages uniform, 0.2 req/s), 100,000 requests: {wall:.1f} s wall, "
-              f"{1e6 * wall / 100_000:.0f} us per request, {1e6 * wall / steps:.1f} us per step, "
-              f"{wall / ref:.0f}x reference")
+        for records in ("full", "summary"):
+            wall, steps, _ = timed("uniform", 0.2, 100_000, records=records)
+            ref = min(reference_work_s() for _ in range(args.reps))
+            print(f"slow case (4 stages uniform, 0.2 req/s), 100,000 requests, {records} step records: {wall:.1f} s "
+                  f"wall, {1e6 * wall / 100_000:.0f} us per request, {1e6 * wall / steps:.1f} us per step, "
+                  f"{wall / ref:.0f}x reference", flush=True)
     return 0
 
 

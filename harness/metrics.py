@@ -52,6 +52,24 @@ STEP_COLUMNS = {
     "source": "str",
 }
 
+# step_summary.parquet (simulator, step_records="summary"): the step records above aggregated per window of virtual
+# time (a record counts in the window it starts in), stage (a send: its sending stage) and kind.
+STEP_SUMMARY_COLUMNS = {
+    "window_start_s": "float",
+    "window_end_s": "float",
+    "stage": "int",
+    "node": "str",
+    "kind": "str",                # prefill | decode | mixed | send
+    "steps": "int",               # records aggregated (micro-batches on the stage, or sends)
+    "busy_s": "float",            # summed end_s - start_s
+    "min_s": "float",             # shortest record
+    "max_s": "float",             # longest record
+    "tokens": "int",              # summed tokens
+    "sequences": "int",           # summed batch_size
+    "kv_bytes_max": "int",        # most KV in use on the node after one of these steps
+    "source": "str",
+}
+
 
 def arrow_schema(columns: dict):
     """pyarrow schema from one of the record column tables above."""

@@ -207,6 +207,9 @@ class TpotView:
 
 def tpot_view(run) -> TpotView:
     """The "Why TPOT differs from the plan" section: a parts table and a plan-vs-run stacked bar, or a note."""
+    if run.step_records == "summary":
+        from reports.run import SUMMARY_ONLY
+        return TpotView(run.source, notes=(f"The TPOT breakdown needs per-step records: {SUMMARY_ONLY}.",))
     found = explain_run(run)
     if found is None:
         why = "steps.parquet has no step records" if run.steps.empty else "no decode steps or no successful requests"

@@ -11,7 +11,7 @@ import jinja2
 
 from reports import plots, tables, targets
 from reports.breakdown import TpotView, tpot_view
-from reports.run import Run, per_request_latencies
+from reports.run import SUMMARY_ONLY, Run, per_request_latencies
 from reports.template import PAGE
 
 # Columns of the comparison page; headings come from the metric catalogue (harness.metrics).
@@ -112,7 +112,8 @@ def _run_plots(run: Run) -> tuple[list[plots.Plot], list[str]]:
     drawers = (
         ("latency distributions", lambda: plots.latency_distributions(run, per_request_latencies(run)),
          "no successful requests"),
-        ("per-node timelines", lambda: plots.node_timelines(run), "steps.parquet has no steps"),
+        ("per-node timelines", lambda: plots.node_timelines(run),
+         SUMMARY_ONLY if run.step_records == "summary" else "steps.parquet has no steps"),
         ("partition ring", lambda: plots.partition_ring(run), "plan.json has no stages"),
     )
     for label, draw, why in drawers:

@@ -141,8 +141,8 @@ def _busy_per_bin(rows: pd.DataFrame, edges: np.ndarray) -> np.ndarray:
 
 def timeline_data(run: Run, bins: int = 120) -> Timelines | None:
     steps = run.steps
-    if steps.empty or not {"node", "start_s", "end_s"} <= set(steps.columns):
-        return None
+    if run.step_records == "summary" or steps.empty or not {"node", "start_s", "end_s"} <= set(steps.columns):
+        return None   # a summary-only run's steps are its load rows alone: no timeline to draw from them
     t0 = clock_zero(run)
     shifted = steps.assign(start_s=steps["start_s"] - t0, end_s=steps["end_s"] - t0)
     clipped_s = max(0.0, -float(shifted["start_s"].min()))

@@ -25,6 +25,11 @@ class RunFolderError(UserError):
     """A folder that is not a readable run folder."""
 
 
+# what a report says where it needs per-step records and the run kept only per-window summaries
+SUMMARY_ONLY = ("this run kept only per-window step summaries (simulate --step-records summary, in "
+                "step_summary.parquet), not one record per step; re-run it with --step-records full")
+
+
 @dataclass
 class Run:
     path: Path
@@ -46,6 +51,13 @@ class Run:
     @property
     def incomplete(self) -> bool:
         return self.incomplete_reason is not None
+
+    @property
+    def step_records(self) -> str:
+        """"summary" for a simulation run with `--step-records summary` (steps.parquet then holds only the model
+        load rows; the per-window aggregates are in step_summary.parquet), else "full"."""
+        engine = self.config.get("engine")
+        return str(engine.get("step_records") or "full") if isinstance(engine, dict) else "full"
 
     @property
     def strategy(self) -> str:

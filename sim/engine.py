@@ -43,6 +43,10 @@ WAITING, RUNNING, DONE, FAILED = 1, 2, 3, 4
 # up to prefill_step_tokens per remaining prompt. Each forward reads the weights itself; with several stages exactly
 # one iteration is in flight (the ranks run it together), so there are no micro-batches.
 SCHEDULERS = ("continuous", "mlx-lm")
+# "full": one step record per micro-batch and stage (and link send), harness.metrics.STEP_COLUMNS; "summary": only
+# per-window aggregates of them (harness.metrics.STEP_SUMMARY_COLUMNS: steps, busy/min/max seconds, tokens per stage,
+# kind and step_window_s of virtual time), which skips building and writing the per-step tables
+STEP_RECORDS = ("full", "summary")
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,16 @@ class EngineConfig:
     scheduler: str = "continuous"      # "continuous" (vLLM-like, above) or "mlx-lm" (BatchGenerator, below)
     prefill_batch: int = 8             # mlx-lm: prompts prefilled together in one forward (prefill_batch_size)
     prefill_step_tokens: int = 512     # mlx-lm: tokens of each prompt per prefill forward (prefill_step_size)
+    step_records: str = "full"         # "full" or "summary" (per-window aggregates only; see STEP_RECORDS)
+    step_window_s: float = 1.0         # summary: virtual seconds per window (a record counts where it starts)
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.step_records not in STEP_RECORDS:
+            raise UserError(f"unknown step_records {self.step_records!r}; choose one of {', '.join(STEP_RECORDS)}")
+        if not (self.step_window_s > 0 and math.isfinite(self.step_window_s)):
+            raise UserError(f"engine step_window_s must be a positive number of seconds, got {self.step_window_s}")
         for name in ("max_num_seqs", "prefill_batch", "prefill_step_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"engine {name} must be >= 1, got {getattr(self, name)}")
@@ -124,6 +134,7 @@ class Engine:
         self._idle = 0
         self._step = 0
         self._decode_terms: dict[int, list[DecodeTerms]] = {}   # per batch size, one per stage
+        self._prefill_durs: dict[tuple[int, int], list[float]] = {}   # a lone prompt chunk's stage times
         self._init_records()
         self.preemptions = 0
         self.steady_steps = 0               # micro-batches that sim.steady's windows took (the rest one by one)
@@ -288,7 +299,9 @@ class Engine:
             self._rec_times = self._rec_ints = None
             return
         width = self._link_col + 2 * len(self._hops) + (2 if self._back is not None else 0)
-        rows = self.STREAM_ROWS if self.step_sink is not None else 4096
+        self._summary = self.cfg.step_records == "summary"
+        self._summary_parts: list[tuple] = []     # summary: per-block partial aggregates (merged at the end)
+        rows = self.STREAM_ROWS if self.step_sink is not None or self._summary else 4096
         self._rec_times = np.zeros((rows, width))
         self._rec_ints = np.zeros((rows, 4), dtype=np.int64)
 
@@ -735,7 +748,15 @@ class Engine:
         elif chunks:
             pairs = [(t, c) for _, t, c in chunks]
             tokens = n_dec + sum(t for t, _ in pairs)
-            durs = [st.mixed_s(self.model, self.profile, n_dec, ctx_sum, pairs) for st in self.stages]
+            if n_dec == 0 and len(pairs) == 1:    # a prompt chunk alone: its times depend on (tokens, context) only
+                durs = self._prefill_durs.get(pairs[0])
+                if durs is None:
+                    if len(self._prefill_durs) >= 4096:
+                        self._prefill_durs.clear()
+                    durs = self._prefill_durs[pairs[0]] = [st.mixed_s(self.model, self.profile, 0, ctx_sum, pairs)
+                                                           for st in self.stages]
+            else:
+                durs = [st.mixed_s(self.model, self.profile, n_dec, ctx_sum, pairs) for st in self.stages]
         else:
             tokens = n_dec
             durs = self._decode_durs(n_dec, ctx_sum)
@@ -805,9 +826,11 @@ class Engine:
         cap = self._rec_times.shape[0]
         if row + k <= cap:
             return row
-        if self.step_sink is not None:
+        if self.step_sink is not None or self._summary:
             self.flush_steps()
-            return 0
+            if k <= cap:
+                return 0
+            row = 0                           # a run longer than the whole buffer: grow it
         size = max(cap * 2, row + k)
         for name in ("_rec_times", "_rec_ints"):
             old = getattr(self, name)
@@ -817,10 +840,43 @@ class Engine:
         return row
 
     def flush_steps(self) -> None:
-        """Send the buffered step records to the sink and empty the buffer."""
-        if self.step_sink is not None and self._rec_times is not None and self._step > self._rec_base:
+        """Send the buffered step records to the sink (summary: into the window aggregates) and empty the buffer."""
+        if self._rec_times is None or self._step == self._rec_base:
+            return
+        if self._summary:
+            self._summarise_block()
+            self._rec_base = self._step
+        elif self.step_sink is not None:
             self.step_sink(self.steps_table())
             self._rec_base = self._step
+
+    def _record_rows(self):
+        """(micro-batches m, their times, their ints, the stage of each begin/end column pair) of the buffer:
+        a pair per stage, then one per link send (its sending stage)."""
+        m = self._step - self._rec_base
+        return m, self._rec_times[:m], self._rec_ints[:m], self._record_stages()
+
+    def _record_stages(self) -> np.ndarray:
+        p = len(self.stages)
+        senders = list(range(len(self._hops))) + ([p - 1] if self._back is not None else [])
+        return np.array(list(range(p)) + senders, dtype=np.int64)
+
+    def _summarise_block(self) -> None:
+        """Aggregate the buffered micro-batches per (window, record column, kind): runs of equal keys in formation
+        order, merged across blocks and runs in step_summary_table."""
+        m, times, ints, stage = self._record_rows()
+        p, width = len(self.stages), self.cfg.step_window_s
+        kv = ints[:, 3]
+        for r in range(stage.size):
+            start, end = times[:, 2 * r], times[:, 2 * r + 1]
+            kind = ints[:, 0] if r < p else np.full(m, 3, dtype=np.int64)
+            key = np.floor(start / width).astype(np.int64) * 4 + kind
+            first = np.concatenate([[0], np.flatnonzero(key[1:] != key[:-1]) + 1])
+            dur = end - start
+            self._summary_parts.append((
+                key[first], np.full(first.size, r, dtype=np.int64), np.diff(np.append(first, m)),
+                np.add.reduceat(dur, first), np.minimum.reduceat(dur, first), np.maximum.reduceat(dur, first),
+                np.add.reduceat(ints[:, 2], first), np.add.reduceat(ints[:, 1], first), np.maximum.reduceat(kv, first)))
 
     def _send(self, hop: tuple, nbytes: float, t: float) -> tuple[float, float]:
         key, latency, rate = hop
@@ -943,15 +999,13 @@ class Engine:
         stage = the sender), micro-batches in the order they were formed."""
         import pyarrow as pa
         from harness.metrics import STEP_COLUMNS, arrow_schema
-        m = 0 if self._rec_times is None else self._step - self._rec_base
-        if m == 0:
-            return arrow_schema(STEP_COLUMNS).empty_table()
+        if self._rec_times is None or self._summary or self._step == self._rec_base:
+            return arrow_schema(STEP_COLUMNS).empty_table()     # summary: see step_summary_table
+        m, times, ints, columns = self._record_rows()
         p = len(self.stages)
-        times, ints = self._rec_times[:m], self._rec_ints[:m]
-        senders = list(range(len(self._hops))) + ([p - 1] if self._back is not None else [])
-        per = p + len(senders)                                   # rows per micro-batch
-        stage = np.tile(np.array(list(range(p)) + senders, dtype=np.int64), m)
-        kind = np.concatenate([np.repeat(ints[:, :1], p, axis=1), np.full((m, len(senders)), 3)], axis=1).ravel()
+        per = columns.size                                       # rows per micro-batch
+        stage = np.tile(columns, m)
+        kind = np.concatenate([np.repeat(ints[:, :1], p, axis=1), np.full((m, per - p), 3)], axis=1).ravel()
         kv_node = np.array([st.kv_bytes_per_token_node * self.block for st in self.stages])
         names = pa.array([st.nodes[0] for st in self.stages])
         n = m * per
@@ -967,6 +1021,47 @@ class Engine:
             "kv_bytes": (np.repeat(ints[:, 3], per) * kv_node[stage]).astype(np.int64),
             "compute_s": np.where(kind == 3, np.nan, times[:, 1::2].ravel() - times[:, 0::2].ravel()),
             "source": dict_col(np.zeros(n), pa.array([source])),
+        })
+
+
+    def step_summary_table(self, source: str = "simulated"):
+        """pyarrow Table with harness.metrics.STEP_SUMMARY_COLUMNS (step_records="summary"; None otherwise): the
+        step records steps_table would give, aggregated per window of step_window_s virtual seconds (a record
+        counts in the window it starts in), stage or sending stage, and kind; windows in time order."""
+        import pyarrow as pa
+        from harness.metrics import STEP_SUMMARY_COLUMNS, arrow_schema
+        if self._rec_times is None or not self._summary:
+            return None
+        self.flush_steps()
+        if not self._summary_parts:
+            return arrow_schema(STEP_SUMMARY_COLUMNS).empty_table()
+        key, col, count, busy, low, high, tokens, seqs, kv = (np.concatenate(a) for a in zip(*self._summary_parts))
+        columns = self._record_stages()
+        per = columns.size
+        group, inv = np.unique((key // 4 * per + col) * 4 + key % 4, return_inverse=True)
+        window, col, kind = group // 4 // per, group // 4 % per, group % 4
+
+        def total(values):
+            return np.bincount(inv, weights=values, minlength=group.size)
+
+        def extreme(ufunc, values, fill):
+            out = np.full(group.size, fill, dtype=values.dtype)
+            ufunc.at(out, inv, values)
+            return out
+
+        stage = columns[col]
+        kv_node = np.array([st.kv_bytes_per_token_node * self.block for st in self.stages])
+        names = pa.array([st.nodes[0] for st in self.stages])
+        width = self.cfg.step_window_s
+        return pa.table({
+            "window_start_s": window * width, "window_end_s": (window + 1) * width,
+            "stage": stage, "node": names.take(pa.array(stage.astype(np.int32))),
+            "kind": pa.array(self.STEP_KINDS).take(pa.array(kind.astype(np.int32))),
+            "steps": total(count).astype(np.int64),
+            "busy_s": total(busy), "min_s": extreme(np.minimum, low, np.inf), "max_s": extreme(np.maximum, high, -np.inf),
+            "tokens": total(tokens).astype(np.int64), "sequences": total(seqs).astype(np.int64),
+            "kv_bytes_max": (extreme(np.maximum, kv, 0) * kv_node[stage]).astype(np.int64),
+            "source": pa.array([source] * group.size, pa.string()),
         })
 
 

@@ -23,6 +23,9 @@ class SimResult:
     steps: object               # pyarrow Table, harness.metrics.STEP_COLUMNS
     load: LoadReport
     stats: dict = field(default_factory=dict)   # engine facts: KV capacity and peaks, preemptions, steps
+    # EngineConfig(step_records="summary"): harness.metrics.STEP_SUMMARY_COLUMNS, per-window aggregates of the step
+    # records, and `steps` (or what step_sink gets) holds only the model-load rows; None with full step records
+    step_summary: object = None
 
 
 def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: Profile, workload: Workload,
@@ -33,7 +36,8 @@ def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: P
     Times in the records are seconds from the start of the run; with include_load the workload starts when
     every node has loaded its weights. `progress(done, total, virtual_now)` is called as requests finish.
     `step_sink(table)`: stream step records out in pieces (SimResult.steps is then None), which keeps memory
-    flat on long runs; without it they are returned as one table.
+    flat on long runs; without it they are returned as one table. With config.step_records="summary" the
+    engine's step records are aggregated per window instead (SimResult.step_summary); only load rows remain.
     `faults`: fault dicts (Engine.inject) whose at_s counts from the workload's start.
     `cache`: a sim.prefix_cache.PrefixCache; requests' declared shared prefixes go through sim.admission
     (cached tokens are not prefilled, lower-tier hits wait for their load, prefixes are remembered after the prefill).
@@ -76,6 +80,7 @@ def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: P
     else:
         env.process(_open_loop(env, engine, workload, t_ready, state))
     env.run()
+    step_summary = engine.step_summary_table()
     if step_sink is not None:
         engine.flush_steps()
         steps = None
@@ -85,7 +90,7 @@ def simulate(cluster: Cluster, model: ModelSpec, plan: PartitionPlan, profile: P
     wall = time.perf_counter() - wall
     return SimResult(requests=requests, steps=steps,
                      load=_load_report(engine, load_end, include_load),
-                     stats=_stats(engine, t_ready, wall))
+                     stats=_stats(engine, t_ready, wall), step_summary=step_summary)
 
 
 def _open_loop(env, engine: Engine, wl: Workload, t0: float, state: dict):

@@ -225,18 +225,19 @@ class _Window:
         """Step records in Engine._traverse's layout: stage begin/end pairs, then the links'; kind 0 (decode),
         batch and tokens = the scheduler's sequences, KV blocks in use."""
         e = self.e
-        if e._rec_times is not None:
+        if e._rec_times is not None:      # fromiter with a count: no type discovery pass over the lists
             row = e._reserve_rows(steps)
             rows = e._rec_times[row:row + steps]
             col = e._link_col
-            rows[:, :col] = np.array(times[0]).reshape(steps, col)
+            stage, link = times
+            rows[:, :col] = np.fromiter(stage, np.float64, len(stage)).reshape(steps, col)
             if col < rows.shape[1]:
-                rows[:, col:] = np.array(times[1]).reshape(steps, -1)
+                rows[:, col:] = np.fromiter(link, np.float64, len(link)).reshape(steps, -1)
             used, who = ints
             ints = e._rec_ints[row:row + steps]
             ints[:, 0] = 0
-            ints[:, 1] = ints[:, 2] = np.array(self.n, dtype=np.int64)[who]
-            ints[:, 3] = used
+            ints[:, 1] = ints[:, 2] = np.fromiter(map(self.n.__getitem__, who), np.int64, steps)
+            ints[:, 3] = np.fromiter(used, np.int64, steps)
         e._step += steps
         e.steady_steps += steps
 

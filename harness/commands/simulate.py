@@ -13,9 +13,9 @@ from strategies.registry import cache_policy_names
 HELP = "simulate serving a workload on a cluster (SimPy, virtual time) and write runs/out/<run-id>/"
 DESCRIPTION = """Plan the model over the cluster with a partitioning strategy, load it (SSD or peer), then serve a
 workload with continuous batching over the pipeline in virtual time. Writes config.json, environment.json,
-plan.json, requests.parquet, steps.parquet and summary.json to <out>/<run-id>/ (an interrupted run leaves the
-folder marked INCOMPLETE) and prints the headline metrics. Every figure it prints is simulated, except the
-wall-clock timing of the simulator itself (measured).
+plan.json, requests.parquet, steps.parquet (--step-records summary: step_summary.parquet too) and summary.json
+to <out>/<run-id>/ (an interrupted run leaves the folder marked INCOMPLETE) and prints the headline metrics.
+Every figure it prints is simulated, except the wall-clock timing of the simulator itself (measured).
 
 workload shorthand (or a .json/.toml file holding a workload table):
   poisson,rate=0.2,n=200,prompt=512,output=128
@@ -121,6 +121,13 @@ def add_arguments(p) -> None:
                    help="micro-batches in flight (default 0 = one per pipeline stage)")
     e.add_argument("--kv-block-tokens", type=int, default=16, help="KV block size in tokens (default %(default)s)")
     e.add_argument("--kv-tokens", type=int, default=0, help="cap the KV pool in tokens (default: memory decides)")
+    e.add_argument("--step-records", choices=("full", "summary"), default="full",
+                   help="full (default): steps.parquet holds one row per micro-batch and stage; summary: only "
+                        "per-window aggregates (steps, busy/min/max seconds, tokens, peak KV per stage and kind) in "
+                        "step_summary.parquet, faster on long runs. Lost with summary: the individual steps, so the "
+                        "report's TPOT breakdown and per-node timelines are not drawn and validate/fit cannot use the run")
+    e.add_argument("--step-window-s", type=float, default=1.0,
+                   help="--step-records summary: virtual seconds per window (default %(default)s)")
     e.add_argument("--cache", default="none",
                    help=f"prefix-KV cache policy: {', '.join(cache_policy_names())} (default %(default)s); "
                         "requests with a shared prefix (conversations, traces with prefix_id) reuse its KV")
@@ -137,9 +144,11 @@ def engine_config(args):
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.micro_batches < 0 or args.kv_tokens < 0:
         raise UserError("--micro-batches and --kv-tokens must be >= 0")
+    records = dict(step_records=getattr(args, "step_records", "full"),    # a sweep point's args may not carry them
+                   step_window_s=getattr(args, "step_window_s", 1.0))
     return EngineConfig(max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                         chunked_prefill=not args.no_chunked_prefill, micro_batches=args.micro_batches,
-                        kv_block_tokens=args.kv_block_tokens, kv_tokens=args.kv_tokens)
+                        kv_block_tokens=args.kv_block_tokens, kv_tokens=args.kv_tokens, **records)
 
 
 def run(args) -> int:
@@ -215,6 +224,9 @@ def run_one(args) -> int:
             steps.abort()
             raise
         steps.close()
+        if result.step_summary is not None:    # --step-records summary: steps.parquet keeps the load rows only
+            from harness.metrics import STEP_SUMMARY_COLUMNS
+            writer.write_table("step_summary.parquet", result.step_summary, STEP_SUMMARY_COLUMNS)
         if bar:
             bar.close()
         writer.write_requests(result.requests)

@@ -18,12 +18,15 @@ def requests_frame(result, backend):
 
 
 def steps_frame(backend, result):
-    """The backend's step records on the run's clock (t=0 = the load generator's start); none for an outside
-    server."""
+    """The backend's step records on the run's clock (t=0 = the load generator's start), from t=0 on, plus the
+    model load: a server that serves several runs (validate's load points) keeps every step since it started,
+    and a run's folder must hold only its own. None for an outside server."""
     if backend is None:
         from harness.backends.base import step_frame
         return step_frame()
-    return backend.step_table(result.t0_monotonic, result.wall_start_unix)
+    df = backend.step_table(result.t0_monotonic, result.wall_start_unix)
+    own = (df["kind"] == "load") | (df["start_s"] >= 0)
+    return df if own.all() else df[own].reset_index(drop=True)
 
 
 def fault_clock_zero(backend, result) -> float | None:

@@ -77,3 +77,20 @@ def test_oversized_request_is_refused_not_hung(setup):
     with EmbeddedServer(backend) as server:
         df = run_load_sync(Target(server.url), wl, LoadMode()).frame()
     assert not df["success"].iloc[0] and "HTTP 503" in df["error"].iloc[0]
+
+
+def test_each_run_on_one_server_records_only_its_own_steps(setup):
+    """validate sends several load points to one server: each point's steps.parquet must hold its own steps
+    (and the model load), not every step since the server started."""
+    from harness import recording
+    backend = SimBackend(*setup, config=SimBackendConfig(speed=40.0))
+    wl = build_workload(parse_workload("constant,rate=8,n=2,prompt=64,output=4"))
+    with EmbeddedServer(backend) as server:
+        first = run_load_sync(Target(server.url), wl, LoadMode())
+        second = run_load_sync(Target(server.url), wl, LoadMode())
+    a, b = recording.steps_frame(backend, first), recording.steps_frame(backend, second)
+    work = lambda df: df[df["kind"] != "load"]
+    assert len(work(a)) and len(work(b)) and (work(b)["start_s"] >= 0).all()
+    everything = backend.step_table(second.t0_monotonic, second.wall_start_unix)
+    assert len(work(b)) < len(work(everything))     # the first run's steps stay out of the second's folder
+    assert (b["kind"] == "load").sum() == (everything["kind"] == "load").sum()

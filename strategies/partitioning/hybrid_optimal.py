@@ -39,13 +39,24 @@ How it stays exact at 16 nodes (the whole space is searched, at any size; nothin
     completions; the surviving sets are evaluated best bound first, each set's orders likewise (latency: the
     order's own hops), and the search stops when the next bound cannot beat the best plan. Bounds are only
     compared with a relative slack of 1e-9, and ties go to the set met first in the enumeration.
+  * bottleneck bounds (throughput, goodput; issue 15): share_floor(u)[n-1] is the least cost of any stage of >= n
+    layers on unit u (throughput: its decode step; goodput: its decode share of a request at any batch size),
+    taken from the very matrices the split programmes read (a dense goodput model: from the roofline of the
+    least window's work, kept 1e-12 below). A plan whose slowest stage costs <= tau has each unit holding at
+    most N_u(tau) = #{n: q_u[n-1] <= tau} layers, so sum_u N_u(tau) >= L: throughput's bound on a set is the
+    L-th smallest q value (each with its hop); a partial multiset is cut when its units plus the nodes still
+    left (each credited with the most layers per member any later unit type holds within tau) cannot hold
+    the model within the incumbent. Goodput couples the two parts: for tau = the bottleneck share, the least
+    prefill sum with each unit capped at N_u(tau) layers (a fractional knapsack, cheapest per-layer prefill
+    first) plus tau, least over the tau grid. The first incumbent of these objectives also tries every node as
+    its own stage. Every bound is a relaxation of the same programmes, so the plan is the exhaustive one.
   * the statistics (sets enumerated and cut, orders tried and cut, dynamic programmes run, seconds) are in the
     plan's notes, which `python -m harness plan` prints.
 Monotone: a sub-cluster's node sets are node sets of the cluster, with the same links, costs and order rules
 (relative file, speed and memory ranks survive dropping nodes), so the cluster's search covers every plan its
 sub-clusters can find; nothing depends on the cluster's size. The worst case stays exponential in the number
 of classes: ten nodes in nine classes of a small model took up to 7 s (measured), while 16 nodes of the six
-bundled kinds take about 0.2 s (benchmarks/planner_scale.py).
+bundled kinds take about 0.3 s (latency), 0.1 s (throughput) and 0.8 s (goodput; benchmarks/planner_scale.py).
 Because every other strategy's plan is one of these (set, order, split) points and all plans are scored by the
 same cost model, this one is never worse on its objective.
 """
@@ -129,6 +140,10 @@ class _Search:
         self._work: tuple[np.ndarray, np.ndarray] | None = None
         self._hop_floor: tuple[float, float] | None = None
         self._canons: dict[Unit, Unit] = {}
+        self._floors: dict[Unit, np.ndarray] = {}
+        self._deltas: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._held = None                    # _held_tables, for the bottleneck objectives
+        self._held_changes: list[bool] = []
         self.sets_tried = self.orders_tried = self.programmes = 0
         self.sets_cut = self.orders_cut = 0
         self.classes = node_classes(cluster)
@@ -190,7 +205,7 @@ class _Search:
         go to the set and order met first in the enumeration (rank), as a plain scan would pick them."""
         goodput = self.options.objective == "goodput"
         best = self._incumbent()
-        sets = sorted(((self._set_bound(units), rank, units)
+        sets = sorted(((self._tight_set_bound(units), rank, units)
                        for rank, units in enumerate(self.unit_sets(best[0] if best else np.inf))),
                       key=lambda e: (e[0], e[1]))
         for n, (bound, rank, units) in enumerate(sets):
@@ -199,7 +214,7 @@ class _Search:
                 break
             self.sets_tried += 1
             for j, (obound, order) in enumerate(self.orders(units)):
-                if best is not None and self._cannot_win(obound, best[0]):
+                if best is not None and self._cannot_win(max(obound, self._order_floor(order)), best[0]):
                     self.orders_cut += 1
                     continue
                 self.programmes += 1
@@ -224,6 +239,18 @@ class _Search:
             return None
         types = sorted(self.unit_types(), key=lambda t: self._unit_key(self._assign([t])[0]))
         best, seen = None, set()
+        goodput = self.options.objective == "goodput"
+        if self.options.objective != "latency":
+            # the bottleneck objectives gain from more stages: every node its own stage, in each order searched
+            singles = self._assign([(c,) for c, members in enumerate(self.classes) for _ in members])
+            if self._holds_model(singles):
+                seen.add(tuple(sorted((c,) for c, members in enumerate(self.classes) for _ in members)))
+                for order in self._orders_of(singles):
+                    value, counts = self.best_goodput_split(order, best[0] if best else np.inf) if goodput \
+                        else self.best_split(order)
+                    self.programmes += 1
+                    if counts is not None and (best is None or value < best[0]):
+                        best = (value, (np.inf, 0), order, counts)
         for first in types:
             chosen, left = [first], [len(c) for c in self.classes]
             for c in first:
@@ -238,6 +265,8 @@ class _Search:
             if key in seen or not self._holds_model(units):
                 continue
             seen.add(key)
+            if goodput and best is not None and self._cannot_win(self._tight_set_bound(units), best[0]):
+                continue     # it cannot improve the incumbent: no need to price it
             order = min(self._orders_of(units), key=self._order_bound)
             value, counts = self.best_goodput_split(order, best[0] if best else np.inf) \
                 if self.options.objective == "goodput" else self.best_split(order)
@@ -256,10 +285,12 @@ class _Search:
         a partial multiset whose bound shows that no completion can beat `incumbent` is cut with its subtree."""
         types = self.unit_types()
         self._floor = self._global_floor(types)
+        if self.options.objective != "latency" and self.use_bounds and self._held is None:
+            self._held = self._held_tables(types)
         left = [len(c) for c in self.classes]
-        yield from self._type_sets(types, 0, left, [], incumbent)
+        yield from self._type_sets(types, 0, left, [], incumbent, 0.0)
 
-    def _type_sets(self, types, t, left, chosen, incumbent):
+    def _type_sets(self, types, t, left, chosen, incumbent, bound):
         if t == len(types):
             if chosen:
                 units = sorted(self._assign(chosen), key=lambda u: self.names.index(u[0]))
@@ -270,12 +301,22 @@ class _Search:
         most = min(left[c] // ty.count(c) for c in set(ty))
         for n in range(most, -1, -1):     # most copies first: every node in use is the first set, as before
             more = chosen + [ty] * n
-            if n and self._cannot_win(self._partial_bound(self._assign(more)), incumbent):
-                self.sets_cut += 1        # this subtree, counted once
-                continue
             for c in ty:
                 left[c] -= n
-            yield from self._type_sets(types, t + 1, left, more, incumbent)
+            cut = False
+            if n:
+                more_bound = self._partial_bound(self._assign(more))
+                cut = self._cannot_win(more_bound, incumbent)
+            else:
+                more_bound = bound
+            if not cut and self._held is not None and more and np.isfinite(incumbent) \
+                    and (n or self._held_changes[t]):     # n = 0 with the same credits: the check already made
+                cut = self._cannot_win(self._goodput_floor(more, t + 1, left, incumbent), incumbent) \
+                    if self.options.objective == "goodput" else not self._may_hold(more, t + 1, left, incumbent)
+            if cut:
+                self.sets_cut += 1        # this subtree, counted once
+            else:
+                yield from self._type_sets(types, t + 1, left, more, incumbent, more_bound)
             for c in ty:
                 left[c] += n
 
@@ -302,6 +343,178 @@ class _Search:
             return fixed + layers
         hop = min(self._min_hops()) if k > 1 else 0.0
         return max(a + float(b.min()) for a, b in lows) + hop
+
+    def _may_hold(self, chosen: list[tuple[int, ...]], t: int, left: list[int], incumbent: float) -> bool:
+        """Throughput, by the bottleneck: whether a set of the `chosen` unit types plus units of types t.. made
+        of the `left` nodes might beat the incumbent. Such a plan has every stage's share_floor cost within tau,
+        the incumbent less the cheapest hop. A unit holds at most N_u(tau) = #{n: q_u[n-1] <= tau} layers within
+        tau and at least one; a unit of the left nodes holds at most the sum over its members of their class's
+        credit (the most layers any type t.. containing the class holds within tau, over its size: a unit of
+        type t holding m <= N_t(tau) layers is m / |t| per member). If all of that falls short of the model's
+        layers, no completion can beat the incumbent."""
+        grid, held, credit, rows = self._held[:4]
+        tau = (incumbent + 1e-15) / (1 - BOUND_SLACK)    # a plan above this is cut by _cannot_win anyway
+        if len(chosen) > 1:
+            tau -= min(self._min_hops())  # two stages or more: each pays at least the cheapest hop
+        g = int(np.searchsorted(grid, tau, side="right"))
+        total = 0.0
+        for ty in chosen:
+            n = held[rows[ty], g]
+            if n == 0:
+                return False
+            total += n
+        return total + float(np.dot(left, credit[t, :, g])) >= self.L - 1e-9
+
+    def _held_tables(self, types):
+        """For _may_hold: the tau grid (every type's share_floor values), held[type, g] = N_type(tau) for tau in
+        [grid[g-1], grid[g]), credit[t, class, g] over the types t.., and each type's row."""
+        floors = [self.share_floor(self._assign([ty])[0]) for ty in types]
+        grid = np.unique(np.concatenate([q[np.isfinite(q)] for q in floors]))
+        held = np.zeros((len(types), len(grid) + 1))
+        for r, q in enumerate(floors):
+            held[r, 1:] = np.searchsorted(q, grid, side="right")
+        credit = np.zeros((len(types) + 1, len(self.classes), len(grid) + 1))
+        for r in range(len(types) - 1, -1, -1):
+            credit[r] = credit[r + 1]
+            for c in set(types[r]):
+                credit[r, c] = np.maximum(credit[r, c], held[r] / len(types[r]))
+        rows = {ty: r for r, ty in enumerate(types)}
+        self._held_changes = [not np.array_equal(credit[r], credit[r + 1]) for r in range(len(types))]
+        if self.options.objective != "goodput":
+            return grid, held, credit, rows
+        lows = [self.lower(self._assign([ty])[0]) for ty in types]
+        fixed = np.array([a for a, _ in lows])
+        cost = np.array([float(b.min()) if np.isfinite(a) else np.inf for a, b in lows])
+        cheapest = np.full((len(types) + 1, len(self.classes)), np.inf)
+        for r in range(len(types) - 1, -1, -1):
+            cheapest[r] = cheapest[r + 1]
+            for c in set(types[r]):
+                cheapest[r, c] = min(cheapest[r, c], cost[r])
+            self._held_changes[r] = self._held_changes[r] or not np.array_equal(cheapest[r], cheapest[r + 1])
+        first = np.array([q[0] for q in floors])
+        return grid, held, credit, rows, fixed, cost, cheapest, first
+
+    def _goodput_floor(self, chosen: list[tuple[int, ...]], t: int, left: list[int], incumbent: float = np.inf) \
+            -> float:
+        """Goodput: a bound on every set of the `chosen` unit types plus units of types t.. made of the `left`
+        nodes. A plan's value is its prefill sum plus its slowest stage's decode share D. With tau = D, each
+        chosen unit u holds 1..min(cap, N_u(tau)) layers at prefill >= a_u + b_u.min() a layer (lower()), and the
+        left nodes of class c hold at most credit_c(tau) layers each at >= the cheapest per-layer prefill of the
+        types t.. containing c (a unit's fixed part a >= 0): the least prefill is that fractional knapsack,
+        filled cheapest first, and never below the per-layer floor. The bound is the least over tau (the grid
+        of share_floor values, where the capacities change) of prefill floor + tau; inf if no tau holds the
+        model. Only tau up to the incumbent less the per-layer floor can matter, so only those are priced."""
+        grid, held, credit, rows, fixed, cost, cheapest, first = self._held
+        L, per_layer = self.L, self._floor[1]
+        r = [rows[ty] for ty in chosen]
+        fixed_sum, cost_sum = float(fixed[r].sum()), float(cost[r].sum())
+        top = (incumbent + 1e-15) / (1 - BOUND_SLACK) - fixed_sum - max(per_layer, cost_sum)
+        hi = len(grid) if not np.isfinite(top) else int(np.searchsorted(grid, top, side="right"))
+        lo = int(np.searchsorted(grid, float(first[r].max()), side="left"))   # every unit holds a layer
+        if hi <= lo:
+            return np.inf
+        h = held[r, lo + 1:hi + 1]                       # column g prices tau = grid[g - 1]
+        pool = [c for c, n in enumerate(left) if n and cheapest[t, c] < np.inf]
+        caps = np.concatenate([h - 1, np.array(left)[pool, None] * credit[t, pool, lo + 1:hi + 1]])
+        costs = np.concatenate([cost[r], cheapest[t, pool]])
+        order = np.argsort(costs, kind="stable")
+        caps, costs = caps[order], costs[order]
+        rest = L - len(r)
+        before = np.cumsum(caps, axis=0) - caps
+        fill = np.clip(rest - before, 0.0, caps)
+        prefill = fixed_sum + np.maximum(cost_sum + costs @ fill, per_layer)
+        ok = (h.min(axis=0) >= 1) & (caps.sum(axis=0) >= rest - 1e-9)
+        if not ok.any():
+            return np.inf
+        return float((prefill + grid[lo:hi])[ok].min())
+
+    def share_floor(self, unit: Unit) -> np.ndarray:
+        """q[n - 1], n = 1..L: no stage of n or more layers on the unit costs less than q[n - 1], non-decreasing
+        (throughput: its decode step without the hop, best_split's matrices; goodput: its decode share of a
+        request without the hop at any batch size, _decode_shares' matrices). Exact minima of the entries the
+        split programmes read, so the bottleneck bounds hold whatever the profile."""
+        unit = self._canon(unit)
+        if unit not in self._floors:
+            L, n = self.L, np.arange(1, self.L + 1)
+            i, j = np.arange(L + 1)[:, None], np.arange(L + 1)[:, None] + n[None, :]
+            inside, j = j <= L, np.minimum(j, L)
+            if self.options.objective == "goodput" and not self.model.moe:   # no [b, i, j] matrices needed
+                self._floors[unit] = self._dense_share_floor(unit)
+                return self._floors[unit]
+            if self.options.objective == "goodput":   # the least over batch sizes b of step[b] * (out / (b + 1))
+                step, last = self._batched_steps(unit)
+                share = (self.options.output_tokens / self.batches)       # as _decode_shares scales them
+                step, last = (step * share[:, None, None]).min(axis=0), (last * share[:, None]).min(axis=0)
+            else:
+                step, last = self.costs(unit)
+            g = np.minimum(np.where(inside, step[i, j], np.inf).min(axis=0), last[L - n])
+            self._floors[unit] = np.minimum.accumulate(g[::-1])[::-1]
+        return self._floors[unit]
+
+    ROUNDING = 1e-12   # a floor computed in another order of operations than the entries it bounds: kept below
+
+    def _dense_share_floor(self, unit: Unit) -> np.ndarray:
+        """share_floor for goodput on a dense model without building the unit's [b, i, j] step matrices: a
+        decode step of b sequences over any window of n layers costs at least, on each member's chip, the
+        roofline of the window's least bytes and FLOPs (a dense model's work over [i, i + n) is its weights'
+        and KV's; the least over i is taken apart for each) plus the chip's overhead of n layers (attention
+        apart: plus n layers of it) and the n all-reduces; the slowest member decides, so the most of these
+        over the members is a floor too. Times output_tokens / b, least over b; inf where no window of n
+        layers fits (the masks of costs()); scaled by 1 - ROUNDING against rounding."""
+        m, p, o, L, tp = self.model, self.options.profile, self.options, self.L, len(unit)
+        idx, n, B = np.arange(L + 1), np.arange(1, L + 1), self.batches
+        ctx = 0 if p.attention_apart else o.mean_decode_context
+        weights = np.array([read_bytes(m, p, 0, j, 1) for j in idx])
+        params = np.array([m._active_layer_params(0, j) for j in idx])
+        least = lambda x: np.array([float((x[k:] - x[:-k]).min()) for k in n])   # noqa: E731
+        reads = (least(weights)[None, :] + (B[:, None] * ctx) * n[None, :] * m.kv_bytes_per_token_layer()) / tp
+        flops = ((2.0 * B[:, None]) * least(params)[None, :]
+                 + (B[:, None] * ctx) * n[None, :] * m._attn_flops_per_position()) / tp
+        step = np.full((len(B), L), -np.inf)
+        for chip in dict.fromkeys(self.cluster.node(name).chip for name in unit):
+            ovh = self._overhead(chip)[0, 1:][None, :]
+            if p.attention_apart:
+                attn = np.array([self._attention_per_layer(chip, tp, False, int(b), o.mean_decode_context) for b in B])
+                ovh = ovh + attn[:, None] * n[None, :]
+            step = np.maximum(step, np.maximum(reads / p.bandwidth(chip), flops / p.flops(chip)) + ovh)
+        if tp > 1:
+            stage = unit_stage(self.cluster, m, unit, 0, 1, False)
+            step = step + np.array([stage.allreduce_per_layer_s(m, p, int(b)) for b in B])[:, None] * n[None, :]
+        g = (step * (o.output_tokens / B)[:, None]).min(axis=0) * (1 - self.ROUNDING)
+        fits = np.isfinite(self.costs(unit)[0])
+        fits_n = np.array([bool(np.diagonal(fits, k).any()) for k in n])
+        g = np.where(fits_n, np.maximum(g, 0.0), np.inf)
+        return np.minimum.accumulate(g[::-1])[::-1]
+
+    def _bottleneck_floor(self, units, hops) -> float:
+        """A floor on the slowest stage (its share_floor cost plus its hop) of any split of these units, in any
+        order, the hops given per unit: each unit holds >= 1 layer, and a split within tau needs
+        sum_u N_u(tau) >= L, so tau is at least the L-th smallest of all the units' q + hop values."""
+        qs = [self.share_floor(u) + h for u, h in zip(units, hops)]
+        values = np.concatenate(qs)
+        return max(max(float(q[0]) for q in qs), float(np.partition(values, self.L - 1)[self.L - 1]))
+
+    def _tight_set_bound(self, units) -> float:
+        """_set_bound, with the bottleneck floor: throughput's slowest stage, goodput's decode share."""
+        bound, objective = self._set_bound(units), self.options.objective
+        if objective == "latency" or not self.use_bounds:
+            return bound
+        if objective == "goodput":
+            if self._held is None:
+                types = self.unit_types()
+                self._floor, self._held = self._global_floor(types), self._held_tables(types)
+            coupled = self._goodput_floor([self._type_of(u) for u in units], 0, [0] * len(self.classes))
+            return max(bound + self._bottleneck_floor(units, [0.0] * len(units)), coupled)
+        hop = min(self._min_hops()) if len(units) > 1 else 0.0
+        return max(bound, self._bottleneck_floor(units, [hop] * len(units)))
+
+    def _order_floor(self, order) -> float:
+        """A bound on every split of the units in this order: throughput's bottleneck with each stage's own hop."""
+        if not self.use_bounds or self.options.objective == "latency":
+            return -np.inf
+        if self.options.objective == "throughput":
+            return self._bottleneck_floor(list(order), self._ring_hops(order))
+        return self._tight_set_bound(list(order))
 
     def _holds_model(self, units) -> bool:
         return len(units) <= self.L and sum(self.cap(u) for u in units) >= self.L
@@ -698,10 +911,11 @@ class _Search:
             pre, pre_last = pre + (idx[None, :] - idx[:, None]) * comm, pre_last + (L - idx) * comm
         return self._reserve_masked(unit, pre, pre_last)
 
-    def _reserve_masked(self, unit: Unit, matrix: np.ndarray, last: np.ndarray):
+    def _reserve_masked(self, unit: Unit, matrix: np.ndarray, last: np.ndarray, copy: bool = True):
         """inf where layers [i, j) do not fit the unit with their KV reserve, or i >= j (as in costs())."""
         fits = np.isfinite(self.costs(unit)[0])
-        matrix, last = matrix.copy(), last.copy()
+        if copy:
+            matrix, last = matrix.copy(), last.copy()
         matrix[..., ~fits] = np.inf
         last[..., ~fits[:, self.L]] = np.inf
         return matrix, last
@@ -730,26 +944,34 @@ class _Search:
     def _build_batched_steps(self, unit: Unit):
         m, p, L, tp = self.model, self.options.profile, self.L, len(unit)
         idx, B = np.arange(L + 1), self.batches
-        read, flops = self._batched_work()
-        d_read = (read[:, None, :] - read[:, :, None]) / tp
-        d_flops = (flops[:, None, :] - flops[:, :, None]) / tp
-        step, last = np.full(d_read.shape, -np.inf), np.full(d_read.shape[:2], -np.inf)
+        d_read, d_flops = self._batched_deltas(tp)
+        step = last = None
         ctx = self.options.mean_decode_context
-        for name in unit:
-            chip = self.cluster.node(name).chip
+        for chip in dict.fromkeys(self.cluster.node(name).chip for name in unit):   # alike members alike
             bw, fl, ovh = p.bandwidth(chip), p.flops(chip), self._overhead(chip)
             if p.attention_apart:   # per batch size: its attention per layer times the layers
                 attn = np.array([self._attention_per_layer(chip, tp, False, int(n), ctx) for n in B])
                 ovh = ovh[None, :, :] + attn[:, None, None] * (idx[None, :] - idx[:, None])[None, :, :]
-            step = np.maximum(step, np.maximum(d_read / bw, d_flops / fl) + ovh)
-            last = np.maximum(last, np.maximum((d_read[:, :, L] + m.head_bytes()) / bw,
-                                               (d_flops[:, :, L] + m.head_flops(1) * B[:, None]) / fl) + ovh[..., L])
+            cand = d_read / bw            # in place from here: the same operations, fewer large temporaries
+            np.maximum(cand, d_flops / fl, out=cand)
+            cand += ovh
+            step = cand if step is None else np.maximum(step, cand, out=step)
+            tail = np.maximum((d_read[:, :, L] + m.head_bytes()) / bw,
+                              (d_flops[:, :, L] + m.head_flops(1) * B[:, None]) / fl) + ovh[..., L]
+            last = tail if last is None else np.maximum(last, tail)
         if tp > 1:
             stage = unit_stage(self.cluster, m, unit, 0, 1, False)
             comm = np.array([stage.allreduce_per_layer_s(m, p, int(n)) for n in B])
-            step = step + (idx[None, :] - idx[:, None]) * comm[:, None, None]
+            step += (idx[None, :] - idx[:, None]) * comm[:, None, None]
             last = last + (L - idx) * comm[:, None]
-        return self._reserve_masked(unit, step, last)
+        return self._reserve_masked(unit, step, last, copy=False)
+
+    def _batched_deltas(self, tp: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bytes read and FLOPs of a decode step over layers [i, j) per member of a tp-way unit: arrays [b, i, j]."""
+        if tp not in self._deltas:
+            read, flops = self._batched_work()
+            self._deltas[tp] = ((read[:, None, :] - read[:, :, None]) / tp, (flops[:, None, :] - flops[:, :, None]) / tp)
+        return self._deltas[tp]
 
     def _batched_work(self) -> tuple[np.ndarray, np.ndarray]:
         """Bytes read and FLOPs of one decode step over layers [0, j), per batch size: arrays [b, j]."""
@@ -757,9 +979,16 @@ class _Search:
             m, ctx, idx, p = self.model, self.options.mean_decode_context, np.arange(self.L + 1), self.options.profile
             if p.attention_apart:   # attention is priced apart (_build_batched_steps)
                 ctx = 0
-            kv = m.kv_bytes_per_token_layer()
-            read = np.array([[read_bytes(m, p, 0, j, int(n)) + n * ctx * j * kv for j in idx] for n in self.batches])
-            flops = np.array([[m.decode_flops(0, j, int(n), ctx) for j in idx] for n in self.batches])
+            kv, B = m.kv_bytes_per_token_layer(), self.batches
+            if m.moe:   # the experts a step touches depend on its sequences
+                weights = np.array([[read_bytes(m, p, 0, j, int(n)) for j in idx] for n in B])
+            else:       # a dense step reads every weight once, whatever its sequences: one row serves all
+                weights = np.array([read_bytes(m, p, 0, j, 1) for j in idx])[None, :]
+            # the same operations, in the same order, as read_bytes(...) + n * ctx * j * kv and decode_flops()
+            read = weights + (B[:, None] * ctx) * idx[None, :] * kv
+            params = np.array([m._active_layer_params(0, j) for j in idx])
+            flops = (2.0 * B[:, None]) * params[None, :] + (B[:, None] * ctx) * idx[None, :] \
+                * m._attn_flops_per_position()
             self._work = (read, flops)
         return self._work
 

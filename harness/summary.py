@@ -78,7 +78,9 @@ def cluster_hash(cluster) -> str | None:
         return None
     from dataclasses import asdict
     spec = asdict(cluster)
-    return _digest([spec["nodes"], spec["links"]])
+    # a node not pinned to a core (every Mac) hashes as it did before cpu_core existed: baselines stay valid
+    nodes = [{k: v for k, v in n.items() if not (k == "cpu_core" and v is None)} for n in spec["nodes"]]
+    return _digest([nodes, spec["links"]])
 
 
 def fingerprint(plan: dict | None, cluster, workload: dict | None, model: str | None) -> dict:

@@ -113,3 +113,15 @@ def test_load_report_bytes_mean_weights_only_in_simulate_and_the_sim_backend(tmp
     weights = {n: int(st.weight_bytes_node) for st in stage_models(cluster, model, plan) for n in st.nodes}
     assert load["memory_bytes_per_node"] == weights
     assert all(v > 0 for v in load["kv_peak_bytes_per_node"].values())
+
+
+def test_cluster_hash_of_the_ci_baseline_cluster_is_unchanged():
+    """check refuses a baseline whose cluster hash differs: a new Node field left unset must not move the hash of
+    clusters that do not use it (the CI smoke baseline is one)."""
+    import json
+    from pathlib import Path
+    from harness.catalog import load_cluster
+    from harness.summary import cluster_hash
+    baseline = json.loads((Path(__file__).resolve().parents[1] / "runs/baselines/smoke.json").read_text())
+    fp = baseline["fingerprint"]
+    assert cluster_hash(load_cluster(fp["cluster"])) == fp["cluster_hash"]

@@ -362,6 +362,7 @@ def simulate_candidate(s: Screened, model: ModelSpec, options: PlanOptions, targ
     """Serve `users` closed-loop streams on the candidate's plan (the strategy it was priced with; simulated)."""
     from harness.planning import plan_with
     from harness.workloads import build_workload
+    from sim.engine import EngineConfig
     from sim.run import simulate
     cluster = catalog.parse_cluster(cluster_data(s.candidate), "candidate", "size candidate")
     plan = plan_with(s.strategy, cluster, model, replace(options, objective="latency"))   # as it was screened
@@ -373,7 +374,8 @@ def simulate_candidate(s: Screened, model: ModelSpec, options: PlanOptions, targ
     workload = build_workload({"kind": "synthetic", "num_requests": n, "seed": 1,
                                "prompt": options.prompt_tokens, "output": output,
                                "closed_loop": {"concurrency": targets.users}})
-    result = simulate(cluster, model, plan, options.profile, workload, include_load=False)
+    result = simulate(cluster, model, plan, options.profile, workload, EngineConfig(record_steps=False),
+                      include_load=False)   # figures come from request rows: no step records to build
     return simulated_figures(result.requests.to_pandas(), skip_first=targets.users)
 
 

@@ -152,7 +152,8 @@ def make_evaluator(setup: dict, prompt: dict, output: dict, requests: int, seed:
     from harness.workloads import build_workload
     from sim.engine import EngineConfig
     from sim.run import simulate
-    config = EngineConfig(max_num_seqs=setup["options"].max_num_seqs)
+    # the knee is judged on request rows: step records would only be built and thrown away
+    config = EngineConfig(max_num_seqs=setup["options"].max_num_seqs, record_steps=False)
     counter = {"n": 0}
 
     def evaluate(rate: float):

@@ -18,7 +18,7 @@ import pytest
 from harness.backends.base import GenerationRequest
 from harness.backends.mlx import MlxBackend
 from harness.serving.server import EmbeddedServer
-from tests.server.conftest import PlainStream
+from tests.server.conftest import ReadyToggle
 from tests.server.test_server_fast_path import _events, _token_events
 from tests.server.test_sim_ready import _stream_then
 
@@ -26,15 +26,8 @@ GUARD_S = 30   # hang bounds only, never timing asserts
 PROMPT_TEXT = "def fibonacci(n):\n    return"
 
 
-class _Mlx(MlxBackend):
+class _Mlx(ReadyToggle, MlxBackend):
     """The mlx backend, remembering the server's loop; `plain` hides its streams' `ready`."""
-
-    plain = False
-
-    def generate(self, request):
-        self.loop = asyncio.get_running_loop()
-        stream = super().generate(request)
-        return PlainStream(stream) if self.plain else stream
 
 
 def _until(check, what: str) -> None:

@@ -11,6 +11,19 @@ from harness.serving.server import EmbeddedServer, ServerLimits
 
 
 @pytest.fixture(scope="module")
+def setup():
+    """(cluster, model, plan, profile) the sim-backend server tests serve: Llama 3.1 8B on seed-64gb, uniform."""
+    import argparse
+    from harness.costmodel import load_profile
+    from harness.planning import add_plan_arguments, make_plan
+    p = argparse.ArgumentParser()
+    add_plan_arguments(p)
+    cluster, model, plan = make_plan(p.parse_args(["--cluster", "seed-64gb", "--model", "llama-3.1-8b",
+                                                   "--strategy", "uniform"]))
+    return cluster, model, plan, load_profile(None)
+
+
+@pytest.fixture(scope="module")
 def instant_server():
     backend = InstantBackend()
     with EmbeddedServer(backend, limits=ServerLimits(max_tokens=4096, max_body_bytes=64 * 1024)) as server:
@@ -57,3 +70,15 @@ class PlainStream:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+class ReadyToggle:
+    """Mixed into a backend: remembers the server's loop; `plain = True` hides its streams' `ready`."""
+
+    plain = False
+
+    def generate(self, request):
+        import asyncio
+        self.loop = asyncio.get_running_loop()
+        stream = super().generate(request)
+        return PlainStream(stream) if self.plain else stream

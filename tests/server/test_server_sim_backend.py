@@ -2,27 +2,14 @@
 never the wall clock."""
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
-import pytest
 
 import sim
-from harness.costmodel import load_profile
 from harness.serving.loadgen import LoadMode, Target, run_load_sync
-from harness.planning import add_plan_arguments, make_plan
 from harness.serving.server import EmbeddedServer
 from harness.backends.sim import SimBackend, SimBackendConfig
 from harness.workloads import build_workload, parse_workload
-
-
-@pytest.fixture(scope="module")
-def setup():
-    p = argparse.ArgumentParser()
-    add_plan_arguments(p)
-    args = p.parse_args(["--cluster", "seed-64gb", "--model", "llama-3.1-8b", "--strategy", "uniform"])
-    cluster, model, plan = make_plan(args)
-    return cluster, model, plan, load_profile(None)
 
 
 def _serve(setup, wl, mode=LoadMode(), speed=20.0, engine_config=None):

@@ -2,28 +2,15 @@
 requests the batch cannot take (both with real HTTP clients on 127.0.0.1)."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 
 import httpx
-import pytest
 
 from harness.backends.sim import SimBackend, SimBackendConfig
-from harness.costmodel import load_profile
-from harness.planning import add_plan_arguments, make_plan
 from harness.serving.server import EmbeddedServer
 
 BODY = {"prompt": [1, 2, 3, 4], "max_tokens": 4000, "ignore_eos": True, "stream": True}
-
-
-@pytest.fixture(scope="module")
-def setup():
-    p = argparse.ArgumentParser()
-    add_plan_arguments(p)
-    cluster, model, plan = make_plan(p.parse_args(["--cluster", "seed-64gb", "--model", "llama-3.1-8b",
-                                                   "--strategy", "uniform"]))
-    return cluster, model, plan, load_profile(None)
 
 
 def test_a_disconnected_stream_stops_generating(setup):

@@ -4,7 +4,6 @@ and a hang-up or a failure mid-stream is handled as before. Real servers on 127.
 streams; a write is one chunk of the chunked HTTP body, read off a raw socket."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import socket
@@ -14,33 +13,15 @@ import pytest
 
 from harness.backends.base import BackendUnavailable, GenerationRequest
 from harness.backends.sim import SimBackend, SimBackendConfig
-from harness.costmodel import load_profile
-from harness.planning import add_plan_arguments, make_plan
 from harness.serving.server import EmbeddedServer
-from tests.server.conftest import PlainStream
+from tests.server.conftest import ReadyToggle
 from tests.server.test_server_fast_path import _dechunk, _events, _raw_post, _token_events
 
 GUARD_S = 10   # hang bounds only, never timing asserts
 
 
-@pytest.fixture(scope="module")
-def setup():
-    p = argparse.ArgumentParser()
-    add_plan_arguments(p)
-    cluster, model, plan = make_plan(p.parse_args(["--cluster", "seed-64gb", "--model", "llama-3.1-8b",
-                                                   "--strategy", "uniform"]))
-    return cluster, model, plan, load_profile(None)
-
-
-class _Sim(SimBackend):
+class _Sim(ReadyToggle, SimBackend):
     """The sim backend, remembering the server's loop; `plain` hides its streams' `ready`."""
-
-    plain = False
-
-    def generate(self, request):
-        self.loop = asyncio.get_running_loop()
-        stream = super().generate(request)
-        return PlainStream(stream) if self.plain else stream
 
 
 def _sim(setup, speed: float, plain: bool = False) -> _Sim:

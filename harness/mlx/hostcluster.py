@@ -41,8 +41,12 @@ def host_cluster(profile_path: str | Path, ranks: int, name: str | None = None) 
 def _pinned_core(prof: dict, rank: int, ranks: int) -> dict:
     """The core the launcher pins rank `rank` of `ranks` to (one process is not pinned): ranks naming the same
     core time-share it, which the cost model prices where every rank works at once (the output head)."""
+    from harness.mlx.launcher import compute_env
     cores = int(prof.get("rank", {}).get("cores") or prof.get("host", {}).get("cpus") or 0)
-    return {"cpu_core": f"core{rank % cores}"} if ranks > 1 and cores > 0 else {}
+    if cores < 1:
+        return {}
+    core = compute_env(rank, ranks, None, list(range(cores)), cores).get("HARNESS_CPU_CORE")   # the launcher's rule
+    return {} if core is None else {"cpu_core": f"core{core}"}
 
 
 def _measured(link: dict) -> dict:

@@ -41,8 +41,12 @@ MOE_TERMS = {"expert_eta": 1.0, "expert_fill_tokens": 0.0}
 # what only an engine has: its fixed cost per request (TTFT floor: tokenising, scheduling, the first
 # round trip) and the tokens it prefills per forward (0: the whole prompt in one)
 ENGINE_TERMS = {"request_overhead_s": 0.0, "prefill_chunk_tokens": 0.0}
-FACTOR_KEYS = (*REQUIRED, *OPTIONAL)   # what a per_chip entry may override
-ENGINE_KEYS = (*FACTOR_KEYS, *MOE_TERMS, *ENGINE_TERMS, "per_chip", "basis")   # what an engines entry may set
+# a decode step's measured time at each batch size over the cost model's own, relative to one sequence (index
+# batch - 1): small-batch GEMM kernels on a CPU are not linear in the batch (one OpenBLAS thread on this host:
+# batch 3 takes 1.25x batch 1 and batch 4 1.01x). `calibrate --from` fits it per chip; () = no such term
+TABLE_TERMS = ("decode_batch_scale",)
+FACTOR_KEYS = (*REQUIRED, *OPTIONAL, *TABLE_TERMS)   # what a per_chip entry may override
+ENGINE_KEYS = (*REQUIRED, *OPTIONAL, *MOE_TERMS, *ENGINE_TERMS, "per_chip", "basis")   # what an engines entry may set
 DEFAULT_ENGINE = "mlx-lm"   # the engine a profile's own factors are for; its engines entry, if any, is empty
 # A profile file's keys: the factors, their provenance, and the notes `harness calibrate` writes beside them.
 PROFILE_KEYS = ("name", "source", *FACTOR_KEYS, *MOE_TERMS, *ENGINE_TERMS, "per_chip", "per_generation", "engines",
@@ -85,11 +89,14 @@ class Profile:
     # an RDMA message (JACCL) this much software time on top of the verbs latency
     tcp_hop_latencies: float = 1.0
     rdma_hop_overhead_us: float = 0.0
+    decode_batch_scale: tuple = ()      # TABLE_TERMS
 
     def __post_init__(self):
         check_optional_terms(self.__dict__, f"profile {self.name}", partial=False)
+        check_batch_scale(self.decode_batch_scale, f"profile {self.name}")
         for chip, factors in self.per_chip.items():
             check_optional_terms(factors, f"profile {self.name}: per_chip.{chip}")
+            check_batch_scale(factors.get("decode_batch_scale", ()), f"profile {self.name}: per_chip.{chip}")
         for name, entry in self.engines.items():
             check_optional_terms(entry, f"profile {self.name}: engines.{name}")
         for gen, factors in self.per_generation.items():
@@ -146,6 +153,12 @@ class Profile:
         r = self._get(chip, "prefill_ramp_tokens")
         return 1.0 + r / tokens if r and tokens else 1.0
 
+    def batch_scale(self, chip: Chip, batch: int) -> float:
+        """The decode_batch_scale entry for `batch` sequences on this chip: past the table its last entry (the
+        batch sizes the fit saw), without a table 1."""
+        table = self._get(chip, "decode_batch_scale")
+        return float(table[min(batch, len(table)) - 1]) if table and batch >= 1 else 1.0
+
     def bandwidth(self, chip: Chip) -> float:
         """Effective bytes/s a decode step streams on this chip."""
         return self._get(chip, "eta_bw") * chip.mem_bw_gbs * 1e9
@@ -169,6 +182,14 @@ def chip_generation(chip: Chip) -> str:
 @lru_cache(maxsize=None)
 def _generation(name: str) -> str:
     return name.split()[0]
+
+
+def check_batch_scale(table, origin: str) -> None:
+    """decode_batch_scale is a list of positive numbers, one per batch size from 1."""
+    if not isinstance(table, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, (int, float)) or
+                                                   not 0 < v <= 100 for v in table):
+        raise UserError(f"{origin}: decode_batch_scale must be a list of numbers in (0, 100] (batch 1, 2, ...), "
+                        f"got {table!r}")
 
 
 def check_optional_terms(values: dict, origin: str, partial: bool = True) -> None:
@@ -203,7 +224,8 @@ def load_profile(path: str | Path | None = None) -> Profile:
     return Profile(name=data.get("name", p.stem), per_chip=data.get("per_chip", {}), source=data.get("source", ""),
                    engines=data.get("engines", {}), per_generation={g: e for g, e in generations.items() if e},
                    **{k: float(data[k]) for k in REQUIRED},
-                   **{k: float(data[k]) for k in (*OPTIONAL, *MOE_TERMS, *ENGINE_TERMS) if k in data})
+                   **{k: float(data[k]) for k in (*OPTIONAL, *MOE_TERMS, *ENGINE_TERMS) if k in data},
+                   **{k: tuple(data[k]) for k in TABLE_TERMS if k in data})
 
 
 def _reject_unknown_profile_keys(data: dict, origin: str) -> None:
@@ -609,11 +631,14 @@ class StageModel:
         nbytes, flops = decode_work(model, s, e, batch, 0, tp, self.last, profile)
         nbytes, flops = nbytes + self._shared_head_bytes(model), flops + self._shared_head_flops(model, batch)
         fixed = self.allreduce_s(model, profile, batch)
-        members = tuple((profile.bandwidth(c), profile.flops(c), profile.exposed(c), profile.overhead(c, e - s, batch) + fixed)
-                        for c in self.chips)
+        # the batch scale stretches a member's whole step but its all-reduces (overlapped() is homogeneous, so
+        # dividing the rates by it scales the roofline)
+        scales = [profile.batch_scale(c, batch) for c in self.chips]
+        members = tuple((profile.bandwidth(c) / k, profile.flops(c) / k, profile.exposed(c),
+                         k * profile.overhead(c, e - s, batch) + fixed) for c, k in zip(self.chips, scales))
         kv, af = decode_attention_work(model, s, e, 1.0, tp)
         if profile.attention_apart:
-            rates = tuple(profile.attention_s(c, kv, af) for c in self.chips)
+            rates = tuple(k * profile.attention_s(c, kv, af) for c, k in zip(self.chips, scales))
             return DecodeTerms(nbytes, flops, 0.0, 0.0, members, rates)
         return DecodeTerms(nbytes, flops, kv, af, members)
 

@@ -117,3 +117,24 @@ def test_plan_options_are_public_and_checked(profile):
     assert costmodel.PlanOptions(profile).objective == "latency"
     with pytest.raises(UserError, match="objective"):
         costmodel.PlanOptions(profile, objective="fastest")
+
+
+def test_decode_batch_scale_stretches_a_decode_step_by_its_batch_size(profile, tmp_path):
+    """decode_batch_scale[b - 1] multiplies the decode step of b sequences (past the table: its last entry);
+    prefill is not scaled; a per-chip table wins over the profile's; a bad table is refused by name."""
+    from dataclasses import replace
+    cluster = catalog.load_cluster("m2ultra-4x-tb4")
+    model = catalog.load_model("llama-3.1-8b", 4)
+    st = costmodel.stage_model(cluster, model, (cluster.nodes[0].name,), 0, model.num_layers, True)
+    scaled = replace(profile, decode_batch_scale=(1.0, 1.5, 0.8))
+    for batch, k in ((1, 1.0), (2, 1.5), (3, 0.8), (7, 0.8)):
+        assert st.decode_s(model, scaled, batch, 4000.0) == pytest.approx(k * st.decode_s(model, profile, batch, 4000.0))
+    assert st.prefill_s(model, scaled, 512, 0) == st.prefill_s(model, profile, 512, 0)
+    chip = cluster.nodes[0].chip.name
+    per_chip = replace(scaled, per_chip={chip: {**profile.per_chip.get(chip, {}), "decode_batch_scale": [1.0, 2.0]}})
+    assert st.decode_s(model, per_chip, 2, 0.0) == pytest.approx(2.0 * st.decode_s(model, profile, 2, 0.0))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**json.loads((costmodel.PROFILE_DIR / "fitted.json").read_text()),
+                               "decode_batch_scale": [1.0, -2]}))
+    with pytest.raises(UserError, match="decode_batch_scale must be a list"):
+        costmodel.load_profile(bad)

@@ -120,3 +120,35 @@ def test_a_rate_that_never_binds_is_bounded_not_infinite():
     assert fit.predict(rows, out["coef"], 0.0, 0.0) == pytest.approx(fit.predict(rows, best["coef"], 0.0, 0.0))
     partly = {**best, "overlap": 0.5}   # min(mem, comp) is charged: the rate is seen, nothing to bound
     assert fit.bounded_rates(rows, partly, fit.base_coefficients(BASE)) is partly
+
+
+def test_fit_finds_the_decode_batch_scale_a_linear_batch_term_cannot_give(sample, tmp_path):
+    """One BLAS thread on a CPU: batch 3 decodes 25 % slower than batch 1 or 4 (measured on this host's OpenBLAS,
+    see costmodel.TABLE_TERMS). Steps priced with such a table must give a table with that bump and price every
+    batch size as the truth does; the fitted profile file keeps it."""
+    cluster, _, plan, model = sample
+    table = (1.0, 1.05, 1.3, 1.0, 1.1, 1.2)
+    truth = Profile(**{**BASE.__dict__, **TRUE, "decode_batch_scale": table})
+    steps = pd.concat([known_steps(cluster, plan, model, truth)] * 3, ignore_index=True)
+    fitted, report = fit.fit_host_profile([(steps, plan, model, cluster)], BASE)
+    assert report["rms_relative_error_pct"] < 2.0
+    # a linear trend in the batch can sit in seq_layer_overhead_s or in the table: the test is the bump at 3 and
+    # the prices
+    got = fitted.decode_batch_scale
+    assert len(got) == 6 and got[2] > 1.15 * max(got[1], got[3])
+    for st in stage_models(cluster, model, plan):
+        for b in (1, 3, 4):
+            r = SimpleNamespace(kind="decode", tokens=b, batch_size=b, kv_bytes=b * 250 * st.kv_bytes_per_token_node)
+            assert predicted_step_s(r, st, model, fitted) == pytest.approx(predicted_step_s(r, st, model, truth),
+                                                                           rel=0.03), (st.index, b)
+    path = tmp_path / "fitted.json"
+    path.write_text(json.dumps(fit.profile_json(fitted, report)))
+    from harness.costmodel import load_profile
+    assert load_profile(path).decode_batch_scale == fitted.decode_batch_scale
+
+
+def test_too_few_rows_per_batch_size_fit_no_batch_scale(sample):
+    cluster, _, plan, model = sample
+    truth = Profile(**{**BASE.__dict__, **TRUE, "decode_batch_scale": (1.0, 1.3)})
+    fitted, _ = fit.fit_host_profile([(known_steps(cluster, plan, model, truth), plan, model, cluster)], BASE)
+    assert fitted.decode_batch_scale == ()

@@ -13,6 +13,11 @@ row, the equation is linear in (1/eta, 1/mu, the three overheads): a non-negativ
 from a grid, refined around the best point. Terms the data cannot determine are held at the base profile:
 mu_compute and the ramp without prefill rows, eta_bw without decode rows, the overlap without both kinds, the
 per-layer overhead with one layer count only, the per-sequence overhead with one sequence count only.
+
+Small-batch decode on a CPU is not linear in the batch (GEMM kernels by row count), so the fit also finds
+decode_batch_scale: each decode row's prediction is multiplied by its batch size's entry, the entries are the
+median measured / predicted ratio by batch size relative to the smallest batch (1 where it has rows), and the
+coefficients are solved again with them, a few rounds (BATCH_SCALE_ROUNDS).
 """
 from __future__ import annotations
 
@@ -46,6 +51,14 @@ class Rows:
     seqs: np.ndarray
     measured: np.ndarray   # compute_s
     prefill: np.ndarray    # bool
+    batch: np.ndarray | None = None   # sequences of a decode row (0: a prefill row); None: seqs where decode
+    scale: np.ndarray | None = None   # each row's decode_batch_scale entry; None: all 1
+
+    def __post_init__(self):
+        if self.batch is None:
+            object.__setattr__(self, "batch", np.where(self.prefill, 0, self.seqs))
+        if self.scale is None:
+            object.__setattr__(self, "scale", np.ones(len(self.measured)))
 
 
 # ----------------------------------------------------------------------------------------------- equations
@@ -55,8 +68,9 @@ def sample_rows(steps: pd.DataFrame, plan, model, cluster, base: Profile) -> Row
     picked = components.single_forward_rows(steps)
     cols = [_row_terms(r, stages, model, base) for r in picked.itertuples()]
     arr = np.array(cols, dtype=float).reshape(-1, 6)
+    prefill = (picked["kind"] == "prefill").to_numpy()
     return Rows(mem=arr[:, 0], comp=arr[:, 1], tokens=arr[:, 2], layers=arr[:, 3], seqs=arr[:, 4],
-                measured=arr[:, 5], prefill=(picked["kind"] == "prefill").to_numpy())
+                measured=arr[:, 5], prefill=prefill)
 
 
 def _row_terms(r, stages, model, base: Profile) -> tuple:
@@ -91,13 +105,15 @@ def design(rows: Rows, comp: np.ndarray, exposed: float, memory_larger: np.ndarr
     """Columns for COEFS given which roofline side is the larger in each row."""
     x_mem = rows.mem * np.where(memory_larger, 1.0, exposed)
     x_comp = comp * np.where(memory_larger, exposed, 1.0)
-    return np.column_stack([x_mem, x_comp, np.ones_like(rows.mem), rows.layers, rows.seqs * rows.layers])
+    cols = np.column_stack([x_mem, x_comp, np.ones_like(rows.mem), rows.layers, rows.seqs * rows.layers])
+    return cols * rows.scale[:, None]
 
 
 def predict(rows: Rows, coef: np.ndarray, exposed: float, ramp: float) -> np.ndarray:
     """The cost model's step time for every row (the true max/min, not the linearised sides)."""
     m, c = rows.mem * coef[0], ramped(rows, ramp) * coef[1]
-    return np.maximum(m, c) + exposed * np.minimum(m, c) + coef[2] + coef[3] * rows.layers + coef[4] * rows.seqs * rows.layers
+    t = np.maximum(m, c) + exposed * np.minimum(m, c) + coef[2] + coef[3] * rows.layers + coef[4] * rows.seqs * rows.layers
+    return t * rows.scale
 
 
 # ----------------------------------------------------------------------------------------------- solving
@@ -222,6 +238,52 @@ def bounded_rates(rows: Rows, best: dict, base_coef: np.ndarray) -> dict:
     return {**best, "coef": coef}
 
 
+BATCH_SCALE_ROUNDS = 3
+MIN_BATCH_ROWS = 3      # decode rows a batch size needs for its own decode_batch_scale entry
+
+
+def fit_with_batch_scale(rows: Rows, base: Profile, free: dict) -> tuple[dict, tuple]:
+    """The grid-search fit, then rounds of (decode_batch_scale from its ratios, the fit again with it); the table
+    is kept only where it lowers the residual."""
+    base_coef = base_coefficients(base)
+    best, table = bounded_rates(rows, grid_search(rows, base, free), base_coef), ()
+    for _ in range(BATCH_SCALE_ROUNDS):
+        new = batch_scale_table(rows, best)
+        if not new:
+            break
+        scaled = with_batch_scale(rows, new)
+        trial = bounded_rates(scaled, grid_search(scaled, base, free), base_coef)
+        if trial["residual"] >= best["residual"]:
+            break
+        best, table = trial, new
+    return best, table
+
+
+def batch_scale_table(rows: Rows, best: dict) -> tuple:
+    """decode_batch_scale for batch 1 .. the largest seen: the median measured / unscaled prediction of each batch
+    size's decode rows over the smallest size's, sizes without MIN_BATCH_ROWS rows interpolated; () when fewer
+    than two sizes have enough rows."""
+    plain = replace(rows, scale=np.ones(len(rows.measured)))
+    ratio = rows.measured / predict(plain, best["coef"], 1.0 - best["overlap"], best["prefill_ramp_tokens"])
+    decode = ~rows.prefill
+    seen = {}
+    for b in np.unique(rows.batch[decode]):
+        pick = decode & (rows.batch == b)
+        if pick.sum() >= MIN_BATCH_ROWS:
+            seen[int(b)] = float(np.median(ratio[pick]))
+    if len(seen) < 2:
+        return ()
+    sizes = sorted(seen)
+    table = np.interp(np.arange(1, sizes[-1] + 1), sizes, [seen[b] / seen[sizes[0]] for b in sizes])
+    return tuple(_sig(float(v), 4) for v in table)
+
+
+def with_batch_scale(rows: Rows, table: tuple) -> Rows:
+    """The rows with every decode row scaled by its batch size's entry (past the table: the last one)."""
+    idx = np.clip(rows.batch.astype(int), 1, len(table)) - 1
+    return replace(rows, scale=np.where(rows.prefill, 1.0, np.asarray(table)[idx]))
+
+
 # ----------------------------------------------------------------------------------------------- profile
 def fitted_profile(base: Profile, best: dict, chips: set[str], source: str) -> Profile:
     """The base profile with the fitted terms; per-chip overrides of the fitted chips dropped (they would hide
@@ -247,9 +309,10 @@ def fit_host_profile(samples, base: Profile, names: list[str] | None = None,
         raise UserError("fit_host_profile needs at least one (steps, plan, model, cluster) sample")
     rows = concat_rows([sample_rows(s, p, m, c, base) for s, p, m, c in samples])
     free = free_terms(rows)
-    best = bounded_rates(rows, grid_search(rows, base, free), base_coefficients(base))
+    best, table = fit_with_batch_scale(rows, base, free)
     chips = {n.chip.name for _, _, _, c in samples for n in c.nodes}
-    profile = replace(fitted_profile(base, best, chips, source), iteration_gap_s=_sig(iteration_gap_s(samples)))
+    profile = replace(fitted_profile(base, best, chips, source), iteration_gap_s=_sig(iteration_gap_s(samples)),
+                      decode_batch_scale=table)
     names = names or [f"sample {i}" for i in range(len(samples))]
     report = {"method": "NNLS on relative step-time error over a grid of overlap x prefill_ramp_tokens "
                         "(harness.validation.fit)",
@@ -378,7 +441,7 @@ def fit_from_points(point_dirs, base: Profile, hold_out: dict | None = None, loa
 
 
 FITTED_KEYS = ("eta_bw", "mu_compute", "step_overhead_s", "layer_overhead_s", "seq_layer_overhead_s", "overlap",
-               "prefill_ramp_tokens", "iteration_gap_s")
+               "prefill_ramp_tokens", "iteration_gap_s", "decode_batch_scale")
 
 
 def fit_per_chip(point_dirs, base: Profile, hold_out: dict | None = None) -> tuple[Profile, dict]:
@@ -407,7 +470,8 @@ def fit_per_chip(point_dirs, base: Profile, hold_out: dict | None = None) -> tup
 def profile_json(profile: Profile, report: dict) -> dict:
     """The profile file calibrate --from writes (harness.costmodel.load_profile reads it)."""
     keys = (*costmodel.REQUIRED, *costmodel.OPTIONAL)
-    return {"name": profile.name, "source": profile.source, **{k: getattr(profile, k) for k in keys},
+    tables = {k: list(getattr(profile, k)) for k in costmodel.TABLE_TERMS if getattr(profile, k)}
+    return {"name": profile.name, "source": profile.source, **{k: getattr(profile, k) for k in keys}, **tables,
             "per_chip": profile.per_chip, "fit": report}
 
 

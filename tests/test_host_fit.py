@@ -152,3 +152,18 @@ def test_too_few_rows_per_batch_size_fit_no_batch_scale(sample):
     truth = Profile(**{**BASE.__dict__, **TRUE, "decode_batch_scale": (1.0, 1.3)})
     fitted, _ = fit.fit_host_profile([(known_steps(cluster, plan, model, truth), plan, model, cluster)], BASE)
     assert fitted.decode_batch_scale == ()
+
+
+def test_prompts_of_one_length_leave_the_prefill_ramp_at_the_base(sample):
+    """1 + ramp / T is a constant when every prompt has T tokens: the fit cannot tell the ramp from mu_compute, and
+    a ramp picked anyway prices a batch of 3 prompts (3T tokens in one forward) below 3 single prompts, which the
+    real backend does not do. The ramp stays at the base profile; the single prompt is still priced right."""
+    cluster, _, plan, model = sample
+    truth = Profile(**{**BASE.__dict__, **TRUE})
+    steps = known_steps(cluster, plan, model, truth)
+    steps = steps[(steps["kind"] == "decode") | (steps["tokens"] == 64)]
+    fitted, report = fit.fit_host_profile([(steps, plan, model, cluster)], BASE)
+    assert "prefill_ramp_tokens" in report["held_at_base"] and fitted.prefill_ramp_tokens == BASE.prefill_ramp_tokens
+    st = stage_models(cluster, model, plan)[0]
+    one = SimpleNamespace(kind="prefill", tokens=64, batch_size=1, kv_bytes=0)
+    assert predicted_step_s(one, st, model, fitted) == pytest.approx(predicted_step_s(one, st, model, truth), rel=0.03)

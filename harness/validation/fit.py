@@ -11,7 +11,7 @@ seqs = its sequences. For a fixed (overlap, ramp) and a fixed choice of which ro
 row, the equation is linear in (1/eta, 1/mu, the three overheads): a non-negative least squares on relative error
 (rows weighted by 1/measured) solves it, and the choice of sides is iterated to a fixed point. (overlap, ramp) come
 from a grid, refined around the best point. Terms the data cannot determine are held at the base profile:
-mu_compute and the ramp without prefill rows, eta_bw without decode rows, the overlap without both kinds, the
+mu_compute and the ramp without prefill rows, the ramp with prompts of one length (RAMP_SPREAD), eta_bw without decode rows, the overlap without both kinds, the
 per-layer overhead with one layer count only, the per-sequence overhead with one sequence count only.
 
 Small-batch decode on a CPU is not linear in the batch (GEMM kernels by row count), so the fit also finds
@@ -163,12 +163,23 @@ IDENTIFY_ORDER = (0, 1, 4, 2, 3)   # rates first, then the per-sequence, fixed a
 MIN_INDEPENDENT = 0.02             # share of a column's norm the columns before it must leave unexplained
 
 
+RAMP_SPREAD = 2.0   # the prefill ramp needs forwards whose token counts differ by this factor (10th to 90th pct)
+
+
 def free_terms(rows: Rows) -> dict:
     """Which unknowns these rows determine (see the module docstring)."""
     has_pre, has_dec = bool(rows.prefill.any()), bool((~rows.prefill).any())
     free = identifiable_columns(rows, {0: has_dec, 1: has_pre})
     return {**{name: bool(free[i]) for i, name in enumerate(COEFS)},
-            "overlap": has_pre and has_dec, "prefill_ramp_tokens": has_pre}
+            "overlap": has_pre and has_dec, "prefill_ramp_tokens": has_pre and ramp_identifiable(rows)}
+
+
+def ramp_identifiable(rows: Rows) -> bool:
+    """Prompts of one length cannot tell the ramp from mu_compute (1 + ramp / T is a constant): a fit that picks
+    one anyway prices a batch of prompts (more tokens per forward) as cheaper than it is, so the ramp is held at
+    the base profile unless the prefill forwards span RAMP_SPREAD in tokens."""
+    low, high = np.percentile(rows.tokens[rows.prefill], [10, 90])
+    return bool(low > 0 and high / low >= RAMP_SPREAD)
 
 
 def identifiable_columns(rows: Rows, allowed: dict) -> np.ndarray:

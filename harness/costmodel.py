@@ -42,8 +42,8 @@ MOE_TERMS = {"expert_eta": 1.0, "expert_fill_tokens": 0.0}
 # round trip) and the tokens it prefills per forward (0: the whole prompt in one)
 ENGINE_TERMS = {"request_overhead_s": 0.0, "prefill_chunk_tokens": 0.0}
 # a decode step's measured time at each batch size over the cost model's own, relative to one sequence (index
-# batch - 1): small-batch GEMM kernels on a CPU are not linear in the batch (one OpenBLAS thread on this host:
-# batch 3 takes 1.25x batch 1 and batch 4 1.01x). `calibrate --from` fits it per chip; () = no such term
+# batch - 1): small-batch GEMM kernels on a CPU are not linear in the batch (`calibrate --from` on a validate-ci
+# run of a 40M model fitted (1, 1.027, 1.265, 0.907) for a rank on one OpenBLAS thread); () = no such term
 TABLE_TERMS = ("decode_batch_scale",)
 FACTOR_KEYS = (*REQUIRED, *OPTIONAL, *TABLE_TERMS)   # what a per_chip entry may override
 ENGINE_KEYS = (*REQUIRED, *OPTIONAL, *MOE_TERMS, *ENGINE_TERMS, "per_chip", "basis")   # what an engines entry may set

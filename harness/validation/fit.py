@@ -11,8 +11,9 @@ seqs = its sequences. For a fixed (overlap, ramp) and a fixed choice of which ro
 row, the equation is linear in (1/eta, 1/mu, the three overheads): a non-negative least squares on relative error
 (rows weighted by 1/measured) solves it, and the choice of sides is iterated to a fixed point. (overlap, ramp) come
 from a grid, refined around the best point. Terms the data cannot determine are held at the base profile:
-mu_compute and the ramp without prefill rows, the ramp with prompts of one length (RAMP_SPREAD), eta_bw without decode rows, the overlap without both kinds, the
-per-layer overhead with one layer count only, the per-sequence overhead with one sequence count only.
+mu_compute and the ramp without prefill rows, the ramp with prompts of one length (RAMP_SPREAD), eta_bw without
+decode rows, the overlap without both kinds, the per-layer overhead with one layer count only, the per-sequence
+overhead with one sequence count only.
 
 Small-batch decode on a CPU is not linear in the batch (GEMM kernels by row count), so the fit also finds
 decode_batch_scale: each decode row's prediction is multiplied by its batch size's entry, the entries are the
@@ -51,12 +52,9 @@ class Rows:
     seqs: np.ndarray
     measured: np.ndarray   # compute_s
     prefill: np.ndarray    # bool
-    batch: np.ndarray | None = None   # sequences of a decode row (0: a prefill row); None: seqs where decode
     scale: np.ndarray | None = None   # each row's decode_batch_scale entry; None: all 1
 
     def __post_init__(self):
-        if self.batch is None:
-            object.__setattr__(self, "batch", np.where(self.prefill, 0, self.seqs))
         if self.scale is None:
             object.__setattr__(self, "scale", np.ones(len(self.measured)))
 
@@ -68,9 +66,8 @@ def sample_rows(steps: pd.DataFrame, plan, model, cluster, base: Profile) -> Row
     picked = components.single_forward_rows(steps)
     cols = [_row_terms(r, stages, model, base) for r in picked.itertuples()]
     arr = np.array(cols, dtype=float).reshape(-1, 6)
-    prefill = (picked["kind"] == "prefill").to_numpy()
     return Rows(mem=arr[:, 0], comp=arr[:, 1], tokens=arr[:, 2], layers=arr[:, 3], seqs=arr[:, 4],
-                measured=arr[:, 5], prefill=prefill)
+                measured=arr[:, 5], prefill=(picked["kind"] == "prefill").to_numpy())
 
 
 def _row_terms(r, stages, model, base: Profile) -> tuple:
@@ -273,13 +270,12 @@ def fit_with_batch_scale(rows: Rows, base: Profile, free: dict) -> tuple[dict, t
 def batch_scale_table(rows: Rows, best: dict) -> tuple:
     """decode_batch_scale for batch 1 .. the largest seen: the median measured / unscaled prediction of each batch
     size's decode rows over the smallest size's, sizes without MIN_BATCH_ROWS rows interpolated; () when fewer
-    than two sizes have enough rows."""
-    plain = replace(rows, scale=np.ones(len(rows.measured)))
-    ratio = rows.measured / predict(plain, best["coef"], 1.0 - best["overlap"], best["prefill_ramp_tokens"])
+    than two sizes have enough rows. `rows` are unscaled (sample_rows)."""
+    ratio = rows.measured / predict(rows, best["coef"], 1.0 - best["overlap"], best["prefill_ramp_tokens"])
     decode = ~rows.prefill
     seen = {}
-    for b in np.unique(rows.batch[decode]):
-        pick = decode & (rows.batch == b)
+    for b in np.unique(rows.seqs[decode]):    # a decode row's sequences are its batch
+        pick = decode & (rows.seqs == b)
         if pick.sum() >= MIN_BATCH_ROWS:
             seen[int(b)] = float(np.median(ratio[pick]))
     if len(seen) < 2:
@@ -291,7 +287,7 @@ def batch_scale_table(rows: Rows, best: dict) -> tuple:
 
 def with_batch_scale(rows: Rows, table: tuple) -> Rows:
     """The rows with every decode row scaled by its batch size's entry (past the table: the last one)."""
-    idx = np.clip(rows.batch.astype(int), 1, len(table)) - 1
+    idx = np.clip(rows.seqs.astype(int), 1, len(table)) - 1
     return replace(rows, scale=np.where(rows.prefill, 1.0, np.asarray(table)[idx]))
 
 
